@@ -1,0 +1,72 @@
+"""`orca-lora` command line: parses arguments, calls the library, prints. No logic lives here."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+from orca_lora.config import ConfigError, load_config, to_yaml
+
+COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int]]] = {}
+
+
+def command(name: str, help_text: str):
+    def decorate(function):
+        COMMANDS[name] = (help_text, function)
+        return function
+    return decorate
+
+
+def _config(args: argparse.Namespace):
+    return load_config(args.config, args.set)
+
+
+@command("check", "validate a config and print it resolved (defaults and --set applied)")
+def check_command(args: argparse.Namespace) -> int:
+    print(to_yaml(_config(args)), end="")
+    return 0
+
+
+@command("pretrain-source", "pretrain the small offline Swin source body on procedural images")
+def pretrain_source_command(args: argparse.Namespace) -> int:
+    from orca_lora.models.pretrain import cached_source_body_path
+
+    config = _config(args)
+    path, result = cached_source_body_path(config.source.pretrain, config.data_root, config.seed,
+                                           trainer_options={"accelerator": config.trainer.accelerator})
+    if result is None:
+        print(f"offline source body already built: {path}")
+    else:
+        print(f"offline source body: {path}")
+        print(f"held-out accuracy {result.val_accuracy:.3f} (chance {result.chance_accuracy:.3f}) "
+              f"in {result.seconds:.0f} s")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="orca-lora",
+        description="ORCA-style cross-modal fine-tuning with modality-gap LoRA rank selection.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_text, function) in COMMANDS.items():
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("config", help="YAML config file (see configs/)")
+        sub.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                         help="override a config value, e.g. --set stage3.rank=8 (repeatable)")
+        sub.set_defaults(handler=function)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except (ConfigError, FileNotFoundError, KeyError, ValueError) as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"orca-lora {args.command}: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,356 @@
+"""Typed configuration: one YAML file per experiment, validated into dataclasses.
+
+Structure and type checks (unknown keys, wrong types) come from OmegaConf structured configs;
+choices and ranges are checked by `validate`, which names the key, the bad value and the valid
+choices. Every check runs before any expensive work.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+TASKS = ("darcy", "cifar10", "cifar100", "procedural")
+SOURCE_PROXIES = ("procedural", "cifar10")
+ALIGN_DISTANCES = ("otdd", "mmd")
+GAP_DISTANCES = ("mmd", "otdd", "c2st")
+OTDD_INNER = ("exact", "gaussian")
+EMBEDDER_INITS = ("random", "source")
+RANK_LINKS = ("linear", "sqrt", "log1p")
+RANK_DECISIONS = ("mean", "mode", "quantile", "sample")
+ADAPTER_METHODS = ("lora", "delta-lora", "lora-plus", "dylora", "dora")
+METHODS = ADAPTER_METHODS + ("full", "linear")
+SCHEDULES = ("cosine", "step", "constant")
+DEFAULT_TARGETS = (r"\.attn\.qkv$", r"\.attn\.proj$", r"\.mlp\.fc1$", r"\.mlp\.fc2$")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the dotted key and the fix in the message."""
+
+
+@dataclass
+class TaskConfig:
+    name: str = "darcy"
+    file: Optional[str] = None  # darcy: .mat / .hdf5 / .pt file; None generates the data
+    test_file: Optional[str] = None  # darcy: separate test file (FNO ships train and test files)
+    resolution: int = 32  # darcy: side of the generated grid
+    downsample: int = 1  # darcy files: keep every r-th point (5 turns 421 into 85)
+    n_train: Optional[int] = 1000  # null: every training sample of a file / dataset
+    n_test: Optional[int] = 200  # null: every test sample of a file / dataset
+    val_fraction: float = 0.1  # carved from the training split for model selection
+    data_seed: int = 0  # generated data (Darcy, procedural): fixed apart from `seed`
+    n_classes: int = 10  # procedural target
+    class_offset: int = 100  # procedural target: class ids unseen by the source body
+    download: bool = False  # cifar: fetch with torchvision when missing
+
+
+@dataclass
+class PretrainConfig:
+    model: str = "swin_tiny_patch4_window7_224"  # timm family; the sizes below override it
+    img_size: int = 32
+    patch_size: int = 2
+    window_size: int = 4
+    embed_dim: int = 48
+    depths: list[int] = field(default_factory=lambda: [2, 2, 2])
+    num_heads: list[int] = field(default_factory=lambda: [3, 6, 12])
+    n_classes: int = 16
+    samples_per_class: int = 200
+    val_fraction: float = 0.1
+    epochs: int = 6
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+
+
+@dataclass
+class SourceConfig:
+    model: str = "offline"  # a timm Swin name, or "offline" for the procedural-pretrained body
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    pretrained: bool = False  # timm hub weights (needs internet)
+    checkpoint: Optional[str] = None  # local weights for `model`
+    proxy: str = "procedural"  # source proxy set for alignment and gaps
+    proxy_samples: int = 1000
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+
+
+@dataclass
+class Stage1Config:
+    epochs: int = 10  # 0 skips alignment (the seed's "embedder training: disable")
+    distance: str = "otdd"
+    otdd_inner: str = "exact"
+    entropic_reg: float = 0.1
+    max_samples: int = 512  # target samples used for alignment
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    n_pseudo_labels: int = 10  # k-means clusters labelling regression targets
+    embedder_init: str = "source"
+
+
+@dataclass
+class Stage2Config:
+    enabled: bool = True  # false: every adapted module gets stage3.rank
+    distance: str = "mmd"
+    max_samples: int = 256
+    link: str = "linear"
+    decision: str = "mean"
+    quantile: float = 0.5
+    r_min: int = 1
+    r_max: int = 64
+    alpha0: Optional[float] = None  # None: stage3.rank, unless a budget is set
+    budget: Optional[int] = None  # trainable adapter parameters to meet by fitting alpha0
+
+
+@dataclass
+class Stage3Config:
+    method: str = "lora"
+    rank: int = 8
+    alpha: float = 16.0
+    rslora: bool = False
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    schedule: str = "cosine"
+    step_size: int = 30  # step schedule: epochs between decays
+    gamma: float = 0.1  # step schedule: decay factor
+    grad_clip: float = 1.0  # 0 disables clipping
+    loraplus_ratio: float = 16.0
+    delta_start_step: int = 100
+    delta_update_ratio: float = 0.5
+    dylora_min_rank: int = 1
+    dylora_frozen: bool = False
+    early_stopping_patience: int = 0  # 0 disables early stopping
+    save_merged: bool = False
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str = "cpu"
+    devices: Any = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+    max_epochs: int = 10
+    limit_train_batches: Any = 1.0
+    limit_val_batches: Any = 1.0
+    limit_test_batches: Any = 1.0
+    log_every_n_steps: int = 10
+    enable_progress_bar: bool = True
+    num_workers: int = 0
+
+
+@dataclass
+class OutputConfig:
+    root: str = "runs"
+    name: Optional[str] = None  # None: the config file's stem
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    data_root: str = "data"
+    task: TaskConfig = field(default_factory=TaskConfig)
+    source: SourceConfig = field(default_factory=SourceConfig)
+    stage1: Stage1Config = field(default_factory=Stage1Config)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
+    stage3: Stage3Config = field(default_factory=Stage3Config)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Read a YAML file (or the defaults) plus `a.b=c` overrides into a validated `Config`."""
+    schema = OmegaConf.structured(Config)
+    layers = [schema]
+    where = "defaults" if path is None else str(path)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        layers.append(_load_yaml(path))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. stage3.rank=8)")
+    if overrides:
+        where += " with --set " + " ".join(overrides)
+    try:
+        layers.append(OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(*layers)
+        config = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"{where}: {_describe(error)}") from None
+    if config.output.name is None and path is not None:
+        config.output.name = path.stem
+    validate(config)
+    return config
+
+
+def _load_yaml(path: Path):
+    try:
+        loaded = OmegaConf.load(path)
+    except Exception as error:  # yaml's scanner errors have no common base worth naming
+        raise ConfigError(f"{path}: not valid YAML ({error})") from None
+    if not OmegaConf.is_dict(loaded):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return loaded
+
+
+def _describe(error: OmegaConfBaseException) -> str:
+    key = getattr(error, "full_key", None)
+    message = str(error).splitlines()[0]
+    if "not in" in message and key:
+        return f"unknown key '{key}' ({message}); see the sections of orca_lora/config.py"
+    return f"key '{key}': {message}" if key else message
+
+
+def _choice(key: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}")
+
+
+def _at_least(key: str, value: float, low: float) -> None:
+    if value < low:
+        raise ConfigError(f"{key}: {value} must be >= {low}")
+
+
+def _in_range(key: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:
+        raise ConfigError(f"{key}: {value} must be in [{low}, {high}]")
+
+
+def validate(config: Config) -> None:
+    """Check choices and ranges; raise `ConfigError` naming the first bad key."""
+    task, source, s1, s2, s3 = config.task, config.source, config.stage1, config.stage2, config.stage3
+    _choice("task.name", task.name, TASKS)
+    for key in ("resolution", "downsample", "n_classes"):
+        _at_least(f"task.{key}", getattr(task, key), 1)
+    generated = task.name == "procedural" or (task.name == "darcy" and task.file is None)
+    for key in ("n_train", "n_test"):
+        value = getattr(task, key)
+        if value is not None:
+            _at_least(f"task.{key}", value, 1)
+        elif generated:
+            raise ConfigError(f"task.{key}: generated data needs a sample count, not null")
+    _in_range("task.val_fraction", task.val_fraction, 0.0, 0.9)
+    for key in ("file", "test_file"):
+        value = getattr(task, key)
+        if value is not None and not Path(value).is_file():
+            raise ConfigError(f"task.{key}: {value} does not exist (set it to a local file, or null to generate)")
+    if source.checkpoint is not None and not Path(source.checkpoint).is_file():
+        raise ConfigError(f"source.checkpoint: {source.checkpoint} does not exist")
+    if source.model == "offline" and (source.pretrained or source.checkpoint):
+        raise ConfigError("source.model: 'offline' is built by pretrain-source; unset source.pretrained/checkpoint")
+    _choice("source.proxy", source.proxy, SOURCE_PROXIES)
+    _at_least("source.proxy_samples", source.proxy_samples, 2)
+    _validate_pretrain(source.pretrain)
+    _at_least("stage1.epochs", s1.epochs, 0)
+    _choice("stage1.distance", s1.distance, ALIGN_DISTANCES)
+    _choice("stage1.otdd_inner", s1.otdd_inner, OTDD_INNER)
+    _choice("stage1.embedder_init", s1.embedder_init, EMBEDDER_INITS)
+    _at_least("stage1.entropic_reg", s1.entropic_reg, 1e-6)
+    _at_least("stage1.max_samples", s1.max_samples, 2)
+    _at_least("stage1.batch_size", s1.batch_size, 2)
+    _at_least("stage1.lr", s1.lr, 0.0)
+    _at_least("stage1.n_pseudo_labels", s1.n_pseudo_labels, 1)
+    _choice("stage2.distance", s2.distance, GAP_DISTANCES)
+    _choice("stage2.link", s2.link, RANK_LINKS)
+    _choice("stage2.decision", s2.decision, RANK_DECISIONS)
+    _in_range("stage2.quantile", s2.quantile, 0.0, 1.0)
+    _at_least("stage2.max_samples", s2.max_samples, 4)
+    _at_least("stage2.r_min", s2.r_min, 1)
+    _at_least("stage2.r_max", s2.r_max, s2.r_min)
+    if s2.alpha0 is not None:
+        _at_least("stage2.alpha0", s2.alpha0, 0.0)
+    if s2.budget is not None:
+        _at_least("stage2.budget", s2.budget, 1)
+    _validate_stage3(s3)
+    _validate_trainer(config.trainer)
+
+
+def _validate_pretrain(pretrain: PretrainConfig) -> None:
+    for key in ("img_size", "patch_size", "window_size", "embed_dim", "n_classes", "samples_per_class",
+                "epochs", "batch_size"):
+        _at_least(f"source.pretrain.{key}", getattr(pretrain, key), 1)
+    if len(pretrain.depths) != len(pretrain.num_heads):
+        raise ConfigError("source.pretrain.num_heads: needs one entry per stage in source.pretrain.depths")
+    _in_range("source.pretrain.val_fraction", pretrain.val_fraction, 0.01, 0.9)
+    _at_least("source.pretrain.lr", pretrain.lr, 0.0)
+
+
+def _validate_stage3(s3: Stage3Config) -> None:
+    _choice("stage3.method", s3.method, METHODS)
+    _choice("stage3.schedule", s3.schedule, SCHEDULES)
+    _at_least("stage3.rank", s3.rank, 1)
+    _at_least("stage3.alpha", s3.alpha, 0.0)
+    _in_range("stage3.dropout", s3.dropout, 0.0, 0.99)
+    if s3.method == "delta-lora" and s3.dropout > 0:
+        raise ConfigError("stage3.dropout: Delta-LoRA uses no adapter dropout; set it to 0")
+    if not s3.targets:
+        raise ConfigError("stage3.targets: give at least one module-name pattern")
+    _at_least("stage3.batch_size", s3.batch_size, 1)
+    _at_least("stage3.lr", s3.lr, 0.0)
+    _at_least("stage3.weight_decay", s3.weight_decay, 0.0)
+    _at_least("stage3.warmup_steps", s3.warmup_steps, 0)
+    _at_least("stage3.grad_clip", s3.grad_clip, 0.0)
+    _at_least("stage3.loraplus_ratio", s3.loraplus_ratio, 0.0)
+    _at_least("stage3.delta_start_step", s3.delta_start_step, 0)
+    _at_least("stage3.dylora_min_rank", s3.dylora_min_rank, 1)
+    if s3.method == "dylora" and s3.dylora_min_rank > s3.rank:
+        raise ConfigError(f"stage3.dylora_min_rank: {s3.dylora_min_rank} exceeds stage3.rank {s3.rank}")
+
+
+def _validate_trainer(trainer: TrainerConfig) -> None:
+    _at_least("trainer.max_epochs", trainer.max_epochs, 1)
+    _at_least("trainer.num_nodes", trainer.num_nodes, 1)
+    _at_least("trainer.num_workers", trainer.num_workers, 0)
+    for key in ("limit_train_batches", "limit_val_batches", "limit_test_batches"):
+        value = getattr(trainer, key)
+        if not isinstance(value, (int, float)) or value <= 0:
+            raise ConfigError(f"trainer.{key}: {value!r} must be a positive fraction or batch count")
+
+
+def to_yaml(config: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
+def section_hash(config: Config, *sections: str) -> str:
+    """Short stable hash of the named sections: a stage is redone only when its inputs change."""
+    payload = {name: _plain(getattr(config, name)) for name in sections}
+    text = json.dumps(payload, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _plain(value: Any) -> Any:
+    return asdict(value) if hasattr(value, "__dataclass_fields__") else value
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write via a temp file in the same folder and rename, so a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w") as stream:
+            stream.write(text)
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def run_directory(config: Config) -> Path:
+    """Create `<output.root>/<output.name>/` and write the resolved config into it."""
+    name = config.output.name or "run"
+    directory = Path(config.output.root) / name
+    directory.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(directory / "config.yaml", to_yaml(config))
+    return directory

@@ -1,0 +1,108 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orca_lora.config import (
+    Config,
+    ConfigError,
+    load_config,
+    run_directory,
+    section_hash,
+    to_yaml,
+    write_text_atomic,
+)
+
+
+def write_yaml(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "experiment.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_defaults_load_and_round_trip(tmp_path):
+    config = load_config()
+    assert isinstance(config, Config)
+    path = tmp_path / "resolved.yaml"
+    path.write_text(to_yaml(config))
+    assert load_config(path) == Config(output=config.output.__class__(name="resolved"))
+
+
+def test_yaml_and_overrides_apply_in_order(tmp_path):
+    path = write_yaml(tmp_path, {"seed": 3, "stage3": {"rank": 4, "method": "dora"}})
+    config = load_config(path, ["stage3.rank=16", "trainer.devices=2"])
+    assert config.seed == 3
+    assert config.stage3.rank == 16
+    assert config.stage3.method == "dora"
+    assert config.trainer.devices == 2
+    assert config.output.name == "experiment"
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("stage3.rank=0", "stage3.rank"),
+        ("stage3.method=lorra", "stage3.method"),
+        ("stage1.distance=wasserstein", "stage1.distance"),
+        ("stage2.decision=median", "stage2.decision"),
+        ("stage2.quantile=1.5", "stage2.quantile"),
+        ("stage3.lr=-0.1", "stage3.lr"),
+        ("task.name=imagenet", "task.name"),
+        ("task.file=/no/such/file.mat", "task.file"),
+        ("source.checkpoint=/no/such/weights.safetensors", "source.checkpoint"),
+        ("trainer.limit_train_batches=0", "trainer.limit_train_batches"),
+        ("stage3.foo=1", "stage3.foo"),
+        ("stage3.rank=many", "stage3.rank"),
+    ],
+)
+def test_bad_values_fail_naming_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_bad_choice_lists_valid_choices():
+    with pytest.raises(ConfigError, match="lora, delta-lora, lora-plus, dylora, dora, full, linear"):
+        load_config(None, ["stage3.method=qlora"])
+
+
+def test_cross_field_rules():
+    with pytest.raises(ConfigError, match="stage3.dropout"):
+        load_config(None, ["stage3.method=delta-lora", "stage3.dropout=0.1"])
+    with pytest.raises(ConfigError, match="stage3.dylora_min_rank"):
+        load_config(None, ["stage3.method=dylora", "stage3.rank=4", "stage3.dylora_min_rank=5"])
+    with pytest.raises(ConfigError, match="task.n_train"):
+        load_config(None, ["task.n_train=null"])
+
+
+def test_malformed_override_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["stage3.rank"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_unknown_top_level_section(tmp_path):
+    path = write_yaml(tmp_path, {"stage4": {"rank": 1}})
+    with pytest.raises(ConfigError, match="stage4"):
+        load_config(path)
+
+
+def test_section_hash_tracks_only_named_sections():
+    base = load_config()
+    changed_stage3 = load_config(None, ["stage3.rank=4"])
+    assert section_hash(base, "task", "stage1") == section_hash(changed_stage3, "task", "stage1")
+    assert section_hash(base, "stage3") != section_hash(changed_stage3, "stage3")
+
+
+def test_run_directory_holds_resolved_config(tmp_path):
+    config = load_config(None, [f"output.root={tmp_path}", "output.name=demo", "stage3.rank=2"])
+    directory = run_directory(config)
+    assert directory == tmp_path / "demo"
+    assert load_config(directory / "config.yaml").stage3.rank == 2
+
+
+def test_atomic_write_leaves_no_temp_files(tmp_path):
+    target = tmp_path / "sub" / "file.txt"
+    write_text_atomic(target, "hello")
+    assert target.read_text() == "hello"
+    assert [p.name for p in target.parent.iterdir()] == ["file.txt"]
