@@ -45,7 +45,7 @@ class TaskConfig:
     n_train: Optional[int] = 1000  # null: every training sample of a file / dataset
     n_test: Optional[int] = 200  # null: every test sample of a file / dataset
     val_fraction: float = 0.1  # carved from the training split for model selection
-    data_seed: int = 0  # generated data (Darcy, procedural): fixed apart from `seed`
+    data_seed: int = 0  # generated data (Darcy, procedural classes and images): fixed apart from `seed`
     n_classes: int = 10  # procedural target
     class_offset: int = 100  # procedural target: class ids unseen by the source body
     download: bool = False  # cifar: fetch with torchvision when missing
@@ -67,6 +67,7 @@ class PretrainConfig:
     batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 0.05
+    seed: int = 0  # the offline body is a fixed artifact, shared by runs with different `seed`
 
 
 @dataclass
@@ -246,6 +247,10 @@ def validate(config: Config) -> None:
         value = getattr(task, key)
         if value is not None and not Path(value).is_file():
             raise ConfigError(f"task.{key}: {value} does not exist (set it to a local file, or null to generate)")
+    if task.name == "procedural" and source.model == "offline" and task.data_seed != source.pretrain.seed:
+        raise ConfigError(f"task.data_seed: {task.data_seed} must equal source.pretrain.seed "
+                          f"({source.pretrain.seed}) so the target's classes are held-out classes of the "
+                          "source body's procedural family")
     if source.checkpoint is not None and not Path(source.checkpoint).is_file():
         raise ConfigError(f"source.checkpoint: {source.checkpoint} does not exist")
     if source.model == "offline" and (source.pretrained or source.checkpoint):
@@ -273,6 +278,9 @@ def validate(config: Config) -> None:
         _at_least("stage2.alpha0", s2.alpha0, 0.0)
     if s2.budget is not None:
         _at_least("stage2.budget", s2.budget, 1)
+        if s2.alpha0 is not None:
+            raise ConfigError("stage2.budget: set either stage2.alpha0 or stage2.budget, not both "
+                              "(a budget fits alpha0)")
     _validate_stage3(s3)
     _validate_trainer(config.trainer)
 

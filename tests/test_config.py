@@ -70,6 +70,8 @@ def test_cross_field_rules():
         load_config(None, ["stage3.method=delta-lora", "stage3.dropout=0.1"])
     with pytest.raises(ConfigError, match="stage3.dylora_min_rank"):
         load_config(None, ["stage3.method=dylora", "stage3.rank=4", "stage3.dylora_min_rank=5"])
+    with pytest.raises(ConfigError, match="stage2.budget"):
+        load_config(None, ["stage2.alpha0=2", "stage2.budget=1000"])
     with pytest.raises(ConfigError, match="task.n_train"):
         load_config(None, ["task.n_train=null"])
 
