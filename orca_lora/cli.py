@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from typing import Callable
 
@@ -27,12 +28,44 @@ def check_command(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("run", "run the pipeline (align, gap and rank, refine) into runs/<name>/")
+def run_command(args: argparse.Namespace) -> int:
+    from orca_lora.pipeline import run_pipeline
+
+    result = run_pipeline(_config(args))
+    metrics = result.metrics
+    print(f"\nrun directory: {result.directory}")
+    print(f"test error ({metrics['task']}, {metrics['method']}): {metrics['test_error']:.4f}   "
+          f"trivial predictor: {metrics['baseline_error']:.4f}")
+    print(f"trainable parameters: {metrics['trainable_params']:,}")
+    seconds = ", ".join(f"{k} {v:.0f} s" for k, v in metrics["stage_seconds"].items())
+    print(f"stage times: {seconds}   plots: {result.directory / 'plots'}")
+    return 0
+
+
+@command("gap", "run stages 1-2 only and print the per-block gap and rank table")
+def gap_command(args: argparse.Namespace) -> int:
+    from orca_lora.experiments.plots import read_csv
+    from orca_lora.pipeline import run_pipeline
+
+    result = run_pipeline(_config(args), last_stage=2)
+    gaps = result.directory / "stage2" / "gaps.csv"
+    if not gaps.is_file():
+        print("stage2.enabled is false: no gaps measured, every module gets stage3.rank")
+        return 0
+    print(f"\n{'block':>5}  {'name':<22} {'gap D_i':>10} {'rank':>5}")
+    for row in read_csv(gaps):
+        print(f"{row['block']:>5}  {row['name']:<22} {float(row['gap']):>10.4f} {row['rank']:>5}")
+    print(f"\nwritten: {gaps}, {result.directory / 'stage2' / 'ranks.json'}")
+    return 0
+
+
 @command("pretrain-source", "pretrain the small offline Swin source body on procedural images")
 def pretrain_source_command(args: argparse.Namespace) -> int:
     from orca_lora.models.pretrain import cached_source_body_path
 
     config = _config(args)
-    path, result = cached_source_body_path(config.source.pretrain, config.data_root, config.seed,
+    path, result = cached_source_body_path(config.source.pretrain, config.data_root, config.source.pretrain.seed,
                                            trainer_options={"accelerator": config.trainer.accelerator})
     if result is None:
         print(f"offline source body already built: {path}")
@@ -60,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         return args.handler(args)
     except (ConfigError, FileNotFoundError, KeyError, ValueError) as error:

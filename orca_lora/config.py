@@ -63,8 +63,8 @@ class PretrainConfig:
     n_classes: int = 16
     samples_per_class: int = 200
     val_fraction: float = 0.1
-    epochs: int = 6
-    batch_size: int = 128
+    epochs: int = 4
+    batch_size: int = 64
     lr: float = 2e-3
     weight_decay: float = 0.05
     seed: int = 0  # the offline body is a fixed artifact, shared by runs with different `seed`
@@ -117,6 +117,7 @@ class Stage3Config:
     rslora: bool = False
     dropout: float = 0.0
     targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    rank_map: dict[str, int] = field(default_factory=dict)  # explicit {module: rank}; needs stage2.enabled false
     batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -282,6 +283,8 @@ def validate(config: Config) -> None:
             raise ConfigError("stage2.budget: set either stage2.alpha0 or stage2.budget, not both "
                               "(a budget fits alpha0)")
     _validate_stage3(s3)
+    if s3.rank_map and s2.enabled:
+        raise ConfigError("stage3.rank_map: an explicit rank map replaces stage 2; set stage2.enabled=false")
     _validate_trainer(config.trainer)
 
 

@@ -1,0 +1,38 @@
+"""The source side: the pretrained body g_s and the source proxy data its features come from."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from orca_lora.config import SourceConfig
+from orca_lora.data import procedural, vision
+from orca_lora.models.body import build_body, load_body
+from orca_lora.models.pretrain import cached_source_body_path
+
+def load_source_body(source: SourceConfig, data_root: str | Path) -> nn.Module:
+    """The frozen source body: the offline procedural Swin (built once, cached) or any timm Swin."""
+    if source.model == "offline":
+        path, _ = cached_source_body_path(source.pretrain, data_root, source.pretrain.seed)
+        body, _ = load_body(path)
+    else:
+        body = build_body(source.model, pretrained=source.pretrained, checkpoint=source.checkpoint,
+                          model_kwargs=dict(source.model_kwargs))
+    return body.eval().requires_grad_(False)
+
+
+def source_proxy(source: SourceConfig, data_root: str | Path) -> tuple[Tensor, Tensor]:
+    """Labelled source-modality images (N, 3, H, W) and labels (N,) for alignment and gaps."""
+    if source.proxy == "cifar10":
+        dataset = vision.load_cifar("cifar10", Path(data_root) / "cifar", train=True)
+        count = min(source.proxy_samples, len(dataset))
+        images, labels = zip(*(dataset[i] for i in range(count)))
+        return torch.stack(images), torch.as_tensor(labels)
+    pretrain = source.pretrain
+    per_class = -(-source.proxy_samples // pretrain.n_classes)
+    # the same classes as pretraining (the seed picks the systems), new images of each
+    proxy = procedural.generate_procedural(pretrain.n_classes, per_class, image_size=pretrain.img_size,
+                                           seed=pretrain.seed, sample_offset=pretrain.samples_per_class)
+    return (torch.as_tensor(proxy.images)[: source.proxy_samples],
+            torch.as_tensor(proxy.labels)[: source.proxy_samples])
