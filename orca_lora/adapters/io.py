@@ -1,0 +1,223 @@
+"""Save and load adapters in Hugging Face PEFT's LoRA layout.
+
+A directory holds `adapter_config.json` (a PEFT LoraConfig) and `adapter_model.safetensors` with keys
+`base_model.model.<module>.lora_A.weight`, `.lora_B.weight` and, for DoRA, `.lora_magnitude_vector`,
+so `peft.PeftModel.from_pretrained(base_model, directory)` rebuilds the adapted model.
+
+- DyLoRA is saved at its current eval rank b as a plain LoRA of rank b (the first b components);
+  PEFT's scale for it, lora_alpha / b, is DyLoRA's own, so alpha is kept.
+- Delta-LoRA also moves W0, which PEFT's layout cannot hold: the moved weights go to
+  `delta_lora_base_weights.safetensors` (keys `base_model.model.<module>.base_layer.weight`). Our
+  loader applies them; a PEFT user must copy them into the base model before from_pretrained.
+"""
+
+import json
+import re
+import shutil
+import tempfile
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from orca_lora.adapters.inject import add_adapters, adapter_modules, load_adapter_state_dict
+from orca_lora.adapters.lora import DeltaLoRALinear, DoRALinear, DyLoRALinear, LoRALinear
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+DELTA_BASE_NAME = "delta_lora_base_weights.safetensors"
+_PREFIX = "base_model.model."
+# LoraConfig fields whose non-default values change the model in ways this loader does not rebuild.
+_UNSUPPORTED_FIELDS = {
+    "bias": "none", "fan_in_fan_out": False, "lora_bias": False, "modules_to_save": None,
+    "exclude_modules": None, "layers_to_transform": None, "target_parameters": None, "layer_replication": None,
+}
+
+
+def _variant_of(module: LoRALinear) -> str:
+    if isinstance(module, DoRALinear):
+        return "dora"
+    return "delta-lora" if isinstance(module, DeltaLoRALinear) else "lora"
+
+
+def _saved_rank(module: LoRALinear) -> int:
+    return module.eval_rank if isinstance(module, DyLoRALinear) else module.rank
+
+
+def _one_value(values: Mapping[str, object], what: str) -> object:
+    distinct = sorted(set(values.values()), key=str)
+    if len(distinct) != 1:
+        raise ValueError(f"PEFT's LoraConfig holds one {what} for all modules; this model mixes {distinct}")
+    return distinct[0]
+
+
+def _with_pattern(values: Mapping[str, float]) -> tuple[float, dict[str, float]]:
+    """(most common value, {escaped module name: value} for the modules that differ from it)."""
+    common = Counter(values.values()).most_common(1)[0][0]
+    # PEFT reads pattern keys as regexes matched at a module-name suffix, so escape the dots.
+    return common, {re.escape(name): value for name, value in values.items() if value != common}
+
+
+def peft_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The model's adapter tensors under PEFT's keys (DyLoRA cut to its eval rank), on the CPU."""
+    state: dict[str, Tensor] = {}
+    for name, module in adapter_modules(model).items():
+        rank = _saved_rank(module)
+        state[f"{_PREFIX}{name}.lora_A.weight"] = module.lora_A[:rank]
+        state[f"{_PREFIX}{name}.lora_B.weight"] = module.lora_B[:, :rank]
+        if isinstance(module, DoRALinear):
+            state[f"{_PREFIX}{name}.lora_magnitude_vector"] = module.lora_magnitude_vector
+    return {key: tensor.detach().cpu().contiguous() for key, tensor in state.items()}
+
+
+def _peft_config(model: nn.Module, base_model_name: str | None) -> dict:
+    adapters = adapter_modules(model)
+    variant = _one_value({name: _variant_of(m) for name, m in adapters.items()}, "variant")
+    r, rank_pattern = _with_pattern({name: _saved_rank(m) for name, m in adapters.items()})
+    lora_alpha, alpha_pattern = _with_pattern({name: m.alpha for name, m in adapters.items()})
+    return {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": base_model_name,
+        "inference_mode": True,
+        "r": r,
+        "lora_alpha": lora_alpha,
+        "target_modules": list(adapters),
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "use_rslora": _one_value({name: m.use_rslora for name, m in adapters.items()}, "use_rslora"),
+        "use_dora": variant == "dora",
+        "lora_dropout": _one_value({name: m.lora_dropout.p for name, m in adapters.items()}, "lora_dropout"),
+        "init_lora_weights": True,
+        **_UNSUPPORTED_FIELDS,
+    }
+
+
+def _replace_directory(new: Path, directory: Path) -> None:
+    """Move the finished `new` to `directory`, replacing an earlier adapter directory there."""
+    if not directory.exists():
+        new.rename(directory)
+        return
+    if not (directory / CONFIG_NAME).is_file() and any(directory.iterdir()):
+        raise FileExistsError(f"{directory} exists and holds no adapter; choose a new or empty directory")
+    old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
+    directory.rename(old / directory.name)
+    new.rename(directory)
+    shutil.rmtree(old)
+
+
+def save_peft_adapter(model: nn.Module, directory: str | Path, base_model_name: str | None = None) -> Path:
+    """Write the model's adapters to `directory` in PEFT's LoRA layout (written aside, then renamed)."""
+    adapters = adapter_modules(model)
+    if not adapters:
+        raise ValueError("model has no adapter layers; call add_adapters(model, ...) first")
+    merged = [name for name, module in adapters.items() if module.merged]
+    if merged:
+        raise RuntimeError(f"adapters {merged} are merged into W0; call unmerge_adapters(model) before saving")
+    config = _peft_config(model, base_model_name)
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.new.", dir=directory.parent))
+    try:
+        (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
+        save_file(peft_state_dict(model), staging / WEIGHTS_NAME, metadata={"format": "pt"})
+        base_weights = {
+            f"{_PREFIX}{name}.base_layer.weight": module.base_layer.weight.detach().cpu().contiguous()
+            for name, module in adapters.items()
+            if isinstance(module, DeltaLoRALinear)
+        }
+        if base_weights:
+            save_file(base_weights, staging / DELTA_BASE_NAME, metadata={"format": "pt"})
+        _replace_directory(staging, directory)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return directory
+
+
+def _peft_targets(model: nn.Module, target_modules: str | list[str]) -> list[str]:
+    """Module names PEFT would adapt: a string is a full-match regex, a list names module suffixes."""
+    if isinstance(target_modules, str):
+        names = [name for name, _ in model.named_modules() if re.fullmatch(target_modules, name)]
+    else:
+        names = [
+            name for name, _ in model.named_modules()
+            if any(name == target or name.endswith(f".{target}") for target in target_modules)
+        ]
+    if not names:
+        raise ValueError(f"target_modules {target_modules!r} select no module of {type(model).__name__}")
+    not_linear = [name for name in names if not isinstance(model.get_submodule(name), nn.Linear)]
+    if not_linear:
+        raise ValueError(f"target_modules {target_modules!r} select non-Linear modules {not_linear}")
+    return names
+
+
+def _pattern_value(patterns: Mapping[str, float], name: str, default: float) -> float:
+    """PEFT's rule: the first pattern matching a suffix of the module name wins."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", name):
+            return value
+    return default
+
+
+def _read_config(directory: Path) -> dict:
+    for file_name in (CONFIG_NAME, WEIGHTS_NAME):
+        if not (directory / file_name).is_file():
+            raise FileNotFoundError(f"{directory / file_name} not found; is {directory} a PEFT adapter directory?")
+    config = json.loads((directory / CONFIG_NAME).read_text())
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"{directory / CONFIG_NAME}: peft_type is {config.get('peft_type')!r}, only 'LORA' loads")
+    for field, default in _UNSUPPORTED_FIELDS.items():
+        if config.get(field, default) not in (default, [], {}):
+            raise ValueError(f"{directory / CONFIG_NAME}: {field}={config[field]!r} is not supported; use {default!r}")
+    return config
+
+
+def _read_state(directory: Path, has_base: bool) -> dict[str, Tensor]:
+    """The stored tensors under our keys: PEFT's `<module>.lora_A.weight` is our `<module>.lora_A`."""
+    stored = load_file(directory / WEIGHTS_NAME)
+    state = {key.removeprefix(_PREFIX).removesuffix(".weight"): tensor for key, tensor in stored.items()}
+    if has_base:
+        base_weights = load_file(directory / DELTA_BASE_NAME)
+        state.update({key.removeprefix(_PREFIX): tensor for key, tensor in base_weights.items()})
+    return state
+
+
+def load_peft_adapter(model: nn.Module, directory: str | Path, seed: int = 0) -> dict[str, LoRALinear]:
+    """Inject the adapters described in `directory` (PEFT LoRA layout) into `model` and load them."""
+    directory = Path(directory)
+    config = _read_config(directory)
+    names = _peft_targets(model, config["target_modules"])
+    ranks = {name: int(_pattern_value(config.get("rank_pattern") or {}, name, config["r"])) for name in names}
+    has_base = (directory / DELTA_BASE_NAME).is_file()
+    variant = "dora" if config.get("use_dora") else "delta-lora" if has_base else "lora"
+    state = _read_state(directory, has_base)
+    _check_state_shapes(model, state, ranks, variant)
+    adapters = add_adapters(
+        model, [f"^{re.escape(name)}$" for name in names], ranks, variant, config["lora_alpha"], seed=seed,
+        use_rslora=bool(config.get("use_rslora", False)), dropout=float(config.get("lora_dropout", 0.0)),
+    )
+    for name, module in adapters.items():
+        module.alpha = float(_pattern_value(config.get("alpha_pattern") or {}, name, config["lora_alpha"]))
+    load_adapter_state_dict(model, state)
+    return adapters
+
+
+def _check_state_shapes(model: nn.Module, state: Mapping[str, Tensor], ranks: Mapping[str, int], variant: str) -> None:
+    """Check the stored tensors against the model before the model is touched."""
+    expected: dict[str, tuple[int, ...]] = {}
+    for name, rank in ranks.items():
+        d_out, d_in = model.get_submodule(name).weight.shape
+        expected[f"{name}.lora_A"], expected[f"{name}.lora_B"] = (rank, d_in), (d_out, rank)
+        if variant == "dora":
+            expected[f"{name}.lora_magnitude_vector"] = (d_out,)
+        if variant == "delta-lora":
+            expected[f"{name}.base_layer.weight"] = (d_out, d_in)
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise KeyError(f"adapter files do not fit the config: missing keys {missing}, unexpected keys {unexpected}")
+    for key, shape in expected.items():
+        if tuple(state[key].shape) != shape:
+            raise ValueError(f"{key!r}: stored shape {tuple(state[key].shape)}, the config and model need {shape}")

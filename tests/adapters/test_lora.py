@@ -1,0 +1,299 @@
+import math
+
+import peft
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from orca_lora.adapters.lora import (
+    ADAPTER_VARIANTS,
+    DeltaLoRALinear,
+    DoRALinear,
+    DyLoRALinear,
+    LoRALinear,
+    dora_weight_norm,
+    get_variant,
+    lora_param_count,
+    lora_scaling,
+    register_variant,
+)
+
+D_OUT, D_IN = 24, 40
+
+
+def _linear(seed: int = 0, bias: bool = True) -> nn.Linear:
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return nn.Linear(D_IN, D_OUT, bias=bias)
+
+
+def _randomise(layer: LoRALinear, seed: int = 0) -> LoRALinear:
+    """Non-zero B (and a moved DoRA magnitude) so the adapter path matters."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=generator))
+        if isinstance(layer, DoRALinear):
+            layer.lora_magnitude_vector.mul_(1 + 0.5 * torch.rand(D_OUT, generator=generator))
+    return layer
+
+
+def _assert_grads_close(ours: torch.Tensor, reference: torch.Tensor) -> None:
+    """Float32 sums over many terms in a different order: tolerance relative to the largest entry."""
+    torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-5 * reference.abs().max().item())
+
+
+def _x(batch: int = 5) -> torch.Tensor:
+    return torch.randn(batch, 3, D_IN, generator=torch.Generator().manual_seed(7))
+
+
+VARIANT_LAYERS = {
+    "lora": lambda: LoRALinear(_linear(), rank=4, alpha=8.0),
+    "rslora": lambda: LoRALinear(_linear(), rank=4, alpha=8.0, use_rslora=True),
+    "delta-lora": lambda: DeltaLoRALinear(_linear(), rank=4, alpha=8.0),
+    "dylora": lambda: DyLoRALinear(_linear(), rank=6, alpha=8.0, min_rank=2),
+    "dora": lambda: DoRALinear(_linear(), rank=4, alpha=8.0),
+    "dora-no-bias": lambda: DoRALinear(_linear(bias=False), rank=4, alpha=8.0),
+}
+
+
+def test_scaling_and_param_count_formulas():
+    assert lora_scaling(16.0, 4) == 4.0
+    assert lora_scaling(16.0, 4, use_rslora=True) == 8.0
+    assert lora_param_count(24, 40, 3) == 3 * 24 + 40 * 3
+
+
+@pytest.mark.parametrize("variant", VARIANT_LAYERS)
+def test_trainable_param_count_is_exact(variant):
+    layer = VARIANT_LAYERS[variant]()
+    own = sum(p.numel() for name, p in layer.named_parameters() if not name.startswith("base_layer"))
+    assert layer.trainable_param_count == own
+    assert all(not p.requires_grad for p in layer.base_layer.parameters())
+
+
+def test_lora_A_is_kaiming_uniform_like_peft():
+    layer = LoRALinear(_linear(), rank=4, generator=torch.Generator().manual_seed(3))
+    bound = 1 / math.sqrt(D_IN)  # kaiming_uniform with a = sqrt(5): gain sqrt(1/3), bound sqrt(3) * gain / sqrt(fan_in)
+    expected = torch.empty(4, D_IN).uniform_(-bound, bound, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(layer.lora_A.detach(), expected)
+    assert torch.count_nonzero(layer.lora_B) == 0
+
+
+@pytest.mark.parametrize("variant", VARIANT_LAYERS)
+def test_zero_B_at_init_leaves_output_unchanged(variant):
+    layer = VARIANT_LAYERS[variant]()
+    torch.testing.assert_close(layer(_x()), layer.base_layer(_x()), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_lora_forward_matches_formula(use_rslora):
+    layer = _randomise(LoRALinear(_linear(), rank=3, alpha=6.0, use_rslora=use_rslora))
+    scale = 6.0 / math.sqrt(3) if use_rslora else 6.0 / 3
+    assert layer.scaling == pytest.approx(scale)
+    W0, b, A, B = layer.base_layer.weight, layer.base_layer.bias, layer.lora_A, layer.lora_B
+    x = _x()
+    expected = x @ W0.T + b + scale * (x @ A.T @ B.T)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_lora_matches_peft_layer_outputs_and_grads(use_rslora):
+    ours = _randomise(LoRALinear(_linear(), rank=3, alpha=6.0, use_rslora=use_rslora))
+    config = peft.LoraConfig(r=3, lora_alpha=6.0, use_rslora=use_rslora, target_modules=["0"])
+    theirs = peft.get_peft_model(nn.Sequential(_linear()), config)
+    peft_layer = theirs.base_model.model[0]
+    with torch.no_grad():
+        peft_layer.lora_A["default"].weight.copy_(ours.lora_A)
+        peft_layer.lora_B["default"].weight.copy_(ours.lora_B)
+    x = _x()
+    ours(x).square().sum().backward()
+    theirs(x).square().sum().backward()
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+    _assert_grads_close(ours.lora_A.grad, peft_layer.lora_A["default"].weight.grad)
+    _assert_grads_close(ours.lora_B.grad, peft_layer.lora_B["default"].weight.grad)
+
+
+def test_adapter_layers_adopt_the_base_layer_mode():
+    assert not LoRALinear(_linear().eval(), rank=2).training
+    assert DyLoRALinear(_linear().train(), rank=2).training
+
+
+def test_dropout_is_on_the_adapter_path_only():
+    layer = LoRALinear(_linear(), rank=4, dropout=0.5).train()
+    torch.testing.assert_close(layer(_x()), layer.base_layer(_x()))
+    _randomise(layer)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        out = layer(_x())
+        torch.manual_seed(0)
+        dropped = F.dropout(_x(), 0.5, training=True)
+    expected = layer.base_layer(_x()) + layer.scaling * dropped @ layer.lora_A.T @ layer.lora_B.T
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    layer.eval()
+    torch.testing.assert_close(layer(_x()), layer.base_layer(_x()) + F.linear(_x(), layer.delta_weight()))
+
+
+@pytest.mark.parametrize("rank", [1, 3, 8])
+def test_delta_weight_has_rank_r(rank):
+    layer = _randomise(LoRALinear(_linear(), rank=rank))
+    delta = layer.delta_weight()
+    assert delta.shape == (D_OUT, D_IN)
+    assert torch.linalg.matrix_rank(delta) == rank
+    outer_sum = sum(torch.outer(layer.lora_B[:, k], layer.lora_A[k]) for k in range(rank))
+    torch.testing.assert_close(delta, layer.scaling * outer_sum)
+
+
+@pytest.mark.parametrize("variant", VARIANT_LAYERS)
+def test_merged_equals_unmerged_and_unmerge_restores_W0(variant):
+    layer = _randomise(VARIANT_LAYERS[variant]()).eval()
+    W0 = layer.base_layer.weight.detach().clone()
+    x = _x()
+    before = layer(x)
+    layer.merge()
+    assert layer.merged
+    torch.testing.assert_close(layer(x), before, rtol=0, atol=1e-5)
+    torch.testing.assert_close(layer(x), layer.base_layer(x))
+    with pytest.raises(RuntimeError, match="already merged"):
+        layer.merge()
+    layer.unmerge()
+    torch.testing.assert_close(layer.base_layer.weight, W0, rtol=0, atol=1e-6)
+    torch.testing.assert_close(layer(x), before, rtol=0, atol=1e-5)
+    with pytest.raises(RuntimeError, match="not merged"):
+        layer.unmerge()
+
+
+def test_dylora_at_rank_b_equals_lora_of_rank_b():
+    dylora = _randomise(DyLoRALinear(_linear(), rank=6, alpha=8.0, min_rank=2))
+    for b in (2, 4, 6):
+        plain = LoRALinear(_linear(), rank=b, alpha=8.0)  # same alpha: both scale by alpha / b
+        with torch.no_grad():
+            plain.lora_A.copy_(dylora.lora_A[:b])
+            plain.lora_B.copy_(dylora.lora_B[:, :b])
+        dylora.eval_rank = b
+        dylora.eval()
+        assert dylora.scaling == pytest.approx(8.0 / b)
+        torch.testing.assert_close(dylora(_x()), plain(_x()))
+        dylora.train()
+        dylora._train_rank = b
+        torch.testing.assert_close(dylora(_x()), plain(_x()))
+
+
+def test_dylora_sample_rank_is_uniform_and_seeded():
+    layer = DyLoRALinear(_linear(), rank=6, min_rank=2).train()
+    draws = [layer.sample_rank(torch.Generator().manual_seed(seed)) for seed in range(200)]
+    reference = [int(torch.randint(2, 7, (1,), generator=torch.Generator().manual_seed(seed))) for seed in range(200)]
+    assert draws == reference
+    assert set(draws) == {2, 3, 4, 5, 6}
+    assert layer.active_rank == draws[-1]
+    layer.eval()
+    assert layer.active_rank == layer.eval_rank == 6
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_dylora_gradients_reach_only_the_trained_components(frozen):
+    layer = _randomise(DyLoRALinear(_linear(), rank=6, frozen=frozen)).train()
+    layer._train_rank = 4
+    layer(_x()).square().sum().backward()
+    rows_with_grad = torch.nonzero(layer.lora_A.grad.abs().sum(1)).flatten().tolist()
+    cols_with_grad = torch.nonzero(layer.lora_B.grad.abs().sum(0)).flatten().tolist()
+    expected = [3] if frozen else [0, 1, 2, 3]
+    assert rows_with_grad == expected
+    assert cols_with_grad == expected
+
+
+def test_dylora_merge_keeps_its_rank_across_mode_changes():
+    layer = _randomise(DyLoRALinear(_linear(), rank=6))
+    W0 = layer.base_layer.weight.detach().clone()
+    layer.eval_rank = 2
+    layer.eval().merge()
+    with pytest.raises(RuntimeError, match="already merged"):
+        layer.eval_rank = 3
+    layer.train().unmerge()
+    torch.testing.assert_close(layer.base_layer.weight, W0, rtol=0, atol=1e-6)
+
+
+def test_dora_forward_matches_formula_and_peft():
+    ours = _randomise(DoRALinear(_linear(), rank=3, alpha=6.0))
+    W0, b, A, B, m = ours.base_layer.weight, ours.base_layer.bias, ours.lora_A, ours.lora_B, ours.lora_magnitude_vector
+    direction = W0 + 2.0 * B @ A
+    x = _x()
+    expected = x @ (m[:, None] / direction.norm(dim=1, keepdim=True) * direction).T + b
+    torch.testing.assert_close(ours(x), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dora_weight_norm(W0, 2.0 * B @ A), direction.norm(dim=1))
+
+    config = peft.LoraConfig(r=3, lora_alpha=6.0, use_dora=True, target_modules=["0"])
+    theirs = peft.get_peft_model(nn.Sequential(_linear()), config)
+    peft_layer = theirs.base_model.model[0]
+    with torch.no_grad():
+        peft_layer.lora_A["default"].weight.copy_(A)
+        peft_layer.lora_B["default"].weight.copy_(B)
+        peft_layer.lora_magnitude_vector["default"].weight.copy_(m)
+    ours(x).square().sum().backward()
+    theirs(x).square().sum().backward()  # PEFT detaches the norm (DoRA 4.3), so equal grads check ours does too
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+    _assert_grads_close(ours.lora_B.grad, peft_layer.lora_B["default"].weight.grad)
+    _assert_grads_close(m.grad, peft_layer.lora_magnitude_vector["default"].weight.grad)
+
+
+def test_dora_with_dropout_matches_peft():
+    ours = _randomise(DoRALinear(_linear(), rank=3, alpha=6.0, dropout=0.3)).train()
+    config = peft.LoraConfig(r=3, lora_alpha=6.0, use_dora=True, lora_dropout=0.3, target_modules=["0"])
+    theirs = peft.get_peft_model(nn.Sequential(_linear()), config).train()
+    peft_layer = theirs.base_model.model[0]
+    with torch.no_grad():
+        peft_layer.lora_B["default"].weight.copy_(ours.lora_B)
+        peft_layer.lora_A["default"].weight.copy_(ours.lora_A)
+        peft_layer.lora_magnitude_vector["default"].weight.copy_(ours.lora_magnitude_vector)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        out = ours(_x())
+        torch.manual_seed(0)
+        expected = theirs(_x())
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_dora_magnitude_starts_at_row_norms():
+    layer = DoRALinear(_linear(), rank=2)
+    torch.testing.assert_close(layer.lora_magnitude_vector.detach(), layer.base_layer.weight.norm(dim=1))
+
+
+def test_registry_holds_the_five_variants():
+    assert {"lora", "delta-lora", "lora-plus", "dylora", "dora"} <= set(ADAPTER_VARIANTS)
+    assert get_variant("lora-plus") is LoRALinear
+    assert get_variant("delta-lora") is DeltaLoRALinear
+    with pytest.raises(KeyError, match="unknown adapter variant 'vera'.*'dora'"):
+        get_variant("vera")
+    with pytest.raises(ValueError, match="already registered"):
+        register_variant("lora")(LoRALinear)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"rank": 0}, r"rank must be in \[1, min\(d_out, d_in\)\] = \[1, 24\].*got 0"),
+        ({"rank": 25}, r"shape \(24, 40\), got 25"),
+        ({"rank": 2, "alpha": 0.0}, "alpha must be > 0"),
+        ({"rank": 2, "dropout": 1.0}, r"dropout must be in \[0, 1\)"),
+    ],
+)
+def test_bad_arguments_raise(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LoRALinear(_linear(), **kwargs)
+
+
+def test_bad_layers_and_variant_options_raise():
+    with pytest.raises(ValueError, match="must be an nn.Linear, got Conv2d"):
+        LoRALinear(nn.Conv2d(3, 4, 2), rank=1)
+    with pytest.raises(ValueError, match="Delta-LoRA layers take no adapter dropout"):
+        DeltaLoRALinear(_linear(), rank=2, dropout=0.1)
+    with pytest.raises(ValueError, match=r"min_rank must be in \[1, rank\] = \[1, 4\]"):
+        DyLoRALinear(_linear(), rank=4, min_rank=5)
+    layer = DyLoRALinear(_linear(), rank=4)
+    with pytest.raises(ValueError, match=r"eval_rank must be in \[1, rank\] = \[1, 4\], got 5"):
+        layer.eval_rank = 5
+
+
+def test_extra_repr_names_the_settings():
+    text = repr(DyLoRALinear(_linear(), rank=4, alpha=8.0, min_rank=2))
+    assert "rank=4, alpha=8, scaling=2" in text and "min_rank=2" in text and "frozen=False" in text
+    assert "DoRALinear" in repr(DoRALinear(_linear(), rank=2))
