@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import warnings
 import sys
 from typing import Callable
 
@@ -76,6 +77,19 @@ def pretrain_source_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def configure_logging() -> None:
+    """`orca_lora` log lines with a timestamp (grep-able); Lightning keeps its own handler."""
+    logger = logging.getLogger("orca_lora")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s orca_lora %(levelname)s %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    # Lightning 2.6 against torch 2.14 warns about its own use of a deprecated pytree API
+    warnings.filterwarnings("ignore", message=r".*LeafSpec.*is deprecated")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="orca-lora",
@@ -93,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    configure_logging()
     try:
         return args.handler(args)
     except (ConfigError, FileNotFoundError, KeyError, ValueError) as error:

@@ -1,0 +1,107 @@
+"""Stage 2, gap and rank: D_i per block, then r_i from the IBP prior P(r | D_i) (DESIGN 6)."""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from orca_lora.align.stage import alignment_set, distance_options
+from orca_lora.config import Stage1Config, Stage2Config, write_text_atomic
+from orca_lora.data.tasks import TaskData
+from orca_lora.models.body import body_blocks
+from orca_lora.rank.gap import block_gaps
+from orca_lora.rank.select import ModuleShape, RankPrior, select_ranks
+
+BODY_PREFIX = "body."  # module names in the composed OrcaModel
+
+
+@dataclass
+class GapResult:
+    blocks: list[str]
+    gaps: list[float]
+    ranks: dict[str, int]  # OrcaModel module name -> LoRA rank
+    alpha0: float
+    trainable_params: int
+    budget: int | None
+
+
+def adapted_module_shapes(body: nn.Module, targets: Sequence[str]) -> dict[str, ModuleShape]:
+    """Every Linear inside a Swin block whose name matches a target pattern, with its block index."""
+    patterns = [re.compile(pattern) for pattern in targets]
+    shapes = {}
+    for index, (block_name, block) in enumerate(body_blocks(body)):
+        for name, module in block.named_modules():
+            full = f"{BODY_PREFIX}{block_name}.{name}"
+            if isinstance(module, nn.Linear) and any(p.search(full) for p in patterns):
+                shapes[full] = ModuleShape(index, module.out_features, module.in_features)
+    if not shapes:
+        raise ValueError(f"stage3.targets {list(targets)} match no Linear inside the body's blocks")
+    return shapes
+
+
+def source_tokens(body: nn.Module, images: Tensor) -> Tensor:
+    size = tuple(body.patch_embed.img_size)
+    with torch.no_grad():
+        if tuple(images.shape[-2:]) != size:
+            images = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+        return body.patch_embed(images)
+
+
+def run(stage: Stage2Config, align: Stage1Config, rank: int, targets: Sequence[str], body: nn.Module,
+        embedder: nn.Module, task: TaskData, source_images: Tensor, source_labels: Tensor, seed: int,
+        directory: Path) -> GapResult:
+    """Measure the gaps, choose the ranks, write `gaps.csv` and `ranks.json` into `directory`."""
+    shapes = adapted_module_shapes(body, targets)
+    target_x, target_y = alignment_set(task, stage.max_samples, align.n_pseudo_labels, seed)
+    count = min(stage.max_samples, len(source_images))
+    with torch.no_grad():
+        target = embedder(target_x)
+    gaps = block_gaps(body, source_tokens(body, source_images[:count]), target, stage.distance,
+                      source_labels[:count], target_y, **distance_options(stage.distance, align, seed))
+    alpha0 = stage.alpha0 if stage.alpha0 is not None else (None if stage.budget else float(rank))
+    prior = RankPrior(link=stage.link, decision=stage.decision, quantile=stage.quantile, r_min=stage.r_min,
+                      r_max=stage.r_max, alpha0=alpha0, budget=stage.budget, seed=seed)
+    selection = select_ranks(gaps, shapes, prior)
+    blocks = [name for name, _ in body_blocks(body)]
+    result = GapResult(blocks, gaps, dict(selection.ranks), float(selection.alpha0),
+                       int(selection.trainable_params), stage.budget)
+    write_outputs(result, selection.block_ranks, directory)
+    return result
+
+
+def write_outputs(result: GapResult, block_ranks: Sequence[int], directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    rows = "".join(f"{i},{name},{gap:.6g},{r}\n"
+                   for i, (name, gap, r) in enumerate(zip(result.blocks, result.gaps, block_ranks)))
+    write_text_atomic(directory / "gaps.csv", "block,name,gap,rank\n" + rows)
+    write_text_atomic(directory / "ranks.json", json.dumps(asdict(result), indent=2) + "\n")
+
+
+def load_result(directory: Path) -> GapResult:
+    return GapResult(**json.loads((directory / "ranks.json").read_text()))
+
+
+def uniform_ranks(body: nn.Module, targets: Sequence[str], rank: int) -> dict[str, int]:
+    """`stage2.enabled: false`: every adapted module gets the same rank (too large a rank is
+    reported by `add_adapters`, naming the module)."""
+    return {name: rank for name in adapted_module_shapes(body, targets)}
+
+
+def check_rank_map(body: nn.Module, targets: Sequence[str], rank_map: Mapping[str, int]) -> None:
+    """Fail before any training when an explicit rank map names a module the targets do not adapt."""
+    shapes = adapted_module_shapes(body, targets)
+    for name, rank in rank_map.items():
+        if name not in shapes:
+            close = [known for known in shapes if known.endswith(name.split(".")[-1])][:3]
+            raise KeyError(f"stage3.rank_map: {name!r} is not an adapted module; names look like "
+                           f"{', '.join(close or list(shapes)[:3])}")
+        shape = shapes[name]
+        if not 1 <= rank <= min(shape.d_out, shape.d_in):
+            raise ValueError(f"stage3.rank_map: rank {rank} for {name} must be in [1, "
+                             f"{min(shape.d_out, shape.d_in)}] (its weight is {shape.d_out} x {shape.d_in})")

@@ -1,0 +1,143 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from orca_lora.cli import main
+from orca_lora.config import load_config
+from orca_lora.pipeline import run_pipeline
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = REPO / "configs" / "quickstart.yaml"
+STAGES = ("stage1", "stage2", "stage3")
+pytestmark = pytest.mark.slow
+
+
+def markers(directory: Path) -> dict[str, str]:
+    return {stage: (directory / stage / "stage.json").read_text() for stage in STAGES}
+
+
+def test_pipeline_writes_a_complete_run_directory_and_skips_finished_stages(tiny_overrides):
+    config = load_config(QUICKSTART, tiny_overrides)
+    result = run_pipeline(config)
+    directory = result.directory
+    for relative in ("config.yaml", "stage1/embedder.safetensors", "stage1/alignment.csv", "stage2/gaps.csv",
+                     "stage2/ranks.json", "stage3/trainable.safetensors", "stage3/adapter/adapter_config.json",
+                     "stage3/adapter/adapter_model.safetensors", "metrics.json", "plots/alignment.png",
+                     "plots/gaps_and_ranks.png", "plots/training.pdf"):
+        assert (directory / relative).is_file(), relative
+    metrics = json.loads((directory / "metrics.json").read_text())
+    assert {"test_error", "baseline_error", "trainable_params", "stage_seconds", "device"} <= set(metrics)
+    assert set(metrics["stage_seconds"]) == set(STAGES)
+    assert metrics["test_error"] == result.metrics["test_error"] and np.isfinite(metrics["test_error"])
+    with safe_open(str(directory / "stage3" / "trainable.safetensors"), "pt") as saved:
+        frozen = [k for k in saved.keys() if k.startswith("model.body.") and "lora_" not in k]
+    assert frozen == [], "the frozen body must not be in the trainable checkpoint"
+
+    before = markers(directory)
+    again = run_pipeline(config)
+    assert markers(directory) == before
+    assert again.metrics["test_error"] == metrics["test_error"]
+
+    run_pipeline(load_config(QUICKSTART, tiny_overrides + ["stage3.lr=5e-3"]))
+    after = markers(directory)
+    assert after["stage1"] == before["stage1"] and after["stage2"] == before["stage2"]
+    assert after["stage3"] != before["stage3"]
+
+
+def test_same_config_gives_the_same_numbers(tiny_overrides):
+    overrides = tiny_overrides + ["stage2.enabled=false", "stage1.epochs=1", "trainer.max_epochs=1"]
+    first = run_pipeline(load_config(QUICKSTART, overrides + ["output.name=first"]))
+    second = run_pipeline(load_config(QUICKSTART, overrides + ["output.name=second"]))
+    assert first.metrics["test_error"] == second.metrics["test_error"]
+    assert first.metrics["alignment"] == second.metrics["alignment"]
+
+
+def test_uniform_rank_and_disabled_alignment(tiny_overrides):
+    overrides = tiny_overrides + ["stage2.enabled=false", "stage1.epochs=0", "stage3.rank=3"]
+    result = run_pipeline(load_config(QUICKSTART, overrides))
+    assert set(result.metrics["ranks"].values()) == {3}
+    assert result.metrics["alignment"]["before"] == result.metrics["alignment"]["after"]
+    assert not (result.directory / "stage2" / "gaps.csv").exists()
+
+
+def test_killed_run_resumes_from_its_last_checkpoint(tiny_overrides, tmp_path, caplog):
+    overrides = tiny_overrides + ["trainer.max_epochs=40", "stage2.enabled=false", "stage1.epochs=0"]
+    command = [sys.executable, "-m", "orca_lora.cli", "run", str(QUICKSTART)]
+    for item in overrides:
+        command += ["--set", item]
+    last = tmp_path / "runs" / "tiny" / "stage3" / "checkpoints" / "last.ckpt"
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while not last.is_file() and time.time() < deadline and process.poll() is None:
+            time.sleep(0.2)
+        assert last.is_file(), "stage 3 never wrote a checkpoint"
+        time.sleep(0.5)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    stopped_at = torch.load(last, map_location="cpu", weights_only=False)["epoch"]
+    assert stopped_at < 39
+    caplog.set_level("INFO", logger="orca_lora")
+    result = run_pipeline(load_config(QUICKSTART, overrides))
+    assert "resuming stage 3" in caplog.text
+    assert json.loads((result.directory / "stage3" / "stage.json").read_text())["finished"]
+    assert torch.load(last, map_location="cpu", weights_only=False)["epoch"] == 39
+
+
+def run_cli(arguments: list[str], capsys) -> tuple[int, str]:
+    code = main(arguments)
+    return code, capsys.readouterr().err.strip()
+
+
+def test_missing_dataset_path_is_one_line(tiny_overrides, capsys, tmp_path):
+    code, error = run_cli(["run", str(QUICKSTART), "--set", "task.file=/no/such/darcy.mat",
+                           *sum((["--set", o] for o in tiny_overrides), [])], capsys)
+    assert code == 2 and len(error.splitlines()) == 1 and "task.file" in error
+    assert not (tmp_path / "runs").exists()
+
+
+def test_nan_in_inputs_is_one_line(tiny_overrides, capsys, tmp_path):
+    a = np.full((12, 16, 16), 3.0, dtype=np.float32)
+    a[4, 3, 3] = np.nan
+    path = tmp_path / "nan.pt"
+    torch.save({"x": torch.from_numpy(a), "y": torch.ones(12, 16, 16)}, path)
+    code, error = run_cli(["run", str(QUICKSTART), *sum((["--set", o] for o in tiny_overrides), []),
+                           "--set", f"task.file={path}", "--set", "task.n_train=8", "--set", "task.n_test=4"],
+                          capsys)
+    assert code == 2 and len(error.splitlines()) == 1 and "NaN" in error
+    assert not (tmp_path / "runs").exists()
+
+
+def test_rank_map_naming_a_missing_module_fails_before_training(tiny_overrides, capsys, tmp_path):
+    code, error = run_cli(["run", str(QUICKSTART), *sum((["--set", o] for o in tiny_overrides), []),
+                           "--set", "stage2.enabled=false",
+                           "--set", "stage3.rank_map={body.layers.0.blocks.7.attn.qkv: 2}"], capsys)
+    assert code == 2 and len(error.splitlines()) == 1 and "blocks.7.attn.qkv" in error
+    assert not (tmp_path / "runs").exists()
+
+
+def test_checkpoint_for_another_architecture_is_one_line(tiny_overrides, capsys, tmp_path):
+    from orca_lora.models.body import build_body, save_body
+
+    kwargs = {"img_size": 32, "patch_size": 2, "window_size": 4, "embed_dim": 16, "depths": [2], "num_heads": [2]}
+    other = save_body(build_body("swin_tiny_patch4_window7_224", model_kwargs=kwargs), tmp_path / "other",
+                      "swin_tiny_patch4_window7_224", kwargs)
+    weights = other if other.suffix == ".safetensors" else other.with_suffix(".safetensors")
+    code, error = run_cli(["run", str(QUICKSTART), *sum((["--set", o] for o in tiny_overrides), []),
+                           "--set", "source.model=swin_tiny_patch4_window7_224",
+                           "--set", "source.model_kwargs={img_size: 32, patch_size: 2, window_size: 4, "
+                                    "embed_dim: 24, depths: [2, 2], num_heads: [2, 4]}",
+                           "--set", f"source.checkpoint={weights}"], capsys)
+    assert code == 2 and len(error.splitlines()) == 1 and "checkpoint" in error.lower()
+    assert not (tmp_path / "runs").exists()
