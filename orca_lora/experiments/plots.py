@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 from pathlib import Path
 
@@ -54,11 +55,11 @@ def plot_gaps_and_ranks(gaps_csv: Path, stem: Path) -> list[Path]:
     rank_axis.set_ylabel("LoRA rank r_i")
     gap_axis.set_title("Stage 2: gap and rank per block")
     handles = gap_axis.get_legend_handles_labels()[0] + rank_axis.get_legend_handles_labels()[0]
-    gap_axis.legend(handles, [h.get_label() for h in handles], loc="upper left")
+    gap_axis.legend(handles, [h.get_label() for h in handles], loc="upper right")
     return save_figure(figure, stem)
 
 
-def plot_training(metrics_csv: Path, stem: Path) -> list[Path]:
+def plot_training(metrics_csv: Path, stem: Path, baseline_error: float | None = None) -> list[Path]:
     rows = read_csv(metrics_csv)
     train = [(int(r["step"]), float(r["train_loss"])) for r in rows if r.get("train_loss")]
     val = [(int(r["step"]), float(r["val_error"])) for r in rows if r.get("val_error")]
@@ -67,6 +68,8 @@ def plot_training(metrics_csv: Path, stem: Path) -> list[Path]:
         axis.plot(*zip(*train), label="training loss", alpha=0.7)
     if val:
         axis.plot(*zip(*val), marker="o", label="validation error")
+    if baseline_error is not None:
+        axis.axhline(baseline_error, color="gray", linestyle="--", label="trivial predictor (test)")
     axis.set_xlabel("optimizer step")
     axis.set_ylabel("loss / error (task unit)")
     axis.set_yscale("log")
@@ -78,13 +81,16 @@ def plot_training(metrics_csv: Path, stem: Path) -> list[Path]:
 def plot_run(run_dir: Path) -> list[Path]:
     """Every figure a run directory has the files for, under `run_dir/plots/`."""
     out = run_dir / "plots"
+    alignment = run_dir / "stage1" / "alignment.csv"
+    gaps = run_dir / "stage2" / "gaps.csv"
+    training = run_dir / "stage3" / "logs" / "version_0" / "metrics.csv"
+    metrics = run_dir / "metrics.json"
     written = []
-    sources = (
-        (run_dir / "stage1" / "alignment.csv", plot_alignment, "alignment"),
-        (run_dir / "stage2" / "gaps.csv", plot_gaps_and_ranks, "gaps_and_ranks"),
-        (run_dir / "stage3" / "logs" / "version_0" / "metrics.csv", plot_training, "training"),
-    )
-    for path, plot, name in sources:
-        if path.is_file():
-            written += plot(path, out / name)
+    if alignment.is_file():
+        written += plot_alignment(alignment, out / "alignment")
+    if gaps.is_file():
+        written += plot_gaps_and_ranks(gaps, out / "gaps_and_ranks")
+    if training.is_file():
+        baseline = json.loads(metrics.read_text())["baseline_error"] if metrics.is_file() else None
+        written += plot_training(training, out / "training", baseline)
     return written

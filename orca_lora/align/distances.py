@@ -1,0 +1,459 @@
+"""Distances between a source and a target feature set: MMD, OTDD and a C2ST gap.
+
+Stage 1 trains the embedder on a differentiable distance (`mmd`, `otdd`); stage 2 measures the
+modality gap per body block with any of them (`c2st` too). Every entry of `DISTANCES` takes
+`(x_s, y_s, x_t, y_t, **options)`: features (n, d) and labels (n,) of source and target.
+
+OTDD here is the label-aware OT dataset distance of Alvarez-Melis & Fusi (2020), "Geometric dataset
+distances via optimal transport": points are (x, y) pairs with ground cost
+    c((x, y), (x', y')) = ||x - x'||^2 + W2^2(P_y, P_y'),
+P_y the features of class y in its own dataset. The outer problem is entropic OT (geomloss), the
+inner W2^2 exact (POT network simplex) or Bures-Wasserstein between fitted Gaussians. Everything
+that depends only on the source is computed once by `prepare_source` and reused every step.
+"""
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import ot
+import torch
+from geomloss import ot as geomloss_ot
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold, cross_val_score
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from torch import Tensor
+
+MEDIAN_MULTIPLIERS = (0.25, 0.5, 1.0, 2.0, 4.0)
+SINKHORN_ITERS = 40
+
+
+# ---------------------------------------------------------------------------------------------
+# Input checks
+
+
+def _check_features(name: str, x: Tensor) -> None:
+    if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[0] < 1:
+        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"{name} must be a 2-D tensor (n_samples, n_features), got {shape}")
+
+
+def _check_pair(name_x: str, x: Tensor, name_y: str, y: Tensor) -> None:
+    _check_features(name_x, x)
+    _check_features(name_y, y)
+    if x.shape[1] != y.shape[1]:
+        raise ValueError(
+            f"{name_x} and {name_y} must have the same feature dim, got {tuple(x.shape)} and "
+            f"{tuple(y.shape)}"
+        )
+
+
+def _check_labels(name: str, labels: Tensor, n_samples: int) -> None:
+    if not isinstance(labels, Tensor) or labels.dim() != 1 or labels.shape[0] != n_samples:
+        shape = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
+        raise ValueError(f"{name} must be a 1-D tensor of {n_samples} labels, got {shape}")
+    if labels.is_floating_point() or labels.is_complex():
+        raise ValueError(f"{name} must hold integer class labels, got dtype {labels.dtype}")
+
+
+def squared_distances(x: Tensor, y: Tensor) -> Tensor:
+    """Pairwise ||x_i - y_j||^2 as ||x||^2 + ||y||^2 - 2 x.y (clamped at 0), shape (n, m)."""
+    sq = (x * x).sum(1)[:, None] + (y * y).sum(1)[None, :] - 2.0 * x @ y.T
+    return sq.clamp_min(0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# MMD
+
+
+def median_bandwidths(x: Tensor, y: Tensor, multipliers=MEDIAN_MULTIPLIERS) -> Tensor:
+    """Median heuristic: median pairwise distance of the pooled sample times `multipliers`.
+
+    The multipliers (0.25, 0.5, 1, 2, 4) cover scales below and above the median so that the
+    sum of kernels stays sensitive when the two samples differ at a finer or coarser scale
+    (Gretton et al. 2012, section 8). Computed without gradient.
+    """
+    with torch.no_grad():
+        pooled = torch.cat([x, y]).detach()
+        distances = squared_distances(pooled, pooled).sqrt()
+        upper = torch.ones_like(distances, dtype=torch.bool).triu(1)
+        median = distances[upper].median()
+    if median <= 0:
+        raise ValueError("median pairwise distance is 0 (duplicate points); pass bandwidths=")
+    return median * torch.tensor(multipliers, dtype=x.dtype, device=x.device)
+
+
+def gaussian_kernel(sq_dist: Tensor, bandwidths: Tensor) -> Tensor:
+    """k(a, b) = sum_s exp(-||a - b||^2 / (2 s^2)) from squared distances."""
+    return sum(torch.exp(-sq_dist / (2.0 * s * s)) for s in bandwidths)
+
+
+KERNELS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"gaussian": gaussian_kernel}
+
+
+def mmd2(x: Tensor, y: Tensor, kernel: str = "gaussian", bandwidths=None) -> Tensor:
+    """Unbiased MMD^2 between samples x (m, d) and y (n, d); Gretton et al. (2012), eq. 3:
+
+        MMD_u^2 = 1/(m(m-1)) sum_{i != j} k(x_i, x_j) + 1/(n(n-1)) sum_{i != j} k(y_i, y_j)
+                  - 2/(mn) sum_{i, j} k(x_i, y_j)
+
+    with the sum-of-Gaussians kernel; `bandwidths` default to `median_bandwidths(x, y)`.
+    Differentiable in x and y; it can be slightly negative when the samples match.
+    """
+    _check_pair("x", x, "y", y)
+    if kernel not in KERNELS:
+        raise KeyError(f"unknown kernel {kernel!r}; choose from {sorted(KERNELS)}")
+    m, n = x.shape[0], y.shape[0]
+    if m < 2 or n < 2:
+        raise ValueError(f"mmd2 needs at least 2 samples in x and y, got {m} and {n}")
+    if bandwidths is None:
+        bandwidths = median_bandwidths(x, y)
+    bandwidths = torch.as_tensor(bandwidths, dtype=x.dtype, device=x.device).reshape(-1)
+    if bandwidths.numel() == 0 or bool((bandwidths <= 0).any()):
+        raise ValueError(f"bandwidths must be positive, got {bandwidths.tolist()}")
+    k = KERNELS[kernel]
+    # The diagonal k(a, a) = len(bandwidths) for every point; remove it instead of masking.
+    self_similarity = bandwidths.numel()
+    kxx = (k(squared_distances(x, x), bandwidths).sum() - m * self_similarity) / (m * (m - 1))
+    kyy = (k(squared_distances(y, y), bandwidths).sum() - n * self_similarity) / (n * (n - 1))
+    kxy = k(squared_distances(x, y), bandwidths).mean()
+    return kxx + kyy - 2.0 * kxy
+
+
+# ---------------------------------------------------------------------------------------------
+# OTDD: classes and their label-to-label costs
+
+
+@dataclass(frozen=True)
+class ClassSplit:
+    """One labelled feature set split by class.
+
+    classes[i] is the class index (0..K-1) of sample i, in the order of `names` (sorted labels);
+    groups[k] holds the sample indices of class k. For the Gaussian inner cost, `means` (K, d)
+    and `roots` (K, r, d) with roots[k]^T roots[k] = covariance of class k (unbiased, n - 1).
+    """
+
+    names: Tensor
+    classes: Tensor
+    groups: tuple[np.ndarray, ...]
+    means: Tensor | None = None
+    roots: Tensor | None = None
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.groups)
+
+
+def split_classes(labels: Tensor) -> ClassSplit:
+    """Map arbitrary integer labels to class indices and per-class sample indices."""
+    names, classes = torch.unique(labels, return_inverse=True)
+    order = np.argsort(classes.cpu().numpy(), kind="stable")
+    counts = torch.bincount(classes, minlength=len(names)).cpu().numpy()
+    groups = tuple(np.split(order, np.cumsum(counts)[:-1]))
+    return ClassSplit(names=names, classes=classes, groups=groups)
+
+
+def class_roots(x: Tensor, split: ClassSplit) -> tuple[Tensor, Tensor]:
+    """Class means (K, d) and covariance roots (K, r, d) with root^T root = cov (ddof=1).
+
+    The root is the thinner of two factors: the centred samples / sqrt(n - 1), zero-padded to
+    the largest class (r = n_max), when classes are smaller than the dimension; otherwise the
+    symmetric square root of the covariance (r = d, via eigh). Bures only needs R^T R = S.
+    """
+    sizes = [len(g) for g in split.groups]
+    if min(sizes) < 2:
+        raise ValueError(f"the gaussian inner cost needs >= 2 samples per class, got sizes {sizes}")
+    means = torch.stack([x[torch.as_tensor(g, device=x.device)].mean(0) for g in split.groups])
+    n_max, dim = max(sizes), x.shape[1]
+    centred = [x[torch.as_tensor(g, device=x.device)] - means[k] for k, g in enumerate(split.groups)]
+    rows = [c / (c.shape[0] - 1) ** 0.5 for c in centred]
+    if n_max <= dim:
+        padded = x.new_zeros(len(rows), n_max, dim)
+        for k, r in enumerate(rows):
+            padded[k, : r.shape[0]] = r
+        return means, padded
+    covariances = torch.stack([r.T @ r for r in rows])
+    eigenvalues, eigenvectors = torch.linalg.eigh(covariances)
+    scaled = eigenvectors * eigenvalues.clamp_min(0.0).sqrt()[:, None, :]
+    return means, scaled @ eigenvectors.transpose(1, 2)
+
+
+def _uniform(n: int) -> np.ndarray:
+    return np.full(n, 1.0 / n)
+
+
+def exact_label_costs(sq_dist: Tensor, a: ClassSplit, b: ClassSplit) -> Tensor:
+    """W2^2 between every class of `a` and every class of `b` by exact OT (POT `ot.emd`).
+
+    W[k, l] = min_P sum P_ij ||x_i - z_j||^2 over couplings of the uniform weights on class k of
+    a and class l of b. The plans come from the network simplex on the detached block of
+    `sq_dist` (one LP per class pair: there is no batched exact solver); the value is then
+    sum(plan * sq_dist) summed per class pair, differentiable by the envelope theorem.
+    """
+    dist = sq_dist.detach().to("cpu", torch.float64).numpy()
+    plan = np.zeros_like(dist)
+    for rows in a.groups:
+        for cols in b.groups:
+            block = np.ix_(rows, cols)
+            plan[block] = ot.emd(_uniform(len(rows)), _uniform(len(cols)), dist[block])
+    plan = torch.as_tensor(plan, dtype=sq_dist.dtype, device=sq_dist.device)
+    onehot_a = torch.nn.functional.one_hot(a.classes, a.n_classes).to(sq_dist.dtype)
+    onehot_b = torch.nn.functional.one_hot(b.classes, b.n_classes).to(sq_dist.dtype)
+    return onehot_a.T @ (plan * sq_dist) @ onehot_b
+
+
+def gaussian_label_costs(sq_dist: Tensor, a: ClassSplit, b: ClassSplit) -> Tensor:
+    """Bures-Wasserstein W2^2 between the Gaussian fits of every class pair:
+
+        ||m1 - m2||^2 + tr(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2)   (Dowson & Landau 1982),
+
+    using tr (S1^1/2 S2 S1^1/2)^1/2 = ||R1 R2^T||_* (nuclear norm) for any roots R^T R = S,
+    which needs no matrix square root of rank-deficient target covariances. `sq_dist` (unused)
+    keeps the signature shared with `exact_label_costs`.
+    """
+    fidelity = torch.linalg.svdvals(a.roots[:, None] @ b.roots[None].transpose(-1, -2)).sum(-1)
+    trace_a = (a.roots * a.roots).sum((1, 2))
+    trace_b = (b.roots * b.roots).sum((1, 2))
+    means = squared_distances(a.means, b.means)
+    return (means + trace_a[:, None] + trace_b[None, :] - 2.0 * fidelity).clamp_min(0.0)
+
+
+INNER_COSTS: dict[str, Callable[[Tensor, ClassSplit, ClassSplit], Tensor]] = {
+    "exact": exact_label_costs,
+    "gaussian": gaussian_label_costs,
+}
+
+
+def _split_for(inner: str, x: Tensor, labels: Tensor) -> ClassSplit:
+    split = split_classes(labels)
+    if inner != "gaussian":
+        return split
+    means, roots = class_roots(x, split)
+    return ClassSplit(split.names, split.classes, split.groups, means=means, roots=roots)
+
+
+def label_distances(
+    x_a: Tensor, y_a: Tensor, x_b: Tensor, y_b: Tensor, inner: str = "exact"
+) -> Tensor:
+    """Matrix (K_a, K_b) of W2^2 between the classes of (x_a, y_a) and those of (x_b, y_b),
+    rows and columns in sorted label order."""
+    _check_inner(inner)
+    _check_pair("x_a", x_a, "x_b", x_b)
+    _check_labels("y_a", y_a, x_a.shape[0])
+    _check_labels("y_b", y_b, x_b.shape[0])
+    a, b = _split_for(inner, x_a, y_a), _split_for(inner, x_b, y_b)
+    return INNER_COSTS[inner](squared_distances(x_a, x_b), a, b)
+
+
+def _check_inner(inner: str) -> None:
+    if inner not in INNER_COSTS:
+        raise KeyError(f"unknown inner {inner!r}; choose from {sorted(INNER_COSTS)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# OTDD: outer entropic problem
+
+
+def _with_gradient(value: Tensor, inputs: Tensor, gradient: Tensor) -> Tensor:
+    """`value` as a function of `inputs` whose derivative is `gradient`."""
+    return value.detach() + (gradient.detach() * (inputs - inputs.detach())).sum()
+
+
+def entropic_ot(cost: Tensor, entropic_reg: float, sinkhorn_iters: int = SINKHORN_ITERS) -> Tensor:
+    """OT_eps(a, b) = min_P <P, C> + eps KL(P | a x b) over couplings of uniform weights.
+
+    eps = `entropic_reg` is in the units of the cost (here squared feature distances, not the
+    halved |x - y|^2 / 2 of geomloss' SamplesLoss default; ORCA's `SamplesLoss(p=2,
+    blur=entreg**(1/2))` with cost |x - y|^2 has eps = blur^2 = entreg). Solved by geomloss'
+    annealed symmetric Sinkhorn (`geomloss.ot.solve`, eps from the cost range down to
+    `entropic_reg` in `sinkhorn_iters` steps) without gradient; the returned value is the dual
+    objective and its gradient in `cost` is the plan (envelope theorem). geomloss 0.3.1's own
+    `solve(...).value` backpropagates twice the plan, hence the re-expression here.
+    """
+    with torch.no_grad():
+        solution = geomloss_ot.solve(cost.detach(), reg=entropic_reg, max_iter=sinkhorn_iters)
+        value, plan = solution.value, solution.plan
+    return _with_gradient(value, cost, plan)
+
+
+def _augmented_cost(x: Tensor, a: ClassSplit, z: Tensor, b: ClassSplit, inner: str) -> Tensor:
+    """Cost ||x_i - z_j||^2 + W2^2(P_{y_i}, P_{y'_j}) between all points of two labelled sets."""
+    sq_dist = squared_distances(x, z)
+    label_costs = INNER_COSTS[inner](sq_dist, a, b)
+    return sq_dist + label_costs[a.classes][:, b.classes]
+
+
+@dataclass(frozen=True)
+class SourceOTDDCache:
+    """Everything OTDD needs from the source alone, computed once by `prepare_source`.
+
+    `self_ot` is OT_eps(source, source) on the augmented cost (the source half of the debiasing
+    term); None when built with debiased=False.
+    """
+
+    features: Tensor
+    labels: Tensor
+    split: ClassSplit
+    inner: str
+    entropic_reg: float
+    sinkhorn_iters: int
+    self_ot: Tensor | None
+
+    def check_matches(self, x_s: Tensor, y_s: Tensor, inner: str, entropic_reg: float,
+                      debiased: bool, sinkhorn_iters: int) -> None:
+        settings = (inner, float(entropic_reg), sinkhorn_iters, debiased)
+        built = (self.inner, self.entropic_reg, self.sinkhorn_iters, self.self_ot is not None)
+        if settings != built:
+            raise ValueError(
+                f"source cache built for (inner, entropic_reg, sinkhorn_iters, debiased)={built}, "
+                f"called with {settings}; rebuild it with prepare_source"
+            )
+        if not (torch.equal(x_s.detach(), self.features) and torch.equal(y_s, self.labels)):
+            raise ValueError("source cache built from other x_s / y_s; rebuild it with prepare_source")
+
+
+def prepare_source(
+    x_s: Tensor,
+    y_s: Tensor,
+    inner: str = "exact",
+    entropic_reg: float = 0.1,
+    debiased: bool = True,
+    sinkhorn_iters: int = SINKHORN_ITERS,
+) -> SourceOTDDCache:
+    """Precompute the source side of `otdd`: class split (and Gaussian fits), and with
+    debiasing OT_eps(source, source) on the source-source augmented cost (n_s x n_s)."""
+    _check_otdd_options(inner, entropic_reg, sinkhorn_iters)
+    _check_features("x_s", x_s)
+    _check_labels("y_s", y_s, x_s.shape[0])
+    features = x_s.detach()
+    split = _split_for(inner, features, y_s)
+    self_ot = None
+    if debiased:
+        with torch.no_grad():
+            cost = _augmented_cost(features, split, features, split, inner)
+            self_ot = entropic_ot(cost, entropic_reg, sinkhorn_iters)
+    return SourceOTDDCache(features, y_s, split, inner, float(entropic_reg), sinkhorn_iters, self_ot)
+
+
+def _check_otdd_options(inner: str, entropic_reg: float, sinkhorn_iters: int) -> None:
+    _check_inner(inner)
+    if not entropic_reg > 0:
+        raise ValueError(f"entropic_reg must be > 0, got {entropic_reg}")
+    if sinkhorn_iters < 1:
+        raise ValueError(f"sinkhorn_iters must be >= 1, got {sinkhorn_iters}")
+
+
+def otdd(
+    x_s: Tensor,
+    y_s: Tensor,
+    x_t: Tensor,
+    y_t: Tensor,
+    inner: str = "exact",
+    entropic_reg: float = 0.1,
+    debiased: bool = True,
+    sinkhorn_iters: int = SINKHORN_ITERS,
+    source: SourceOTDDCache | None = None,
+) -> Tensor:
+    """Label-aware OT dataset distance (Alvarez-Melis & Fusi 2020), differentiable in x_t.
+
+    Cost between (x, y) in the source and (x', y') in the target: ||x - x'||^2 + W2^2(P_y, P_y'),
+    W2^2 from `inner` ("exact" OT between the two classes' samples, or "gaussian" Bures).
+    Value: OT_eps(a, b) with eps = `entropic_reg` (see `entropic_ot`); with `debiased`, the
+    Sinkhorn divergence OT_eps(a, b) - OT_eps(a, a)/2 - OT_eps(b, b)/2 (Feydy et al. 2019).
+    The source is a constant: pass `source=prepare_source(x_s, y_s, ...)` to reuse its side
+    across calls. Gradients reach x_t through the plans (envelope theorem), not the solvers.
+    """
+    _check_otdd_options(inner, entropic_reg, sinkhorn_iters)
+    _check_pair("x_s", x_s, "x_t", x_t)
+    _check_labels("y_s", y_s, x_s.shape[0])
+    _check_labels("y_t", y_t, x_t.shape[0])
+    if source is None:
+        source = prepare_source(x_s, y_s, inner, entropic_reg, debiased, sinkhorn_iters)
+    else:
+        source.check_matches(x_s, y_s, inner, entropic_reg, debiased, sinkhorn_iters)
+    target = _split_for(inner, x_t, y_t)
+    cross = _augmented_cost(source.features, source.split, x_t, target, inner)
+    value = entropic_ot(cross, entropic_reg, sinkhorn_iters)
+    if not debiased:
+        return value
+    self_target = _augmented_cost(x_t, target, x_t, target, inner)
+    return value - 0.5 * (source.self_ot + entropic_ot(self_target, entropic_reg, sinkhorn_iters))
+
+
+# ---------------------------------------------------------------------------------------------
+# C2ST
+
+
+def c2st_gap(x: Tensor, y: Tensor, folds: int = 5, seed: int = 0) -> float:
+    """Classifier two-sample test gap 2 |acc - 1/2| (Lopez-Paz & Oquab 2017).
+
+    acc is the stratified `folds`-fold cross-validated balanced accuracy of a standardised
+    logistic regression telling x (source) from y (target); balanced accuracy keeps chance at
+    1/2 when the samples differ in size. 0: indistinguishable, 1: perfectly separable.
+    """
+    _check_pair("x", x, "y", y)
+    if folds < 2:
+        raise ValueError(f"folds must be >= 2, got {folds}")
+    if min(x.shape[0], y.shape[0]) < folds:
+        raise ValueError(
+            f"c2st_gap needs >= folds={folds} samples in x and y, got {x.shape[0]} and {y.shape[0]}"
+        )
+    features = torch.cat([x, y]).detach().cpu().double().numpy()
+    is_target = np.r_[np.zeros(x.shape[0], dtype=int), np.ones(y.shape[0], dtype=int)]
+    classifier = make_pipeline(
+        StandardScaler(), LogisticRegression(max_iter=1000, class_weight="balanced")
+    )
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    scores = cross_val_score(
+        classifier, features, is_target, cv=splitter, scoring="balanced_accuracy"
+    )
+    return float(2.0 * abs(scores.mean() - 0.5))
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry
+
+
+@dataclass(frozen=True)
+class Distance:
+    """A registered distance: `fn(x_s, y_s, x_t, y_t, **options)`; only differentiable ones
+    (returning a tensor with gradient in x_t) may serve as the stage-1 loss."""
+
+    name: str
+    fn: Callable[..., Tensor | float]
+    differentiable: bool
+
+
+DISTANCES: dict[str, Distance] = {}
+
+
+def register_distance(name: str, differentiable: bool):
+    def decorator(fn):
+        if name in DISTANCES:
+            raise KeyError(f"distance {name!r} is already registered")
+        DISTANCES[name] = Distance(name, fn, differentiable)
+        return fn
+
+    return decorator
+
+
+def get_distance(name: str) -> Distance:
+    if name not in DISTANCES:
+        raise KeyError(f"unknown distance {name!r}; choose from {sorted(DISTANCES)}")
+    return DISTANCES[name]
+
+
+@register_distance("mmd", differentiable=True)
+def _mmd_distance(x_s: Tensor, y_s: Tensor, x_t: Tensor, y_t: Tensor, **options) -> Tensor:
+    return mmd2(x_s, x_t, **options)
+
+
+@register_distance("otdd", differentiable=True)
+def _otdd_distance(x_s: Tensor, y_s: Tensor, x_t: Tensor, y_t: Tensor, **options) -> Tensor:
+    return otdd(x_s, y_s, x_t, y_t, **options)
+
+
+@register_distance("c2st", differentiable=False)
+def _c2st_distance(x_s: Tensor, y_s: Tensor, x_t: Tensor, y_t: Tensor, **options) -> float:
+    return c2st_gap(x_s, x_t, **options)
