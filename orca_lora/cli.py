@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging()
     try:
         return args.handler(args)
-    except (ConfigError, FileNotFoundError, KeyError, ValueError) as error:
+    except (ConfigError, OSError, KeyError, ValueError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"orca-lora {args.command}: error: {message}", file=sys.stderr)
         return 2

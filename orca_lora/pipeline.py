@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from orca_lora.align import stage as align_stage
-from orca_lora.config import Config, run_directory, section_hash, write_text_atomic
+from orca_lora.config import ADAPTER_METHODS, Config, run_directory, section_hash, write_text_atomic
 from orca_lora.data.tasks import build_task
 from orca_lora.experiments.plots import plot_run
 from orca_lora.finetune import stage as finetune_stage
@@ -79,6 +79,8 @@ def run_pipeline(config: Config, last_stage: int = 3) -> RunResult:
     """Stages 1 to `last_stage` for `config`; returns the run directory and its metrics."""
     task = build_task(config.task, config.data_root)
     body = load_source_body(config.source, config.data_root)
+    if config.stage3.method in ADAPTER_METHODS:  # a target typo fails here, not after stages 1-2
+        rank_stage.adapted_module_shapes(body, config.stage3.targets)
     if config.stage3.rank_map:
         rank_stage.check_rank_map(body, config.stage3.targets, config.stage3.rank_map)
     run_dir = run_directory(config)

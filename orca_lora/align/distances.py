@@ -7,18 +7,19 @@ modality gap per body block with any of them (`c2st` too). Every entry of `DISTA
 OTDD here is the label-aware OT dataset distance of Alvarez-Melis & Fusi (2020), "Geometric dataset
 distances via optimal transport": points are (x, y) pairs with ground cost
     c((x, y), (x', y')) = ||x - x'||^2 + W2^2(P_y, P_y'),
-P_y the features of class y in its own dataset. The outer problem is entropic OT (geomloss), the
-inner W2^2 exact (POT network simplex) or Bures-Wasserstein between fitted Gaussians. Everything
-that depends only on the source is computed once by `prepare_source` and reused every step.
+P_y the features of class y in its own dataset. The outer problem is entropic OT (annealed
+Sinkhorn on geomloss' schedule), the inner W2^2 exact (POT network simplex) or Bures-Wasserstein
+between fitted Gaussians. Everything that depends only on the source is computed once by
+`prepare_source` and reused every step.
 """
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
 import ot
 import torch
-from geomloss import ot as geomloss_ot
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.pipeline import make_pipeline
@@ -26,7 +27,7 @@ from sklearn.preprocessing import StandardScaler
 from torch import Tensor
 
 MEDIAN_MULTIPLIERS = (0.25, 0.5, 1.0, 2.0, 4.0)
-SINKHORN_ITERS = 40
+SINKHORN_ITERS = 50
 
 
 # ---------------------------------------------------------------------------------------------
@@ -47,6 +48,8 @@ def _check_pair(name_x: str, x: Tensor, name_y: str, y: Tensor) -> None:
             f"{name_x} and {name_y} must have the same feature dim, got {tuple(x.shape)} and "
             f"{tuple(y.shape)}"
         )
+    if x.dtype != y.dtype:
+        raise ValueError(f"{name_x} and {name_y} must share a dtype, got {x.dtype} and {y.dtype}")
 
 
 def _check_labels(name: str, labels: Tensor, n_samples: int) -> None:
@@ -154,8 +157,8 @@ def split_classes(labels: Tensor) -> ClassSplit:
     return ClassSplit(names=names, classes=classes, groups=groups)
 
 
-def class_roots(x: Tensor, split: ClassSplit) -> tuple[Tensor, Tensor]:
-    """Class means (K, d) and covariance roots (K, r, d) with root^T root = cov (ddof=1).
+def fit_gaussians(x: Tensor, split: ClassSplit) -> ClassSplit:
+    """`split` with class means (K, d) and covariance roots (K, r, d), root^T root = cov (ddof=1).
 
     The root is the thinner of two factors: the centred samples / sqrt(n - 1), zero-padded to
     the largest class (r = n_max), when classes are smaller than the dimension; otherwise the
@@ -164,19 +167,24 @@ def class_roots(x: Tensor, split: ClassSplit) -> tuple[Tensor, Tensor]:
     sizes = [len(g) for g in split.groups]
     if min(sizes) < 2:
         raise ValueError(f"the gaussian inner cost needs >= 2 samples per class, got sizes {sizes}")
-    means = torch.stack([x[torch.as_tensor(g, device=x.device)].mean(0) for g in split.groups])
+    samples = [x[torch.as_tensor(g, device=x.device)] for g in split.groups]
+    means = torch.stack([s.mean(0) for s in samples])
+    rows = [(s - s.mean(0)) / (s.shape[0] - 1) ** 0.5 for s in samples]
     n_max, dim = max(sizes), x.shape[1]
-    centred = [x[torch.as_tensor(g, device=x.device)] - means[k] for k, g in enumerate(split.groups)]
-    rows = [c / (c.shape[0] - 1) ** 0.5 for c in centred]
     if n_max <= dim:
-        padded = x.new_zeros(len(rows), n_max, dim)
+        roots = x.new_zeros(len(rows), n_max, dim)
         for k, r in enumerate(rows):
-            padded[k, : r.shape[0]] = r
-        return means, padded
-    covariances = torch.stack([r.T @ r for r in rows])
-    eigenvalues, eigenvectors = torch.linalg.eigh(covariances)
-    scaled = eigenvectors * eigenvalues.clamp_min(0.0).sqrt()[:, None, :]
-    return means, scaled @ eigenvectors.transpose(1, 2)
+            roots[k, : r.shape[0]] = r
+    else:
+        eigenvalues, eigenvectors = torch.linalg.eigh(torch.stack([r.T @ r for r in rows]))
+        scaled = eigenvectors * eigenvalues.clamp_min(0.0).sqrt()[:, None, :]
+        roots = scaled @ eigenvectors.transpose(1, 2)
+    return replace(split, means=means, roots=roots)
+
+
+def keep_samples(x: Tensor, split: ClassSplit) -> ClassSplit:
+    """The exact inner cost works on the samples themselves: nothing to fit."""
+    return split
 
 
 def _uniform(n: int) -> np.ndarray:
@@ -187,20 +195,29 @@ def exact_label_costs(sq_dist: Tensor, a: ClassSplit, b: ClassSplit) -> Tensor:
     """W2^2 between every class of `a` and every class of `b` by exact OT (POT `ot.emd`).
 
     W[k, l] = min_P sum P_ij ||x_i - z_j||^2 over couplings of the uniform weights on class k of
-    a and class l of b. The plans come from the network simplex on the detached block of
-    `sq_dist` (one LP per class pair: there is no batched exact solver); the value is then
-    sum(plan * sq_dist) summed per class pair, differentiable by the envelope theorem.
+    a and class l of b. The plans come from the network simplex on the detached blocks of
+    `sq_dist` (one LP per class pair: there is no batched exact solver), gathered into one
+    block-structured plan; W = onehot_a^T (plan * sq_dist) onehot_b is then differentiable by
+    the envelope theorem. For a self-cost (`b is a`) only pairs k < l are solved: the plan of
+    (l, k) is the transpose, and the identity couples a class to itself at zero cost.
     """
-    dist = sq_dist.detach().to("cpu", torch.float64).numpy()
-    plan = np.zeros_like(dist)
-    for rows in a.groups:
-        for cols in b.groups:
+    dist = sq_dist.detach().cpu().numpy()
+    symmetric = b is a
+    plan = torch.zeros_like(sq_dist, device="cpu")
+    for k, rows in enumerate(a.groups):
+        for l, cols in enumerate(b.groups):
+            if symmetric and k >= l:
+                continue
             block = np.ix_(rows, cols)
-            plan[block] = ot.emd(_uniform(len(rows)), _uniform(len(cols)), dist[block])
-    plan = torch.as_tensor(plan, dtype=sq_dist.dtype, device=sq_dist.device)
+            coupling = ot.emd(_uniform(len(rows)), _uniform(len(cols)), dist[block].astype(float))
+            plan[block] = torch.as_tensor(coupling, dtype=plan.dtype)
+    if symmetric:
+        plan = plan + plan.T
+        for rows in a.groups:
+            plan[rows, rows] = 1.0 / len(rows)
     onehot_a = torch.nn.functional.one_hot(a.classes, a.n_classes).to(sq_dist.dtype)
     onehot_b = torch.nn.functional.one_hot(b.classes, b.n_classes).to(sq_dist.dtype)
-    return onehot_a.T @ (plan * sq_dist) @ onehot_b
+    return onehot_a.T @ (plan.to(sq_dist.device) * sq_dist) @ onehot_b
 
 
 def gaussian_label_costs(sq_dist: Tensor, a: ClassSplit, b: ClassSplit) -> Tensor:
@@ -219,18 +236,23 @@ def gaussian_label_costs(sq_dist: Tensor, a: ClassSplit, b: ClassSplit) -> Tenso
     return (means + trace_a[:, None] + trace_b[None, :] - 2.0 * fidelity).clamp_min(0.0)
 
 
-INNER_COSTS: dict[str, Callable[[Tensor, ClassSplit, ClassSplit], Tensor]] = {
-    "exact": exact_label_costs,
-    "gaussian": gaussian_label_costs,
+@dataclass(frozen=True)
+class InnerCost:
+    """One way to get W2^2 between classes: `fit` adds what `cost` needs to a ClassSplit (once
+    per feature set), `cost(sq_dist, a, b)` returns the (K_a, K_b) matrix."""
+
+    fit: Callable[[Tensor, ClassSplit], ClassSplit]
+    cost: Callable[[Tensor, ClassSplit, ClassSplit], Tensor]
+
+
+INNER_COSTS: dict[str, InnerCost] = {
+    "exact": InnerCost(keep_samples, exact_label_costs),
+    "gaussian": InnerCost(fit_gaussians, gaussian_label_costs),
 }
 
 
 def _split_for(inner: str, x: Tensor, labels: Tensor) -> ClassSplit:
-    split = split_classes(labels)
-    if inner != "gaussian":
-        return split
-    means, roots = class_roots(x, split)
-    return ClassSplit(split.names, split.classes, split.groups, means=means, roots=roots)
+    return INNER_COSTS[inner].fit(x, split_classes(labels))
 
 
 def label_distances(
@@ -243,7 +265,7 @@ def label_distances(
     _check_labels("y_a", y_a, x_a.shape[0])
     _check_labels("y_b", y_b, x_b.shape[0])
     a, b = _split_for(inner, x_a, y_a), _split_for(inner, x_b, y_b)
-    return INNER_COSTS[inner](squared_distances(x_a, x_b), a, b)
+    return INNER_COSTS[inner].cost(squared_distances(x_a, x_b), a, b)
 
 
 def _check_inner(inner: str) -> None:
@@ -260,27 +282,100 @@ def _with_gradient(value: Tensor, inputs: Tensor, gradient: Tensor) -> Tensor:
     return value.detach() + (gradient.detach() * (inputs - inputs.detach())).sum()
 
 
-def entropic_ot(cost: Tensor, entropic_reg: float, sinkhorn_iters: int = SINKHORN_ITERS) -> Tensor:
-    """OT_eps(a, b) = min_P <P, C> + eps KL(P | a x b) over couplings of uniform weights.
+def _softmin(eps: float, cost: Tensor, log_weights: Tensor, potential: Tensor, dim: int) -> Tensor:
+    """Soft c-transform -eps log sum_k w_k exp((p_k - C_ik) / eps), summing over `dim` of cost.
 
-    eps = `entropic_reg` is in the units of the cost (here squared feature distances, not the
-    halved |x - y|^2 / 2 of geomloss' SamplesLoss default; ORCA's `SamplesLoss(p=2,
-    blur=entreg**(1/2))` with cost |x - y|^2 has eps = blur^2 = entreg). Solved by geomloss'
-    annealed symmetric Sinkhorn (`geomloss.ot.solve`, eps from the cost range down to
-    `entropic_reg` in `sinkhorn_iters` steps) without gradient; the returned value is the dual
-    objective and its gradient in `cost` is the plan (envelope theorem). geomloss 0.3.1's own
-    `solve(...).value` backpropagates twice the plan, hence the re-expression here.
+    Terms more than e^-50 below the largest are raised to e^-50, a change far below float
+    precision; without it most terms underflow at small eps, and torch.exp on CPU runs its
+    underflow path some 40x slower per element.
+    """
+    shift = (potential / eps + log_weights).unsqueeze(1 - dim)
+    scores = torch.sub(shift, cost, alpha=1.0 / eps)
+    top = scores.amax(dim, keepdim=True)
+    total = (scores - top).clamp_min_(-50.0).exp_().sum(dim)
+    return -eps * (top.squeeze(dim) + total.log())
+
+
+def _self_potential(cost: Tensor, eps: float, iters: int, log_a: Tensor) -> Tensor:
+    """Potential f = g of a self-transport OT_eps(a, a) (C = C^T): the averaged symmetric update
+    f <- (f + T(f)) / 2 of Feydy et al. (2019) at eps, stopped once it moves by < 1e-6 of its
+    scale. Without annealing it settles in a few iterations (to 1e-8 within 11 on every cost
+    tried, Darcy setting included), where the two-potential loop needs its full schedule."""
+    a = log_a.exp()
+    f = cost @ a
+    f = f - 0.5 * (a @ f)
+    for _ in range(iters):
+        f_new = 0.5 * (f + _softmin(eps, cost, log_a, f, dim=1))
+        done = float((f_new - f).abs().max()) <= 1e-6 * (float(f.abs().max()) + eps)
+        f = f_new
+        if done:
+            break
+    return _softmin(eps, cost, log_a, f, dim=1)
+
+
+def _sinkhorn_potentials(
+    cost: Tensor, eps: float, iters: int, log_a: Tensor, log_b: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Dual potentials (f, g) of OT_eps(a, b).
+
+    First half of `iters`: Feydy's annealed symmetric Sinkhorn (2020, Alg. 3.5) on the schedule
+    of `geomloss.ot.solve` (eps from the cost range down geometrically, averaged updates of f
+    and g). Second half: alternating Sinkhorn updates at the target eps, which converge there
+    far faster than more annealing. Then one last parallel update, as geomloss does.
+    """
+    a, b = log_a.exp(), log_b.exp()
+    # eps = +inf solution, as geomloss starts: f_i = <b, C_i.> - <a, C b> / 2.
+    f, g = cost @ b, a @ cost
+    f, g = f - 0.5 * (a @ f), g - 0.5 * (b @ g)
+    n_anneal = (iters + 1) // 2
+    start = max(float(cost.max() - cost.min()), eps)
+    for eps_k in np.geomspace(start, eps, n_anneal) if n_anneal > 1 else [eps]:
+        f_new = _softmin(float(eps_k), cost, log_b, g, dim=1)
+        g_new = _softmin(float(eps_k), cost, log_a, f, dim=0)
+        f, g = 0.5 * (f + f_new), 0.5 * (g + g_new)
+    for _ in range(iters - n_anneal):
+        f = _softmin(eps, cost, log_b, g, dim=1)
+        g = _softmin(eps, cost, log_a, f, dim=0)
+    return _softmin(eps, cost, log_b, g, dim=1), _softmin(eps, cost, log_a, f, dim=0)
+
+
+def entropic_ot(
+    cost: Tensor, entropic_reg: float, sinkhorn_iters: int = SINKHORN_ITERS, symmetric: bool = False
+) -> Tensor:
+    """OT_eps(a, b) = min_P <P, C> + eps KL(P | a x b) over couplings of uniform weights a, b.
+
+    eps = `entropic_reg`, in the units of the cost, which in `otdd` is the full squared distance
+    ||x - x'||^2 + W2^2. geomloss conversion: SamplesLoss(p=2, blur=s, cost=|x - y|^2) has
+    eps = s^2; with its default halved cost |x - y|^2 / 2 (also otdd's p=2 routine),
+    SamplesLoss(blur=s) = OT_{2 s^2}(C) / 2 in these units. Solved in `sinkhorn_iters`
+    log-domain Sinkhorn iterations (`_sinkhorn_potentials`); the value is the dual
+    <a, f> + <b, g>. `symmetric` marks a self-transport cost (C = C^T, a = b), solved by
+    `_self_potential` in at most `sinkhorn_iters` iterations. No gradient through the loop:
+    the gradient in `cost` is the plan a_i b_j exp((f_i + g_j - C_ij) / eps) (envelope
+    theorem). Not geomloss.ot.solve: in geomloss 0.3.1 its `.value` backpropagates twice the
+    plan, and its softmin runs torch.exp's slow underflow path.
     """
     with torch.no_grad():
-        solution = geomloss_ot.solve(cost.detach(), reg=entropic_reg, max_iter=sinkhorn_iters)
-        value, plan = solution.value, solution.plan
+        c = cost.detach()
+        log_a, log_b = (torch.full((k,), -math.log(k), dtype=c.dtype, device=c.device)
+                        for k in c.shape)
+        if symmetric:
+            f = g = _self_potential(c, entropic_reg, sinkhorn_iters, log_a)
+        else:
+            f, g = _sinkhorn_potentials(c, entropic_reg, sinkhorn_iters, log_a, log_b)
+        value = log_a.exp() @ f + log_b.exp() @ g
+        if not cost.requires_grad:
+            return value
+        # Density clamped at e^-50 like `_softmin`: negligible, and it keeps torch.exp fast.
+        density = ((f[:, None] + g[None, :] - c) / entropic_reg).clamp_min_(-50.0).exp_()
+        plan = density * (log_a.exp()[:, None] * log_b.exp()[None, :])
     return _with_gradient(value, cost, plan)
 
 
 def _augmented_cost(x: Tensor, a: ClassSplit, z: Tensor, b: ClassSplit, inner: str) -> Tensor:
     """Cost ||x_i - z_j||^2 + W2^2(P_{y_i}, P_{y'_j}) between all points of two labelled sets."""
     sq_dist = squared_distances(x, z)
-    label_costs = INNER_COSTS[inner](sq_dist, a, b)
+    label_costs = INNER_COSTS[inner].cost(sq_dist, a, b)
     return sq_dist + label_costs[a.classes][:, b.classes]
 
 
@@ -310,7 +405,7 @@ class SourceOTDDCache:
                 f"called with {settings}; rebuild it with prepare_source"
             )
         if not (torch.equal(x_s.detach(), self.features) and torch.equal(y_s, self.labels)):
-            raise ValueError("source cache built from other x_s / y_s; rebuild it with prepare_source")
+            raise ValueError("source cache built from other x_s / y_s; rebuild with prepare_source")
 
 
 def prepare_source(
@@ -332,8 +427,10 @@ def prepare_source(
     if debiased:
         with torch.no_grad():
             cost = _augmented_cost(features, split, features, split, inner)
-            self_ot = entropic_ot(cost, entropic_reg, sinkhorn_iters)
-    return SourceOTDDCache(features, y_s, split, inner, float(entropic_reg), sinkhorn_iters, self_ot)
+            self_ot = entropic_ot(cost, entropic_reg, sinkhorn_iters, symmetric=True)
+    return SourceOTDDCache(
+        features, y_s, split, inner, float(entropic_reg), sinkhorn_iters, self_ot
+    )
 
 
 def _check_otdd_options(inner: str, entropic_reg: float, sinkhorn_iters: int) -> None:
@@ -378,7 +475,8 @@ def otdd(
     if not debiased:
         return value
     self_target = _augmented_cost(x_t, target, x_t, target, inner)
-    return value - 0.5 * (source.self_ot + entropic_ot(self_target, entropic_reg, sinkhorn_iters))
+    self_ot = entropic_ot(self_target, entropic_reg, sinkhorn_iters, symmetric=True)
+    return value - 0.5 * (source.self_ot + self_ot)
 
 
 # ---------------------------------------------------------------------------------------------

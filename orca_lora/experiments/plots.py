@@ -24,8 +24,13 @@ def save_figure(figure, stem: Path) -> list[Path]:
     for suffix in ("png", "pdf"):
         final = stem.with_suffix(f".{suffix}")
         temp = final.with_name(f".{final.name}.tmp")
-        figure.savefig(temp, format=suffix, dpi=150, bbox_inches="tight")
-        os.replace(temp, final)
+        try:
+            figure.savefig(temp, format=suffix, dpi=150, bbox_inches="tight")
+            os.replace(temp, final)
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            plt.close(figure)
+            raise
         written.append(final)
     plt.close(figure)
     return written

@@ -68,6 +68,11 @@ class FinetuneModule(L.LightningModule):
     def test_step(self, batch, batch_index):
         self._evaluate(batch, "test_error")
 
+    def on_train_start(self) -> None:
+        if self.stage.method == "delta-lora":
+            # a resumed run restores global_step after configure_optimizers attached the hooks
+            self.delta_handle.step = self.trainer.global_step
+
     def configure_optimizers(self):
         ratio = self.stage.loraplus_ratio if self.stage.method == "lora-plus" else 1.0
         groups = adapter_param_groups(self, self.stage.lr, self.stage.weight_decay, loraplus_ratio=ratio)

@@ -49,10 +49,11 @@ def variant_options(stage: Stage3Config) -> dict:
     return options
 
 
-def prepare_model(model: nn.Module, stage: Stage3Config, ranks: Mapping[str, int]) -> nn.Module:
-    """Adapters for the LoRA family; everything trains for `full`; only the head for `linear`."""
+def prepare_model(model: nn.Module, stage: Stage3Config, ranks: Mapping[str, int], seed: int = 0) -> nn.Module:
+    """Adapters for the LoRA family (A drawn from `seed`); everything trains for `full`; only the head
+    for `linear`."""
     if stage.method in ADAPTER_METHODS:
-        add_adapters(model, targets=stage.targets, ranks=dict(ranks), variant=stage.method,
+        add_adapters(model, targets=stage.targets, ranks=dict(ranks), variant=stage.method, seed=seed,
                      **variant_options(stage))
         mark_only_adapters_trainable(model)
         model.embedder.requires_grad_(True)
@@ -95,7 +96,7 @@ def run(stage: Stage3Config, trainer_config: TrainerConfig, model: nn.Module, ra
         task: TaskData, seed: int, directory: Path) -> FinetuneResult:
     """Fine-tune `model`; resume from `checkpoints/last.ckpt` when a previous attempt was killed."""
     L.seed_everything(seed, workers=True, verbose=False)
-    prepare_model(model, stage, ranks)
+    prepare_model(model, stage, ranks, seed)
     train, val, test = loaders(task, stage.batch_size, trainer_config.num_workers, seed)
     steps_per_epoch = _steps_per_epoch(len(train), trainer_config.limit_train_batches)
     module = FinetuneModule(model, task, stage, steps_per_epoch * trainer_config.max_epochs, steps_per_epoch, seed)

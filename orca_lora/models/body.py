@@ -46,7 +46,7 @@ def build_body(name: str, pretrained: bool = False, checkpoint: str | Path | Non
     except OSError as error:
         if not pretrained:
             raise
-        raise RuntimeError(f"could not fetch pretrained weights for {name} from the Hugging Face hub "
+        raise ConnectionError(f"could not fetch pretrained weights for {name} from the Hugging Face hub "
                            f"({type(error).__name__}); use `checkpoint: PATH` with a local file or the offline "
                            f"body (`source.model: offline`)") from None
     if checkpoint is not None:

@@ -42,6 +42,11 @@ def adapted_module_shapes(body: nn.Module, targets: Sequence[str]) -> dict[str, 
                 shapes[full] = ModuleShape(index, module.out_features, module.in_features)
     if not shapes:
         raise ValueError(f"stage3.targets {list(targets)} match no Linear inside the body's blocks")
+    outside = [name for name, module in body.named_modules() if isinstance(module, nn.Linear)
+               and f"{BODY_PREFIX}{name}" not in shapes and any(p.search(f"{BODY_PREFIX}{name}") for p in patterns)]
+    if outside:
+        raise ValueError(f"stage3.targets select {outside[0]}, a Linear outside the Swin blocks, which has no "
+                         "block gap to set its rank; narrow the pattern to the blocks' modules")
     return shapes
 
 
@@ -59,11 +64,12 @@ def run(stage: Stage2Config, align: Stage1Config, rank: int, targets: Sequence[s
     """Measure the gaps, choose the ranks, write `gaps.csv` and `ranks.json` into `directory`."""
     shapes = adapted_module_shapes(body, targets)
     target_x, target_y = alignment_set(task, stage.max_samples, align.n_pseudo_labels, seed)
-    count = min(stage.max_samples, len(source_images))
+    # the proxy is ordered class by class: a seeded random subset keeps every class
+    chosen = torch.randperm(len(source_images), generator=torch.Generator().manual_seed(seed))[:stage.max_samples]
     with torch.no_grad():
         target = embedder(target_x)
-    gaps = block_gaps(body, source_tokens(body, source_images[:count]), target, stage.distance,
-                      source_labels[:count], target_y, **distance_options(stage.distance, align, seed))
+    gaps = block_gaps(body, source_tokens(body, source_images[chosen]), target, stage.distance,
+                      source_labels[chosen], target_y, **distance_options(stage.distance, align, seed))
     alpha0 = stage.alpha0 if stage.alpha0 is not None else (None if stage.budget else float(rank))
     prior = RankPrior(link=stage.link, decision=stage.decision, quantile=stage.quantile, r_min=stage.r_min,
                       r_max=stage.r_max, alpha0=alpha0, budget=stage.budget, seed=seed)

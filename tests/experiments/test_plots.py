@@ -1,0 +1,98 @@
+from pathlib import Path
+
+import matplotlib.image
+import pytest
+
+from orca_lora.experiments import plots
+
+ALIGNMENT = "epoch,otdd\n0,12.5\n1,7.25\n2,3.5\n"
+GAPS = ("block,name,gap,rank\n0,layers.0.blocks.0,0.5,2\n1,layers.0.blocks.1,1.5,6\n"
+        "2,layers.1.blocks.0,1.0,4\n")
+# Lightning's CSVLogger writes training and validation metrics on separate rows
+METRICS = ("epoch,step,train_loss,val_error\n0,0,2.0,\n0,1,1.5,\n0,1,,0.6\n1,2,1.2,\n1,3,0.9,\n1,3,,0.4\n")
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def assert_figures(written: list[Path], stem: Path) -> None:
+    assert written == [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
+    png, pdf = written
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and pdf.read_bytes()[:5] == b"%PDF-"
+    height, width = matplotlib.image.imread(png).shape[:2]
+    assert height > 100 and width > 100
+    assert pdf.stat().st_size > 1000
+    assert not [p for p in stem.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.fixture
+def captured(monkeypatch) -> list:
+    """Each figure a plot function hands to save_figure, before it is written and closed."""
+    figures = []
+    save = plots.save_figure
+
+    def spy(figure, stem):
+        figures.append([(line.get_label(), list(line.get_xdata()), list(line.get_ydata()))
+                        for axis in figure.axes for line in axis.get_lines()]
+                       + [("bars", [bar.get_x() + bar.get_width() / 2 for bar in axis.patches],
+                           [bar.get_height() for bar in axis.patches]) for axis in figure.axes if axis.patches])
+        return save(figure, stem)
+
+    monkeypatch.setattr(plots, "save_figure", spy)
+    return figures
+
+
+def test_plot_alignment_draws_the_curve(tmp_path, captured):
+    stem = tmp_path / "out" / "alignment"
+    assert_figures(plots.plot_alignment(write(tmp_path / "alignment.csv", ALIGNMENT), stem), stem)
+    assert captured == [[("otdd", [0, 1, 2], [12.5, 7.25, 3.5])]]
+
+
+def test_plot_gaps_and_ranks_draws_bars_and_ranks(tmp_path, captured):
+    stem = tmp_path / "gaps_and_ranks"
+    assert_figures(plots.plot_gaps_and_ranks(write(tmp_path / "gaps.csv", GAPS), stem), stem)
+    [lines] = captured
+    assert ("LoRA rank r_i", [0, 1, 2], [2, 6, 4]) in lines
+    assert ("bars", [0, 1, 2], [0.5, 1.5, 1.0]) in lines
+
+
+def test_plot_training_draws_loss_and_validation_error_by_step(tmp_path, captured):
+    stem = tmp_path / "training"
+    assert_figures(plots.plot_training(write(tmp_path / "metrics.csv", METRICS), stem), stem)
+    [lines] = captured
+    assert lines == [("training loss", [0, 1, 2, 3], [2.0, 1.5, 1.2, 0.9]),
+                     ("validation error", [1, 3], [0.6, 0.4])]
+
+
+def test_plot_run_plots_only_what_the_run_directory_has(tmp_path):
+    run = tmp_path / "run"
+    write(run / "stage1" / "alignment.csv", ALIGNMENT)
+    assert plots.plot_run(run) == [run / "plots" / "alignment.png", run / "plots" / "alignment.pdf"]
+    assert sorted(p.name for p in (run / "plots").iterdir()) == ["alignment.pdf", "alignment.png"]
+
+    write(run / "stage2" / "gaps.csv", GAPS)
+    write(run / "stage3" / "logs" / "version_0" / "metrics.csv", METRICS)
+    written = plots.plot_run(run)
+    names = ["alignment", "gaps_and_ranks", "training"]
+    assert written == [run / "plots" / f"{n}.{s}" for n in names for s in ("png", "pdf")]
+    assert sorted(p.name for p in (run / "plots").iterdir()) == sorted(p.name for p in written)
+    assert plots.plot_run(tmp_path / "empty") == [] and not (tmp_path / "empty").exists()
+
+
+def test_save_figure_leaves_no_temp_file_when_writing_fails(tmp_path, monkeypatch):
+    figure, axis = plots.plt.subplots()
+    axis.plot([0, 1], [1, 0])
+
+    def broken(path, format, **_):
+        Path(path).write_text("half a figure")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(figure, "savefig", broken)
+    with pytest.raises(OSError):
+        plots.save_figure(figure, tmp_path / "figure")
+    plots.plt.close(figure)
+    assert not (tmp_path / "figure.png").exists()
+    assert list(tmp_path.iterdir()) == [], "a failed save must not leave its temp file behind"

@@ -1,0 +1,175 @@
+import csv
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from orca_lora.adapters.inject import add_adapters, match_targets
+from orca_lora.align import stage as align_stage
+from orca_lora.config import DEFAULT_TARGETS, Stage1Config, Stage2Config
+from orca_lora.data.procedural import generate_procedural
+from orca_lora.data.tasks import TaskData, cross_entropy, misclassification
+from orca_lora.models.body import build_body
+from orca_lora.models.embedder import Embedder
+from orca_lora.models.model import build_orca_model
+from orca_lora.rank import stage as rank_stage
+from orca_lora.rank.gap import block_gaps
+from orca_lora.rank.select import ModuleShape, RankPrior, select_ranks
+
+TINY_KWARGS = {"img_size": 32, "patch_size": 2, "window_size": 4, "embed_dim": 16, "depths": (2, 2),
+               "num_heads": (2, 4)}
+BLOCKS = ["layers.0.blocks.0", "layers.0.blocks.1", "layers.1.blocks.0", "layers.1.blocks.1"]
+
+
+def make_body() -> nn.Module:
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return build_body("swin_tiny_patch4_window7_224", model_kwargs=TINY_KWARGS).eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def body() -> nn.Module:
+    return make_body()
+
+
+@pytest.fixture(scope="module")
+def source() -> tuple[torch.Tensor, torch.Tensor]:
+    """Class-major procedural source images (4 classes x 8) at 16 x 16, as `source_proxy` returns them."""
+    images = generate_procedural(4, 8, image_size=16, seed=0)
+    return torch.as_tensor(images.images), torch.as_tensor(images.labels)
+
+
+@pytest.fixture(scope="module")
+def task() -> TaskData:
+    generator = torch.Generator().manual_seed(5)
+    inputs = torch.rand(30, 3, 16, 16, generator=generator) ** 2
+    train = TensorDataset(inputs, torch.arange(30) % 3)
+    return TaskData(name="toy", train=train, val=train, test=train, in_channels=3, input_size=(16, 16),
+                    head="classification", num_outputs=3, output_size=None, error=misclassification,
+                    loss=cross_entropy, output_transform=nn.Identity(), baseline_error=2 / 3)
+
+
+@pytest.fixture(scope="module")
+def embedder(body) -> Embedder:
+    return Embedder.from_body(body, 3, generator=torch.Generator().manual_seed(1))
+
+
+def run_stage(tmp_path, body, embedder, task, source, align=Stage1Config(), **stage2):
+    stage = Stage2Config(**{"max_samples": 16, "r_max": 8, **stage2})
+    return stage, rank_stage.run(stage, align, 4, list(DEFAULT_TARGETS), body, embedder, task,
+                                 *source, seed=0, directory=tmp_path)
+
+
+def test_adapted_module_shapes_for_the_default_targets(body):
+    shapes = rank_stage.adapted_module_shapes(body, DEFAULT_TARGETS)
+    expected = {}
+    for index, block in enumerate(BLOCKS):
+        width = 16 if block.startswith("layers.0") else 32
+        for suffix, d_out, d_in in (("attn.qkv", 3 * width, width), ("attn.proj", width, width),
+                                    ("mlp.fc1", 4 * width, width), ("mlp.fc2", width, 4 * width)):
+            expected[f"body.{block}.{suffix}"] = ModuleShape(index, d_out, d_in)
+    assert shapes == expected
+    model = build_orca_model(make_body(), 3, "classification", 3, None)
+    matched = match_targets(model, DEFAULT_TARGETS)
+    assert set(matched) == set(shapes)
+    for name, shape in shapes.items():
+        assert tuple(matched[name].weight.shape) == (shape.d_out, shape.d_in)
+
+
+def test_adapted_module_shapes_follow_the_targets(body):
+    only_qkv = rank_stage.adapted_module_shapes(body, [r"\.attn\.qkv$"])
+    assert list(only_qkv) == [f"body.{block}.attn.qkv" for block in BLOCKS]
+    assert [shape.block for shape in only_qkv.values()] == [0, 1, 2, 3]
+    later = rank_stage.adapted_module_shapes(body, [r"layers\.1\..*\.fc2$"])
+    assert later == {f"body.{b}.mlp.fc2": ModuleShape(i + 2, 32, 128) for i, b in enumerate(BLOCKS[2:])}
+    with pytest.raises(ValueError, match=r"stage3.targets .*head.* match no Linear inside the body's blocks"):
+        rank_stage.adapted_module_shapes(body, [r"head\.fc$"])
+
+
+def test_targets_selecting_a_linear_outside_the_blocks_are_refused(body):
+    targets = [r"\.attn\.qkv$", r"downsample\.reduction$"]
+    with pytest.raises(ValueError, match="outside the Swin blocks"):
+        rank_stage.uniform_ranks(body, targets, 2)
+
+
+def test_uniform_ranks_give_every_adapted_module_the_rank(body):
+    ranks = rank_stage.uniform_ranks(body, DEFAULT_TARGETS, 3)
+    assert ranks == dict.fromkeys(rank_stage.adapted_module_shapes(body, DEFAULT_TARGETS), 3)
+    adapters = add_adapters(build_orca_model(make_body(), 3, "classification", 3, None), DEFAULT_TARGETS, ranks)
+    assert {name: layer.rank for name, layer in adapters.items()} == ranks
+
+
+def test_check_rank_map_accepts_adapted_modules_and_names_the_problem_otherwise(body):
+    rank_stage.check_rank_map(body, DEFAULT_TARGETS, {"body.layers.0.blocks.1.attn.qkv": 16,
+                                                      "body.layers.1.blocks.0.mlp.fc2": 1})
+    with pytest.raises(KeyError, match=r"blocks\.7\.attn\.qkv.*body\.layers\.0\.blocks\.0\.attn\.qkv"):
+        rank_stage.check_rank_map(body, DEFAULT_TARGETS, {"body.layers.0.blocks.7.attn.qkv": 2})
+    with pytest.raises(KeyError, match="not an adapted module"):
+        rank_stage.check_rank_map(body, [r"\.attn\.qkv$"], {"body.layers.0.blocks.0.mlp.fc1": 2})
+    with pytest.raises(ValueError, match=r"rank 17 .* \[1, 16\] .* 48 x 16"):
+        rank_stage.check_rank_map(body, DEFAULT_TARGETS, {"body.layers.0.blocks.0.attn.qkv": 17})
+    with pytest.raises(ValueError, match=r"rank 0 "):
+        rank_stage.check_rank_map(body, DEFAULT_TARGETS, {"body.layers.1.blocks.1.attn.proj": 0})
+
+
+def test_run_writes_gaps_and_ranks_that_agree(tmp_path, body, embedder, task, source):
+    stage, result = run_stage(tmp_path, body, embedder, task, source)
+    assert result.blocks == BLOCKS and len(result.gaps) == 4
+    assert result.alpha0 == 4.0 and result.budget is None
+    assert rank_stage.load_result(tmp_path) == result
+    assert json.loads((tmp_path / "ranks.json").read_text())["ranks"] == result.ranks
+
+    with open(tmp_path / "gaps.csv", newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    assert [int(r["block"]) for r in rows] == [0, 1, 2, 3] and [r["name"] for r in rows] == BLOCKS
+    assert [float(r["gap"]) for r in rows] == pytest.approx(result.gaps, rel=1e-5)
+    shapes = rank_stage.adapted_module_shapes(body, DEFAULT_TARGETS)
+    for name, shape in shapes.items():  # r_max=8 caps no module, so each takes its block's rank
+        assert result.ranks[name] == int(rows[shape.block]["rank"])
+    assert result.trainable_params == sum(result.ranks[n] * (s.d_out + s.d_in) for n, s in shapes.items())
+
+
+def test_run_measures_the_gaps_of_its_samples_and_maps_them_to_ranks(tmp_path, body, embedder, task, source):
+    """As many source images as max_samples, so the check holds whichever order stage 2 takes them in."""
+    images, labels = source[0][::2], source[1][::2]
+    align = Stage1Config(otdd_inner="gaussian", entropic_reg=0.5)
+    _, result = run_stage(tmp_path, body, embedder, task, (images, labels), align, distance="otdd",
+                          decision="mode")
+    target_x, target_y = align_stage.alignment_set(task, 16, align.n_pseudo_labels, seed=0)
+    with torch.no_grad():
+        tokens = body.patch_embed(F.interpolate(images, size=(32, 32), mode="bilinear", align_corners=False))
+        target = embedder(target_x)
+    expected = block_gaps(body, tokens, target, "otdd", labels, target_y, inner="gaussian", entropic_reg=0.5)
+    assert result.gaps == pytest.approx(expected, rel=1e-5)
+    shapes = rank_stage.adapted_module_shapes(body, DEFAULT_TARGETS)
+    prior = RankPrior(decision="mode", r_max=8, alpha0=4.0, seed=0)
+    assert result.ranks == select_ranks(result.gaps, shapes, prior).ranks
+
+
+def test_run_meets_a_parameter_budget_within_one_rank_one_component(tmp_path, body, embedder, task, source):
+    budget = 5000
+    _, result = run_stage(tmp_path, body, embedder, task, source, budget=budget)
+    model = build_orca_model(make_body(), 3, "classification", 3, None)
+    adapters = add_adapters(model, DEFAULT_TARGETS, result.ranks)
+    counted = sum(layer.lora_A.numel() + layer.lora_B.numel() for layer in adapters.values())
+    largest_component = max(layer.lora_A.shape[1] + layer.lora_B.shape[0] for layer in adapters.values())
+    assert counted == result.trainable_params
+    assert budget - largest_component < counted <= budget
+    assert result.budget == budget and result.alpha0 > 0
+    assert json.loads((tmp_path / "ranks.json").read_text())["budget"] == budget
+
+
+def test_run_measures_against_every_source_class(tmp_path, body, embedder, task, source, monkeypatch):
+    seen = {}
+
+    def spy(body, source_tokens, target_tokens, distance, source_labels=None, target_labels=None, **options):
+        seen["labels"] = source_labels
+        return block_gaps(body, source_tokens, target_tokens, distance, source_labels, target_labels, **options)
+
+    monkeypatch.setattr(rank_stage, "block_gaps", spy)
+    run_stage(tmp_path, body, embedder, task, source)
+    assert len(seen["labels"]) == 16
+    assert set(seen["labels"].tolist()) == set(source[1].tolist())
