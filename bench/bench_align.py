@@ -34,7 +34,8 @@ import sklearn
 import torch
 from geomloss import SamplesLoss
 
-from orca_lora.align.distances import label_distances, mmd2, otdd, prepare_source
+from orca_lora.align.distances import mmd2, otdd, prepare_source
+from orca_lora.align.label_costs import label_distances
 from orca_lora.align.pseudo_labels import kmeans_labels
 
 N_SOURCE, N_TARGET, DIM, N_CLASSES, EPS = 5000, 128, 128, 10, 0.1

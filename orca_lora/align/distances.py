@@ -13,12 +13,10 @@ between fitted Gaussians. Everything that depends only on the source is computed
 `prepare_source` and reused every step.
 """
 
-import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
-import ot
 import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_score
@@ -26,44 +24,11 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from torch import Tensor
 
+from orca_lora.align.features import check_features, check_labels, check_pair, squared_distances
+from orca_lora.align.label_costs import INNER_COSTS, ClassSplit, check_inner, split_for
+from orca_lora.align.sinkhorn import SINKHORN_ITERS, entropic_ot
+
 MEDIAN_MULTIPLIERS = (0.25, 0.5, 1.0, 2.0, 4.0)
-SINKHORN_ITERS = 50
-
-
-# ---------------------------------------------------------------------------------------------
-# Input checks
-
-
-def _check_features(name: str, x: Tensor) -> None:
-    if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[0] < 1:
-        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-        raise ValueError(f"{name} must be a 2-D tensor (n_samples, n_features), got {shape}")
-
-
-def _check_pair(name_x: str, x: Tensor, name_y: str, y: Tensor) -> None:
-    _check_features(name_x, x)
-    _check_features(name_y, y)
-    if x.shape[1] != y.shape[1]:
-        raise ValueError(
-            f"{name_x} and {name_y} must have the same feature dim, got {tuple(x.shape)} and "
-            f"{tuple(y.shape)}"
-        )
-    if x.dtype != y.dtype:
-        raise ValueError(f"{name_x} and {name_y} must share a dtype, got {x.dtype} and {y.dtype}")
-
-
-def _check_labels(name: str, labels: Tensor, n_samples: int) -> None:
-    if not isinstance(labels, Tensor) or labels.dim() != 1 or labels.shape[0] != n_samples:
-        shape = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
-        raise ValueError(f"{name} must be a 1-D tensor of {n_samples} labels, got {shape}")
-    if labels.is_floating_point() or labels.is_complex():
-        raise ValueError(f"{name} must hold integer class labels, got dtype {labels.dtype}")
-
-
-def squared_distances(x: Tensor, y: Tensor) -> Tensor:
-    """Pairwise ||x_i - y_j||^2 as ||x||^2 + ||y||^2 - 2 x.y (clamped at 0), shape (n, m)."""
-    sq = (x * x).sum(1)[:, None] + (y * y).sum(1)[None, :] - 2.0 * x @ y.T
-    return sq.clamp_min(0.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,7 +69,7 @@ def mmd2(x: Tensor, y: Tensor, kernel: str = "gaussian", bandwidths=None) -> Ten
     with the sum-of-Gaussians kernel; `bandwidths` default to `median_bandwidths(x, y)`.
     Differentiable in x and y; it can be slightly negative when the samples match.
     """
-    _check_pair("x", x, "y", y)
+    check_pair("x", x, "y", y)
     if kernel not in KERNELS:
         raise KeyError(f"unknown kernel {kernel!r}; choose from {sorted(KERNELS)}")
     m, n = x.shape[0], y.shape[0]
@@ -123,253 +88,6 @@ def mmd2(x: Tensor, y: Tensor, kernel: str = "gaussian", bandwidths=None) -> Ten
     kxy = k(squared_distances(x, y), bandwidths).mean()
     return kxx + kyy - 2.0 * kxy
 
-
-# ---------------------------------------------------------------------------------------------
-# OTDD: classes and their label-to-label costs
-
-
-@dataclass(frozen=True)
-class ClassSplit:
-    """One labelled feature set split by class.
-
-    classes[i] is the class index (0..K-1) of sample i, in the order of `names` (sorted labels);
-    groups[k] holds the sample indices of class k. For the Gaussian inner cost, `means` (K, d)
-    and `roots` (K, r, d) with roots[k]^T roots[k] = covariance of class k (unbiased, n - 1).
-    """
-
-    names: Tensor
-    classes: Tensor
-    groups: tuple[np.ndarray, ...]
-    means: Tensor | None = None
-    roots: Tensor | None = None
-
-    @property
-    def n_classes(self) -> int:
-        return len(self.groups)
-
-
-def split_classes(labels: Tensor) -> ClassSplit:
-    """Map arbitrary integer labels to class indices and per-class sample indices."""
-    names, classes = torch.unique(labels, return_inverse=True)
-    order = np.argsort(classes.cpu().numpy(), kind="stable")
-    counts = torch.bincount(classes, minlength=len(names)).cpu().numpy()
-    groups = tuple(np.split(order, np.cumsum(counts)[:-1]))
-    return ClassSplit(names=names, classes=classes, groups=groups)
-
-
-def fit_gaussians(x: Tensor, split: ClassSplit) -> ClassSplit:
-    """`split` with class means (K, d) and covariance roots (K, r, d), root^T root = cov (ddof=1).
-
-    The root is the thinner of two factors: the centred samples / sqrt(n - 1), zero-padded to
-    the largest class (r = n_max), when classes are smaller than the dimension; otherwise the
-    symmetric square root of the covariance (r = d, via eigh). Bures only needs R^T R = S.
-    """
-    sizes = [len(g) for g in split.groups]
-    if min(sizes) < 2:
-        raise ValueError(f"the gaussian inner cost needs >= 2 samples per class, got sizes {sizes}")
-    samples = [x[torch.as_tensor(g, device=x.device)] for g in split.groups]
-    means = torch.stack([s.mean(0) for s in samples])
-    rows = [(s - s.mean(0)) / (s.shape[0] - 1) ** 0.5 for s in samples]
-    n_max, dim = max(sizes), x.shape[1]
-    if n_max <= dim:
-        roots = x.new_zeros(len(rows), n_max, dim)
-        for k, r in enumerate(rows):
-            roots[k, : r.shape[0]] = r
-    else:
-        eigenvalues, eigenvectors = torch.linalg.eigh(torch.stack([r.T @ r for r in rows]))
-        scaled = eigenvectors * eigenvalues.clamp_min(0.0).sqrt()[:, None, :]
-        roots = scaled @ eigenvectors.transpose(1, 2)
-    return replace(split, means=means, roots=roots)
-
-
-def keep_samples(x: Tensor, split: ClassSplit) -> ClassSplit:
-    """The exact inner cost works on the samples themselves: nothing to fit."""
-    return split
-
-
-def _uniform(n: int) -> np.ndarray:
-    return np.full(n, 1.0 / n)
-
-
-def exact_label_costs(sq_dist: Tensor, a: ClassSplit, b: ClassSplit) -> Tensor:
-    """W2^2 between every class of `a` and every class of `b` by exact OT (POT `ot.emd`).
-
-    W[k, l] = min_P sum P_ij ||x_i - z_j||^2 over couplings of the uniform weights on class k of
-    a and class l of b. The plans come from the network simplex on the detached blocks of
-    `sq_dist` (one LP per class pair: there is no batched exact solver), gathered into one
-    block-structured plan; W = onehot_a^T (plan * sq_dist) onehot_b is then differentiable by
-    the envelope theorem. For a self-cost (`b is a`) only pairs k < l are solved: the plan of
-    (l, k) is the transpose, and the identity couples a class to itself at zero cost.
-    """
-    dist = sq_dist.detach().cpu().numpy()
-    symmetric = b is a
-    plan = torch.zeros_like(sq_dist, device="cpu")
-    for k, rows in enumerate(a.groups):
-        for l, cols in enumerate(b.groups):
-            if symmetric and k >= l:
-                continue
-            block = np.ix_(rows, cols)
-            coupling = ot.emd(_uniform(len(rows)), _uniform(len(cols)), dist[block].astype(float))
-            plan[block] = torch.as_tensor(coupling, dtype=plan.dtype)
-    if symmetric:
-        plan = plan + plan.T
-        for rows in a.groups:
-            plan[rows, rows] = 1.0 / len(rows)
-    onehot_a = torch.nn.functional.one_hot(a.classes, a.n_classes).to(sq_dist.dtype)
-    onehot_b = torch.nn.functional.one_hot(b.classes, b.n_classes).to(sq_dist.dtype)
-    return onehot_a.T @ (plan.to(sq_dist.device) * sq_dist) @ onehot_b
-
-
-def gaussian_label_costs(sq_dist: Tensor, a: ClassSplit, b: ClassSplit) -> Tensor:
-    """Bures-Wasserstein W2^2 between the Gaussian fits of every class pair:
-
-        ||m1 - m2||^2 + tr(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2)   (Dowson & Landau 1982),
-
-    using tr (S1^1/2 S2 S1^1/2)^1/2 = ||R1 R2^T||_* (nuclear norm) for any roots R^T R = S,
-    which needs no matrix square root of rank-deficient target covariances. `sq_dist` (unused)
-    keeps the signature shared with `exact_label_costs`.
-    """
-    fidelity = torch.linalg.svdvals(a.roots[:, None] @ b.roots[None].transpose(-1, -2)).sum(-1)
-    trace_a = (a.roots * a.roots).sum((1, 2))
-    trace_b = (b.roots * b.roots).sum((1, 2))
-    means = squared_distances(a.means, b.means)
-    return (means + trace_a[:, None] + trace_b[None, :] - 2.0 * fidelity).clamp_min(0.0)
-
-
-@dataclass(frozen=True)
-class InnerCost:
-    """One way to get W2^2 between classes: `fit` adds what `cost` needs to a ClassSplit (once
-    per feature set), `cost(sq_dist, a, b)` returns the (K_a, K_b) matrix."""
-
-    fit: Callable[[Tensor, ClassSplit], ClassSplit]
-    cost: Callable[[Tensor, ClassSplit, ClassSplit], Tensor]
-
-
-INNER_COSTS: dict[str, InnerCost] = {
-    "exact": InnerCost(keep_samples, exact_label_costs),
-    "gaussian": InnerCost(fit_gaussians, gaussian_label_costs),
-}
-
-
-def _split_for(inner: str, x: Tensor, labels: Tensor) -> ClassSplit:
-    return INNER_COSTS[inner].fit(x, split_classes(labels))
-
-
-def label_distances(
-    x_a: Tensor, y_a: Tensor, x_b: Tensor, y_b: Tensor, inner: str = "exact"
-) -> Tensor:
-    """Matrix (K_a, K_b) of W2^2 between the classes of (x_a, y_a) and those of (x_b, y_b),
-    rows and columns in sorted label order."""
-    _check_inner(inner)
-    _check_pair("x_a", x_a, "x_b", x_b)
-    _check_labels("y_a", y_a, x_a.shape[0])
-    _check_labels("y_b", y_b, x_b.shape[0])
-    a, b = _split_for(inner, x_a, y_a), _split_for(inner, x_b, y_b)
-    return INNER_COSTS[inner].cost(squared_distances(x_a, x_b), a, b)
-
-
-def _check_inner(inner: str) -> None:
-    if inner not in INNER_COSTS:
-        raise KeyError(f"unknown inner {inner!r}; choose from {sorted(INNER_COSTS)}")
-
-
-# ---------------------------------------------------------------------------------------------
-# OTDD: outer entropic problem
-
-
-def _with_gradient(value: Tensor, inputs: Tensor, gradient: Tensor) -> Tensor:
-    """`value` as a function of `inputs` whose derivative is `gradient`."""
-    return value.detach() + (gradient.detach() * (inputs - inputs.detach())).sum()
-
-
-def _softmin(eps: float, cost: Tensor, log_weights: Tensor, potential: Tensor, dim: int) -> Tensor:
-    """Soft c-transform -eps log sum_k w_k exp((p_k - C_ik) / eps), summing over `dim` of cost.
-
-    Terms more than e^-50 below the largest are raised to e^-50, a change far below float
-    precision; without it most terms underflow at small eps, and torch.exp on CPU runs its
-    underflow path some 40x slower per element.
-    """
-    shift = (potential / eps + log_weights).unsqueeze(1 - dim)
-    scores = torch.sub(shift, cost, alpha=1.0 / eps)
-    top = scores.amax(dim, keepdim=True)
-    total = (scores - top).clamp_min_(-50.0).exp_().sum(dim)
-    return -eps * (top.squeeze(dim) + total.log())
-
-
-def _self_potential(cost: Tensor, eps: float, iters: int, log_a: Tensor) -> Tensor:
-    """Potential f = g of a self-transport OT_eps(a, a) (C = C^T): the averaged symmetric update
-    f <- (f + T(f)) / 2 of Feydy et al. (2019) at eps, stopped once it moves by < 1e-6 of its
-    scale. Without annealing it settles in a few iterations (to 1e-8 within 11 on every cost
-    tried, Darcy setting included), where the two-potential loop needs its full schedule."""
-    a = log_a.exp()
-    f = cost @ a
-    f = f - 0.5 * (a @ f)
-    for _ in range(iters):
-        f_new = 0.5 * (f + _softmin(eps, cost, log_a, f, dim=1))
-        done = float((f_new - f).abs().max()) <= 1e-6 * (float(f.abs().max()) + eps)
-        f = f_new
-        if done:
-            break
-    return _softmin(eps, cost, log_a, f, dim=1)
-
-
-def _sinkhorn_potentials(
-    cost: Tensor, eps: float, iters: int, log_a: Tensor, log_b: Tensor
-) -> tuple[Tensor, Tensor]:
-    """Dual potentials (f, g) of OT_eps(a, b).
-
-    First half of `iters`: Feydy's annealed symmetric Sinkhorn (2020, Alg. 3.5) on the schedule
-    of `geomloss.ot.solve` (eps from the cost range down geometrically, averaged updates of f
-    and g). Second half: alternating Sinkhorn updates at the target eps, which converge there
-    far faster than more annealing. Then one last parallel update, as geomloss does.
-    """
-    a, b = log_a.exp(), log_b.exp()
-    # eps = +inf solution, as geomloss starts: f_i = <b, C_i.> - <a, C b> / 2.
-    f, g = cost @ b, a @ cost
-    f, g = f - 0.5 * (a @ f), g - 0.5 * (b @ g)
-    n_anneal = (iters + 1) // 2
-    start = max(float(cost.max() - cost.min()), eps)
-    for eps_k in np.geomspace(start, eps, n_anneal) if n_anneal > 1 else [eps]:
-        f_new = _softmin(float(eps_k), cost, log_b, g, dim=1)
-        g_new = _softmin(float(eps_k), cost, log_a, f, dim=0)
-        f, g = 0.5 * (f + f_new), 0.5 * (g + g_new)
-    for _ in range(iters - n_anneal):
-        f = _softmin(eps, cost, log_b, g, dim=1)
-        g = _softmin(eps, cost, log_a, f, dim=0)
-    return _softmin(eps, cost, log_b, g, dim=1), _softmin(eps, cost, log_a, f, dim=0)
-
-
-def entropic_ot(
-    cost: Tensor, entropic_reg: float, sinkhorn_iters: int = SINKHORN_ITERS, symmetric: bool = False
-) -> Tensor:
-    """OT_eps(a, b) = min_P <P, C> + eps KL(P | a x b) over couplings of uniform weights a, b.
-
-    eps = `entropic_reg`, in the units of the cost, which in `otdd` is the full squared distance
-    ||x - x'||^2 + W2^2. geomloss conversion: SamplesLoss(p=2, blur=s, cost=|x - y|^2) has
-    eps = s^2; with its default halved cost |x - y|^2 / 2 (also otdd's p=2 routine),
-    SamplesLoss(blur=s) = OT_{2 s^2}(C) / 2 in these units. Solved in `sinkhorn_iters`
-    log-domain Sinkhorn iterations (`_sinkhorn_potentials`); the value is the dual
-    <a, f> + <b, g>. `symmetric` marks a self-transport cost (C = C^T, a = b), solved by
-    `_self_potential` in at most `sinkhorn_iters` iterations. No gradient through the loop:
-    the gradient in `cost` is the plan a_i b_j exp((f_i + g_j - C_ij) / eps) (envelope
-    theorem). Not geomloss.ot.solve: in geomloss 0.3.1 its `.value` backpropagates twice the
-    plan, and its softmin runs torch.exp's slow underflow path.
-    """
-    with torch.no_grad():
-        c = cost.detach()
-        log_a, log_b = (torch.full((k,), -math.log(k), dtype=c.dtype, device=c.device)
-                        for k in c.shape)
-        if symmetric:
-            f = g = _self_potential(c, entropic_reg, sinkhorn_iters, log_a)
-        else:
-            f, g = _sinkhorn_potentials(c, entropic_reg, sinkhorn_iters, log_a, log_b)
-        value = log_a.exp() @ f + log_b.exp() @ g
-        if not cost.requires_grad:
-            return value
-        # Density clamped at e^-50 like `_softmin`: negligible, and it keeps torch.exp fast.
-        density = ((f[:, None] + g[None, :] - c) / entropic_reg).clamp_min_(-50.0).exp_()
-        plan = density * (log_a.exp()[:, None] * log_b.exp()[None, :])
-    return _with_gradient(value, cost, plan)
 
 
 def _augmented_cost(x: Tensor, a: ClassSplit, z: Tensor, b: ClassSplit, inner: str) -> Tensor:
@@ -419,10 +137,10 @@ def prepare_source(
     """Precompute the source side of `otdd`: class split (and Gaussian fits), and with
     debiasing OT_eps(source, source) on the source-source augmented cost (n_s x n_s)."""
     _check_otdd_options(inner, entropic_reg, sinkhorn_iters)
-    _check_features("x_s", x_s)
-    _check_labels("y_s", y_s, x_s.shape[0])
+    check_features("x_s", x_s)
+    check_labels("y_s", y_s, x_s.shape[0])
     features = x_s.detach()
-    split = _split_for(inner, features, y_s)
+    split = split_for(inner, features, y_s)
     self_ot = None
     if debiased:
         with torch.no_grad():
@@ -434,7 +152,7 @@ def prepare_source(
 
 
 def _check_otdd_options(inner: str, entropic_reg: float, sinkhorn_iters: int) -> None:
-    _check_inner(inner)
+    check_inner(inner)
     if not entropic_reg > 0:
         raise ValueError(f"entropic_reg must be > 0, got {entropic_reg}")
     if sinkhorn_iters < 1:
@@ -462,14 +180,14 @@ def otdd(
     across calls. Gradients reach x_t through the plans (envelope theorem), not the solvers.
     """
     _check_otdd_options(inner, entropic_reg, sinkhorn_iters)
-    _check_pair("x_s", x_s, "x_t", x_t)
-    _check_labels("y_s", y_s, x_s.shape[0])
-    _check_labels("y_t", y_t, x_t.shape[0])
+    check_pair("x_s", x_s, "x_t", x_t)
+    check_labels("y_s", y_s, x_s.shape[0])
+    check_labels("y_t", y_t, x_t.shape[0])
     if source is None:
         source = prepare_source(x_s, y_s, inner, entropic_reg, debiased, sinkhorn_iters)
     else:
         source.check_matches(x_s, y_s, inner, entropic_reg, debiased, sinkhorn_iters)
-    target = _split_for(inner, x_t, y_t)
+    target = split_for(inner, x_t, y_t)
     cross = _augmented_cost(source.features, source.split, x_t, target, inner)
     value = entropic_ot(cross, entropic_reg, sinkhorn_iters)
     if not debiased:
@@ -490,7 +208,7 @@ def c2st_gap(x: Tensor, y: Tensor, folds: int = 5, seed: int = 0) -> float:
     logistic regression telling x (source) from y (target); balanced accuracy keeps chance at
     1/2 when the samples differ in size. 0: indistinguishable, 1: perfectly separable.
     """
-    _check_pair("x", x, "y", y)
+    check_pair("x", x, "y", y)
     if folds < 2:
         raise ValueError(f"folds must be >= 2, got {folds}")
     if min(x.shape[0], y.shape[0]) < folds:

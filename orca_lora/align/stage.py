@@ -6,7 +6,6 @@ configured distance (OTDD or MMD) between the two labelled feature sets is the l
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -15,20 +15,18 @@ from sklearn.preprocessing import StandardScaler
 
 from orca_lora.align.distances import (
     DISTANCES,
-    INNER_COSTS,
     MEDIAN_MULTIPLIERS,
     c2st_gap,
-    entropic_ot,
     get_distance,
-    label_distances,
     median_bandwidths,
     mmd2,
     otdd,
     prepare_source,
     register_distance,
-    split_classes,
-    squared_distances,
 )
+from orca_lora.align.features import squared_distances
+from orca_lora.align.label_costs import INNER_COSTS, label_distances, split_classes
+from orca_lora.align.sinkhorn import entropic_ot
 
 
 def gaussian(n, d, seed, shift=0.0, scale=1.0):
