@@ -132,7 +132,7 @@ def test_hub_failure_is_one_line_pointing_to_local_weights(tiny_spec, monkeypatc
         raise LocalEntryNotFoundError("An error happened while trying to locate the file on the Hub ...")
 
     monkeypatch.setattr(timm, "create_model", offline)
-    with pytest.raises(RuntimeError) as error:
+    with pytest.raises(ConnectionError) as error:
         build_body(name, pretrained=True, model_kwargs=kwargs)
     message = str(error.value)
     assert "\n" not in message and "checkpoint" in message and "offline" in message and name in message
