@@ -6,6 +6,7 @@ stage 3 resumes from `stage3/checkpoints/last.ckpt`.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -44,8 +45,11 @@ class RunResult:
 
 def stage_hash(config: Config, stage: str) -> str:
     s3 = config.stage3
-    extra = f"|{s3.rank}|{s3.targets}|{sorted(s3.rank_map.items())}" if stage == "stage2" else ""
-    return section_hash(config, *STAGE_SECTIONS[stage]) + extra
+    digest = section_hash(config, *STAGE_SECTIONS[stage])
+    if stage == "stage2":  # ranks also depend on these stage-3 values
+        extra = f"{digest}|{s3.rank}|{s3.targets}|{sorted(s3.rank_map.items())}"
+        digest = hashlib.sha256(extra.encode()).hexdigest()[:12]
+    return digest
 
 
 def _staged(name: str, config: Config, run_dir: Path, work: Callable[[Path], dict]) -> dict:
