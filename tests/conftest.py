@@ -2,8 +2,14 @@
 from pathlib import Path
 
 import pytest
+import torch
+from torch import nn
+
+from orca_lora.models.body import build_body
 
 REPO = Path(__file__).resolve().parents[1]
+TINY_KWARGS = {"img_size": 32, "patch_size": 2, "window_size": 4, "embed_dim": 16, "depths": (2, 2),
+               "num_heads": (2, 4)}
 
 TINY = [
     "task.resolution=16", "task.n_train=96", "task.n_test=32",
@@ -24,3 +30,11 @@ def shared_data_root(tmp_path_factory) -> Path:
 @pytest.fixture
 def tiny_overrides(shared_data_root, tmp_path) -> list[str]:
     return TINY + [f"data_root={shared_data_root}", f"output.root={tmp_path / 'runs'}", "output.name=tiny"]
+
+
+@pytest.fixture(scope="module")
+def body() -> nn.Module:
+    """A tiny frozen timm Swin (blocks of 16 and 32 channels) for stage-level tests."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return build_body("swin_tiny_patch4_window7_224", model_kwargs=TINY_KWARGS).eval().requires_grad_(False)

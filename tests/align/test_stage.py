@@ -14,19 +14,9 @@ from orca_lora.align.distances import DISTANCES, prepare_source
 from orca_lora.config import Stage1Config, TrainerConfig
 from orca_lora.data.procedural import generate_procedural
 from orca_lora.data.tasks import TaskData, cross_entropy, misclassification
-from orca_lora.models.body import build_body
 from orca_lora.models.embedder import Embedder
 
-TINY_KWARGS = {"img_size": 32, "patch_size": 2, "window_size": 4, "embed_dim": 16, "depths": (2, 2),
-               "num_heads": (2, 4)}
 QUIET = TrainerConfig(enable_progress_bar=False)
-
-
-@pytest.fixture(scope="module")
-def body() -> nn.Module:
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        return build_body("swin_tiny_patch4_window7_224", model_kwargs=TINY_KWARGS).eval().requires_grad_(False)
 
 
 @pytest.fixture(scope="module")

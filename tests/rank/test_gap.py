@@ -3,18 +3,8 @@ import torch
 from torch import nn
 
 from orca_lora.align.distances import mmd2
-from orca_lora.models.body import build_body
 from orca_lora.rank.gap import block_gaps, pooled_block_inputs, standardize_jointly
 
-TINY_KWARGS = {"img_size": 32, "patch_size": 2, "window_size": 4, "embed_dim": 16, "depths": (2, 2),
-               "num_heads": (2, 4)}
-
-
-@pytest.fixture(scope="module")
-def body() -> nn.Module:
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        return build_body("swin_tiny_patch4_window7_224", model_kwargs=TINY_KWARGS).eval().requires_grad_(False)
 
 
 @pytest.fixture(scope="module")
