@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -42,7 +43,8 @@ def plot_alignment(curve_csv: Path, stem: Path) -> list[Path]:
     figure, axis = plt.subplots(figsize=(5, 3.5))
     axis.plot([int(r["epoch"]) for r in rows], [float(r[distance]) for r in rows], marker="o", label=distance)
     axis.set_xlabel("epoch (0 = before training)")
-    axis.set_ylabel(f"{distance} to source features")
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axis.set_ylabel(f"{distance} to source features (squared feature units)")
     axis.set_title("Stage 1: embedder alignment")
     axis.legend()
     return save_figure(figure, stem)
