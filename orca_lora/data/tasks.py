@@ -19,6 +19,7 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 
 from orca_lora.config import TaskConfig
 from orca_lora.data import darcy, procedural, vision
+from orca_lora.registry import registrar
 
 PerSample = Callable[[Tensor, Tensor], Tensor]
 
@@ -47,11 +48,7 @@ class TaskData:
 TASK_BUILDERS: dict[str, Callable[[TaskConfig, Path], TaskData]] = {}
 
 
-def register_task(name: str):
-    def decorate(builder):
-        TASK_BUILDERS[name] = builder
-        return builder
-    return decorate
+register_task = registrar(TASK_BUILDERS)
 
 
 def build_task(config: TaskConfig, data_root: str | Path) -> TaskData:

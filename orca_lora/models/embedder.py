@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from orca_lora.models.body import body_img_size, body_token_grid
+from orca_lora.registry import registrar
 
 
 class Embedder(nn.Module):
@@ -64,11 +65,7 @@ EmbedderInit = Callable[[Embedder, nn.Module, "torch.Generator | None"], None]
 EMBEDDER_INITS: dict[str, EmbedderInit] = {}
 
 
-def register_init(name: str) -> Callable[[EmbedderInit], EmbedderInit]:
-    def register(function: EmbedderInit) -> EmbedderInit:
-        EMBEDDER_INITS[name] = function
-        return function
-    return register
+register_init = registrar(EMBEDDER_INITS)
 
 
 @register_init("random")

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from orca_lora.models.embedder import mean_pool
+from orca_lora.registry import registrar
 
 
 def _init_linear(linear: nn.Linear, generator: torch.Generator | None) -> None:
@@ -63,11 +64,7 @@ HeadBuilder = Callable[..., nn.Module]
 HEADS: dict[str, HeadBuilder] = {}
 
 
-def register_head(name: str) -> Callable[[HeadBuilder], HeadBuilder]:
-    def register(builder: HeadBuilder) -> HeadBuilder:
-        HEADS[name] = builder
-        return builder
-    return register
+register_head = registrar(HEADS)
 
 
 @register_head("classification")

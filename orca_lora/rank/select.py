@@ -15,6 +15,8 @@ from typing import Callable, Mapping, Optional, Sequence
 import numpy as np
 from scipy.special import gammaln, logsumexp
 
+from orca_lora.registry import registrar
+
 Link = Callable[[np.ndarray], np.ndarray]
 # (support r_min..r_max_m, pmf on it, RankPrior.quantile, the block's uniform draw u) -> rank
 Decision = Callable[[np.ndarray, np.ndarray, float, float], int]
@@ -28,20 +30,8 @@ _LOG2_ALPHA_RANGE = (-60.0, 60.0)
 _BISECTION_STEPS = 64
 
 
-def register_link(name: str) -> Callable[[Link], Link]:
-    def add(fn: Link) -> Link:
-        LINKS[name] = fn
-        return fn
-
-    return add
-
-
-def register_decision(name: str) -> Callable[[Decision], Decision]:
-    def add(fn: Decision) -> Decision:
-        DECISIONS[name] = fn
-        return fn
-
-    return add
+register_link = registrar(LINKS)
+register_decision = registrar(DECISIONS)
 
 
 @register_link("linear")
