@@ -19,9 +19,10 @@ import torch
 from safetensors.torch import load_file
 
 from orca_lora.align import stage as align_stage
-from orca_lora.config import ADAPTER_METHODS, Config, run_directory, section_hash, write_text_atomic
+from orca_lora.config import ADAPTER_METHODS, Config, run_directory, section_hash
 from orca_lora.data.tasks import build_task
 from orca_lora.experiments.plots import plot_run
+from orca_lora.files import write_text_atomic
 from orca_lora.finetune import stage as finetune_stage
 from orca_lora.models.embedder import Embedder
 from orca_lora.models.model import build_orca_model

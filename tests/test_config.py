@@ -10,7 +10,6 @@ from orca_lora.config import (
     run_directory,
     section_hash,
     to_yaml,
-    write_text_atomic,
 )
 
 
@@ -101,10 +100,3 @@ def test_run_directory_holds_resolved_config(tmp_path):
     directory = run_directory(config)
     assert directory == tmp_path / "demo"
     assert load_config(directory / "config.yaml").stage3.rank == 2
-
-
-def test_atomic_write_leaves_no_temp_files(tmp_path):
-    target = tmp_path / "sub" / "file.txt"
-    write_text_atomic(target, "hello")
-    assert target.read_text() == "hello"
-    assert [p.name for p in target.parent.iterdir()] == ["file.txt"]

@@ -13,14 +13,14 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import CSVLogger
-from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from orca_lora.align.distances import DISTANCES, prepare_source
 from orca_lora.align.pseudo_labels import kmeans_labels
-from orca_lora.config import Stage1Config, TrainerConfig, write_text_atomic
+from orca_lora.config import Stage1Config, TrainerConfig
 from orca_lora.data.tasks import TaskData
+from orca_lora.files import save_tensors_atomic, write_text_atomic
 from orca_lora.models.embedder import Embedder, mean_pool
 
 
@@ -122,9 +122,7 @@ def run(stage: Stage1Config, trainer_config: TrainerConfig, body: nn.Module, tas
         trainer.fit(module, loader)
         module.cpu()
     path = directory / "embedder.safetensors"
-    temp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in embedder.state_dict().items()}, str(temp))
-    temp.replace(path)
+    save_tensors_atomic(embedder.state_dict(), path)
     rows = "\n".join(f"{epoch},{value:.6g}" for epoch, value in enumerate(curve))
     write_text_atomic(directory / "alignment.csv", f"epoch,{stage.distance}\n{rows}\n")
     return AlignResult(path, curve, curve[0], curve[-1])

@@ -15,7 +15,6 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
-from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -28,6 +27,7 @@ from orca_lora.adapters.inject import (
 from orca_lora.adapters.io import save_peft_adapter
 from orca_lora.config import ADAPTER_METHODS, Stage3Config, TrainerConfig
 from orca_lora.data.tasks import TaskData
+from orca_lora.files import save_tensors_atomic
 from orca_lora.finetune.module import FinetuneModule
 
 log = logging.getLogger("orca_lora")
@@ -125,14 +125,10 @@ def _steps_per_epoch(batches: int, limit: int | float) -> int:
 def save_trained_weights(module: FinetuneModule, model: nn.Module, stage: Stage3Config, directory: Path) -> None:
     """`trainable.safetensors` (what training changed), the PEFT adapter, and the merged model on request."""
     keep = module.saved_keys()
-    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items() if k in keep}
-    temp = directory / "trainable.safetensors.tmp"
-    save_file(state, str(temp))
-    temp.replace(directory / "trainable.safetensors")
+    save_tensors_atomic({k: v for k, v in module.state_dict().items() if k in keep},
+                        directory / "trainable.safetensors")
     if stage.method in ADAPTER_METHODS:
         save_peft_adapter(model, directory / "adapter")
         if stage.save_merged:
             merge_adapters(model)
-            merged = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-            save_file(merged, str(directory / "merged.safetensors.tmp"))
-            (directory / "merged.safetensors.tmp").replace(directory / "merged.safetensors")
+            save_tensors_atomic(model.state_dict(), directory / "merged.safetensors")

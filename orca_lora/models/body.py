@@ -6,19 +6,17 @@ with no absolute position embedding; the embedder and OrcaModel rely on that lay
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
 import timm
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from timm.models import is_model, model_entrypoint
 from timm.models.swin_transformer import SwinTransformerBlock, checkpoint_filter_fn
 from torch import nn
 
-from orca_lora.config import write_text_atomic
+from orca_lora.files import save_tensors_atomic, write_text_atomic
 
 SWIN_MODULE = "timm.models.swin_transformer"
 ADAPTABLE_LINEARS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
@@ -115,15 +113,7 @@ def _body_files(path: str | Path) -> tuple[Path, Path]:
 def save_body(body: nn.Module, path: str | Path, model_name: str, model_kwargs: Mapping[str, Any]) -> Path:
     """Write `<path>.safetensors` and the `<path>.json` sidecar that `load_body` rebuilds from."""
     weights, sidecar = _body_files(path)
-    weights.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=weights.parent, prefix=f".{weights.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        save_file({key: value.detach().cpu().contiguous() for key, value in body.state_dict().items()}, temp)
-        os.replace(temp, weights)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    save_tensors_atomic(body.state_dict(), weights)
     info = {"model_name": model_name, "model_kwargs": dict(model_kwargs)}
     write_text_atomic(sidecar, json.dumps(info, indent=2, sort_keys=True) + "\n")
     return weights

@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from orca_lora.align.stage import alignment_set, distance_options
-from orca_lora.config import Stage1Config, Stage2Config, write_text_atomic
+from orca_lora.config import Stage1Config, Stage2Config
 from orca_lora.data.tasks import TaskData
+from orca_lora.files import write_text_atomic
 from orca_lora.models.body import body_blocks
 from orca_lora.rank.gap import block_gaps
 from orca_lora.rank.select import ModuleShape, RankPrior, select_ranks
