@@ -32,16 +32,18 @@ class AlignResult:
     distance_after: float
 
 
-def source_features(body: nn.Module, images: Tensor, batch_size: int = 256) -> Tensor:
-    """Mean-pooled patch-embedding tokens of the source body for images resized to its input size."""
+def source_tokens(body: nn.Module, images: Tensor) -> Tensor:
+    """The source body's own patch-embedding tokens (NHWC) of images resized to its input size."""
     size = tuple(body.patch_embed.img_size)
-    features = []
     with torch.no_grad():
-        for batch in images.split(batch_size):
-            if tuple(batch.shape[-2:]) != size:
-                batch = F.interpolate(batch, size=size, mode="bilinear", align_corners=False)
-            features.append(mean_pool(body.patch_embed(batch)))
-    return torch.cat(features)
+        if tuple(images.shape[-2:]) != size:
+            images = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+        return body.patch_embed(images)
+
+
+def source_features(body: nn.Module, images: Tensor, batch_size: int = 256) -> Tensor:
+    """Mean-pooled `source_tokens`, computed in batches."""
+    return torch.cat([mean_pool(source_tokens(body, batch)) for batch in images.split(batch_size)])
 
 
 def alignment_set(task: TaskData, max_samples: int, n_pseudo_labels: int, seed: int) -> tuple[Tensor, Tensor]:

@@ -8,10 +8,9 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from orca_lora.align.stage import alignment_set, distance_options
+from orca_lora.align.stage import alignment_set, distance_options, source_tokens
 from orca_lora.config import Stage1Config, Stage2Config
 from orca_lora.data.tasks import TaskData
 from orca_lora.files import write_text_atomic
@@ -49,14 +48,6 @@ def adapted_module_shapes(body: nn.Module, targets: Sequence[str]) -> dict[str, 
         raise ValueError(f"stage3.targets select {outside[0]}, a Linear outside the Swin blocks, which has no "
                          "block gap to set its rank; narrow the pattern to the blocks' modules")
     return shapes
-
-
-def source_tokens(body: nn.Module, images: Tensor) -> Tensor:
-    size = tuple(body.patch_embed.img_size)
-    with torch.no_grad():
-        if tuple(images.shape[-2:]) != size:
-            images = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
-        return body.patch_embed(images)
 
 
 def run(stage: Stage2Config, align: Stage1Config, rank: int, targets: Sequence[str], body: nn.Module,
