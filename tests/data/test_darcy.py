@@ -6,7 +6,7 @@ import pytest
 import scipy.io
 import torch
 
-from orca_lora.data import darcy
+from orca_lora.data import darcy, darcy_solver
 from orca_lora.data.darcy import (
     DarcyFields,
     UnitGaussianNormalizer,
@@ -16,50 +16,8 @@ from orca_lora.data.darcy import (
     load_darcy_file,
     relative_l2,
     sample_grf,
-    solve_darcy,
 )
-
-POISSON_CENTRE = 0.07367  # u(1/2, 1/2) for -Laplace u = 1 on the unit square, u = 0 on the boundary
-
-
-def test_poisson_centre_value():
-    n = 64
-    u = solve_darcy(np.ones((n, n)))
-    # 1/2 lies halfway between nodes 31 and 32 (h = 1/63): bilinear interpolation is their mean.
-    centre = u[31:33, 31:33].mean()
-    assert abs(centre - POISSON_CENTRE) / POISSON_CENTRE < 0.01
-
-
-def _residual_by_loop(a: np.ndarray, u: np.ndarray) -> np.ndarray:
-    """-div(a grad u) at the interior nodes, written out neighbour by neighbour."""
-    n = a.shape[0]
-    h2 = (1.0 / (n - 1)) ** 2
-    residual = np.zeros((n - 2, n - 2))
-    for i in range(1, n - 1):
-        for j in range(1, n - 1):
-            for di, dj in ((0, 1), (0, -1), (1, 0), (-1, 0)):
-                face = 0.5 * (a[i, j] + a[i + di, j + dj])
-                residual[i - 1, j - 1] += face * (u[i, j] - u[i + di, j + dj]) / h2
-    return residual
-
-
-def test_solution_satisfies_the_stencil_with_arithmetic_face_means():
-    rng = np.random.default_rng(0)
-    a = rng.uniform(1.0, 10.0, (9, 9))
-    u = solve_darcy(a, forcing=2.5)
-    np.testing.assert_allclose(_residual_by_loop(a, u), 2.5, rtol=1e-9)
-    assert np.all(u[[0, -1], :] == 0) and np.all(u[:, [0, -1]] == 0)
-
-
-def test_solution_scales_with_forcing_and_inversely_with_coefficient():
-    a = np.where(np.random.default_rng(1).standard_normal((12, 12)) > 0, 12.0, 3.0)
-    np.testing.assert_allclose(solve_darcy(4.0 * a, forcing=2.0), 0.5 * solve_darcy(a), rtol=1e-10)
-
-
-@pytest.mark.parametrize("a", [np.ones((5, 6)), np.ones((2, 2)), np.ones(9), np.zeros((5, 5))])
-def test_solve_rejects_bad_coefficients(a):
-    with pytest.raises(ValueError, match="solve_darcy"):
-        solve_darcy(a)
+from orca_lora.data.darcy_solver import solve_darcy
 
 
 def _dct_matrix(s: int) -> np.ndarray:
@@ -101,6 +59,22 @@ def test_generation_is_deterministic_in_the_seed():
     assert not np.array_equal(first.a, other.a)
 
 
+def test_generated_sample_does_not_depend_on_the_batching(monkeypatch):
+    whole = generate_darcy(5, 100, seed=5)
+    monkeypatch.setattr(darcy, "SOLVE_BATCH_NODES", 2 * 100**2)
+    batched = generate_darcy(5, 100, seed=5)
+    np.testing.assert_array_equal(batched.a, whole.a)
+    np.testing.assert_array_equal(batched.u, whole.u)
+    np.testing.assert_array_equal(generate_darcy(3, 100, seed=5).u, whole.u[:3])
+
+
+def test_generated_solution_matches_the_direct_solve():
+    fields = generate_darcy(3, 24, seed=9)
+    for a, u in zip(fields.a, fields.u):
+        direct = solve_darcy(a).astype(np.float32)
+        np.testing.assert_allclose(u, direct, rtol=1e-6, atol=1e-6 * np.abs(direct).max())
+
+
 def test_generation_cache_round_trip(tmp_path, monkeypatch):
     fields = generate_darcy(2, 16, seed=7, root=tmp_path)
     cache = tmp_path / "darcy" / "generated_n2_r16_seed7.npz"
@@ -110,7 +84,8 @@ def test_generation_cache_round_trip(tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("the cached fields should have been loaded, not solved again")
 
-    monkeypatch.setattr(darcy, "solve_darcy", fail)
+    monkeypatch.setattr(darcy, "sample_grf", fail)
+    monkeypatch.setattr(darcy_solver, "solve_darcy_pcg", fail)
     cached = generate_darcy(2, 16, seed=7, root=tmp_path)
     np.testing.assert_array_equal(cached.a, fields.a)
     np.testing.assert_array_equal(cached.u, fields.u)
