@@ -55,6 +55,68 @@ def dora_weight_norm(weight: Tensor, delta_weight: Tensor) -> Tensor:
     return torch.linalg.vector_norm(weight + delta_weight, dim=1)
 
 
+class LoRALinearFunction(torch.autograd.Function):
+    """h = x (W0 + s B A)^T + b for a frozen W0 and b, as one autograd node with a hand-written backward.
+
+    Equal to W0 x + b + s B (A x) (Hu et al. 2021). The forward is one full-size GEMM against the
+    merged weight W0 + s B A (a rank-r update of a d_out x d_in matrix, cheap next to the n x d_in x
+    d_out GEMM) plus the skinny hidden = x A^T that B's gradient needs. With g = dL/dh, the backward is
+
+        g_x = g (W0 + s B A),   g_hidden = g (s B),   g_A = g_hidden^T x,   g_B = s g^T hidden,
+
+    so x's gradient is one GEMM rather than two that autograd then adds. It saves what the autograd
+    path saves (x, hidden and the weights) and recomputes the merged weight in backward rather than
+    keeping a d_out x d_in copy per layer. Under create_graph the backward rebuilds hidden from x and
+    A, so second derivatives are right too. Measured (bench/bench_adapters.py, 1 CPU thread): the
+    LoRA training step goes from 0.89 to 0.73 of PEFT's on the tiny Swin and from 0.89 to 0.84 on
+    swin_tiny at 224; a two-addmm variant (x W0^T, then += s hidden B^T) and one GEMM of x against
+    [W0 + s B A; A] were both slower per layer than this.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
+                scaling: float) -> Tensor:
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            raise ValueError("LoRALinearFunction takes a frozen base weight and bias; use the autograd path "
+                             "(LoRALinear with base_layer.requires_grad_(True)) to train them")
+        x_2d = x.reshape(-1, x.shape[-1])
+        merged_weight = torch.addmm(weight, lora_B, lora_A, alpha=scaling)
+        out = x_2d @ merged_weight.t() if bias is None else torch.addmm(bias, x_2d, merged_weight.t())
+        hidden = x_2d @ lora_A.t() if ctx.needs_input_grad[4] else None
+        needs_x = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
+        ctx.save_for_backward(x if needs_x else None, hidden, weight, lora_A, lora_B)
+        ctx.scaling, ctx.x_shape = scaling, x.shape
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        x, hidden, weight, lora_A, lora_B = ctx.saved_tensors
+        x_2d = None if x is None else x.reshape(-1, x.shape[-1])
+        scaling = ctx.scaling
+        if torch.is_grad_enabled() and hidden is not None:
+            # create_graph: the saved hidden is detached from x and A; rebuild it inside the graph
+            hidden = x_2d @ lora_A.t()
+        grad_2d = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_x = grad_A = grad_B = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad_2d @ torch.addmm(weight, lora_B, lora_A, alpha=scaling)).view(ctx.x_shape)
+        if ctx.needs_input_grad[3]:
+            grad_A = (grad_2d @ (scaling * lora_B)).t() @ x_2d
+        if ctx.needs_input_grad[4]:
+            # (hidden^T g)^T: measured ~2x faster than g^T hidden for these skinny shapes (CPU, 1 thread)
+            grad_B = (hidden.t() @ grad_2d).t().mul_(scaling)
+        return grad_x, None, None, grad_A, grad_B, None
+
+
+def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
+                scaling: float) -> Tensor:
+    """h = x W0^T + b + s (x A^T) B^T for a frozen W0 and b: LoRALinearFunction when a gradient is
+    wanted, else a single F.linear against W0 + s B A (no hidden is needed then)."""
+    if torch.is_grad_enabled() and (x.requires_grad or lora_A.requires_grad or lora_B.requires_grad):
+        return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling)
+    return F.linear(x, torch.addmm(weight, lora_B, lora_A, alpha=scaling), bias)
+
+
 @register_variant("lora", "lora-plus")
 class LoRALinear(nn.Module):
     """h = W0 x + b + s B A x around a frozen nn.Linear; LoRA+ only changes the optimizer (optim.py)."""
@@ -114,6 +176,8 @@ class LoRALinear(nn.Module):
         if self.merged:
             return self.base_layer(x)
         lora_A, lora_B, scaling = self.factors()
+        if self._fast_path_applies(x, lora_A, lora_B):
+            return lora_linear(x, self.base_layer.weight, self.base_layer.bias, lora_A, lora_B, scaling)
         x_lora = self.lora_dropout(x) if self.training and self.lora_dropout.p > 0 else x
         base = self.base_layer(x)
         hidden = F.linear(x_lora, lora_A)
@@ -123,6 +187,19 @@ class LoRALinear(nn.Module):
             base.reshape(-1, base.shape[-1]), hidden.reshape(-1, hidden.shape[-1]), lora_B.t(), alpha=scaling
         )
         return out.view(base.shape)
+
+    def _fast_path_applies(self, x: Tensor, lora_A: Tensor, lora_B: Tensor) -> bool:
+        """lora_linear equals forward's autograd path only for a plain, frozen, unhooked nn.Linear, no
+        adapter dropout, one dtype throughout and no autocast (whose per-op casts only that path gets)."""
+        base = self.base_layer
+        return (
+            type(base) is nn.Linear
+            and not (base._forward_hooks or base._forward_pre_hooks)
+            and not (self.training and self.lora_dropout.p > 0)
+            and not any(p.requires_grad for p in base.parameters())
+            and x.dtype == base.weight.dtype == lora_A.dtype == lora_B.dtype
+            and not torch.is_autocast_enabled(x.device.type)
+        )
 
     def merge(self) -> None:
         """W0 <- W0 + dW, so forward is a plain F.linear at the base layer's speed."""

@@ -1,3 +1,4 @@
+import copy
 import math
 
 import peft
@@ -12,8 +13,10 @@ from orca_lora.adapters.lora import (
     DoRALinear,
     DyLoRALinear,
     LoRALinear,
+    LoRALinearFunction,
     dora_weight_norm,
     get_variant,
+    lora_linear,
     lora_param_count,
     lora_scaling,
     register_variant,
@@ -297,3 +300,121 @@ def test_extra_repr_names_the_settings():
     text = repr(DyLoRALinear(_linear(), rank=4, alpha=8.0, min_rank=2))
     assert "rank=4, alpha=8, scaling=2" in text and "min_rank=2" in text and "frozen=False" in text
     assert "DoRALinear" in repr(DoRALinear(_linear(), rank=2))
+
+
+def _uses_fast_path(out: torch.Tensor) -> bool:
+    return type(out.grad_fn).__name__ == "LoRALinearFunctionBackward"
+
+
+def _fast_path_case(dtype: torch.dtype, bias: bool = True, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """x (2, 3, d_in) and A, B needing grad; frozen W and b."""
+    generator = torch.Generator().manual_seed(seed)
+    x, A, B = (torch.randn(shape, generator=generator, dtype=dtype) for shape in ((2, 3, D_IN), (4, D_IN), (D_OUT, 4)))
+    W = torch.randn(D_OUT, D_IN, generator=generator, dtype=dtype)
+    b = torch.randn(D_OUT, generator=generator, dtype=dtype) if bias else None
+    return x.requires_grad_(), W, b, A.requires_grad_(), B.requires_grad_()
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_lora_linear_function_passes_gradcheck(bias):
+    x, W, b, A, B = _fast_path_case(torch.float64, bias)
+    assert torch.autograd.gradcheck(lambda x, A, B: LoRALinearFunction.apply(x, W, b, A, B, 1.5), (x, A, B))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_lora_linear_matches_plain_autograd_in_float32(bias):
+    x, W, b, A, B = _fast_path_case(torch.float32, bias)
+    grad_out = torch.randn(2, 3, D_OUT, generator=torch.Generator().manual_seed(1))
+    out = lora_linear(x, W, b, A, B, 1.5)
+    grads = torch.autograd.grad(out, (x, A, B), grad_out)
+    expected = x @ W.T + 1.5 * (x @ A.T) @ B.T + (0 if b is None else b)
+    expected_grads = torch.autograd.grad(expected, (x, A, B), grad_out)
+    assert _uses_fast_path(out)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    for ours, reference in zip(grads, expected_grads):
+        _assert_grads_close(ours, reference)
+
+
+def test_lora_linear_skips_the_gradients_not_wanted():
+    x, W, b, A, B = _fast_path_case(torch.float64)
+    out = lora_linear(x.detach(), W, b, A.detach(), B, 1.5)
+    out.sum().backward()
+    assert B.grad is not None and A.grad is None
+    torch.testing.assert_close(B.grad, 1.5 * (x @ A.T).detach().reshape(-1, 4).sum(0).expand(D_OUT, 4))
+    with torch.no_grad():
+        plain = lora_linear(x, W, b, A, B, 1.5)
+    assert plain.grad_fn is None
+    torch.testing.assert_close(plain, out.detach())
+
+
+def test_lora_linear_function_refuses_a_trainable_base_weight():
+    x, W, b, A, B = _fast_path_case(torch.float64)
+    with pytest.raises(ValueError, match="frozen base weight and bias"):
+        LoRALinearFunction.apply(x, W.requires_grad_(), b, A, B, 1.5)
+
+
+def test_lora_linear_function_second_derivatives_pass_gradgradcheck():
+    x, W, b, A, B = _fast_path_case(torch.float64)
+    assert torch.autograd.gradgradcheck(lambda x, A, B: LoRALinearFunction.apply(x, W, b, A, B, 1.5), (x, A, B))
+
+
+@pytest.mark.parametrize("variant", ["lora", "rslora", "delta-lora", "dylora"])
+def test_fast_path_equals_the_autograd_path_in_every_variant_using_it(variant, monkeypatch):
+    layer = _randomise(VARIANT_LAYERS[variant]()).train()
+    layers = [layer, copy.deepcopy(layer)]
+    if variant == "dylora":
+        for each in layers:
+            each.frozen, each._train_rank = True, 4
+    monkeypatch.setattr(layers[1], "_fast_path_applies", lambda *args: False)
+    x = _x().requires_grad_()
+    outs = [layer(x) for layer in layers]
+    assert _uses_fast_path(outs[0]) and not _uses_fast_path(outs[1])
+    grads = [torch.autograd.grad(out.square().sum(), (x, each.lora_A, each.lora_B)) for out, each in zip(outs, layers)]
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    for ours, reference in zip(*grads):
+        _assert_grads_close(ours, reference)
+
+
+class _SubclassedLinear(nn.Linear):
+    pass
+
+
+def _training_layer(base_layer: nn.Linear | None = None, dropout: float = 0.0) -> LoRALinear:
+    return LoRALinear(_linear() if base_layer is None else base_layer, rank=4, dropout=dropout).train()
+
+
+def _layer_with_trainable(name: str) -> LoRALinear:
+    layer = _training_layer()
+    getattr(layer.base_layer, name).requires_grad_(True)
+    return layer
+
+
+def _layer_with_hooked_base() -> LoRALinear:
+    layer = _training_layer()
+    layer.base_layer.register_forward_pre_hook(lambda module, args: None)
+    return layer
+
+
+FALLBACK_LAYERS = {
+    "dropout": lambda: _training_layer(dropout=0.1),
+    "trainable weight": lambda: _layer_with_trainable("weight"),
+    "trainable bias": lambda: _layer_with_trainable("bias"),
+    "hooked base layer": _layer_with_hooked_base,
+    "nn.Linear subclass": lambda: _training_layer(_SubclassedLinear(D_IN, D_OUT)),
+}
+
+
+@pytest.mark.parametrize("case", FALLBACK_LAYERS)
+def test_fast_path_falls_back_where_it_would_not_be_exact(case):
+    assert not _uses_fast_path(FALLBACK_LAYERS[case]()(_x()))
+    assert _uses_fast_path(_training_layer()(_x()))
+
+
+def test_fast_path_falls_back_under_autocast_and_trains_the_base_weight_when_asked():
+    layer = _randomise(LoRALinear(_linear(), rank=4)).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(_x())
+    assert out.dtype == torch.bfloat16 and not _uses_fast_path(out)
+    layer.base_layer.weight.requires_grad_(True)
+    layer(_x()).sum().backward()
+    torch.testing.assert_close(layer.base_layer.weight.grad, _x().reshape(-1, D_IN).sum(0).expand(D_OUT, D_IN))
