@@ -11,6 +11,7 @@ import math
 import lightning as L
 import torch
 from torch import Tensor, nn
+from torchmetrics import MeanMetric
 
 from orca_lora.adapters.delta import attach_delta_lora
 from orca_lora.adapters.inject import adapter_modules
@@ -45,6 +46,9 @@ class FinetuneModule(L.LightningModule):
         self.rank_generator = torch.Generator().manual_seed(seed)
         self.dynamic = [m for m in adapter_modules(model).values() if isinstance(m, DyLoRALinear)]
         self.strict_loading = False  # checkpoints leave out the frozen body
+        # per-sample means whose (sum, count) states are summed across processes: exact with uneven
+        # shards, where self.log's synced mean truncates the integer sample count
+        self.errors = nn.ModuleDict({"val_error": MeanMetric(), "test_error": MeanMetric()})
 
     def forward(self, inputs: Tensor) -> Tensor:
         return self.output_transform(self.model(inputs))
@@ -59,8 +63,9 @@ class FinetuneModule(L.LightningModule):
 
     def _evaluate(self, batch, name: str) -> None:
         inputs, targets = batch
-        errors = self.error_fn(self(inputs), targets)
-        self.log(name, errors.mean(), prog_bar=True, batch_size=len(inputs), sync_dist=True)
+        metric = self.errors[name]
+        metric.update(self.error_fn(self(inputs), targets))
+        self.log(name, metric, prog_bar=True)
 
     def validation_step(self, batch, batch_index):
         self._evaluate(batch, "val_error")

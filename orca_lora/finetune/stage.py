@@ -15,9 +15,13 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import DataLoader
 
+from orca_lora.adapters.bottleneck import add_bottleneck_adapters, mark_only_bottlenecks_trainable
 from orca_lora.adapters.inject import (
     add_adapters,
     count_trainable,
@@ -25,7 +29,7 @@ from orca_lora.adapters.inject import (
     merge_adapters,
 )
 from orca_lora.adapters.io import save_peft_adapter
-from orca_lora.config import ADAPTER_METHODS, Stage3Config, TrainerConfig
+from orca_lora.config import ADAPTER_METHODS, PEFT_METHODS, ConfigError, Stage3Config, TrainerConfig
 from orca_lora.data.tasks import TaskData
 from orca_lora.files import save_tensors_atomic
 from orca_lora.finetune.module import FinetuneModule
@@ -50,12 +54,16 @@ def variant_options(stage: Stage3Config) -> dict:
 
 
 def prepare_model(model: nn.Module, stage: Stage3Config, ranks: Mapping[str, int], seed: int = 0) -> nn.Module:
-    """Adapters for the LoRA family (A drawn from `seed`); everything trains for `full`; only the head
-    for `linear`."""
+    """Adapters for the adapter methods (their random parts drawn from `seed`); everything trains for
+    `full`; only the head for `linear`."""
     if stage.method in ADAPTER_METHODS:
-        add_adapters(model, targets=stage.targets, ranks=dict(ranks), variant=stage.method, seed=seed,
-                     **variant_options(stage))
-        mark_only_adapters_trainable(model)
+        if stage.method == "houlsby":  # wraps each block's attn / mlp, not the targeted Linears themselves
+            add_bottleneck_adapters(model, stage.targets, dict(ranks), dropout=stage.dropout, seed=seed)
+            mark_only_bottlenecks_trainable(model)
+        else:
+            add_adapters(model, targets=stage.targets, ranks=dict(ranks), variant=stage.method, seed=seed,
+                         **variant_options(stage))
+            mark_only_adapters_trainable(model)
         model.embedder.requires_grad_(True)
         model.head.requires_grad_(True)
     elif stage.method == "full":
@@ -67,11 +75,77 @@ def prepare_model(model: nn.Module, stage: Stage3Config, ranks: Mapping[str, int
     return model.train()
 
 
-def loaders(task: TaskData, batch_size: int, workers: int, seed: int) -> tuple[DataLoader, DataLoader, DataLoader]:
-    def loader(dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
-                          generator=torch.Generator().manual_seed(seed) if shuffle else None)
-    return loader(task.train, True), loader(task.val, False), loader(task.test, False)
+@dataclass
+class ProcessPlacement:
+    global_rank: int
+    world_size: int
+
+
+def process_placement(trainer_config: TrainerConfig) -> ProcessPlacement:
+    """This process's global rank and the number of processes stage 3 trains on, as Lightning resolves
+    them from `trainer_config` and the launcher's environment: LOCAL_RANK / NODE_RANK from Lightning's own
+    `ddp` launcher, RANK / WORLD_SIZE from torchrun, SLURM_PROCID from srun. Launches nothing.
+
+    Every process must run the whole pipeline, so strategies whose workers run only `fit` (ddp_spawn,
+    ddp_fork, ddp_notebook; what `auto` picks for several devices in a notebook) are refused.
+    A bad accelerator, device count, strategy or precision fails here, before stage 1.
+    """
+    t = trainer_config
+    lightning_log = logging.getLogger("lightning.pytorch")
+    level = lightning_log.level
+    lightning_log.setLevel(logging.WARNING)  # the stage-3 trainer prints the device summary; once is enough
+    try:
+        probe = L.Trainer(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
+                          precision=t.precision, logger=False, enable_checkpointing=False,
+                          enable_progress_bar=False, enable_model_summary=False)
+    except (MisconfigurationException, ValueError) as error:
+        raise ConfigError(f"trainer: {error}") from None
+    finally:
+        lightning_log.setLevel(level)
+    if isinstance(probe.strategy.launcher, _MultiProcessingLauncher):
+        raise ConfigError(f"trainer.strategy: {t.strategy!r} resolves to workers that run only the training call; "
+                          "the pipeline needs every process to run it: use 'ddp' from a script or the CLI "
+                          "(Lightning re-runs the command once per device), or start the processes with "
+                          "torchrun / srun")
+    return ProcessPlacement(probe.global_rank, probe.world_size)
+
+
+def check_world_size(task: TaskData, world_size: int) -> None:
+    """Each process must score at least one validation and one test sample, or DDP waits forever."""
+    for split in ("val", "test"):
+        size = len(getattr(task, split))
+        if 0 < size < world_size:
+            raise ValueError(f"the {split} split has {size} samples, fewer than the {world_size} training "
+                             "processes (trainer.devices x trainer.num_nodes); use fewer devices or more data")
+
+
+class TaskDataModule(L.LightningDataModule):
+    """The task's splits as loaders, built in each training process once its rank is known.
+
+    Lightning shards training batches with its padded DistributedSampler. Validation and test are
+    sharded without padding (each sample scored once, shard sizes off by at most one), and the
+    module's error metrics sum (errors, count) over all ranks, so the error equals a single-process
+    evaluation, where a padded sampler would count repeated samples twice.
+    """
+
+    def __init__(self, task: TaskData, batch_size: int, workers: int, seed: int):
+        super().__init__()
+        self.task, self.batch_size, self.workers, self.seed = task, batch_size, workers, seed
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.task.train, batch_size=self.batch_size, shuffle=True, num_workers=self.workers,
+                          generator=torch.Generator().manual_seed(self.seed))
+
+    def val_dataloader(self) -> DataLoader:
+        return self._evaluation_loader(self.task.val)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._evaluation_loader(self.task.test)
+
+    def _evaluation_loader(self, dataset) -> DataLoader:
+        shard = UnrepeatedDistributedSampler(dataset, num_replicas=self.trainer.world_size,
+                                             rank=self.trainer.global_rank, shuffle=False)
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=shard, num_workers=self.workers)
 
 
 def make_trainer(trainer_config: TrainerConfig, stage: Stage3Config, directory: Path) -> tuple[L.Trainer, ModelCheckpoint]:
@@ -97,16 +171,22 @@ def run(stage: Stage3Config, trainer_config: TrainerConfig, model: nn.Module, ra
     """Fine-tune `model`; resume from `checkpoints/last.ckpt` when a previous attempt was killed."""
     L.seed_everything(seed, workers=True, verbose=False)
     prepare_model(model, stage, ranks, seed)
-    train, val, test = loaders(task, stage.batch_size, trainer_config.num_workers, seed)
-    steps_per_epoch = _steps_per_epoch(len(train), trainer_config.limit_train_batches)
-    module = FinetuneModule(model, task, stage, steps_per_epoch * trainer_config.max_epochs, steps_per_epoch, seed)
     trainer, checkpoint = make_trainer(trainer_config, stage, directory)
+    world_size = trainer.world_size
+    check_world_size(task, world_size)
+    if world_size > 1:
+        log.info("stage 3 trains on %d processes (strategy %s)", world_size, trainer_config.strategy)
+    # each process sees ceil(n / world_size) training samples per epoch (DistributedSampler pads)
+    batches = math.ceil(math.ceil(len(task.train) / world_size) / stage.batch_size)
+    steps_per_epoch = _steps_per_epoch(batches, trainer_config.limit_train_batches)
+    module = FinetuneModule(model, task, stage, steps_per_epoch * trainer_config.max_epochs, steps_per_epoch, seed)
+    data = TaskDataModule(task, stage.batch_size, trainer_config.num_workers, seed)
     last = directory / "checkpoints" / "last.ckpt"
     if last.is_file():
         log.info("resuming stage 3 from %s", last)
-    trainer.fit(module, train, val, ckpt_path=str(last) if last.is_file() else None)
+    trainer.fit(module, datamodule=data, ckpt_path=str(last) if last.is_file() else None)
     best = checkpoint.best_model_path or str(last)
-    tested = trainer.test(module, test, ckpt_path=best, verbose=False)
+    tested = trainer.test(module, datamodule=data, ckpt_path=best, verbose=False)
     if trainer.is_global_zero:
         save_trained_weights(module, model, stage, directory)
     return FinetuneResult(
@@ -127,8 +207,8 @@ def save_trained_weights(module: FinetuneModule, model: nn.Module, stage: Stage3
     keep = module.saved_keys()
     save_tensors_atomic({k: v for k, v in module.state_dict().items() if k in keep},
                         directory / "trainable.safetensors")
-    if stage.method in ADAPTER_METHODS:
+    if stage.method in PEFT_METHODS:
         save_peft_adapter(model, directory / "adapter")
-        if stage.save_merged:
-            merge_adapters(model)
-            save_tensors_atomic(model.state_dict(), directory / "merged.safetensors")
+    if stage.save_merged:
+        merge_adapters(model)
+        save_tensors_atomic(model.state_dict(), directory / "merged.safetensors")

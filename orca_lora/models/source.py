@@ -23,8 +23,12 @@ def load_source_body(source: SourceConfig, data_root: str | Path) -> nn.Module:
                      built.val_accuracy, built.chance_accuracy, built.seconds, path)
         body, _ = load_body(path)
     else:
-        body = build_body(source.model, pretrained=source.pretrained, checkpoint=source.checkpoint,
-                          model_kwargs=dict(source.model_kwargs))
+        # weights that come from neither the hub nor a checkpoint are timm's random init: seed it so
+        # that a run (and every DDP process) rebuilds the same body from the config alone
+        with torch.random.fork_rng():
+            torch.manual_seed(source.pretrain.seed)
+            body = build_body(source.model, pretrained=source.pretrained, checkpoint=source.checkpoint,
+                              model_kwargs=dict(source.model_kwargs))
     return body.eval().requires_grad_(False)
 
 
