@@ -16,7 +16,7 @@ from orca_lora.adapters.lora import DeltaLoRALinear, LoRALinear, get_variant
 
 DEFAULT_TARGETS = (r"\.attn\.qkv$", r"\.attn\.proj$", r"\.mlp\.fc1$", r"\.mlp\.fc2$")
 
-_ADAPTER_PARAMS = ("lora_A", "lora_B", "lora_magnitude_vector")
+_ADAPTER_PARAMS = ("lora_A", "lora_B", "lora_magnitude_vector", "mora_M")
 
 
 def match_targets(model: nn.Module, targets: Sequence[str] = DEFAULT_TARGETS) -> dict[str, nn.Linear]:
@@ -106,7 +106,7 @@ def adapter_modules(model: nn.Module) -> dict[str, LoRALinear]:
 
 
 def mark_only_adapters_trainable(model: nn.Module) -> None:
-    """Freeze every parameter except the adapters' (lora_A, lora_B, DoRA magnitudes)."""
+    """Freeze every parameter except the adapters' (lora_A, lora_B, DoRA magnitudes, MoRA's M)."""
     model.requires_grad_(False)
     for module in adapter_modules(model).values():
         for name in _ADAPTER_PARAMS:
@@ -134,8 +134,9 @@ def unmerge_adapters(model: nn.Module) -> None:
 
 def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """Adapter tensors keyed as in model.state_dict(): `<module>.lora_A`, `<module>.lora_B`,
-    `<module>.lora_magnitude_vector` (DoRA), and `<module>.base_layer.weight` for Delta-LoRA layers,
-    whose W0 training moves. The tensors are detached views of the live parameters, not copies."""
+    `<module>.lora_magnitude_vector` (DoRA), `<module>.mora_M` (MoRA), and `<module>.base_layer.weight`
+    for Delta-LoRA layers, whose W0 training moves. The tensors are detached views of the live
+    parameters, not copies."""
     state: dict[str, Tensor] = {}
     for name, module in adapter_modules(model).items():
         for param_name in _ADAPTER_PARAMS:

@@ -9,6 +9,8 @@ so `peft.PeftModel.from_pretrained(base_model, directory)` rebuilds the adapted 
 - Delta-LoRA also moves W0, which PEFT's layout cannot hold: the moved weights go to
   `delta_lora_base_weights.safetensors` (keys `base_model.model.<module>.base_layer.weight`). Our
   loader applies them; a PEFT user must copy them into the base model before from_pretrained.
+- QLoRA's adapter is a plain LoRA A, B (only its frozen W0 is stored in NF4), so it is saved as
+  LoRA and loads as `lora` on the given fp base, which lacks the NF4 rounding it was trained on.
 """
 
 import json
