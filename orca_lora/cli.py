@@ -5,16 +5,29 @@ import argparse
 import logging
 import warnings
 import sys
+from pathlib import Path
 from typing import Callable
 
 from orca_lora.config import ConfigError, load_config, to_yaml
 
-COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int]]] = {}
+Arguments = Callable[[argparse.ArgumentParser], None]
+COMMANDS: dict[str, tuple[str, Arguments, Callable[[argparse.Namespace], int]]] = {}
 
 
-def command(name: str, help_text: str):
+def config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML config file (see configs/)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set stage3.rank=8 (repeatable)")
+
+
+def directories_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("directories", nargs="+", type=Path, metavar="DIR",
+                        help="sweep or run directories (searched for finished runs)")
+
+
+def command(name: str, help_text: str, arguments: Arguments = config_arguments):
     def decorate(function):
-        COMMANDS[name] = (help_text, function)
+        COMMANDS[name] = (help_text, arguments, function)
         return function
     return decorate
 
@@ -34,6 +47,8 @@ def run_command(args: argparse.Namespace) -> int:
     from orca_lora.pipeline import run_pipeline
 
     result = run_pipeline(_config(args))
+    if result.global_rank != 0:  # under DDP the other processes ran stage 3 with rank 0; it reports
+        return 0
     metrics = result.metrics
     print(f"\nrun directory: {result.directory}")
     print(f"test error ({metrics['task']}, {metrics['method']}): {metrics['test_error']:.4f}   "
@@ -50,6 +65,8 @@ def gap_command(args: argparse.Namespace) -> int:
     from orca_lora.pipeline import run_pipeline
 
     result = run_pipeline(_config(args), last_stage=2)
+    if result.global_rank != 0:
+        return 0
     gaps = result.directory / "stage2" / "gaps.csv"
     if not gaps.is_file():
         print("stage2.enabled is false: no gaps measured, every module gets stage3.rank")
@@ -77,6 +94,109 @@ def pretrain_source_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def sweep_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("sweep", help="sweep file: a base config and a grid (see configs/sweep_quick.yaml)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value in every point (repeatable)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="points run side by side as separate processes (default 1: one after another here)")
+    parser.add_argument("--print-commands", action="store_true",
+                        help="print one `orca-lora run` line per point instead of running them")
+
+
+@command("sweep", "run every point of a sweep (skipping finished ones), then write its table and plots",
+         sweep_arguments)
+def sweep_command(args: argparse.Namespace) -> int:
+    from orca_lora.experiments import sweep as sweeps
+    from orca_lora.experiments.plots import plot_sweep
+    from orca_lora.experiments.tables import find_runs, read_runs, summarize, table_markdown, write_tables
+
+    sweep = sweeps.load_sweep(args.sweep, args.set)
+    if args.print_commands:
+        print("\n".join(sweeps.print_commands(sweep)))
+        return 0
+    result = sweeps.run_sweep(sweep, args.workers)
+    print(f"\nsweep {sweep.name}: {len(result.finished)} run, {len(result.skipped)} finished earlier, "
+          f"{len(result.failed)} failed")
+    for name, reason in result.failed.items():
+        print(f"  failed: {name}: {reason}")
+    if len(result.failed) < len(sweep.points):
+        rows = summarize(read_runs(find_runs([sweep.directory])))
+        written = write_tables(rows, sweep.directory) + plot_sweep(sweep.directory)
+        print("\n" + table_markdown(rows))
+        print(f"written: {', '.join(str(path) for path in written if path.suffix != '.pdf')}")
+    return 1 if result.failed else 0
+
+
+@command("table", "the seeds' table (method, rank, trainable params, error; mean +/- std over seeds) as CSV and "
+         "Markdown", directories_arguments)
+def table_command(args: argparse.Namespace) -> int:
+    from orca_lora.experiments.tables import find_runs, read_runs, summarize, table_markdown, write_tables
+
+    rows = summarize(read_runs(find_runs(args.directories)))
+    written = write_tables(rows, args.directories[0])
+    print(table_markdown(rows))
+    print(f"written: {written[0]}, {written[1]}")
+    return 0
+
+
+def hypothesis_arguments(parser: argparse.ArgumentParser) -> None:
+    directories_arguments(parser)
+    parser.add_argument("--tolerance", type=float, default=0.05,
+                        help="r* is the smallest rank within this relative margin of the best error (default 0.05)")
+    parser.add_argument("--resamples", type=int, default=9999, help="bootstrap and permutation resamples")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and permutation draws")
+
+
+@command("hypothesis", "test 'the rank needed grows with the modality gap' on finished sweeps", hypothesis_arguments)
+def hypothesis_command(args: argparse.Namespace) -> int:
+    from orca_lora.experiments.hypothesis import evaluate_hypothesis, format_hypothesis, write_hypothesis
+    from orca_lora.experiments.plots import plot_rank_vs_gap
+    from orca_lora.experiments.tables import find_runs, read_runs
+
+    result = evaluate_hypothesis(read_runs(find_runs(args.directories)), args.tolerance, args.resamples, args.seed)
+    out = args.directories[0]
+    written = [write_hypothesis(result, out)] + plot_rank_vs_gap(result, out / "plots" / "rank_vs_gap")
+    print(format_hypothesis(result))
+    print(f"\nwritten: {', '.join(str(path) for path in written if path.suffix != '.pdf')}")
+    return 0
+
+
+def plot_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("directory", type=Path, metavar="DIR", help="a run directory or a sweep directory")
+    parser.add_argument("--tolerance", type=float, default=0.05, help="r* tolerance for the rank-vs-gap figure")
+
+
+@command("plot", "figures (PNG and PDF) for a run or a sweep directory, under DIR/plots/", plot_arguments)
+def plot_command(args: argparse.Namespace) -> int:
+    from orca_lora.experiments.plots import plot_run, plot_sweep
+
+    if not args.directory.is_dir():
+        raise FileNotFoundError(f"{args.directory} is not a directory; give a run or sweep directory")
+    is_run = (args.directory / "stage1").is_dir()
+    written = plot_run(args.directory) if is_run else plot_sweep(args.directory, args.tolerance)
+    print("\n".join(str(path) for path in written if path.suffix == ".png"))
+    return 0
+
+
+def analyze_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="finished run directories")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where tables and figures go (default: RUN/analysis for the first RUN)")
+    parser.add_argument("--energy", type=float, default=0.9,
+                        help="energy fraction tau of ||E||_F^2 that the minimal rank must hold (default 0.9)")
+
+
+@command("analyze", "spectra and minimal ranks of the weight changes of runs, and LoRA subspace similarity "
+         "between runs", analyze_arguments)
+def analyze_command(args: argparse.Namespace) -> int:
+    from orca_lora.experiments.analysis import analyze_runs, format_analysis
+
+    result = analyze_runs(args.runs, args.out or args.runs[0] / "analysis", energy_fraction=args.energy)
+    print(format_analysis(result))
+    return 0
+
+
 def configure_logging() -> None:
     """`orca_lora` log lines with a timestamp (grep-able); Lightning keeps its own handler."""
     logger = logging.getLogger("orca_lora")
@@ -96,11 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="ORCA-style cross-modal fine-tuning with modality-gap LoRA rank selection.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (help_text, function) in COMMANDS.items():
+    for name, (help_text, arguments, function) in COMMANDS.items():
         sub = commands.add_parser(name, help=help_text, description=help_text)
-        sub.add_argument("config", help="YAML config file (see configs/)")
-        sub.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                         help="override a config value, e.g. --set stage3.rank=8 (repeatable)")
+        arguments(sub)
         sub.set_defaults(handler=function)
     return parser
 

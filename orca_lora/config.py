@@ -25,7 +25,10 @@ OTDD_INNER = ("exact", "gaussian")
 EMBEDDER_INITS = ("random", "source")
 RANK_LINKS = ("linear", "sqrt", "log1p")
 RANK_DECISIONS = ("mean", "mode", "quantile", "sample")
-ADAPTER_METHODS = ("lora", "delta-lora", "lora-plus", "dylora", "dora")
+RANK_ALLOCATIONS = ("ibp", "uniform")
+PEFT_METHODS = ("lora", "delta-lora", "lora-plus", "dylora", "dora", "qlora")  # also saved in PEFT's format
+# MoRA, SBoRA and Houlsby bottlenecks have no PEFT layout: stage 3 keeps them in trainable.safetensors
+ADAPTER_METHODS = PEFT_METHODS + ("mora", "sbora-fa", "sbora-fb", "houlsby")
 METHODS = ADAPTER_METHODS + ("full", "linear")
 SCHEDULES = ("cosine", "step", "constant")
 DEFAULT_TARGETS = (r"\.attn\.qkv$", r"\.attn\.proj$", r"\.mlp\.fc1$", r"\.mlp\.fc2$")
@@ -97,7 +100,8 @@ class Stage1Config:
 
 @dataclass
 class Stage2Config:
-    enabled: bool = True  # false: every adapted module gets stage3.rank
+    enabled: bool = True  # false: no gaps measured, every adapted module gets stage3.rank
+    allocation: str = "ibp"  # ibp: ranks from the gap's IBP prior; uniform: gaps measured, stage3.rank everywhere
     distance: str = "mmd"
     max_samples: int = 256
     link: str = "linear"
@@ -107,6 +111,7 @@ class Stage2Config:
     r_max: int = 64
     alpha0: Optional[float] = None  # None: stage3.rank, unless a budget is set
     budget: Optional[int] = None  # trainable adapter parameters to meet by fitting alpha0
+    match_uniform_budget: bool = False  # budget = what a uniform stage3.rank costs (allocation experiments)
 
 
 @dataclass
@@ -271,6 +276,7 @@ def validate(config: Config) -> None:
     _choice("stage2.distance", s2.distance, GAP_DISTANCES)
     _choice("stage2.link", s2.link, RANK_LINKS)
     _choice("stage2.decision", s2.decision, RANK_DECISIONS)
+    _choice("stage2.allocation", s2.allocation, RANK_ALLOCATIONS)
     _in_range("stage2.quantile", s2.quantile, 0.0, 1.0)
     _at_least("stage2.max_samples", s2.max_samples, 4)
     _at_least("stage2.r_min", s2.r_min, 1)
@@ -282,6 +288,9 @@ def validate(config: Config) -> None:
         if s2.alpha0 is not None:
             raise ConfigError("stage2.budget: set either stage2.alpha0 or stage2.budget, not both "
                               "(a budget fits alpha0)")
+    if s2.match_uniform_budget and (s2.alpha0 is not None or s2.budget is not None):
+        raise ConfigError("stage2.match_uniform_budget: it sets the budget from stage3.rank; "
+                          "drop stage2.alpha0 and stage2.budget")
     _validate_stage3(s3)
     if s3.rank_map and s2.enabled:
         raise ConfigError("stage3.rank_map: an explicit rank map replaces stage 2; set stage2.enabled=false")
@@ -306,6 +315,11 @@ def _validate_stage3(s3: Stage3Config) -> None:
     _in_range("stage3.dropout", s3.dropout, 0.0, 0.99)
     if s3.method == "delta-lora" and s3.dropout > 0:
         raise ConfigError("stage3.dropout: Delta-LoRA uses no adapter dropout; set it to 0")
+    if s3.method == "mora" and s3.rslora:
+        raise ConfigError("stage3.rslora: MoRA has no LoRA scale for rsLoRA to change; set it to false")
+    if s3.save_merged and s3.method not in ADAPTER_METHODS or s3.save_merged and s3.method == "houlsby":
+        raise ConfigError(f"stage3.save_merged: {s3.method} has no adapters to merge (Houlsby bottlenecks are "
+                          "non-linear); set it to false")
     if not s3.targets:
         raise ConfigError("stage3.targets: give at least one module-name pattern")
     _at_least("stage3.batch_size", s3.batch_size, 1)
@@ -345,10 +359,14 @@ def _plain(value: Any) -> Any:
     return asdict(value) if hasattr(value, "__dataclass_fields__") else value
 
 
+def run_path(config: Config) -> Path:
+    """`<output.root>/<output.name>/`, the run's directory (not created)."""
+    return Path(config.output.root) / (config.output.name or "run")
+
+
 def run_directory(config: Config) -> Path:
-    """Create `<output.root>/<output.name>/` and write the resolved config into it."""
-    name = config.output.name or "run"
-    directory = Path(config.output.root) / name
+    """Create `run_path(config)` and write the resolved config into it."""
+    directory = run_path(config)
     directory.mkdir(parents=True, exist_ok=True)
     write_text_atomic(directory / "config.yaml", to_yaml(config))
     return directory

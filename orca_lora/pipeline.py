@@ -3,6 +3,11 @@
 Each stage records in `stageN/stage.json` the hash of the config it depends on; a re-run skips a
 finished stage whose hash matches and redoes it (and, through the hashes, what follows) otherwise. A run killed during
 stage 3 resumes from `stage3/checkpoints/last.ckpt`.
+
+With several training processes (`trainer.strategy: ddp`: Lightning's launcher re-runs the command line
+once per extra device; torchrun and srun start every process themselves), every process runs this
+function, but only global rank 0 runs stages 1-2 and writes run files; the other ranks wait for its
+finished stage markers, train stage 3 with it, and log only warnings.
 """
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ import torch
 from safetensors.torch import load_file
 
 from orca_lora.align import stage as align_stage
-from orca_lora.config import ADAPTER_METHODS, Config, run_directory, section_hash
+from orca_lora.config import ADAPTER_METHODS, Config, run_directory, run_path, section_hash
 from orca_lora.data.tasks import build_task
 from orca_lora.experiments.plots import plot_run
 from orca_lora.files import write_text_atomic
@@ -42,6 +47,7 @@ STAGE_SECTIONS = {
 class RunResult:
     directory: Path
     metrics: dict[str, Any] | None  # None when the run stopped before stage 3
+    global_rank: int = 0  # only rank 0 wrote the run directory and should report it
 
 
 def stage_hash(config: Config, stage: str) -> str:
@@ -53,16 +59,45 @@ def stage_hash(config: Config, stage: str) -> str:
     return digest
 
 
-def _staged(name: str, config: Config, run_dir: Path, work: Callable[[Path], dict]) -> dict:
+def _read_marker(marker: Path) -> dict | None:
+    return json.loads(marker.read_text()) if marker.is_file() else None
+
+
+def _await_marker(marker: Path, expected: str, finished: bool, poll_seconds: float = 1.0) -> dict:
+    """Rank 0's marker for the config hash `expected` (finished, if asked). Markers are written
+    atomically, so a read never sees half a file. The launcher (torchrun, srun --kill-on-bad-exit)
+    ends a waiting rank when rank 0 fails."""
+    while True:
+        record = _read_marker(marker)
+        if record is not None and record["hash"] == expected and (record["finished"] or not finished):
+            return record
+        time.sleep(poll_seconds)
+
+
+def _follow(name: str, config: Config, run_dir: Path, work: Callable[[Path], dict]) -> dict:
+    """A non-zero rank's stage: rank 0's finished record, or, for stage 3 (which every rank trains),
+    its own result once rank 0 has prepared the directory. Writes no marker."""
+    record = _await_marker(run_dir / name / "stage.json", stage_hash(config, name), finished=name != "stage3")
+    if record["finished"]:
+        return record
+    started = time.perf_counter()
+    result = work(run_dir / name)
+    return {"hash": record["hash"], "finished": True, "seconds": time.perf_counter() - started, "result": result}
+
+
+def _staged(name: str, config: Config, run_dir: Path, work: Callable[[Path], dict], global_rank: int) -> dict:
     """Run `work` into `run_dir/name` unless a finished copy with the same config hash is there.
 
     `stage.json` records the hash when a stage starts and its result when it finishes; an
     unfinished stage with the same hash keeps its files, so stage 3 resumes from its checkpoint.
+    Only global rank 0 writes markers; other ranks follow them.
     """
+    if global_rank != 0:
+        return _follow(name, config, run_dir, work)
     directory = run_dir / name
     marker = directory / "stage.json"
     expected = stage_hash(config, name)
-    record = json.loads(marker.read_text()) if marker.is_file() else None
+    record = _read_marker(marker)
     if record is not None and record["hash"] == expected and record["finished"]:
         log.info("%s: finished earlier with the same config (hash %s), skipping", name, expected)
         return record
@@ -82,13 +117,20 @@ def _staged(name: str, config: Config, run_dir: Path, work: Callable[[Path], dic
 
 def run_pipeline(config: Config, last_stage: int = 3) -> RunResult:
     """Stages 1 to `last_stage` for `config`; returns the run directory and its metrics."""
+    placement = finetune_stage.process_placement(config.trainer)
+    rank = placement.global_rank
+    if rank != 0:
+        log.setLevel(logging.WARNING)  # one process tells the story, as Lightning's rank_zero_* do
+        for name in ("stage1", "stage2"):  # rank 0 also writes the data and source-body caches first
+            _await_marker(run_path(config) / name / "stage.json", stage_hash(config, name), finished=True)
     task = build_task(config.task, config.data_root)
+    finetune_stage.check_world_size(task, placement.world_size)
     body = load_source_body(config.source, config.data_root)
     if config.stage3.method in ADAPTER_METHODS:  # a target typo fails here, not after stages 1-2
         rank_stage.adapted_module_shapes(body, config.stage3.targets)
     if config.stage3.rank_map:
         rank_stage.check_rank_map(body, config.stage3.targets, config.stage3.rank_map)
-    run_dir = run_directory(config)
+    run_dir = run_directory(config) if rank == 0 else run_path(config)
     source_images, source_labels = source_proxy(config.source, config.data_root)
     embedder = Embedder.from_body(body, task.in_channels, init=config.stage1.embedder_init,
                                   generator=torch.Generator().manual_seed(config.seed))
@@ -98,7 +140,7 @@ def run_pipeline(config: Config, last_stage: int = 3) -> RunResult:
                                  source_labels, config.seed, directory)
         return asdict(result)
 
-    stage1 = _staged("stage1", config, run_dir, align)
+    stage1 = _staged("stage1", config, run_dir, align, rank)
     embedder.load_state_dict(load_file(str(run_dir / "stage1" / "embedder.safetensors")))
 
     def gap_and_rank(directory: Path) -> dict:
@@ -110,10 +152,11 @@ def run_pipeline(config: Config, last_stage: int = 3) -> RunResult:
                                 embedder, task, source_images, source_labels, config.seed, directory)
         return asdict(result)
 
-    stage2 = _staged("stage2", config, run_dir, gap_and_rank)
+    stage2 = _staged("stage2", config, run_dir, gap_and_rank, rank)
     if last_stage == 2:
-        plot_run(run_dir)
-        return RunResult(run_dir, None)
+        if rank == 0:
+            plot_run(run_dir)
+        return RunResult(run_dir, None, rank)
 
     def refine(directory: Path) -> dict:
         model = build_orca_model(body, task.in_channels, task.head, task.num_outputs, task.output_size,
@@ -123,11 +166,12 @@ def run_pipeline(config: Config, last_stage: int = 3) -> RunResult:
                                     config.seed, directory)
         return asdict(result)
 
-    stage3 = _staged("stage3", config, run_dir, refine)
+    stage3 = _staged("stage3", config, run_dir, refine, rank)
     metrics = _metrics(config, task.baseline_error, stage1, stage2, stage3)
-    write_text_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-    plot_run(run_dir)
-    return RunResult(run_dir, metrics)
+    if rank == 0:
+        write_text_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        plot_run(run_dir)
+    return RunResult(run_dir, metrics, rank)
 
 
 def _metrics(config: Config, baseline_error: float, stage1: dict, stage2: dict, stage3: dict) -> dict:
@@ -137,7 +181,7 @@ def _metrics(config: Config, baseline_error: float, stage1: dict, stage2: dict, 
         "task": config.task.name,
         "method": config.stage3.method,
         "rank": config.stage3.rank,
-        "gap_aware": config.stage2.enabled,
+        "gap_aware": config.stage2.enabled and config.stage2.allocation == "ibp",
         "seed": config.seed,
         "test_error": stage3["result"]["test_error"],
         "baseline_error": baseline_error,

@@ -1,4 +1,6 @@
 """Shared fixtures: a tiny but complete pipeline setting that runs in seconds."""
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,6 +29,12 @@ def shared_data_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("data")
 
 
+@pytest.fixture(scope="session")
+def tiny_settings(shared_data_root) -> list[str]:
+    """TINY on the shared data root, for session-scoped fixtures (which cannot use tmp_path)."""
+    return TINY + [f"data_root={shared_data_root}"]
+
+
 @pytest.fixture
 def tiny_overrides(shared_data_root, tmp_path) -> list[str]:
     return TINY + [f"data_root={shared_data_root}", f"output.root={tmp_path / 'runs'}", "output.name=tiny"]
@@ -38,3 +46,41 @@ def body() -> nn.Module:
     with torch.random.fork_rng():
         torch.manual_seed(0)
         return build_body("swin_tiny_patch4_window7_224", model_kwargs=TINY_KWARGS).eval().requires_grad_(False)
+
+
+TINY_SWEEP = """\
+name: tiny
+base: {base}
+grids:
+  - task: &tasks
+      darcy: {{task.name: darcy}}
+      near: {{task.name: procedural, task.n_classes: 4, task.class_offset: 100}}
+    stage3.rank: [1, 2]
+    ranks: {{uniform: {{stage2.allocation: uniform}}}}
+  - task: {{darcy: {{task.name: darcy}}}}
+    stage3.rank: [2]
+    ranks: {{gap-aware: {{stage2.allocation: ibp, stage2.match_uniform_budget: true}}}}
+"""
+
+
+def write_tiny_sweep(directory: Path) -> Path:
+    path = directory / "tiny_sweep.yaml"
+    path.write_text(TINY_SWEEP.format(base=REPO / "configs" / "quickstart.yaml"))
+    return path
+
+
+@pytest.fixture
+def tiny_sweep_file(tmp_path) -> Path:
+    """The tiny sweep's file (outputs go where `output.root` says)."""
+    return write_tiny_sweep(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_sweep(tiny_settings, tmp_path_factory) -> Path:
+    """The finished sweep directory (5 points: 2 tasks x ranks 1, 2, plus gap-aware ranks for darcy)."""
+    root = tmp_path_factory.mktemp("sweep")
+    sets = [part for item in tiny_settings + [f"output.root={root / 'runs'}"] for part in ("--set", item)]
+    done = subprocess.run([sys.executable, "-m", "orca_lora.cli", "sweep", str(write_tiny_sweep(root)), *sets,
+                           "--workers", "2"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return root / "runs" / "tiny"

@@ -40,7 +40,7 @@ def test_help_of_the_installed_command_lists_every_command():
     command = [str(script)] if script.is_file() else [sys.executable, "-m", "orca_lora.cli"]
     done = subprocess.run(command + ["--help"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0
-    for name in ("run", "gap", "check", "pretrain-source"):
+    for name in ("run", "gap", "check", "pretrain-source", "sweep", "table", "hypothesis", "plot"):
         assert f"    {name} " in done.stdout or f"    {name}\n" in done.stdout, name
 
 
@@ -151,3 +151,24 @@ def test_a_failed_hub_download_is_one_line(capsys, monkeypatch, tmp_path):
     code, _, err = run_cli(["run", str(QUICKSTART), *with_sets(*overrides)], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "checkpoint" in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_sweep_prints_one_run_command_per_point(capsys, tmp_path, tiny_sweep_file):
+    code, out, _ = run_cli(["sweep", str(tiny_sweep_file), "--print-commands", "--set", f"output.root={tmp_path}"],
+                           capsys)
+    lines = out.splitlines()
+    assert code == 0 and len(lines) == 5 and all(line.startswith("orca-lora run ") for line in lines)
+    assert not (tmp_path / "tiny").exists()
+
+
+def test_sweep_with_a_bad_point_is_one_line_naming_the_point(capsys, tmp_path, tiny_sweep_file):
+    tiny_sweep_file.write_text(tiny_sweep_file.read_text().replace("stage3.rank: [2]", "stage3.rank: [2, 0]"))
+    code, _, err = run_cli(["sweep", str(tiny_sweep_file), "--set", f"output.root={tmp_path}"], capsys)
+    assert code == 2 and "point darcy_rank0_gap-aware" in err and "stage3.rank" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "tiny").exists()
+
+
+@pytest.mark.parametrize("command", ["hypothesis", "table", "plot", "analyze"])
+def test_reading_commands_name_a_missing_directory(command, capsys, tmp_path):
+    code, _, err = run_cli([command, str(tmp_path / "nowhere")], capsys)
+    assert code == 2 and "nowhere" in err and len(err.strip().splitlines()) == 1

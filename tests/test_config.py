@@ -1,9 +1,11 @@
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 
 from orca_lora.config import (
+    METHODS,
     Config,
     ConfigError,
     load_config,
@@ -60,8 +62,8 @@ def test_bad_values_fail_naming_the_key(override, key):
 
 
 def test_bad_choice_lists_valid_choices():
-    with pytest.raises(ConfigError, match="lora, delta-lora, lora-plus, dylora, dora, full, linear"):
-        load_config(None, ["stage3.method=qlora"])
+    with pytest.raises(ConfigError, match=re.escape(", ".join(METHODS))):
+        load_config(None, ["stage3.method=lorra"])
 
 
 def test_cross_field_rules():
@@ -100,3 +102,18 @@ def test_run_directory_holds_resolved_config(tmp_path):
     directory = run_directory(config)
     assert directory == tmp_path / "demo"
     assert load_config(directory / "config.yaml").stage3.rank == 2
+
+
+def test_allocation_and_matched_budget_are_checked():
+    assert load_config(None, ["stage2.allocation=uniform"]).stage2.allocation == "uniform"
+    with pytest.raises(ConfigError, match=r"stage2.allocation.*ibp.*uniform"):
+        load_config(None, ["stage2.allocation=even"])
+    with pytest.raises(ConfigError, match=r"stage2.match_uniform_budget.*drop stage2.alpha0"):
+        load_config(None, ["stage2.match_uniform_budget=true", "stage2.budget=1000"])
+
+
+def test_merged_weights_are_for_mergeable_adapters_only():
+    assert load_config(None, ["stage3.method=mora", "stage3.save_merged=true"]).stage3.save_merged
+    for method in ("houlsby", "full", "linear"):
+        with pytest.raises(ConfigError, match=f"stage3.save_merged: {method} has no adapters to merge"):
+            load_config(None, [f"stage3.method={method}", "stage3.save_merged=true"])

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from orca_lora.config import load_config
+from orca_lora.experiments.sweep import load_sweep
 from orca_lora.models.body import build_body
 from orca_lora.models.model import build_orca_model
 
@@ -13,10 +14,20 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 WITHOUT_FILES = ["task.file=null", "task.test_file=null", "task.resolution=85"]
 
 
-@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+RUN_CONFIGS = sorted(path for path in CONFIGS.glob("*.yaml") if not path.name.startswith("sweep_"))
+SWEEPS = sorted(CONFIGS.glob("sweep_*.yaml"))
+
+
+@pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: p.name)
 def test_shipped_config_validates(path):
     overrides = WITHOUT_FILES if path.name == "darcy_swin_base.yaml" else []
     load_config(path, overrides)
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
+def test_shipped_sweep_validates_every_point(path):
+    sweep = load_sweep(path)
+    assert sweep.points and sweep.directory.name == path.stem
 
 
 @pytest.mark.slow
@@ -34,3 +45,14 @@ def test_seed_scale_config_builds_its_model(name, overrides, head, outputs, outp
     with torch.no_grad():
         output = model(torch.randn(1, 3, *side))
     assert output.shape == ((1, 1, *output_size) if output_size else (1, outputs))
+
+
+def test_quick_sweep_is_the_hypothesis_grid():
+    sweep = load_sweep(CONFIGS / "sweep_quick.yaml")
+    uniform = [sweep.point_config(p) for p in sweep.points if p.labels["ranks"] == "uniform"]
+    assert sorted({(c.task.name, c.stage3.rank) for c in uniform}) == sorted(
+        (task, rank) for task in ("darcy", "procedural") for rank in (1, 2, 4, 8, 16, 32))
+    assert all(c.stage2.enabled and c.stage2.allocation == "uniform" for c in uniform)
+    gap_aware = [sweep.point_config(p) for p in sweep.points if p.labels["ranks"] == "gap-aware"]
+    assert len(gap_aware) == 4 and all(c.stage2.match_uniform_budget for c in gap_aware)
+    assert all(c.source.model == "offline" for c in uniform + gap_aware)

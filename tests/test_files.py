@@ -31,3 +31,13 @@ def test_a_failed_write_leaves_neither_file_nor_temp(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         save_tensors_atomic({"w": torch.zeros(2)}, tmp_path / "state.safetensors")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_files_get_the_permissions_a_plain_write_would(tmp_path):
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    write_text_atomic(tmp_path / "atomic.txt", "x")
+    save_tensors_atomic({"w": torch.zeros(1)}, tmp_path / "atomic.safetensors")
+    expected = plain.stat().st_mode
+    assert (tmp_path / "atomic.txt").stat().st_mode == expected
+    assert (tmp_path / "atomic.safetensors").stat().st_mode == expected

@@ -16,7 +16,7 @@ from orca_lora.data.tasks import TaskData
 from orca_lora.files import write_text_atomic
 from orca_lora.models.body import body_blocks
 from orca_lora.rank.gap import block_gaps
-from orca_lora.rank.select import ModuleShape, RankPrior, select_ranks
+from orca_lora.rank.select import ModuleShape, RankPrior, select_ranks, trainable_params
 
 BODY_PREFIX = "body."  # module names in the composed OrcaModel
 
@@ -26,9 +26,10 @@ class GapResult:
     blocks: list[str]
     gaps: list[float]
     ranks: dict[str, int]  # OrcaModel module name -> LoRA rank
-    alpha0: float
+    alpha0: float | None  # None for stage2.allocation uniform
     trainable_params: int
     budget: int | None
+    allocation: str = "ibp"
 
 
 def adapted_module_shapes(body: nn.Module, targets: Sequence[str]) -> dict[str, ModuleShape]:
@@ -62,13 +63,19 @@ def run(stage: Stage2Config, align: Stage1Config, rank: int, targets: Sequence[s
         target = embedder(target_x)
     gaps = block_gaps(body, source_tokens(body, source_images[chosen]), target, stage.distance,
                       source_labels[chosen], target_y, **distance_options(stage.distance, align, seed))
-    alpha0 = stage.alpha0 if stage.alpha0 is not None else (None if stage.budget else float(rank))
-    prior = RankPrior(link=stage.link, decision=stage.decision, quantile=stage.quantile, r_min=stage.r_min,
-                      r_max=stage.r_max, alpha0=alpha0, budget=stage.budget, seed=seed)
-    selection = select_ranks(gaps, shapes, prior)
     blocks = [name for name, _ in body_blocks(body)]
+    if stage.allocation == "uniform":
+        ranks = dict.fromkeys(shapes, rank)
+        result = GapResult(blocks, gaps, ranks, None, trainable_params(ranks, shapes), None, "uniform")
+        write_outputs(result, [rank] * len(blocks), directory)
+        return result
+    budget = trainable_params(dict.fromkeys(shapes, rank), shapes) if stage.match_uniform_budget else stage.budget
+    alpha0 = stage.alpha0 if stage.alpha0 is not None else (None if budget else float(rank))
+    prior = RankPrior(link=stage.link, decision=stage.decision, quantile=stage.quantile, r_min=stage.r_min,
+                      r_max=stage.r_max, alpha0=alpha0, budget=budget, seed=seed)
+    selection = select_ranks(gaps, shapes, prior)
     result = GapResult(blocks, gaps, dict(selection.ranks), float(selection.alpha0),
-                       int(selection.trainable_params), stage.budget)
+                       int(selection.trainable_params), budget)
     write_outputs(result, selection.block_ranks, directory)
     return result
 

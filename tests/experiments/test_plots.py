@@ -96,3 +96,54 @@ def test_save_figure_leaves_no_temp_file_when_writing_fails(tmp_path, monkeypatc
     plots.plt.close(figure)
     assert not (tmp_path / "figure.png").exists()
     assert list(tmp_path.iterdir()) == [], "a failed save must not leave its temp file behind"
+
+
+def sweep_records(tmp_path: Path) -> list:
+    from orca_lora.experiments.tables import RunRecord
+
+    records = []
+    for task, gap, errors in (("darcy", 1.0, [0.2, 0.15, 0.12]), ("procedural", 0.2, [0.3, 0.29, 0.29])):
+        for rank, error in zip((1, 2, 4), errors):
+            directory = tmp_path / f"{task}{rank}"
+            write(directory / "stage1" / "alignment.csv", ALIGNMENT)
+            records.append(RunRecord(directory, task, "lora", "uniform", rank, 0, error, 0.5, 100 * rank,
+                                     [gap, gap / 2], [rank, rank]))
+    records.append(RunRecord(tmp_path / "ibp", "darcy", "lora", "ibp", 2, 0, 0.14, 0.5, 190, [1.0, 0.5], [3, 1]))
+    return records
+
+
+def test_error_vs_rank_draws_each_task_beside_its_published_table(tmp_path, captured):
+    stem = tmp_path / "error_vs_rank"
+    assert_figures(plots.plot_error_vs_rank(sweep_records(tmp_path), stem), stem)
+    [lines] = captured
+    drawn = [(x, y) for _, x, y in lines]  # errorbar lines carry their label on the container, not the line
+    assert ([1, 2, 4], [0.2, 0.15, 0.12]) in drawn and ([1, 2, 4], [0.3, 0.29, 0.29]) in drawn
+    assert ([2], [0.14]) in drawn
+    published = [line for line in lines if line[0].startswith("table 2: LoRA")]
+    assert published[0][1] == [1, 2, 4, 8, 16, 64, 128, 256, 512, 1024] and published[0][2][0] == 0.0968
+
+
+def test_gaps_by_block_and_rank_vs_gap_draw_the_saved_numbers(tmp_path, captured):
+    from orca_lora.experiments.hypothesis import evaluate_hypothesis
+
+    records = sweep_records(tmp_path)
+    assert_figures(plots.plot_gaps_by_block(records, tmp_path / "gaps"), tmp_path / "gaps")
+    assert ("darcy", [0, 1], [1.0, 0.5]) in captured[0] and ("darcy, matched to r=2", [0, 1], [3, 1]) in captured[0]
+    result = evaluate_hypothesis(records, tolerance=0.05, n_resamples=99)
+    assert_figures(plots.plot_rank_vs_gap(result, tmp_path / "rank"), tmp_path / "rank")
+    fit_line = next(line for line in captured[1] if line[0].startswith("lora: r* ="))
+    assert fit_line[2][-1] == pytest.approx(result.fits[0].slope * fit_line[1][-1])
+    assert_figures(plots.plot_alignment_curves(records, tmp_path / "align"), tmp_path / "align")
+    assert ("procedural", [0, 1, 2], [12.5, 7.25, 3.5]) in captured[2]
+
+
+@pytest.mark.slow
+def test_plot_command_draws_a_sweep_or_a_run(tiny_sweep, capsys):
+    from orca_lora.cli import main
+
+    assert main(["plot", str(tiny_sweep)]) == 0
+    printed = capsys.readouterr().out.split()
+    assert [Path(p).name for p in printed] == ["error_vs_rank.png", "gaps_by_block.png", "alignment.png",
+                                                "rank_vs_gap.png"]
+    assert main(["plot", str(tiny_sweep / "darcy_rank1_uniform")]) == 0
+    assert "training.png" in capsys.readouterr().out

@@ -173,3 +173,24 @@ def test_run_measures_against_every_source_class(tmp_path, body, embedder, task,
     run_stage(tmp_path, body, embedder, task, source)
     assert len(seen["labels"]) == 16
     assert set(seen["labels"].tolist()) == set(source[1].tolist())
+
+
+def test_uniform_allocation_measures_the_gaps_and_gives_every_module_the_rank(tmp_path, body, embedder, task, source):
+    _, ibp = run_stage(tmp_path / "ibp", body, embedder, task, source)
+    _, uniform = run_stage(tmp_path / "uniform", body, embedder, task, source, allocation="uniform")
+    shapes = rank_stage.adapted_module_shapes(body, DEFAULT_TARGETS)
+    assert uniform.gaps == pytest.approx(ibp.gaps)
+    assert uniform.ranks == dict.fromkeys(shapes, 4) and uniform.alpha0 is None
+    assert uniform.allocation == "uniform" and ibp.allocation == "ibp"
+    assert uniform.trainable_params == 4 * sum(s.d_out + s.d_in for s in shapes.values())
+    with open(tmp_path / "uniform" / "gaps.csv", newline="") as stream:
+        assert [int(row["rank"]) for row in csv.DictReader(stream)] == [4, 4, 4, 4]
+
+
+def test_matched_budget_spends_what_the_uniform_rank_costs(tmp_path, body, embedder, task, source):
+    _, result = run_stage(tmp_path, body, embedder, task, source, match_uniform_budget=True)
+    shapes = rank_stage.adapted_module_shapes(body, DEFAULT_TARGETS)
+    uniform_cost = 4 * sum(s.d_out + s.d_in for s in shapes.values())
+    largest_component = max(s.d_out + s.d_in for s in shapes.values())
+    assert result.budget == uniform_cost
+    assert uniform_cost - largest_component < result.trainable_params <= uniform_cost

@@ -1,0 +1,94 @@
+"""Stage 2 (gap and rank) against one stage-3 training epoch, on the quickstart, side by side.
+
+Stage 2 is one forward pass per sample through the frozen body with hooks, a distance per block and
+the rank prior; a stage-3 epoch is forward + backward + AdamW over the training split with the LoRA
+ranks stage 2 chose. Both use the quickstart's data, body and settings; each is timed `--repeats`
+times, alternating, and the median kept.
+
+    .venv/bin/python bench/bench_gap.py [--config configs/quickstart.yaml] [--repeats 3]
+
+Target (issue 8): stage 2 cheaper than one stage-3 epoch. Writes bench/results/gap.json.
+"""
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from orca_lora.config import load_config
+from orca_lora.data.tasks import build_task
+from orca_lora.files import write_text_atomic
+from orca_lora.finetune.stage import prepare_model
+from orca_lora.models.embedder import Embedder
+from orca_lora.models.model import build_orca_model
+from orca_lora.models.source import load_source_body, source_proxy
+from orca_lora.rank import stage as rank_stage
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).parent / "results" / "gap.json"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "quickstart.yaml")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    config = load_config(args.config, [f"data_root={ROOT / 'data'}"])
+    task = build_task(config.task, config.data_root)
+    body = load_source_body(config.source, config.data_root)
+    images, labels = source_proxy(config.source, config.data_root)
+    embedder = Embedder.from_body(body, task.in_channels, generator=torch.Generator().manual_seed(config.seed))
+    s3 = config.stage3
+
+    def gap_and_rank() -> dict[str, int]:
+        with tempfile.TemporaryDirectory() as directory:
+            return rank_stage.run(config.stage2, config.stage1, s3.rank, s3.targets, body, embedder, task, images,
+                                  labels, config.seed, Path(directory)).ranks
+
+    ranks = gap_and_rank()
+    # stage 3 wraps the body's Linears in adapters; stage 2 keeps measuring the unwrapped body
+    model = build_orca_model(copy.deepcopy(body), task.in_channels, task.head, task.num_outputs, task.output_size, seed=config.seed)
+    prepare_model(model, s3, ranks, config.seed)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=s3.lr)
+    loader = DataLoader(task.train, batch_size=s3.batch_size, shuffle=True,
+                        generator=torch.Generator().manual_seed(config.seed))
+
+    def training_epoch() -> None:
+        for inputs, targets in loader:
+            optimizer.zero_grad(set_to_none=True)
+            task.loss(task.output_transform(model(inputs)), targets).mean().backward()
+            optimizer.step()
+
+    times: dict[str, list[float]] = {"stage2": [], "stage3_epoch": []}
+    for _ in range(args.repeats):
+        for name, work in (("stage2", gap_and_rank), ("stage3_epoch", training_epoch)):
+            start = time.perf_counter()
+            work()
+            times[name].append(time.perf_counter() - start)
+    median = {name: statistics.median(values) for name, values in times.items()}
+    ratio = median["stage2"] / median["stage3_epoch"]
+    setting = {"config": str(args.config.relative_to(ROOT)) if args.config.is_relative_to(ROOT) else str(args.config),
+               "stage2_samples": config.stage2.max_samples, "stage2_distance": config.stage2.distance,
+               "train_samples": len(task.train), "batch_size": s3.batch_size, "repeats": args.repeats,
+               "threads": torch.get_num_threads()}
+    environment = {"torch": torch.__version__, "python": platform.python_version(), "cpus": os.cpu_count(),
+                   "load_average": list(os.getloadavg())}
+    print(" ".join(f"{k} {v}" for k, v in environment.items()), "|", json.dumps(setting))
+    print(f"{'median seconds':<28}{'stage2':>10}{'stage3 epoch':>14}")
+    print(f"{'':<28}{median['stage2']:>10.3f}{median['stage3_epoch']:>14.3f}")
+    print(f"{'stage2 / stage3 epoch':<28}{ratio:>10.3f}   target < 1: {'met' if ratio < 1 else 'MISSED'}")
+    record = {"environment": environment, "setting": setting, "seconds": times, "median_s": median,
+              "ratios": {"stage2 / stage3_epoch": ratio}}
+    write_text_atomic(args.output, json.dumps(record, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

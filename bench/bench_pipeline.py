@@ -1,0 +1,58 @@
+"""The quickstart's wall time per stage, from one full run into a temporary directory.
+
+Data and the offline source body come from `data/` (built on first use, like `make demo`); the
+run itself starts from nothing each time, so every stage runs. Prints each stage's seconds and its
+share of the pipeline, and writes bench/results/pipeline.json.
+
+    .venv/bin/python bench/bench_pipeline.py [--config configs/quickstart.yaml] [--set KEY=VALUE ...]
+"""
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from orca_lora.config import load_config
+from orca_lora.files import write_text_atomic
+from orca_lora.pipeline import run_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).parent / "results" / "pipeline.json"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "quickstart.yaml")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as runs:
+        config = load_config(args.config, [f"data_root={ROOT / 'data'}", *args.set, f"output.root={runs}",
+                                           "trainer.enable_progress_bar=false"])
+        load_before = list(os.getloadavg())
+        start = time.perf_counter()
+        metrics = run_pipeline(config).metrics
+        wall = time.perf_counter() - start
+    stages = metrics["stage_seconds"]
+    # what is not a stage: loading data and the body, building the model, metrics and plots
+    stages["outside stages"] = wall - sum(stages.values())
+    environment = {"torch": torch.__version__, "python": platform.python_version(), "cpus": os.cpu_count(),
+                   "threads": torch.get_num_threads(), "load_average_before": load_before,
+                   "load_average_after": list(os.getloadavg())}
+    print(" ".join(f"{k} {v}" for k, v in environment.items()))
+    print(f"{'part':<16}{'seconds':>10}{'share':>8}")
+    for name, seconds in stages.items():
+        print(f"{name:<16}{seconds:>10.1f}{seconds / wall:>8.1%}")
+    print(f"{'pipeline':<16}{wall:>10.1f}{1:>8.0%}   test error {metrics['test_error']:.4f}")
+    record = {"environment": environment, "config": str(args.config), "set": args.set, "wall_s": wall,
+              "seconds": stages, "shares": {name: seconds / wall for name, seconds in stages.items()},
+              "test_error": metrics["test_error"]}
+    write_text_atomic(args.output, json.dumps(record, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

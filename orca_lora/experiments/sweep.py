@@ -1,0 +1,242 @@
+"""Sweeps: one base config times a grid of overrides; each point an ordinary run directory (DESIGN 8).
+
+A sweep file names a base config, overrides shared by every point, and one or more grids whose
+axes multiply out into points:
+
+    name: sweep_quick                     # points go to <output.root>/sweep_quick/<point>/
+    base: quickstart.yaml                 # relative to the sweep file
+    set: [trainer.max_epochs=20]          # applied to every point
+    grids:                                # the points are the union of the grids' products
+      - stage3.rank: [1, 2, 4]            # a config key and its values
+        task:                             # a named axis: label -> overrides
+          darcy: {task.name: darcy}
+          near-source: {task.name: procedural, task.class_offset: 16}
+
+Points run in this process one after another, or as `orca-lora run` subprocesses side by side
+(`workers` > 1); `print_commands` gives the same commands for any scheduler.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import shlex
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+from orca_lora.config import Config, ConfigError, load_config, section_hash, to_yaml
+from orca_lora.files import write_text_atomic
+
+log = logging.getLogger("orca_lora")
+
+SWEEP_KEYS = ("name", "base", "set", "grid", "grids")
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    name: str  # its run directory under the sweep directory, e.g. "darcy_rank8_uniform"
+    labels: dict[str, str]  # axis -> its part of the name
+    overrides: tuple[str, ...]  # the point's own key=value overrides
+
+
+@dataclass
+class Sweep:
+    name: str
+    base: Path
+    shared: tuple[str, ...]  # overrides for every point: the file's `set`, then the command line's
+    points: list[SweepPoint]
+    directory: Path  # <base output.root>/<name>
+
+    def point_overrides(self, point: SweepPoint) -> list[str]:
+        return [*self.shared, *point.overrides, f"output.root={self.directory}", f"output.name={point.name}"]
+
+    def point_config(self, point: SweepPoint) -> Config:
+        return load_config(self.base, self.point_overrides(point))
+
+
+@dataclass
+class SweepResult:
+    directory: Path
+    finished: list[str] = field(default_factory=list)  # points run now
+    skipped: list[str] = field(default_factory=list)  # points finished earlier with the same config
+    failed: dict[str, str] = field(default_factory=dict)  # point -> where to read why
+
+
+def format_value(value: Any) -> str:
+    """A YAML scalar or flow sequence as `--set` takes it: true, null, 0.5, [2,2]."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(format_value(item) for item in value) + "]"
+    return str(value)
+
+
+def _axis_points(where: str, key: str, label: str, values: Any) -> list[tuple[str, tuple[str, ...]]]:
+    """(name part, overrides) for each value of one axis: a named option's own label, or the axis
+    label and the value ("rank8")."""
+    if isinstance(values, dict):
+        options = []
+        for label, settings in values.items():
+            if not isinstance(settings, dict) or not settings:
+                raise ConfigError(f"{where}: named axis {key!r} option {label!r} must map config keys to values, "
+                                  f"e.g. {{task.name: darcy}}")
+            options.append((str(label), tuple(f"{k}={format_value(v)}" for k, v in settings.items())))
+        return options
+    if isinstance(values, list) and values:
+        return [(f"{label}{format_value(value)}", (f"{key}={format_value(value)}",)) for value in values]
+    raise ConfigError(f"{where}: axis {key!r} needs a non-empty list of values or a mapping of named options")
+
+
+def _axis_labels(keys: Sequence[str]) -> dict[str, str]:
+    """The last part of a dotted key names the axis in point names, unless two axes share it."""
+    short = {key: key.rsplit(".", 1)[-1] for key in keys}
+    counts = {label: list(short.values()).count(label) for label in short.values()}
+    return {key: label if counts[label] == 1 else key for key, label in short.items()}
+
+
+def grid_points(grids: Sequence[dict], where: str = "sweep") -> list[SweepPoint]:
+    """The union of each grid's product of axes, in file order, without duplicates."""
+    points: dict[str, SweepPoint] = {}
+    for index, grid in enumerate(grids):
+        if not isinstance(grid, dict) or not grid:
+            raise ConfigError(f"{where}: grids[{index}] must be a non-empty mapping of axes")
+        labels = _axis_labels(list(grid))
+        axes = [_axis_points(f"{where} grids[{index}]", key, labels[key], values) for key, values in grid.items()]
+        for combination in itertools.product(*axes):
+            point_labels = {labels[key]: label for key, (label, _) in zip(grid, combination)}
+            name = "_".join(point_labels.values())
+            overrides = tuple(item for _, settings in combination for item in settings)
+            if name in points and points[name].overrides != overrides:
+                raise ConfigError(f"{where}: two points are both named {name!r} with different overrides; "
+                                  "rename one of the named options")
+            points.setdefault(name, SweepPoint(name, point_labels, overrides))
+    return list(points.values())
+
+
+def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> Sweep:
+    """Read a sweep file and validate every point's config before anything runs."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"sweep file {path} does not exist")
+    spec = OmegaConf.to_container(OmegaConf.load(path))
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping with keys {', '.join(SWEEP_KEYS)}")
+    unknown = sorted(set(spec) - set(SWEEP_KEYS))
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {unknown}; a sweep file has {', '.join(SWEEP_KEYS)}")
+    for key in ("name", "base"):
+        if not spec.get(key):
+            raise ConfigError(f"{path}: missing {key!r} (the sweep's name and its base config file)")
+    if ("grid" in spec) == ("grids" in spec):
+        raise ConfigError(f"{path}: give exactly one of 'grid' (one mapping of axes) or 'grids' (a list of them)")
+    grids = [spec["grid"]] if "grid" in spec else spec["grids"]
+    if not isinstance(grids, list):
+        raise ConfigError(f"{path}: 'grids' must be a list of mappings of axes")
+    base = path.parent / spec["base"]
+    shared = tuple(spec.get("set") or ()) + tuple(overrides)
+    root = Path(load_config(base, shared).output.root)
+    sweep = Sweep(str(spec["name"]), base, shared, grid_points(grids, str(path)), root / str(spec["name"]))
+    for point in sweep.points:
+        try:
+            sweep.point_config(point)
+        except ConfigError as error:
+            raise ConfigError(f"{path}: point {point.name}: {error}") from None
+    return sweep
+
+
+def point_command(sweep: Sweep, point: SweepPoint) -> list[str]:
+    sets = [item for override in sweep.point_overrides(point) for item in ("--set", override)]
+    return ["orca-lora", "run", str(sweep.base), *sets]
+
+
+def print_commands(sweep: Sweep) -> list[str]:
+    """One shell line per point, for any scheduler."""
+    return [shlex.join(point_command(sweep, point)) for point in sweep.points]
+
+
+def is_finished(sweep: Sweep, point: SweepPoint) -> bool:
+    """metrics.json is there and the run's resolved config is the point's config."""
+    directory = sweep.directory / point.name
+    saved = directory / "config.yaml"
+    return ((directory / "metrics.json").is_file() and saved.is_file()
+            and saved.read_text() == to_yaml(sweep.point_config(point)))
+
+
+def _run_here(sweep: Sweep, point: SweepPoint) -> str | None:
+    from orca_lora.pipeline import run_pipeline
+
+    try:
+        run_pipeline(sweep.point_config(point))
+    except Exception as error:  # one failed point must not stop the others
+        log.exception("sweep point %s failed", point.name)
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def _run_subprocess(sweep: Sweep, point: SweepPoint, threads: int) -> str | None:
+    directory = sweep.directory / point.name
+    directory.mkdir(parents=True, exist_ok=True)
+    log_path = directory / "run.log"
+    command = [sys.executable, "-m", "orca_lora.cli", *point_command(sweep, point)[1:]]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    with open(log_path, "w") as stream:
+        code = subprocess.run(command, stdout=stream, stderr=subprocess.STDOUT, env=env).returncode
+    return None if code == 0 else f"exit code {code}; see {log_path}"
+
+
+def build_shared_inputs(configs: Sequence[Config]) -> None:
+    """Pretrain the offline body and generate the datasets once, before parallel workers would race
+    to build the same cached files."""
+    from orca_lora.data.tasks import build_task
+    from orca_lora.models.source import load_source_body
+
+    built = set()
+    for config in configs:
+        for section, build in (("source", load_source_body), ("task", build_task)):
+            key = section_hash(config, section, "data_root")
+            if key not in built:
+                built.add(key)
+                build(getattr(config, section), config.data_root)
+
+
+def run_sweep(sweep: Sweep, workers: int = 1) -> SweepResult:
+    """Run every unfinished point; `workers` > 1 runs them as parallel processes sharing the cores."""
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    sweep.directory.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(sweep.directory / "sweep.json", json.dumps(
+        {"name": sweep.name, "base": str(sweep.base), "set": list(sweep.shared),
+         "points": [asdict(point) for point in sweep.points]}, indent=2) + "\n")
+    result = SweepResult(sweep.directory)
+    todo = []
+    for point in sweep.points:
+        (result.skipped if is_finished(sweep, point) else todo).append(point)
+    result.skipped = [point.name for point in result.skipped]
+    log.info("sweep %s: %d points, %d finished earlier, %d to run with %d worker(s)", sweep.name,
+             len(sweep.points), len(result.skipped), len(todo), workers)
+    if workers == 1:
+        outcomes = [(point, _run_here(sweep, point)) for point in todo]
+    else:
+        build_shared_inputs([sweep.point_config(point) for point in todo])
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        with ThreadPoolExecutor(workers) as pool:
+            futures = {pool.submit(_run_subprocess, sweep, point, threads): point for point in todo}
+            done = {futures[future].name: future.result()
+                    for future in tqdm(as_completed(futures), total=len(futures), desc="sweep points")}
+        outcomes = [(point, done[point.name]) for point in todo]
+    for point, failure in outcomes:
+        if failure is None:
+            result.finished.append(point.name)
+        else:
+            result.failed[point.name] = failure
+    return result

@@ -1,0 +1,152 @@
+"""Sweep tables in the seeds' form (method, rank, trainable params in M, prediction error), read from
+saved run files only: each run's `metrics.json`, `config.yaml` and `stage2/gaps.csv`."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from omegaconf import OmegaConf
+
+from orca_lora.files import write_text_atomic
+
+
+@dataclass
+class RunRecord:
+    directory: Path
+    task: str  # task name, plus the settings that tell apart tasks sharing a name
+    method: str
+    allocation: str  # ibp (gap-aware ranks), uniform, or "-" for full / linear
+    rank: int | None  # stage3.rank (None for full / linear)
+    seed: int
+    test_error: float
+    baseline_error: float
+    trainable_params: int
+    gaps: list[float] | None  # per block, from stage 2 (None when stage 2 was off)
+    block_ranks: list[int] | None
+
+
+@dataclass
+class TableRow:
+    task: str
+    method: str
+    allocation: str
+    rank: int | None
+    trainable_params_m: float
+    error_mean: float
+    error_std: float  # sample standard deviation over seeds (NaN for one seed)
+    n_seeds: int
+
+
+def find_runs(paths: Sequence[str | Path]) -> list[Path]:
+    """Every finished run directory (one holding metrics.json) at or below the given paths."""
+    found = []
+    for path in map(Path, paths):
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path} is not a directory; give run or sweep directories")
+        found += [metrics.parent for metrics in sorted(path.rglob("metrics.json"))]
+    if not found:
+        raise FileNotFoundError(f"no finished run (metrics.json) under {', '.join(map(str, paths))}; "
+                                "run the sweep first (orca-lora sweep SWEEP.yaml)")
+    return found
+
+
+def _read_gaps(directory: Path) -> tuple[list[float] | None, list[int] | None]:
+    path = directory / "stage2" / "gaps.csv"
+    if not path.is_file():
+        return None, None
+    with open(path, newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    return [float(row["gap"]) for row in rows], [int(row["rank"]) for row in rows]
+
+
+def read_runs(directories: Sequence[Path]) -> list[RunRecord]:
+    """One record per run; tasks that share a name but differ in settings get those settings in their label."""
+    loaded = []
+    for directory in directories:
+        metrics = json.loads((directory / "metrics.json").read_text())
+        config_path = directory / "config.yaml"
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{config_path} is missing; every run directory keeps its resolved config")
+        loaded.append((directory, metrics, OmegaConf.to_container(OmegaConf.load(config_path))["task"]))
+    labels = _task_labels([task for _, _, task in loaded])
+    records = []
+    for (directory, metrics, _), label in zip(loaded, labels):
+        adapted = metrics["method"] not in ("full", "linear")
+        gaps, block_ranks = _read_gaps(directory)
+        records.append(RunRecord(
+            directory, label, metrics["method"],
+            ("ibp" if metrics["gap_aware"] else "uniform") if adapted else "-",
+            metrics["rank"] if adapted else None, metrics["seed"], float(metrics["test_error"]),
+            float(metrics["baseline_error"]), int(metrics["trainable_params"]), gaps, block_ranks))
+    return records
+
+
+def _task_labels(tasks: Sequence[dict]) -> list[str]:
+    by_name: dict[str, list[dict]] = defaultdict(list)
+    for task in tasks:
+        by_name[task["name"]].append(task)
+    differing = {name: sorted(key for key in group[0] if len({json.dumps(t[key]) for t in group}) > 1)
+                 for name, group in by_name.items()}
+    return [task["name"] + ("(" + ",".join(f"{k}={task[k]}" for k in differing[task["name"]]) + ")"
+                            if differing[task["name"]] else "") for task in tasks]
+
+
+def summarize(records: Sequence[RunRecord]) -> list[TableRow]:
+    """Mean and standard deviation over seeds per (task, method, allocation, rank)."""
+    groups: dict[tuple, list[RunRecord]] = defaultdict(list)
+    for record in records:
+        groups[(record.task, record.method, record.allocation, record.rank)].append(record)
+    rows = []
+    for (task, method, allocation, rank), group in groups.items():
+        errors = [record.test_error for record in group]
+        rows.append(TableRow(task, method, allocation, rank,
+                             statistics.fmean(record.trainable_params for record in group) / 1e6,
+                             statistics.fmean(errors), statistics.stdev(errors) if len(errors) > 1 else math.nan,
+                             len({record.seed for record in group})))
+    return sorted(rows, key=lambda row: (row.task, row.method, row.allocation, row.rank or 0))
+
+
+COLUMNS = ("task", "method", "allocation", "rank", "trainable_params_M", "prediction_error_mean",
+           "prediction_error_std", "n_seeds")
+
+
+def table_csv(rows: Sequence[TableRow]) -> str:
+    stream = io.StringIO()
+    writer = csv.writer(stream, lineterminator="\n")
+    writer.writerow(COLUMNS)
+    for row in rows:
+        writer.writerow([row.task, row.method, row.allocation, "" if row.rank is None else row.rank,
+                         f"{row.trainable_params_m:.4f}", f"{row.error_mean:.6g}",
+                         "" if math.isnan(row.error_std) else f"{row.error_std:.3g}", row.n_seeds])
+    return stream.getvalue()
+
+
+def _error_cell(row: TableRow) -> str:
+    if math.isnan(row.error_std):
+        return f"{row.error_mean:.4f} (1 seed)"
+    return f"{row.error_mean:.4f} ± {row.error_std:.4f} ({row.n_seeds} seeds)"
+
+
+def table_markdown(rows: Sequence[TableRow]) -> str:
+    lines = ["| task | method | ranks | rank | trainable params (M) | prediction error (↓) |",
+             "| --- | --- | --- | ---: | ---: | --- |"]
+    for row in rows:
+        rank = "" if row.rank is None else str(row.rank)
+        lines.append(f"| {row.task} | {row.method} | {row.allocation} | {rank} | "
+                     f"{row.trainable_params_m:.4f} | {_error_cell(row)} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_tables(rows: Sequence[TableRow], directory: Path) -> list[Path]:
+    """`table.csv` and `table.md` in `directory`."""
+    written = [directory / "table.csv", directory / "table.md"]
+    write_text_atomic(written[0], table_csv(rows))
+    write_text_atomic(written[1], table_markdown(rows))
+    return written

@@ -1,0 +1,112 @@
+import json
+import shlex
+from pathlib import Path
+
+import pytest
+
+from orca_lora.config import ConfigError, load_config
+from orca_lora.experiments import sweep as sweeps
+from orca_lora.experiments.sweep import format_value, grid_points, load_sweep, print_commands, run_sweep
+
+REPO = Path(__file__).resolve().parents[2]
+TINY_POINTS = ["darcy_rank1_uniform", "darcy_rank2_uniform", "near_rank1_uniform", "near_rank2_uniform",
+               "darcy_rank2_gap-aware"]
+
+
+def test_format_value_writes_what_set_reads():
+    assert [format_value(v) for v in (True, False, None, 0.5, 3, "darcy", [2, 2])] == \
+        ["true", "false", "null", "0.5", "3", "darcy", "[2,2]"]
+
+
+def test_grid_points_are_the_union_of_products_in_file_order():
+    grids = [{"task": {"a": {"task.name": "darcy"}, "b": {"task.name": "procedural", "task.n_classes": 4}},
+              "stage3.rank": [1, 4]},
+             {"task": {"a": {"task.name": "darcy"}}, "stage3.rank": [4, 8]}]
+    points = grid_points(grids)
+    assert [p.name for p in points] == ["a_rank1", "a_rank4", "b_rank1", "b_rank4", "a_rank8"]
+    assert points[2].overrides == ("task.name=procedural", "task.n_classes=4", "stage3.rank=1")
+    assert points[2].labels == {"task": "b", "rank": "rank1"}
+
+
+def test_axes_sharing_a_last_key_part_keep_their_full_keys():
+    points = grid_points([{"stage3.rank": [2], "stage2.rank": [3]}])
+    assert points[0].name == "stage3.rank2_stage2.rank3"
+
+
+@pytest.mark.parametrize("grids, message", [
+    ([{"stage3.rank": []}], "non-empty list"),
+    ([{"task": {"a": "darcy"}}], "must map config keys to values"),
+    ([{}], "non-empty mapping of axes"),
+    ([{"task": {"a": {"task.name": "darcy"}}}, {"task": {"a": {"task.name": "cifar10"}}}], "both named 'a'"),
+])
+def test_bad_grids_are_refused_naming_the_axis(grids, message):
+    with pytest.raises(ConfigError, match=message):
+        grid_points(grids)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("name: s\nbase: {base}\ngrid: {{stage3.rank: [1]}}\nextra: 1\n", r"unknown key\(s\) \['extra'\]"),
+    ("name: s\ngrid: {{stage3.rank: [1]}}\n", "missing 'base'"),
+    ("name: s\nbase: {base}\ngrid: {{stage3.rank: [1]}}\ngrids: []\n", "exactly one of 'grid'"),
+    ("name: s\nbase: {base}\ngrid: {{stage3.rank: [1, 0]}}\n", r"point rank0: .*stage3.rank"),
+    ("name: s\nbase: {base}\ngrid: {{stage3.method: [lora, loar]}}\n", r"point methodloar: .*stage3.method"),
+])
+def test_bad_sweep_files_fail_before_anything_runs(tmp_path, text, message):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(text.format(base=REPO / "configs" / "quickstart.yaml"))
+    with pytest.raises(ConfigError, match=message):
+        load_sweep(path, [f"output.root={tmp_path / 'runs'}"])
+    assert not (tmp_path / "runs").exists()
+
+
+def test_printed_commands_resolve_to_the_points_configs(tmp_path, tiny_sweep_file):
+    sweep = load_sweep(tiny_sweep_file, [f"output.root={tmp_path / 'runs'}"])
+    lines = print_commands(sweep)
+    assert len(lines) == len(sweep.points) == 5
+    for line, point in zip(lines, sweep.points):
+        words = shlex.split(line)
+        assert words[:3] == ["orca-lora", "run", str(sweep.base)]
+        config = load_config(words[2], words[4::2])
+        assert config == sweep.point_config(point)
+        assert config.output.root == str(tmp_path / "runs" / "tiny") and config.output.name == point.name
+
+
+def test_one_failing_point_does_not_stop_the_others(tmp_path, tiny_sweep_file, monkeypatch):
+    sweep = load_sweep(tiny_sweep_file, [f"output.root={tmp_path / 'runs'}"])
+    ran = []
+
+    def fake_pipeline(config):
+        ran.append(config.output.name)
+        if config.output.name == "near_rank1_uniform":
+            raise RuntimeError("out of memory")
+
+    monkeypatch.setattr("orca_lora.pipeline.run_pipeline", fake_pipeline)
+    result = run_sweep(sweep)
+    assert ran == TINY_POINTS[:2] + TINY_POINTS[2:]
+    assert result.failed == {"near_rank1_uniform": "RuntimeError: out of memory"}
+    assert len(result.finished) == 4 and result.skipped == []
+
+
+@pytest.mark.slow
+def test_the_sweep_writes_every_point_its_table_and_plots(tiny_sweep):
+    assert sorted(p.name for p in tiny_sweep.iterdir() if (p / "metrics.json").is_file()) == sorted(TINY_POINTS)
+    recorded = json.loads((tiny_sweep / "sweep.json").read_text())
+    assert [point["name"] for point in recorded["points"]] == TINY_POINTS
+    for name in ("table.csv", "table.md", "plots/error_vs_rank.png", "plots/gaps_by_block.png",
+                 "plots/alignment.png", "plots/rank_vs_gap.pdf"):
+        assert (tiny_sweep / name).is_file(), name
+    assert "exit code" not in (tiny_sweep / "darcy_rank1_uniform" / "run.log").read_text()
+    gap_aware = json.loads((tiny_sweep / "darcy_rank2_gap-aware" / "metrics.json").read_text())
+    uniform = json.loads((tiny_sweep / "darcy_rank2_uniform" / "metrics.json").read_text())
+    assert gap_aware["gap_aware"] and not uniform["gap_aware"]
+    assert gap_aware["trainable_params"] <= uniform["trainable_params"]
+
+
+@pytest.mark.slow
+def test_a_rerun_skips_every_finished_point(tiny_sweep, tiny_settings, monkeypatch):
+    monkeypatch.setattr("orca_lora.pipeline.run_pipeline", lambda config: pytest.fail("a finished point ran"))
+    sweep = load_sweep(tiny_sweep.parent.parent / "tiny_sweep.yaml",
+                       tiny_settings + [f"output.root={tiny_sweep.parent}"])
+    result = run_sweep(sweep)
+    assert result.skipped == TINY_POINTS and result.finished == [] and result.failed == {}
+    assert sweeps.is_finished(sweep, sweep.points[0])
