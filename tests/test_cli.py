@@ -59,7 +59,7 @@ def test_check_prints_yaml_that_load_config_reads_back(capsys, tmp_path):
     ("stage3.rnak=3", "unknown key 'stage3.rnak'"),
     ("stage3.rank=abc", "key 'stage3.rank'"),
     ("stage3.rank=0", "stage3.rank: 0 must be >= 1"),
-    ("stage3.method=qlora", "stage3.method: 'qlora' is not one of"),
+    ("stage3.method=lorra", "stage3.method: 'lorra' is not one of"),
     ("stage3.rank", "override 'stage3.rank' is not of the form key=value"),
 ])
 def test_a_bad_set_is_exit_code_2_and_one_line_naming_the_key(override, named, capsys):
