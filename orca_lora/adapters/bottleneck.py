@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from timm.models.swin_transformer import SwinTransformerBlock
 from torch import Tensor, nn
 
-from orca_lora.adapters.inject import DEFAULT_TARGETS, match_targets
+from orca_lora.adapters.inject import DEFAULT_TARGETS, match_targets, replace_modules
 
 SUBLAYERS = ("attn", "mlp")
 INIT_STD = 1e-2
@@ -147,9 +147,7 @@ def add_bottleneck_adapters(
         name: BottleneckAdapter(model.get_submodule(name), features[name], size, dropout, generator)
         for name, size in sizes.items()
     }
-    for name, adapter in adapters.items():
-        parent_name, _, child_name = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child_name, adapter)
+    replace_modules(model, adapters)
     return adapters
 
 

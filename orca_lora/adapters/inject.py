@@ -94,10 +94,15 @@ def add_adapters(
         name: layer_class(module, resolved[name], alpha, generator=generator, **variant_options)
         for name, module in matched.items()
     }
-    for name, adapter in adapters.items():
-        parent_name, _, child_name = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child_name, adapter)
+    replace_modules(model, adapters)
     return adapters
+
+
+def replace_modules(model: nn.Module, replacements: Mapping[str, nn.Module]) -> None:
+    """Put each module of `replacements` in place of the submodule with its name."""
+    for name, module in replacements.items():
+        parent_name, _, child_name = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child_name, module)
 
 
 def adapter_modules(model: nn.Module) -> dict[str, LoRALinear]:
