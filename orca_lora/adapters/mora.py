@@ -91,7 +91,7 @@ class MoRALinear(LoRALinear):
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
             return self.base_layer(x)
-        x_lora = self.lora_dropout(x) if self.training and self.lora_dropout.p > 0 else x
+        x_lora = self.adapter_input(x)
         hidden = F.linear(mora_compress(x_lora, self.r_hat), self.mora_M)
         return self.base_layer(x) + mora_decompress(hidden, self.base_layer.out_features)
 

@@ -67,7 +67,7 @@ class SBoRAFALinear(LoRALinear):
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
             return self.base_layer(x)
-        x_lora = self.lora_dropout(x) if self.training and self.lora_dropout.p > 0 else x
+        x_lora = self.adapter_input(x)
         base = self.base_layer(x)
         selected = x_lora.index_select(-1, self.basis_indices)
         out = torch.addmm(
@@ -116,7 +116,7 @@ class SBoRAFBLinear(LoRALinear):
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
             return self.base_layer(x)
-        x_lora = self.lora_dropout(x) if self.training and self.lora_dropout.p > 0 else x
+        x_lora = self.adapter_input(x)
         hidden = F.linear(x_lora, self.lora_A)
         return self.base_layer(x).index_add(-1, self.basis_indices, hidden, alpha=self.scaling)
 
