@@ -15,22 +15,24 @@ from typing import Any, Optional, Sequence
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from orca_lora.choices import (  # noqa: F401  (re-exported: the config's choice lists)
+    ALIGN_DISTANCES,
+    EMBEDDER_INITS,
+    GAP_DISTANCES,
+    METHODS,
+    OTDD_INNER,
+    RANK_ALLOCATIONS,
+    RANK_DECISIONS,
+    RANK_LINKS,
+    SCHEDULES,
+    SOURCE_PROXIES,
+    TASKS,
+)
 from orca_lora.files import write_text_atomic
 
-TASKS = ("darcy", "cifar10", "cifar100", "procedural")
-SOURCE_PROXIES = ("procedural", "cifar10")
-ALIGN_DISTANCES = ("otdd", "mmd")
-GAP_DISTANCES = ("mmd", "otdd", "c2st")
-OTDD_INNER = ("exact", "gaussian")
-EMBEDDER_INITS = ("random", "source")
-RANK_LINKS = ("linear", "sqrt", "log1p")
-RANK_DECISIONS = ("mean", "mode", "quantile", "sample")
-RANK_ALLOCATIONS = ("ibp", "uniform")
 PEFT_METHODS = ("lora", "delta-lora", "lora-plus", "dylora", "dora", "qlora")  # also saved in PEFT's format
 # MoRA, SBoRA and Houlsby bottlenecks have no PEFT layout: stage 3 keeps them in trainable.safetensors
 ADAPTER_METHODS = PEFT_METHODS + ("mora", "sbora-fa", "sbora-fb", "houlsby")
-METHODS = ADAPTER_METHODS + ("full", "linear")
-SCHEDULES = ("cosine", "step", "constant")
 DEFAULT_TARGETS = (r"\.attn\.qkv$", r"\.attn\.proj$", r"\.mlp\.fc1$", r"\.mlp\.fc2$")
 
 

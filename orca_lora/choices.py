@@ -1,0 +1,35 @@
+"""The names every registry answers to, importable without torch, timm or PEFT.
+
+`config.validate` checks a config's names against these tables, so a typo is refused before any
+heavy import. Each registry (tasks, distances, links, decisions, embedder inits, stage-3 methods)
+fills itself where its code lives; `check_registry` (called by the tests, and by each registry's
+lookup) fails when a registry and its table drift apart, so a new entry is one name here plus its
+registered code.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+TASKS = ("darcy", "cifar10", "cifar100", "procedural")
+SOURCE_PROXIES = ("procedural", "cifar10")
+DISTANCES = ("otdd", "mmd", "c2st")  # align/distances.py
+ALIGN_DISTANCES = ("otdd", "mmd")  # the differentiable ones, which stage 1 can train on
+GAP_DISTANCES = DISTANCES
+OTDD_INNER = ("exact", "gaussian")
+EMBEDDER_INITS = ("random", "source")  # models/embedder.py
+RANK_LINKS = ("linear", "sqrt", "log1p")  # rank/select.py
+RANK_DECISIONS = ("mean", "mode", "quantile", "sample")  # rank/select.py
+RANK_ALLOCATIONS = ("ibp", "uniform")
+METHODS = ("lora", "delta-lora", "lora-plus", "dylora", "dora", "qlora", "mora", "sbora-fa", "sbora-fb",
+           "houlsby", "full", "linear")  # adapters/: one module per method registers its spec
+SCHEDULES = ("cosine", "step", "constant")
+
+
+def check_registry(what: str, registered: Iterable[str], names: Sequence[str]) -> None:
+    """Raise when the names a registry holds differ from its light table in this module."""
+    registered = set(registered)
+    extra, missing = sorted(registered - set(names)), sorted(set(names) - registered)
+    if extra or missing:
+        raise RuntimeError(f"the {what} registry and orca_lora/choices.py disagree: registered but not listed "
+                           f"{extra}, listed but not registered {missing}; add the name to choices.py or "
+                           "register its code")
