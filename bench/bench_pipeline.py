@@ -37,7 +37,7 @@ def main() -> None:
         start = time.perf_counter()
         metrics = run_pipeline(config).metrics
         wall = time.perf_counter() - start
-    stages = metrics["stage_seconds"]
+    stages = metrics.stage_seconds
     # what is not a stage: loading data and the body, building the model, metrics and plots
     stages["outside stages"] = wall - sum(stages.values())
     environment = {"torch": torch.__version__, "python": platform.python_version(), "cpus": os.cpu_count(),
@@ -47,10 +47,10 @@ def main() -> None:
     print(f"{'part':<16}{'seconds':>10}{'share':>8}")
     for name, seconds in stages.items():
         print(f"{name:<16}{seconds:>10.1f}{seconds / wall:>8.1%}")
-    print(f"{'pipeline':<16}{wall:>10.1f}{1:>8.0%}   test error {metrics['test_error']:.4f}")
+    print(f"{'pipeline':<16}{wall:>10.1f}{1:>8.0%}   test error {metrics.test_error:.4f}")
     record = {"environment": environment, "config": str(args.config), "set": args.set, "wall_s": wall,
               "seconds": stages, "shares": {name: seconds / wall for name, seconds in stages.items()},
-              "test_error": metrics["test_error"]}
+              "test_error": metrics.test_error}
     write_text_atomic(args.output, json.dumps(record, indent=2) + "\n")
 
 

@@ -44,37 +44,42 @@ def check_command(args: argparse.Namespace) -> int:
 
 @command("run", "run the pipeline (align, gap and rank, refine) into runs/<name>/")
 def run_command(args: argparse.Namespace) -> int:
+    from orca_lora.experiments.plots import plot_run
     from orca_lora.pipeline import run_pipeline
 
     result = run_pipeline(_config(args))
-    if result.global_rank != 0:  # under DDP the other processes ran stage 3 with rank 0; it reports
+    if result.process_rank != 0:  # under DDP the other processes ran stage 3 with rank 0; it reports
         return 0
+    plot_run(result.directory)
     metrics = result.metrics
     print(f"\nrun directory: {result.directory}")
-    print(f"test error ({metrics['task']}, {metrics['method']}): {metrics['test_error']:.4f}   "
-          f"trivial predictor: {metrics['baseline_error']:.4f}")
-    print(f"trainable parameters: {metrics['trainable_params']:,}")
-    seconds = ", ".join(f"{k} {v:.0f} s" for k, v in metrics["stage_seconds"].items())
+    print(f"test error ({metrics.task}, {metrics.method}): {metrics.test_error:.4f}   "
+          f"trivial predictor: {metrics.baseline_error:.4f}")
+    print(f"trainable parameters: {metrics.trainable_params:,}")
+    seconds = ", ".join(f"{k} {v:.0f} s" for k, v in metrics.stage_seconds.items())
     print(f"stage times: {seconds}   plots: {result.directory / 'plots'}")
     return 0
 
 
 @command("gap", "run stages 1-2 only and print the per-block gap and rank table")
 def gap_command(args: argparse.Namespace) -> int:
-    from orca_lora.experiments.plots import read_csv
+    from orca_lora.experiments.plots import plot_run
     from orca_lora.pipeline import run_pipeline
+    from orca_lora.run_files import RunFiles, read_gaps
 
     result = run_pipeline(_config(args), last_stage=2)
-    if result.global_rank != 0:
+    if result.process_rank != 0:
         return 0
-    gaps = result.directory / "stage2" / "gaps.csv"
-    if not gaps.is_file():
+    plot_run(result.directory)
+    run = RunFiles(result.directory)
+    rows = read_gaps(run)
+    if rows is None:
         print("stage2.enabled is false: no gaps measured, every module gets stage3.rank")
         return 0
     print(f"\n{'block':>5}  {'name':<22} {'gap D_i':>10} {'rank':>5}")
-    for row in read_csv(gaps):
-        print(f"{row['block']:>5}  {row['name']:<22} {float(row['gap']):>10.4f} {row['rank']:>5}")
-    print(f"\nwritten: {gaps}, {result.directory / 'stage2' / 'ranks.json'}")
+    for row in rows:
+        print(f"{row.block:>5}  {row.name:<22} {row.gap:>10.4f} {row.rank:>5}")
+    print(f"\nwritten: {run.gaps}, {run.ranks}")
     return 0
 
 
@@ -170,10 +175,11 @@ def plot_arguments(parser: argparse.ArgumentParser) -> None:
 @command("plot", "figures (PNG and PDF) for a run or a sweep directory, under DIR/plots/", plot_arguments)
 def plot_command(args: argparse.Namespace) -> int:
     from orca_lora.experiments.plots import plot_run, plot_sweep
+    from orca_lora.run_files import RunFiles
 
     if not args.directory.is_dir():
         raise FileNotFoundError(f"{args.directory} is not a directory; give a run or sweep directory")
-    is_run = (args.directory / "stage1").is_dir()
+    is_run = RunFiles(args.directory).stage("stage1").is_dir()
     written = plot_run(args.directory) if is_run else plot_sweep(args.directory, args.tolerance)
     print("\n".join(str(path) for path in written if path.suffix == ".png"))
     return 0
@@ -215,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="orca-lora",
         description="ORCA-style cross-modal fine-tuning with modality-gap LoRA rank selection.",
     )
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error instead of its one-line message")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, arguments, function) in COMMANDS.items():
         sub = commands.add_parser(name, help=help_text, description=help_text)
@@ -229,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except (ConfigError, OSError, KeyError, ValueError) as error:
+        if args.debug:
+            raise
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"orca-lora {args.command}: error: {message}", file=sys.stderr)
         return 2

@@ -105,6 +105,9 @@ class Stage2Config:
     enabled: bool = True  # false: no gaps measured, every adapted module gets stage3.rank
     allocation: str = "ibp"  # ibp: ranks from the gap's IBP prior; uniform: gaps measured, stage3.rank everywhere
     distance: str = "mmd"
+    otdd_inner: str = "exact"  # distance otdd: label-to-label cost, as stage1.otdd_inner
+    entropic_reg: float = 0.1  # distance otdd: outer entropic regularisation
+    n_pseudo_labels: int = 10  # k-means clusters labelling regression targets (otdd)
     max_samples: int = 256
     link: str = "linear"
     decision: str = "mean"
@@ -276,6 +279,9 @@ def validate(config: Config) -> None:
     _at_least("stage1.lr", s1.lr, 0.0)
     _at_least("stage1.n_pseudo_labels", s1.n_pseudo_labels, 1)
     _choice("stage2.distance", s2.distance, GAP_DISTANCES)
+    _choice("stage2.otdd_inner", s2.otdd_inner, OTDD_INNER)
+    _at_least("stage2.entropic_reg", s2.entropic_reg, 1e-6)
+    _at_least("stage2.n_pseudo_labels", s2.n_pseudo_labels, 1)
     _choice("stage2.link", s2.link, RANK_LINKS)
     _choice("stage2.decision", s2.decision, RANK_DECISIONS)
     _choice("stage2.allocation", s2.allocation, RANK_ALLOCATIONS)

@@ -1,14 +1,16 @@
 """Atomic writes: a temp file in the target's folder, then a rename, so no reader (or a resumed
-run) ever sees half a file, and a failed write leaves nothing behind."""
+run) ever sees half a file, and a failed write leaves nothing behind. Temp names come from
+mkstemp, so concurrent writers of one path never share a temp file."""
 from __future__ import annotations
 
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from safetensors.torch import save_file
-from torch import Tensor
+if TYPE_CHECKING:  # torch and numpy load lazily: config.py imports this module and stays light
+    import numpy as np
+    from torch import Tensor
 
 
 def _default_mode() -> int:
@@ -18,7 +20,9 @@ def _default_mode() -> int:
     return 0o666 & ~umask
 
 
-def _write_atomic(path: Path, write: Callable[[str], None]) -> None:
+def write_atomic(path: Path, write: Callable[[str], None]) -> None:
+    """Call `write(temp_path)`, then rename the temp file onto `path` (removed if `write` fails)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)
@@ -32,10 +36,29 @@ def _write_atomic(path: Path, write: Callable[[str], None]) -> None:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    _write_atomic(Path(path), lambda temp: Path(temp).write_text(text))
+    write_atomic(Path(path), lambda temp: Path(temp).write_text(text))
 
 
-def save_tensors_atomic(tensors: Mapping[str, Tensor], path: Path) -> None:
+def save_tensors_atomic(tensors: Mapping[str, "Tensor"], path: Path) -> None:
     """A safetensors file of `tensors` (detached, on the CPU, contiguous)."""
+    from safetensors.torch import save_file
+
     state = {key: value.detach().cpu().contiguous() for key, value in tensors.items()}
-    _write_atomic(Path(path), lambda temp: save_file(state, temp))
+    write_atomic(Path(path), lambda temp: save_file(state, temp))
+
+
+def save_npz_atomic(path: Path, **arrays: "np.ndarray") -> None:
+    """An uncompressed `.npz` of `arrays`."""
+    import numpy as np
+
+    def write(temp: str) -> None:
+        with open(temp, "wb") as stream:  # a file object, or np.savez would append ".npz" to the name
+            np.savez(stream, **arrays)
+
+    write_atomic(Path(path), write)
+
+
+def save_figure_atomic(figure: Any, path: Path, **savefig_options: Any) -> None:
+    """`figure.savefig` into `path`, in the format its suffix names."""
+    fmt = Path(path).suffix.lstrip(".")
+    write_atomic(Path(path), lambda temp: figure.savefig(temp, format=fmt, **savefig_options))

@@ -12,13 +12,12 @@ finished stage markers, train stage 3 with it, and log only warnings.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file
@@ -26,13 +25,23 @@ from safetensors.torch import load_file
 from orca_lora.align import stage as align_stage
 from orca_lora.config import ADAPTER_METHODS, Config, run_directory, run_path, section_hash
 from orca_lora.data.tasks import build_task
-from orca_lora.experiments.plots import plot_run
-from orca_lora.files import write_text_atomic
 from orca_lora.finetune import stage as finetune_stage
 from orca_lora.models.embedder import Embedder
 from orca_lora.models.model import build_orca_model
 from orca_lora.models.source import load_source_body, source_proxy
 from orca_lora.rank import stage as rank_stage
+from orca_lora.run_files import (
+    AlignResult,
+    FinetuneResult,
+    GapResult,
+    RunFiles,
+    RunMetrics,
+    StageRecord,
+    from_dict,
+    read_marker,
+    write_marker,
+    write_metrics,
+)
 
 log = logging.getLogger("orca_lora")
 
@@ -46,8 +55,8 @@ STAGE_SECTIONS = {
 @dataclass
 class RunResult:
     directory: Path
-    metrics: dict[str, Any] | None  # None when the run stopped before stage 3
-    global_rank: int = 0  # only rank 0 wrote the run directory and should report it
+    metrics: RunMetrics | None  # None when the run stopped before stage 3
+    process_rank: int = 0  # only global rank 0 wrote the run directory and should report it
 
 
 def stage_hash(config: Config, stage: str) -> str:
@@ -59,140 +68,137 @@ def stage_hash(config: Config, stage: str) -> str:
     return digest
 
 
-def _read_marker(marker: Path) -> dict | None:
-    return json.loads(marker.read_text()) if marker.is_file() else None
-
-
-def _await_marker(marker: Path, expected: str, finished: bool, poll_seconds: float = 1.0) -> dict:
+def _await_marker(run_files: RunFiles, name: str, expected: str, finished: bool,
+                  poll_seconds: float = 1.0) -> StageRecord:
     """Rank 0's marker for the config hash `expected` (finished, if asked). Markers are written
     atomically, so a read never sees half a file. The launcher (torchrun, srun --kill-on-bad-exit)
     ends a waiting rank when rank 0 fails."""
     while True:
-        record = _read_marker(marker)
-        if record is not None and record["hash"] == expected and (record["finished"] or not finished):
+        record = read_marker(run_files, name)
+        if record is not None and record.hash == expected and (record.finished or not finished):
             return record
         time.sleep(poll_seconds)
 
 
-def _follow(name: str, config: Config, run_dir: Path, work: Callable[[Path], dict]) -> dict:
+def _follow(name: str, config: Config, run_files: RunFiles, work: Callable[[], object]) -> StageRecord:
     """A non-zero rank's stage: rank 0's finished record, or, for stage 3 (which every rank trains),
     its own result once rank 0 has prepared the directory. Writes no marker."""
-    record = _await_marker(run_dir / name / "stage.json", stage_hash(config, name), finished=name != "stage3")
-    if record["finished"]:
+    record = _await_marker(run_files, name, stage_hash(config, name), finished=name != "stage3")
+    if record.finished:
         return record
     started = time.perf_counter()
-    result = work(run_dir / name)
-    return {"hash": record["hash"], "finished": True, "seconds": time.perf_counter() - started, "result": result}
+    result = work()
+    return StageRecord(record.hash, True, time.perf_counter() - started, asdict(result))
 
 
-def _staged(name: str, config: Config, run_dir: Path, work: Callable[[Path], dict], global_rank: int) -> dict:
-    """Run `work` into `run_dir/name` unless a finished copy with the same config hash is there.
+def _staged(name: str, config: Config, run_files: RunFiles, work: Callable[[], object],
+            process_rank: int) -> StageRecord:
+    """Run `work` (which writes into `run_files.stage(name)`) unless a finished copy with the same
+    config hash is there.
 
     `stage.json` records the hash when a stage starts and its result when it finishes; an
     unfinished stage with the same hash keeps its files, so stage 3 resumes from its checkpoint.
     Only global rank 0 writes markers; other ranks follow them.
     """
-    if global_rank != 0:
-        return _follow(name, config, run_dir, work)
-    directory = run_dir / name
-    marker = directory / "stage.json"
+    if process_rank != 0:
+        return _follow(name, config, run_files, work)
+    directory = run_files.stage(name)
     expected = stage_hash(config, name)
-    record = _read_marker(marker)
-    if record is not None and record["hash"] == expected and record["finished"]:
+    record = read_marker(run_files, name)
+    if record is not None and record.hash == expected and record.finished:
         log.info("%s: finished earlier with the same config (hash %s), skipping", name, expected)
         return record
-    if directory.exists() and (record is None or record["hash"] != expected):
+    if directory.exists() and (record is None or record.hash != expected):
         log.info("%s: config changed since the last attempt, starting it afresh", name)
         shutil.rmtree(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(marker, json.dumps({"hash": expected, "finished": False}) + "\n")
+    write_marker(run_files, name, StageRecord(expected))
     log.info("%s: starting (config hash %s)", name, expected)
     started = time.perf_counter()
-    result = work(directory)
-    record = {"hash": expected, "finished": True, "seconds": time.perf_counter() - started, "result": result}
-    write_text_atomic(marker, json.dumps(record, indent=2, default=str) + "\n")
-    log.info("%s: finished in %.1f s", name, record["seconds"])
+    result = work()
+    record = StageRecord(expected, True, time.perf_counter() - started, asdict(result))
+    write_marker(run_files, name, record)
+    log.info("%s: finished in %.1f s", name, record.seconds)
     return record
 
 
 def run_pipeline(config: Config, last_stage: int = 3) -> RunResult:
     """Stages 1 to `last_stage` for `config`; returns the run directory and its metrics."""
     placement = finetune_stage.process_placement(config.trainer)
-    rank = placement.global_rank
-    if rank != 0:
+    process_rank = placement.global_rank
+    run_files = RunFiles(run_path(config))
+    if process_rank != 0:
         log.setLevel(logging.WARNING)  # one process tells the story, as Lightning's rank_zero_* do
         for name in ("stage1", "stage2"):  # rank 0 also writes the data and source-body caches first
-            _await_marker(run_path(config) / name / "stage.json", stage_hash(config, name), finished=True)
+            _await_marker(run_files, name, stage_hash(config, name), finished=True)
     task = build_task(config.task, config.data_root)
     finetune_stage.check_world_size(task, placement.world_size)
     body = load_source_body(config.source, config.data_root)
-    if config.stage3.method in ADAPTER_METHODS:  # a target typo fails here, not after stages 1-2
-        rank_stage.adapted_module_shapes(body, config.stage3.targets)
-    if config.stage3.rank_map:
-        rank_stage.check_rank_map(body, config.stage3.targets, config.stage3.rank_map)
-    run_dir = run_directory(config) if rank == 0 else run_path(config)
+    s3 = config.stage3
+    if s3.method in ADAPTER_METHODS:  # a target typo fails here, not after stages 1-2
+        rank_stage.adapted_module_shapes(body, s3.targets)
+    if s3.rank_map:
+        rank_stage.check_rank_map(body, s3.targets, s3.rank_map)
+    if process_rank == 0:
+        run_directory(config)
     source_images, source_labels = source_proxy(config.source, config.data_root)
     embedder = Embedder.from_body(body, task.in_channels, init=config.stage1.embedder_init,
                                   generator=torch.Generator().manual_seed(config.seed))
 
-    def align(directory: Path) -> dict:
-        result = align_stage.run(config.stage1, config.trainer, body, task, embedder, source_images,
-                                 source_labels, config.seed, directory)
-        return asdict(result)
+    def align() -> AlignResult:
+        return align_stage.run(config.stage1, config.trainer, body, task, embedder, source_images,
+                               source_labels, config.seed, run_files)
 
-    stage1 = _staged("stage1", config, run_dir, align, rank)
-    embedder.load_state_dict(load_file(str(run_dir / "stage1" / "embedder.safetensors")))
+    stage1 = _staged("stage1", config, run_files, align, process_rank)
+    embedder.load_state_dict(load_file(str(run_files.embedder)))
 
-    def gap_and_rank(directory: Path) -> dict:
+    def gap_and_rank() -> GapResult:
         if not config.stage2.enabled:
-            ranks = dict(config.stage3.rank_map) or rank_stage.uniform_ranks(body, config.stage3.targets,
-                                                                             config.stage3.rank)
-            return {"ranks": ranks, "gaps": None}
-        result = rank_stage.run(config.stage2, config.stage1, config.stage3.rank, config.stage3.targets, body,
-                                embedder, task, source_images, source_labels, config.seed, directory)
-        return asdict(result)
+            return rank_stage.explicit_ranks(body, s3.targets, s3.rank, s3.rank_map, run_files)
+        inputs = rank_stage.GapInputs(body, embedder, task, source_images, source_labels, s3.targets, s3.rank,
+                                      config.seed)
+        return rank_stage.run(config.stage2, inputs, run_files)
 
-    stage2 = _staged("stage2", config, run_dir, gap_and_rank, rank)
+    stage2 = _staged("stage2", config, run_files, gap_and_rank, process_rank)
+    gaps = from_dict(GapResult, stage2.result, run_files.marker("stage2"))
     if last_stage == 2:
-        if rank == 0:
-            plot_run(run_dir)
-        return RunResult(run_dir, None, rank)
+        return RunResult(run_files.root, None, process_rank)
 
-    def refine(directory: Path) -> dict:
+    def refine() -> FinetuneResult:
         model = build_orca_model(body, task.in_channels, task.head, task.num_outputs, task.output_size,
                                  seed=config.seed)
         model.embedder.load_state_dict(embedder.state_dict())
-        result = finetune_stage.run(config.stage3, config.trainer, model, stage2["result"]["ranks"], task,
-                                    config.seed, directory)
-        return asdict(result)
+        return finetune_stage.run(s3, config.trainer, model, gaps.ranks, task, config.seed, run_files)
 
-    stage3 = _staged("stage3", config, run_dir, refine, rank)
+    stage3 = _staged("stage3", config, run_files, refine, process_rank)
     metrics = _metrics(config, task.baseline_error, stage1, stage2, stage3)
-    if rank == 0:
-        write_text_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-        plot_run(run_dir)
-    return RunResult(run_dir, metrics, rank)
+    if process_rank == 0:
+        write_metrics(run_files, metrics)
+    return RunResult(run_files.root, metrics, process_rank)
 
 
-def _metrics(config: Config, baseline_error: float, stage1: dict, stage2: dict, stage3: dict) -> dict:
-    ranks = stage2["result"]["ranks"]
-    gaps = stage2["result"].get("gaps")
-    return {
-        "task": config.task.name,
-        "method": config.stage3.method,
-        "rank": config.stage3.rank,
-        "gap_aware": config.stage2.enabled and config.stage2.allocation == "ibp",
-        "seed": config.seed,
-        "test_error": stage3["result"]["test_error"],
-        "baseline_error": baseline_error,
-        "best_val_error": stage3["result"]["best_val_error"],
-        "trainable_params": stage3["result"]["trainable_params"],
-        "ranks": ranks,
-        "mean_gap": sum(gaps) / len(gaps) if gaps else None,
-        "alignment": {"distance": config.stage1.distance, "before": stage1["result"]["distance_before"],
-                      "after": stage1["result"]["distance_after"]},
-        "stage_seconds": {name: record["seconds"] for name, record in
-                          (("stage1", stage1), ("stage2", stage2), ("stage3", stage3))},
-        "device": stage3["result"]["device"],
-        "torch": torch.__version__,
-    }
+def _metrics(config: Config, baseline_error: float, stage1: StageRecord, stage2: StageRecord,
+             stage3: StageRecord) -> RunMetrics:
+    alignment = from_dict(AlignResult, stage1.result, "stage1/stage.json")
+    gaps = from_dict(GapResult, stage2.result, "stage2/stage.json")
+    refined = from_dict(FinetuneResult, stage3.result, "stage3/stage.json")
+    measured = gaps.gaps
+    return RunMetrics(
+        task=config.task.name,
+        method=config.stage3.method,
+        rank=config.stage3.rank,
+        gap_aware=config.stage2.enabled and config.stage2.allocation == "ibp",
+        seed=config.seed,
+        test_error=refined.test_error,
+        baseline_error=baseline_error,
+        best_val_error=refined.best_val_error,
+        trainable_params=refined.trainable_params,
+        ranks=gaps.ranks,
+        mean_gap=sum(measured) / len(measured) if measured else None,
+        alignment={"distance": config.stage1.distance, "before": alignment.distance_before,
+                   "after": alignment.distance_after},
+        stage_seconds={"stage1": stage1.seconds, "stage2": stage2.seconds, "stage3": stage3.seconds},
+        device=refined.device,
+        torch=torch.__version__,
+        allocation=gaps.allocation,
+    )

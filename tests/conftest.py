@@ -10,6 +10,7 @@ from torch import nn
 from orca_lora.models.body import build_body
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))  # shared test helpers: `from toys import ...`
 TINY_KWARGS = {"img_size": 32, "patch_size": 2, "window_size": 4, "embed_dim": 16, "depths": (2, 2),
                "num_heads": (2, 4)}
 

@@ -8,6 +8,7 @@ import pytest
 from orca_lora import cli
 from orca_lora.config import load_config
 from orca_lora.models.pretrain import PretrainResult
+from orca_lora.run_files import GapRow, RunFiles, RunMetrics, write_gaps
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
@@ -83,6 +84,15 @@ def test_errors_from_the_library_are_one_line_without_key_error_quotes(capsys, m
     assert code == 2 and err == "orca-lora run: error: stage3.rank_map: 'x' is not an adapted module\n"
 
 
+def test_debug_re_raises_the_library_error_with_its_traceback(monkeypatch):
+    def fail(config, last_stage=3):
+        raise KeyError("a bug deep in the library")
+
+    monkeypatch.setattr("orca_lora.pipeline.run_pipeline", fail)
+    with pytest.raises(KeyError, match="a bug deep in the library"):
+        cli.main(["--debug", "run", str(QUICKSTART)])
+
+
 def test_run_passes_the_resolved_config_and_prints_the_metrics(capsys, monkeypatch, tmp_path):
     from orca_lora.pipeline import RunResult
 
@@ -90,9 +100,10 @@ def test_run_passes_the_resolved_config_and_prints_the_metrics(capsys, monkeypat
 
     def fake(config, last_stage=3):
         seen["config"], seen["last_stage"] = config, last_stage
-        return RunResult(tmp_path, {"task": "darcy", "method": "lora", "test_error": 0.01234, "baseline_error": 0.5,
-                                    "trainable_params": 123456, "stage_seconds": {"stage1": 1.0, "stage2": 2.0,
-                                                                                  "stage3": 3.0}})
+        return RunResult(tmp_path, RunMetrics(
+            task="darcy", method="lora", rank=2, gap_aware=True, seed=0, test_error=0.01234, baseline_error=0.5,
+            best_val_error=0.011, trainable_params=123456, ranks={}, mean_gap=None, alignment={},
+            stage_seconds={"stage1": 1.0, "stage2": 2.0, "stage3": 3.0}, device="cpu", torch="2"))
 
     monkeypatch.setattr("orca_lora.pipeline.run_pipeline", fake)
     code, out, _ = run_cli(["run", str(QUICKSTART), *with_sets("stage3.rank=2")], capsys)
@@ -104,9 +115,8 @@ def test_run_passes_the_resolved_config_and_prints_the_metrics(capsys, monkeypat
 def test_gap_prints_the_gap_and_rank_table(capsys, monkeypatch, tmp_path):
     from orca_lora.pipeline import RunResult
 
-    (tmp_path / "stage2").mkdir()
-    (tmp_path / "stage2" / "gaps.csv").write_text("block,name,gap,rank\n0,layers.0.blocks.0,0.25,3\n"
-                                                  "1,layers.0.blocks.1,1.5,7\n")
+    run = RunFiles(tmp_path)
+    write_gaps(run, [GapRow(0, "layers.0.blocks.0", 0.25, 3), GapRow(1, "layers.0.blocks.1", 1.5, 7)])
     seen = {}
 
     def fake(config, last_stage=3):
@@ -119,7 +129,7 @@ def test_gap_prints_the_gap_and_rank_table(capsys, monkeypatch, tmp_path):
     assert code == 0 and seen["last_stage"] == 2
     assert rows == [["0", "layers.0.blocks.0", "0.2500", "3"], ["1", "layers.0.blocks.1", "1.5000", "7"]]
 
-    (tmp_path / "stage2" / "gaps.csv").unlink()
+    run.gaps.unlink()
     code, out, _ = run_cli(["gap", str(QUICKSTART)], capsys)
     assert code == 0 and "no gaps measured" in out
 

@@ -13,7 +13,9 @@ from safetensors import safe_open
 
 from orca_lora.cli import main
 from orca_lora.config import load_config
+from orca_lora.experiments.plots import plot_run
 from orca_lora.pipeline import run_pipeline
+from orca_lora.run_files import RunFiles, read_gaps, read_metrics, read_ranks, read_sample_errors
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
@@ -31,13 +33,21 @@ def test_pipeline_writes_a_complete_run_directory_and_skips_finished_stages(tiny
     directory = result.directory
     for relative in ("config.yaml", "stage1/embedder.safetensors", "stage1/alignment.csv", "stage2/gaps.csv",
                      "stage2/ranks.json", "stage3/trainable.safetensors", "stage3/adapter/adapter_config.json",
-                     "stage3/adapter/adapter_model.safetensors", "metrics.json", "plots/alignment.png",
-                     "plots/gaps_and_ranks.png", "plots/training.pdf"):
+                     "stage3/adapter/adapter_model.safetensors", "stage3/sample_errors.npz", "metrics.json"):
         assert (directory / relative).is_file(), relative
+    assert not (directory / "plots").exists(), "the pipeline writes run files; figures are the caller's choice"
     metrics = json.loads((directory / "metrics.json").read_text())
     assert {"test_error", "baseline_error", "trainable_params", "stage_seconds", "device"} <= set(metrics)
     assert set(metrics["stage_seconds"]) == set(STAGES)
-    assert metrics["test_error"] == result.metrics["test_error"] and np.isfinite(metrics["test_error"])
+    assert metrics["test_error"] == result.metrics.test_error and np.isfinite(metrics["test_error"])
+    run = RunFiles(directory)
+    assert read_metrics(run) == result.metrics
+    errors = read_sample_errors(run)
+    assert len(errors.test) == 32 and len(errors.val) == round(0.1 * 96)
+    assert errors.test.mean() == pytest.approx(result.metrics.test_error, abs=1e-6)
+    assert errors.val.mean() == pytest.approx(result.metrics.best_val_error, abs=1e-6)
+    written = {path.name for path in plot_run(directory)}
+    assert {"alignment.png", "gaps_and_ranks.png", "training.pdf"} <= written
     with safe_open(str(directory / "stage3" / "trainable.safetensors"), "pt") as saved:
         frozen = [k for k in saved.keys() if k.startswith("model.body.") and "lora_" not in k]
     assert frozen == [], "the frozen body must not be in the trainable checkpoint"
@@ -45,7 +55,7 @@ def test_pipeline_writes_a_complete_run_directory_and_skips_finished_stages(tiny
     before = markers(directory)
     again = run_pipeline(config)
     assert markers(directory) == before
-    assert again.metrics["test_error"] == metrics["test_error"]
+    assert again.metrics.test_error == metrics["test_error"]
 
     run_pipeline(load_config(QUICKSTART, tiny_overrides + ["stage3.lr=5e-3"]))
     after = markers(directory)
@@ -57,16 +67,20 @@ def test_same_config_gives_the_same_numbers(tiny_overrides):
     overrides = tiny_overrides + ["stage2.enabled=false", "stage1.epochs=1", "trainer.max_epochs=1"]
     first = run_pipeline(load_config(QUICKSTART, overrides + ["output.name=first"]))
     second = run_pipeline(load_config(QUICKSTART, overrides + ["output.name=second"]))
-    assert first.metrics["test_error"] == second.metrics["test_error"]
-    assert first.metrics["alignment"] == second.metrics["alignment"]
+    assert first.metrics.test_error == second.metrics.test_error
+    assert first.metrics.alignment == second.metrics.alignment
+    first_errors = read_sample_errors(RunFiles(first.directory))
+    second_errors = read_sample_errors(RunFiles(second.directory))
+    assert np.array_equal(first_errors.test, second_errors.test)
 
 
 def test_uniform_rank_and_disabled_alignment(tiny_overrides):
     overrides = tiny_overrides + ["stage2.enabled=false", "stage1.epochs=0", "stage3.rank=3"]
     result = run_pipeline(load_config(QUICKSTART, overrides))
-    assert set(result.metrics["ranks"].values()) == {3}
-    assert result.metrics["alignment"]["before"] == result.metrics["alignment"]["after"]
-    assert not (result.directory / "stage2" / "gaps.csv").exists()
+    assert set(result.metrics.ranks.values()) == {3}
+    assert result.metrics.alignment["before"] == result.metrics.alignment["after"]
+    run = RunFiles(result.directory)
+    assert read_gaps(run) is None and read_ranks(run).ranks == result.metrics.ranks
 
 
 def test_killed_run_resumes_from_its_last_checkpoint(tiny_overrides, tmp_path, caplog):

@@ -27,6 +27,8 @@ from torch import Tensor
 from orca_lora.align.features import check_features, check_labels, check_pair, squared_distances
 from orca_lora.align.label_costs import INNER_COSTS, ClassSplit, check_inner, split_for
 from orca_lora.align.sinkhorn import SINKHORN_ITERS, entropic_ot
+from orca_lora.choices import DISTANCES as DISTANCE_NAMES
+from orca_lora.choices import check_registry
 
 MEDIAN_MULTIPLIERS = (0.25, 0.5, 1.0, 2.0, 4.0)
 
@@ -255,6 +257,7 @@ def register_distance(name: str, differentiable: bool):
 
 
 def get_distance(name: str) -> Distance:
+    check_registry("distance", DISTANCES, DISTANCE_NAMES)
     if name not in DISTANCES:
         raise KeyError(f"unknown distance {name!r}; choose from {sorted(DISTANCES)}")
     return DISTANCES[name]
@@ -273,3 +276,8 @@ def _otdd_distance(x_s: Tensor, y_s: Tensor, x_t: Tensor, y_t: Tensor, **options
 @register_distance("c2st", differentiable=False)
 def _c2st_distance(x_s: Tensor, y_s: Tensor, x_t: Tensor, y_t: Tensor, **options) -> float:
     return c2st_gap(x_s, x_t, **options)
+
+
+def distance_options(distance: str, otdd_inner: str, entropic_reg: float, seed: int) -> dict:
+    """The keyword options each registered distance takes, from the values a config section sets."""
+    return {"otdd": {"inner": otdd_inner, "entropic_reg": entropic_reg}, "c2st": {"seed": seed}}.get(distance, {})

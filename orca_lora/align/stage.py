@@ -6,61 +6,19 @@ configured distance (OTDD or MMD) between the two labelled feature sets is the l
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
-
 import lightning as L
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.loggers import CSVLogger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from orca_lora.align.distances import DISTANCES, prepare_source
-from orca_lora.align.pseudo_labels import kmeans_labels
+from orca_lora.align.distances import DISTANCES, distance_options, prepare_source
 from orca_lora.config import Stage1Config, TrainerConfig
 from orca_lora.data.tasks import TaskData
-from orca_lora.files import save_tensors_atomic, write_text_atomic
+from orca_lora.files import save_tensors_atomic
 from orca_lora.models.embedder import Embedder, mean_pool
-
-
-@dataclass
-class AlignResult:
-    embedder_path: Path
-    curve: list[float]  # distance over the alignment set: entry 0 before training, then one per epoch
-    distance_before: float
-    distance_after: float
-
-
-def source_tokens(body: nn.Module, images: Tensor) -> Tensor:
-    """The source body's own patch-embedding tokens (NHWC) of images resized to its input size."""
-    size = tuple(body.patch_embed.img_size)
-    with torch.no_grad():
-        if tuple(images.shape[-2:]) != size:
-            images = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
-        return body.patch_embed(images)
-
-
-def source_features(body: nn.Module, images: Tensor, batch_size: int = 256) -> Tensor:
-    """Mean-pooled `source_tokens`, computed in batches."""
-    return torch.cat([mean_pool(source_tokens(body, batch)) for batch in images.split(batch_size)])
-
-
-def alignment_set(task: TaskData, max_samples: int, n_pseudo_labels: int, seed: int) -> tuple[Tensor, Tensor]:
-    """Target inputs for alignment with labels: true classes, or k-means clusters of the outputs."""
-    count = min(max_samples, len(task.train))
-    chosen = torch.randperm(len(task.train), generator=torch.Generator().manual_seed(seed))[:count]
-    inputs, targets = zip(*(task.train[int(i)] for i in chosen))
-    inputs, targets = torch.stack(inputs), torch.stack([torch.as_tensor(t) for t in targets])
-    if task.regression:
-        targets = kmeans_labels(targets.flatten(1).float(), min(n_pseudo_labels, count), seed=seed)
-    return inputs, targets.long()
-
-
-def distance_options(distance: str, align: Stage1Config, seed: int) -> dict:
-    """The config values each registered distance takes (stage 2 measures with stage 1's OTDD settings)."""
-    return {"otdd": {"inner": align.otdd_inner, "entropic_reg": align.entropic_reg},
-            "c2st": {"seed": seed}}.get(distance, {})
+from orca_lora.models.features import labelled_target_sample, source_features
+from orca_lora.run_files import AlignResult, RunFiles, write_alignment
 
 
 class AlignModule(L.LightningModule):
@@ -73,7 +31,7 @@ class AlignModule(L.LightningModule):
         self.register_buffer("source_x", source_x)
         self.register_buffer("source_y", source_y)
         self.stage, self.distance_fn = stage, entry.fn
-        self.options = distance_options(stage.distance, stage, seed)
+        self.options = distance_options(stage.distance, stage.otdd_inner, stage.entropic_reg, seed)
         self.source_cache = None
 
     def distance(self, target_x: Tensor, target_y: Tensor) -> Tensor:
@@ -98,10 +56,11 @@ class AlignModule(L.LightningModule):
 
 def run(stage: Stage1Config, trainer_config: TrainerConfig, body: nn.Module, task: TaskData,
         embedder: Embedder, source_images: Tensor, source_labels: Tensor, seed: int,
-        directory: Path) -> AlignResult:
+        run_files: RunFiles) -> AlignResult:
     """Train `embedder` in place for `stage.epochs`; write its weights and the alignment curve."""
+    directory = run_files.stage("stage1")
     directory.mkdir(parents=True, exist_ok=True)
-    target_x, target_y = alignment_set(task, stage.max_samples, stage.n_pseudo_labels, seed)
+    target_x, target_y = labelled_target_sample(task, stage.max_samples, stage.n_pseudo_labels, seed)
     module = AlignModule(embedder, source_features(body, source_images), source_labels.long(), stage, seed)
     curve: list[float] = []
 
@@ -123,11 +82,9 @@ def run(stage: Stage1Config, trainer_config: TrainerConfig, body: nn.Module, tas
         )
         trainer.fit(module, loader)
         module.cpu()
-    path = directory / "embedder.safetensors"
-    save_tensors_atomic(embedder.state_dict(), path)
-    rows = "\n".join(f"{epoch},{value:.6g}" for epoch, value in enumerate(curve))
-    write_text_atomic(directory / "alignment.csv", f"epoch,{stage.distance}\n{rows}\n")
-    return AlignResult(path, curve, curve[0], curve[-1])
+    save_tensors_atomic(embedder.state_dict(), run_files.embedder)
+    write_alignment(run_files, stage.distance, curve)
+    return AlignResult(curve, curve[0], curve[-1])
 
 
 class _EpochEnd(L.Callback):

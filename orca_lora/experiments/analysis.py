@@ -17,12 +17,16 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
+from matplotlib import colormaps
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
+from matplotlib.ticker import MaxNLocator, ScalarFormatter
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from orca_lora.adapters.lora import dora_weight_norm, lora_scaling
 from orca_lora.config import Config, Stage3Config, load_config
-from orca_lora.experiments.plots import save_figure
+from orca_lora.experiments.plots import save_figure, subplots
 from orca_lora.experiments.subspace import (
     RankDiagnostic,
     random_subspace_similarity,
@@ -30,15 +34,11 @@ from orca_lora.experiments.subspace import (
     subspace_similarity,
 )
 from orca_lora.files import write_text_atomic
+from orca_lora.models.model import BODY_PREFIX
 from orca_lora.models.source import load_source_body
-from orca_lora.rank.stage import BODY_PREFIX
-
-import matplotlib.pyplot as plt  # noqa: E402  (after plots.py has chosen the Agg backend)
-from matplotlib.ticker import MaxNLocator, ScalarFormatter  # noqa: E402
+from orca_lora.run_files import RunFiles, read_ranks
 
 MODEL_PREFIX = "model."  # stage 3 saves the FinetuneModule's state, which holds the OrcaModel as `model`
-TRAINABLE = Path("stage3") / "trainable.safetensors"
-RANKS = Path("stage2") / "stage.json"
 
 
 @dataclass(frozen=True)
@@ -127,7 +127,8 @@ class RunWeights:
 
 def check_run(directory: Path) -> Config:
     """The run's resolved config, once its files show it finished with a method that changes body weights."""
-    config_file = directory / "config.yaml"
+    run = RunFiles(directory)
+    config_file = run.config
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file} not found: {directory} is not a run directory; pass the "
                                 "runs/<name>/ directories that `orca-lora run` writes")
@@ -135,17 +136,18 @@ def check_run(directory: Path) -> Config:
     if config.stage3.method not in WEIGHT_CHANGES:
         raise ValueError(f"{config_file}: stage3.method={config.stage3.method!r} has no weight change W - W0 "
                          f"to analyse (rules exist for {sorted(WEIGHT_CHANGES)}); pass runs of those methods")
-    for needed in (RANKS, TRAINABLE):
-        if not (directory / needed).is_file():
-            raise FileNotFoundError(f"{directory / needed} not found: the run has not finished; finish it with "
+    for needed in (run.ranks, run.trainable):
+        if not needed.is_file():
+            raise FileNotFoundError(f"{needed} not found: the run has not finished; finish it with "
                                     f"`orca-lora run {config_file}`")
     return config
 
 
 def read_run(directory: Path, label: str, config: Config, frozen: FrozenWeights) -> RunWeights:
     """Every adapted module's weight change (and A matrix, for adapter runs) from a finished run."""
-    method, trainable = config.stage3.method, directory / TRAINABLE
-    ranks = {name: int(rank) for name, rank in json.loads((directory / RANKS).read_text())["result"]["ranks"].items()}
+    run = RunFiles(directory)
+    method, trainable = config.stage3.method, run.trainable
+    ranks = {name: int(rank) for name, rank in read_ranks(run).ranks.items()}
     state = load_file(str(trainable))
     rule = WEIGHT_CHANGES[method]
     changes, lora_A = {}, {}
@@ -321,8 +323,8 @@ def write_figures(spectra: Sequence[ModuleSpectrum], similarities: Sequence[Modu
 
 def plot_update_spectra(spectra: Sequence[ModuleSpectrum], energy_fraction: float, stem: Path) -> list[Path]:
     """Cumulative energy of each module's weight change against the number of directions kept."""
-    figure, axis = plt.subplots(figsize=(5.5, 3.5))
-    colors = plt.get_cmap("viridis")(np.linspace(0, 1, len(spectra)))
+    figure, axis = subplots(figsize=(5.5, 3.5))
+    colors = colormaps["viridis"](np.linspace(0, 1, len(spectra)))
     for spectrum, color in zip(spectra, colors):
         energy = np.square(spectrum.diagnostic.singular_values)
         cumulative = np.cumsum(energy) / energy.sum() if energy.sum() > 0 else np.ones_like(energy)
@@ -333,7 +335,7 @@ def plot_update_spectra(spectra: Sequence[ModuleSpectrum], energy_fraction: floa
     axis.set_xlabel("rank r (directions kept)")
     axis.set_ylabel("share of ||E||_F^2 in the top r")
     axis.set_title(f"{spectra[0].run} ({spectra[0].method}): weight-change spectra")
-    bar = figure.colorbar(plt.cm.ScalarMappable(cmap="viridis", norm=plt.Normalize(0, len(spectra) - 1)), ax=axis)
+    bar = figure.colorbar(ScalarMappable(cmap="viridis", norm=Normalize(0, len(spectra) - 1)), ax=axis)
     bar.set_label("module (forward order)")
     axis.legend(loc="lower right")
     return save_figure(figure, stem)
@@ -344,8 +346,8 @@ def plot_subspace_similarity(group: Sequence[ModuleSimilarity], max_panels: int,
     picks = sorted(set(np.linspace(0, len(group) - 1, min(max_panels, len(group))).round().astype(int)))
     columns = min(3, len(picks))
     rows = -(-len(picks) // columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 2.9 * rows), squeeze=False,
-                                layout="constrained")
+    figure, axes = subplots(rows, columns, figsize=(3.2 * columns, 2.9 * rows), squeeze=False,
+                            layout="constrained")
     for axis, index in zip(axes.flat, picks):
         similarity = group[index]
         r_a, r_b = similarity.phi.shape

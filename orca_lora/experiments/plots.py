@@ -2,22 +2,19 @@
 from __future__ import annotations
 
 import csv
-import json
-import os
 from collections import defaultdict
 from pathlib import Path
-from typing import Sequence
-
-import numpy as np
+from typing import Any, Sequence
 
 import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, MaxNLocator, NullLocator
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
-from matplotlib.ticker import FuncFormatter, MaxNLocator, NullLocator  # noqa: E402
-
-from orca_lora.experiments.hypothesis import HypothesisResult, evaluate_hypothesis  # noqa: E402
-from orca_lora.experiments.tables import RunRecord, find_runs, read_runs, summarize  # noqa: E402
+from orca_lora.experiments.hypothesis import HypothesisResult, evaluate_hypothesis
+from orca_lora.experiments.tables import RunRecord, find_runs, read_runs, summarize
+from orca_lora.files import save_figure_atomic
+from orca_lora.run_files import GapRow, RunFiles, read_alignment, read_gaps, read_metrics, read_training_log
 
 SEED_TABLES = Path(__file__).with_name("seed_tables.csv")  # copy of the seeds' published sweep tables
 SEED_TASKS = {"darcy": "Darcy-flow", "cifar100": "CIFAR100"}  # our task name -> the tables' name
@@ -28,30 +25,31 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(stream))
 
 
-def save_figure(figure, stem: Path) -> list[Path]:
-    """Write `stem.png` and `stem.pdf` through temp files, so no half-written figure is left."""
-    stem.parent.mkdir(parents=True, exist_ok=True)
+def subplots(rows: int = 1, columns: int = 1, **options: Any) -> tuple[Figure, Any]:
+    """A figure and its axes, made without pyplot, so no backend is chosen or changed (a notebook
+    keeps its own); `options` go to `Figure` (figsize) and `Figure.subplots` (squeeze)."""
+    squeeze = options.pop("squeeze", True)
+    figure = Figure(**options)
+    return figure, figure.subplots(rows, columns, squeeze=squeeze)
+
+
+def save_figure(figure: Figure, stem: Path) -> list[Path]:
+    """Write `stem.png` and `stem.pdf`, each through a temp file, so no half-written figure is left."""
     written = []
     for suffix in ("png", "pdf"):
-        final = stem.with_suffix(f".{suffix}")
-        temp = final.with_name(f".{final.name}.tmp")
-        try:
-            figure.savefig(temp, format=suffix, dpi=150, bbox_inches="tight")
-            os.replace(temp, final)
-        except BaseException:
-            temp.unlink(missing_ok=True)
-            plt.close(figure)
-            raise
-        written.append(final)
-    plt.close(figure)
+        path = stem.with_suffix(f".{suffix}")
+        save_figure_atomic(figure, path, dpi=150, bbox_inches="tight")
+        written.append(path)
     return written
 
 
-def plot_alignment(curve_csv: Path, stem: Path) -> list[Path]:
-    rows = read_csv(curve_csv)
-    distance = [key for key in rows[0] if key != "epoch"][0]
-    figure, axis = plt.subplots(figsize=(5, 3.5))
-    axis.plot([int(r["epoch"]) for r in rows], [float(r[distance]) for r in rows], marker="o", label=distance)
+def color_cycle() -> list[str]:
+    return matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
+
+
+def plot_alignment(distance: str, curve: Sequence[float], stem: Path) -> list[Path]:
+    figure, axis = subplots(figsize=(5, 3.5))
+    axis.plot(range(len(curve)), curve, marker="o", label=distance)
     axis.set_xlabel("epoch (0 = before training)")
     axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     axis.set_ylabel(f"{distance} to source features (squared feature units)")
@@ -60,15 +58,14 @@ def plot_alignment(curve_csv: Path, stem: Path) -> list[Path]:
     return save_figure(figure, stem)
 
 
-def plot_gaps_and_ranks(gaps_csv: Path, stem: Path) -> list[Path]:
-    rows = read_csv(gaps_csv)
-    blocks = [int(r["block"]) for r in rows]
-    figure, gap_axis = plt.subplots(figsize=(6, 3.5))
-    gap_axis.bar(blocks, [float(r["gap"]) for r in rows], color="tab:blue", alpha=0.7, label="gap D_i")
+def plot_gaps_and_ranks(rows: Sequence[GapRow], stem: Path) -> list[Path]:
+    blocks = [row.block for row in rows]
+    figure, gap_axis = subplots(figsize=(6, 3.5))
+    gap_axis.bar(blocks, [row.gap for row in rows], color="tab:blue", alpha=0.7, label="gap D_i")
     gap_axis.set_xlabel("Swin block (forward order)")
     gap_axis.set_ylabel("modality gap D_i (standardised features)")
     rank_axis = gap_axis.twinx()
-    rank_axis.plot(blocks, [int(r["rank"]) for r in rows], color="tab:red", marker="o", label="LoRA rank r_i")
+    rank_axis.plot(blocks, [row.rank for row in rows], color="tab:red", marker="o", label="LoRA rank r_i")
     rank_axis.set_ylabel("LoRA rank r_i")
     gap_axis.set_title("Stage 2: gap and rank per block")
     handles = gap_axis.get_legend_handles_labels()[0] + rank_axis.get_legend_handles_labels()[0]
@@ -76,11 +73,10 @@ def plot_gaps_and_ranks(gaps_csv: Path, stem: Path) -> list[Path]:
     return save_figure(figure, stem)
 
 
-def plot_training(metrics_csv: Path, stem: Path, baseline_error: float | None = None) -> list[Path]:
-    rows = read_csv(metrics_csv)
+def plot_training(rows: Sequence[dict[str, str]], stem: Path, baseline_error: float | None = None) -> list[Path]:
     train = [(int(r["step"]), float(r["train_loss"])) for r in rows if r.get("train_loss")]
     val = [(int(r["step"]), float(r["val_error"])) for r in rows if r.get("val_error")]
-    figure, axis = plt.subplots(figsize=(5, 3.5))
+    figure, axis = subplots(figsize=(5, 3.5))
     if train:
         axis.plot(*zip(*train), label="training loss", alpha=0.7)
     if val:
@@ -97,19 +93,17 @@ def plot_training(metrics_csv: Path, stem: Path, baseline_error: float | None = 
 
 def plot_run(run_dir: Path) -> list[Path]:
     """Every figure a run directory has the files for, under `run_dir/plots/`."""
-    out = run_dir / "plots"
-    alignment = run_dir / "stage1" / "alignment.csv"
-    gaps = run_dir / "stage2" / "gaps.csv"
-    training = run_dir / "stage3" / "logs" / "version_0" / "metrics.csv"
-    metrics = run_dir / "metrics.json"
+    run = RunFiles(run_dir)
     written = []
-    if alignment.is_file():
-        written += plot_alignment(alignment, out / "alignment")
-    if gaps.is_file():
-        written += plot_gaps_and_ranks(gaps, out / "gaps_and_ranks")
-    if training.is_file():
-        baseline = json.loads(metrics.read_text())["baseline_error"] if metrics.is_file() else None
-        written += plot_training(training, out / "training", baseline)
+    if run.alignment.is_file():
+        written += plot_alignment(*read_alignment(run), run.plots / "alignment")
+    gaps = read_gaps(run)
+    if gaps:
+        written += plot_gaps_and_ranks(gaps, run.plots / "gaps_and_ranks")
+    training = read_training_log(run)
+    if training:
+        baseline = read_metrics(run).baseline_error if run.is_finished() else None
+        written += plot_training(training, run.plots / "training", baseline)
     return written
 
 
@@ -146,8 +140,8 @@ def plot_error_vs_rank(records: Sequence[RunRecord], stem: Path, reference: Path
     rows = summarize(records)
     tasks = sorted({row.task for row in rows})
     published = read_csv(reference) if reference.is_file() else []
-    figure, axes = plt.subplots(len(tasks), 2, figsize=(11, 3.8 * len(tasks)), squeeze=False)
-    colors = dict(zip(sorted({row.method for row in rows}), plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    figure, axes = subplots(len(tasks), 2, figsize=(11, 3.8 * len(tasks)), squeeze=False)
+    colors = dict(zip(sorted({row.method for row in rows}), color_cycle()))
     for (ours, theirs), task in zip(axes, tasks):
         for (method, allocation) in sorted({(r.method, r.allocation) for r in rows if r.task == task}):
             chosen = [r for r in rows if r.task == task and r.method == method and r.allocation == allocation]
@@ -180,7 +174,7 @@ def plot_error_vs_rank(records: Sequence[RunRecord], stem: Path, reference: Path
 
 def plot_gaps_by_block(records: Sequence[RunRecord], stem: Path) -> list[Path]:
     """Stage 2's gap per block for each task, and the gap-aware ranks it chose."""
-    figure, (gap_axis, rank_axis) = plt.subplots(1, 2, figsize=(11, 3.8))
+    figure, (gap_axis, rank_axis) = subplots(1, 2, figsize=(11, 3.8))
     for task in sorted({record.task for record in records}):
         measured = [record for record in records if record.task == task and record.gaps is not None]
         if not measured:
@@ -208,7 +202,7 @@ def plot_gaps_by_block(records: Sequence[RunRecord], stem: Path) -> list[Path]:
 
 def plot_rank_vs_gap(result: HypothesisResult, stem: Path) -> list[Path]:
     """r* against the mean gap per task, with the slope through the origin and its bootstrap band."""
-    figure, axis = plt.subplots(figsize=(6, 4.2))
+    figure, axis = subplots(figsize=(6, 4.2))
     for method in sorted({task.method for task in result.tasks}):
         chosen = [task for task in result.tasks if task.method == method]
         points = axis.scatter([t.gap for t in chosen], [t.rank_star for t in chosen], s=50, label=f"{method}: r*")
@@ -235,15 +229,14 @@ def plot_rank_vs_gap(result: HypothesisResult, stem: Path) -> list[Path]:
 
 def plot_alignment_curves(records: Sequence[RunRecord], stem: Path) -> list[Path]:
     """Stage 1's distance per epoch, one curve per task (its first run; runs of one seed share stage 1)."""
-    figure, axis = plt.subplots(figsize=(6, 4))
+    figure, axis = subplots(figsize=(6, 4))
     distance = None
     for task in sorted({record.task for record in records}):
-        path = next(r.directory for r in records if r.task == task) / "stage1" / "alignment.csv"
-        if not path.is_file():
+        run = RunFiles(next(r.directory for r in records if r.task == task))
+        if not run.alignment.is_file():
             continue
-        rows = read_csv(path)
-        distance = [key for key in rows[0] if key != "epoch"][0]
-        axis.plot([int(r["epoch"]) for r in rows], [float(r[distance]) for r in rows], marker=".", label=task)
+        distance, curve = read_alignment(run)
+        axis.plot(range(len(curve)), curve, marker=".", label=task)
     axis.set_xlabel("epoch (0 = before training)")
     axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     axis.set_ylabel(f"{distance or 'distance'} to source features (log scale)")

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from orca_lora.config import Config, ConfigError, load_config, section_hash, to_yaml
 from orca_lora.files import write_text_atomic
+from orca_lora.run_files import RunFiles
 
 log = logging.getLogger("orca_lora")
 
@@ -166,17 +167,17 @@ def print_commands(sweep: Sweep) -> list[str]:
 
 def is_finished(sweep: Sweep, point: SweepPoint) -> bool:
     """metrics.json is there and the run's resolved config is the point's config."""
-    directory = sweep.directory / point.name
-    saved = directory / "config.yaml"
-    return ((directory / "metrics.json").is_file() and saved.is_file()
-            and saved.read_text() == to_yaml(sweep.point_config(point)))
+    run = RunFiles(sweep.directory / point.name)
+    return (run.is_finished() and run.config.is_file()
+            and run.config.read_text() == to_yaml(sweep.point_config(point)))
 
 
 def _run_here(sweep: Sweep, point: SweepPoint) -> str | None:
+    from orca_lora.experiments.plots import plot_run
     from orca_lora.pipeline import run_pipeline
 
     try:
-        run_pipeline(sweep.point_config(point))
+        plot_run(run_pipeline(sweep.point_config(point)).directory)
     except Exception as error:  # one failed point must not stop the others
         log.exception("sweep point %s failed", point.name)
         return f"{type(error).__name__}: {error}"

@@ -1,5 +1,5 @@
 """Sweep tables in the seeds' form (method, rank, trainable params in M, prediction error), read from
-saved run files only: each run's `metrics.json`, `config.yaml` and `stage2/gaps.csv`."""
+saved run files only (through run_files.py): each run's `metrics.json`, `config.yaml` and `gaps.csv`."""
 from __future__ import annotations
 
 import csv
@@ -15,6 +15,7 @@ from typing import Sequence
 from omegaconf import OmegaConf
 
 from orca_lora.files import write_text_atomic
+from orca_lora.run_files import METRICS_FILE, RunFiles, read_gaps, read_metrics
 
 
 @dataclass
@@ -26,6 +27,7 @@ class RunRecord:
     rank: int | None  # stage3.rank (None for full / linear)
     seed: int
     test_error: float
+    val_error: float  # the best checkpoint's validation error: what model selection may read
     baseline_error: float
     trainable_params: int
     gaps: list[float] | None  # per block, from stage 2 (None when stage 2 was off)
@@ -50,41 +52,32 @@ def find_runs(paths: Sequence[str | Path]) -> list[Path]:
     for path in map(Path, paths):
         if not path.is_dir():
             raise FileNotFoundError(f"{path} is not a directory; give run or sweep directories")
-        found += [metrics.parent for metrics in sorted(path.rglob("metrics.json"))]
+        found += [metrics.parent for metrics in sorted(path.rglob(METRICS_FILE))]
     if not found:
         raise FileNotFoundError(f"no finished run (metrics.json) under {', '.join(map(str, paths))}; "
                                 "run the sweep first (orca-lora sweep SWEEP.yaml)")
     return found
 
 
-def _read_gaps(directory: Path) -> tuple[list[float] | None, list[int] | None]:
-    path = directory / "stage2" / "gaps.csv"
-    if not path.is_file():
-        return None, None
-    with open(path, newline="") as stream:
-        rows = list(csv.DictReader(stream))
-    return [float(row["gap"]) for row in rows], [int(row["rank"]) for row in rows]
-
-
 def read_runs(directories: Sequence[Path]) -> list[RunRecord]:
     """One record per run; tasks that share a name but differ in settings get those settings in their label."""
     loaded = []
     for directory in directories:
-        metrics = json.loads((directory / "metrics.json").read_text())
-        config_path = directory / "config.yaml"
-        if not config_path.is_file():
-            raise FileNotFoundError(f"{config_path} is missing; every run directory keeps its resolved config")
-        loaded.append((directory, metrics, OmegaConf.to_container(OmegaConf.load(config_path))["task"]))
+        run = RunFiles(directory)
+        if not run.config.is_file():
+            raise FileNotFoundError(f"{run.config} is missing; every run directory keeps its resolved config")
+        loaded.append((run, read_metrics(run), OmegaConf.to_container(OmegaConf.load(run.config))["task"]))
     labels = _task_labels([task for _, _, task in loaded])
     records = []
-    for (directory, metrics, _), label in zip(loaded, labels):
-        adapted = metrics["method"] not in ("full", "linear")
-        gaps, block_ranks = _read_gaps(directory)
+    for (run, metrics, _), label in zip(loaded, labels):
+        adapted = metrics.method not in ("full", "linear")
+        rows = read_gaps(run)
         records.append(RunRecord(
-            directory, label, metrics["method"],
-            ("ibp" if metrics["gap_aware"] else "uniform") if adapted else "-",
-            metrics["rank"] if adapted else None, metrics["seed"], float(metrics["test_error"]),
-            float(metrics["baseline_error"]), int(metrics["trainable_params"]), gaps, block_ranks))
+            run.root, label, metrics.method,
+            ("ibp" if metrics.gap_aware else "uniform") if adapted else "-",
+            metrics.rank if adapted else None, metrics.seed, float(metrics.test_error),
+            float(metrics.best_val_error), float(metrics.baseline_error), int(metrics.trainable_params),
+            [row.gap for row in rows] if rows else None, [row.rank for row in rows] if rows else None))
     return records
 
 

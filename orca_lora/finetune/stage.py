@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Mapping
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
@@ -33,17 +34,9 @@ from orca_lora.config import ADAPTER_METHODS, PEFT_METHODS, ConfigError, Stage3C
 from orca_lora.data.tasks import TaskData
 from orca_lora.files import save_tensors_atomic
 from orca_lora.finetune.module import FinetuneModule
+from orca_lora.run_files import FinetuneResult, RunFiles, SampleErrors, write_sample_errors
 
 log = logging.getLogger("orca_lora")
-
-
-@dataclass
-class FinetuneResult:
-    test_error: float
-    best_val_error: float
-    trainable_params: int
-    best_checkpoint: str
-    device: str
 
 
 def variant_options(stage: Stage3Config) -> dict:
@@ -167,11 +160,14 @@ def make_trainer(trainer_config: TrainerConfig, stage: Stage3Config, directory: 
 
 
 def run(stage: Stage3Config, trainer_config: TrainerConfig, model: nn.Module, ranks: Mapping[str, int],
-        task: TaskData, seed: int, directory: Path) -> FinetuneResult:
-    """Fine-tune `model`; resume from `checkpoints/last.ckpt` when a previous attempt was killed."""
+        task: TaskData, seed: int, run_files: RunFiles) -> FinetuneResult:
+    """Fine-tune `model`; resume from `checkpoints/last.ckpt` when a previous attempt was killed.
+
+    The test split is scored once, with the best checkpoint on validation; the per-sample validation
+    and test errors of that checkpoint are saved for paired comparisons between runs."""
     L.seed_everything(seed, workers=True, verbose=False)
     prepare_model(model, stage, ranks, seed)
-    trainer, checkpoint = make_trainer(trainer_config, stage, directory)
+    trainer, checkpoint = make_trainer(trainer_config, stage, run_files.stage("stage3"))
     world_size = trainer.world_size
     check_world_size(task, world_size)
     if world_size > 1:
@@ -181,14 +177,16 @@ def run(stage: Stage3Config, trainer_config: TrainerConfig, model: nn.Module, ra
     steps_per_epoch = _steps_per_epoch(batches, trainer_config.limit_train_batches)
     module = FinetuneModule(model, task, stage, steps_per_epoch * trainer_config.max_epochs, steps_per_epoch, seed)
     data = TaskDataModule(task, stage.batch_size, trainer_config.num_workers, seed)
-    last = directory / "checkpoints" / "last.ckpt"
+    last = run_files.last_checkpoint
     if last.is_file():
         log.info("resuming stage 3 from %s", last)
     trainer.fit(module, datamodule=data, ckpt_path=str(last) if last.is_file() else None)
     best = checkpoint.best_model_path or str(last)
     tested = trainer.test(module, datamodule=data, ckpt_path=best, verbose=False)
     if trainer.is_global_zero:
-        save_trained_weights(module, model, stage, directory)
+        write_sample_errors(run_files, SampleErrors(val=per_sample_errors(module, task.val, stage.batch_size),
+                                                    test=per_sample_errors(module, task.test, stage.batch_size)))
+        save_trained_weights(module, model, stage, run_files)
     return FinetuneResult(
         test_error=float(tested[0]["test_error"]),
         best_val_error=float(checkpoint.best_model_score if checkpoint.best_model_score is not None else math.nan),
@@ -202,13 +200,24 @@ def _steps_per_epoch(batches: int, limit: int | float) -> int:
     return max(1, min(batches, count))
 
 
-def save_trained_weights(module: FinetuneModule, model: nn.Module, stage: Stage3Config, directory: Path) -> None:
+@torch.no_grad()
+def per_sample_errors(module: FinetuneModule, dataset, batch_size: int) -> np.ndarray:
+    """The task error of every sample of `dataset`, in dataset order (float64), from the module's
+    current weights in eval mode; their mean is the error the trainer logs for the split."""
+    training = module.training
+    module.eval()
+    errors = [module.error_fn(module(inputs.to(module.device)), targets.to(module.device)).double().cpu()
+              for inputs, targets in DataLoader(dataset, batch_size=batch_size)]
+    module.train(training)
+    return torch.cat(errors).numpy() if errors else np.zeros(0)
+
+
+def save_trained_weights(module: FinetuneModule, model: nn.Module, stage: Stage3Config, run_files: RunFiles) -> None:
     """`trainable.safetensors` (what training changed), the PEFT adapter, and the merged model on request."""
     keep = module.saved_keys()
-    save_tensors_atomic({k: v for k, v in module.state_dict().items() if k in keep},
-                        directory / "trainable.safetensors")
+    save_tensors_atomic({k: v for k, v in module.state_dict().items() if k in keep}, run_files.trainable)
     if stage.method in PEFT_METHODS:
-        save_peft_adapter(model, directory / "adapter")
+        save_peft_adapter(model, run_files.adapter)
     if stage.save_merged:
         merge_adapters(model)
-        save_tensors_atomic(model.state_dict(), directory / "merged.safetensors")
+        save_tensors_atomic(model.state_dict(), run_files.merged)

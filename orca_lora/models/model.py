@@ -8,6 +8,8 @@ from orca_lora.models.body import body_stride
 from orca_lora.models.embedder import Embedder
 from orca_lora.models.heads import build_head
 
+BODY_PREFIX = "body."  # the body's module names inside OrcaModel (`body.layers.0.blocks.0.attn.qkv`)
+
 
 class OrcaModel(nn.Module):
     """head(body.norm(body.layers(embedder(x)))).

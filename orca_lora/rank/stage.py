@@ -1,35 +1,37 @@
 """Stage 2, gap and rank: D_i per block, then r_i from the IBP prior P(r | D_i) (DESIGN 6)."""
 from __future__ import annotations
 
-import json
 import re
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from orca_lora.align.stage import alignment_set, distance_options, source_tokens
-from orca_lora.config import Stage1Config, Stage2Config
+from orca_lora.align.distances import distance_options
+from orca_lora.config import Stage2Config
 from orca_lora.data.tasks import TaskData
-from orca_lora.files import write_text_atomic
 from orca_lora.models.body import body_blocks
+from orca_lora.models.features import labelled_target_sample, source_tokens
+from orca_lora.models.model import BODY_PREFIX
 from orca_lora.rank.gap import block_gaps
 from orca_lora.rank.select import ModuleShape, RankPrior, select_ranks, trainable_params
-
-BODY_PREFIX = "body."  # module names in the composed OrcaModel
+from orca_lora.run_files import GapResult, GapRow, RunFiles, write_gaps, write_ranks
 
 
 @dataclass
-class GapResult:
-    blocks: list[str]
-    gaps: list[float]
-    ranks: dict[str, int]  # OrcaModel module name -> LoRA rank
-    alpha0: float | None  # None for stage2.allocation uniform
-    trainable_params: int
-    budget: int | None
-    allocation: str = "ibp"
+class GapInputs:
+    """What stage 2 measures on: the frozen body, the aligned embedder, both data sets, and the
+    adapted modules' names with the uniform rank the ranks are compared to (stage3.rank)."""
+
+    body: nn.Module
+    embedder: nn.Module
+    task: TaskData
+    source_images: Tensor
+    source_labels: Tensor
+    targets: Sequence[str]
+    uniform_rank: int
+    seed: int
 
 
 def adapted_module_shapes(body: nn.Module, targets: Sequence[str]) -> dict[str, ModuleShape]:
@@ -51,23 +53,24 @@ def adapted_module_shapes(body: nn.Module, targets: Sequence[str]) -> dict[str, 
     return shapes
 
 
-def run(stage: Stage2Config, align: Stage1Config, rank: int, targets: Sequence[str], body: nn.Module,
-        embedder: nn.Module, task: TaskData, source_images: Tensor, source_labels: Tensor, seed: int,
-        directory: Path) -> GapResult:
-    """Measure the gaps, choose the ranks, write `gaps.csv` and `ranks.json` into `directory`."""
-    shapes = adapted_module_shapes(body, targets)
-    target_x, target_y = alignment_set(task, stage.max_samples, align.n_pseudo_labels, seed)
+def run(stage: Stage2Config, inputs: GapInputs, run_files: RunFiles) -> GapResult:
+    """Measure the gaps, choose the ranks, write `gaps.csv` and `ranks.json`."""
+    body, rank, seed = inputs.body, inputs.uniform_rank, inputs.seed
+    shapes = adapted_module_shapes(body, inputs.targets)
+    target_x, target_y = labelled_target_sample(inputs.task, stage.max_samples, stage.n_pseudo_labels, seed)
     # the proxy is ordered class by class: a seeded random subset keeps every class
-    chosen = torch.randperm(len(source_images), generator=torch.Generator().manual_seed(seed))[:stage.max_samples]
+    chosen = torch.randperm(len(inputs.source_images),
+                            generator=torch.Generator().manual_seed(seed))[:stage.max_samples]
     with torch.no_grad():
-        target = embedder(target_x)
-    gaps = block_gaps(body, source_tokens(body, source_images[chosen]), target, stage.distance,
-                      source_labels[chosen], target_y, **distance_options(stage.distance, align, seed))
+        target = inputs.embedder(target_x)
+    options = distance_options(stage.distance, stage.otdd_inner, stage.entropic_reg, seed)
+    gaps = block_gaps(body, source_tokens(body, inputs.source_images[chosen]), target, stage.distance,
+                      inputs.source_labels[chosen], target_y, **options)
     blocks = [name for name, _ in body_blocks(body)]
     if stage.allocation == "uniform":
         ranks = dict.fromkeys(shapes, rank)
         result = GapResult(blocks, gaps, ranks, None, trainable_params(ranks, shapes), None, "uniform")
-        write_outputs(result, [rank] * len(blocks), directory)
+        write_outputs(result, [rank] * len(blocks), run_files)
         return result
     budget = trainable_params(dict.fromkeys(shapes, rank), shapes) if stage.match_uniform_budget else stage.budget
     alpha0 = stage.alpha0 if stage.alpha0 is not None else (None if budget else float(rank))
@@ -75,21 +78,27 @@ def run(stage: Stage2Config, align: Stage1Config, rank: int, targets: Sequence[s
                       r_max=stage.r_max, alpha0=alpha0, budget=budget, seed=seed)
     selection = select_ranks(gaps, shapes, prior)
     result = GapResult(blocks, gaps, dict(selection.ranks), float(selection.alpha0),
-                       int(selection.trainable_params), budget)
-    write_outputs(result, selection.block_ranks, directory)
+                       int(selection.trainable_params), budget, stage.allocation)
+    write_outputs(result, selection.block_ranks, run_files)
     return result
 
 
-def write_outputs(result: GapResult, block_ranks: Sequence[int], directory: Path) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    rows = "".join(f"{i},{name},{gap:.6g},{r}\n"
-                   for i, (name, gap, r) in enumerate(zip(result.blocks, result.gaps, block_ranks)))
-    write_text_atomic(directory / "gaps.csv", "block,name,gap,rank\n" + rows)
-    write_text_atomic(directory / "ranks.json", json.dumps(asdict(result), indent=2) + "\n")
+def write_outputs(result: GapResult, block_ranks: Sequence[int], run_files: RunFiles) -> None:
+    write_gaps(run_files, [GapRow(i, name, gap, r) for i, (name, gap, r)
+                           in enumerate(zip(result.blocks, result.gaps, block_ranks))])
+    write_ranks(run_files, result)
 
 
-def load_result(directory: Path) -> GapResult:
-    return GapResult(**json.loads((directory / "ranks.json").read_text()))
+def explicit_ranks(body: nn.Module, targets: Sequence[str], rank: int, rank_map: Mapping[str, int],
+                   run_files: RunFiles) -> GapResult:
+    """Stage 2 switched off: `stage3.rank_map`, or `stage3.rank` for every adapted module, written to
+    `ranks.json` like measured ranks (no gaps)."""
+    shapes = adapted_module_shapes(body, targets)
+    ranks = dict(rank_map) or uniform_ranks(body, targets, rank)
+    counted = trainable_params(ranks, {name: shapes[name] for name in ranks})
+    result = GapResult([], None, ranks, None, counted, None, "explicit")
+    write_ranks(run_files, result)
+    return result
 
 
 def uniform_ranks(body: nn.Module, targets: Sequence[str], rank: int) -> dict[str, int]:

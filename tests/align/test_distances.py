@@ -1,4 +1,5 @@
 import itertools
+import math
 
 import geomloss.ot
 import numpy as np
@@ -17,6 +18,7 @@ from orca_lora.align.distances import (
     DISTANCES,
     MEDIAN_MULTIPLIERS,
     c2st_gap,
+    distance_options,
     get_distance,
     median_bandwidths,
     mmd2,
@@ -410,3 +412,15 @@ def test_registry_rejects_unknown_and_duplicate_names():
         get_distance("wasserstein")
     with pytest.raises(KeyError, match="already registered"):
         register_distance("mmd", differentiable=True)(mmd2)
+
+
+def test_distance_options_fit_each_registered_distance():
+    assert distance_options("otdd", "gaussian", 0.3, seed=7) == {"inner": "gaussian", "entropic_reg": 0.3}
+    assert distance_options("c2st", "gaussian", 0.3, seed=7) == {"seed": 7}
+    assert distance_options("mmd", "gaussian", 0.3, seed=7) == {}
+    generator = torch.Generator().manual_seed(0)
+    x, z = torch.randn(20, 4, generator=generator), torch.randn(20, 4, generator=generator) + 1.0
+    labels = torch.arange(20) % 2
+    for name, entry in DISTANCES.items():
+        value = float(entry.fn(x, labels, z, labels, **distance_options(name, "gaussian", 0.3, seed=7)))
+        assert math.isfinite(value), name

@@ -23,7 +23,7 @@ def planted_records(rank_stars, gaps, seeds=(0,), noise=0.0, rng_seed=0):
             error = 0.1 * (1 + 0.2 * max(0.0, math.log2(rank_star / rank))) * (1 - 0.001 * math.log2(rank))
             error *= 1 + noise * rng.standard_normal()
             records.append(RunRecord(Path(f"t{index}/r{rank}/s{seed}"), f"task{index}", "lora", "uniform", rank, seed,
-                                     error, 0.5, 1000 * rank, [gap * 1.2, gap * 0.8], [rank, rank]))
+                                     error, error, 0.5, 1000 * rank, [gap * 1.2, gap * 0.8], [rank, rank]))
     return records
 
 
@@ -101,7 +101,7 @@ def test_two_tasks_give_a_direction_but_the_verdict_says_they_cannot_be_evidence
 
 def test_allocation_compares_gap_aware_and_uniform_runs_of_one_rank():
     records = planted_records([4, 4], [0.5, 1.0])
-    records.append(RunRecord(Path("ibp"), "task0", "lora", "ibp", 4, 0, 0.05, 0.5, 3990, [0.6, 0.4], [6, 2]))
+    records.append(RunRecord(Path("ibp"), "task0", "lora", "ibp", 4, 0, 0.05, 0.05, 0.5, 3990, [0.6, 0.4], [6, 2]))
     result = hyp.evaluate_hypothesis(records)
     comparison, = result.allocation
     uniform = next(r for r in records if r.task == "task0" and r.rank == 4 and r.allocation == "uniform")

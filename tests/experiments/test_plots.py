@@ -4,10 +4,19 @@ import matplotlib.image
 import pytest
 
 from orca_lora.experiments import plots
+from orca_lora.run_files import (
+    GapRow,
+    RunFiles,
+    read_alignment,
+    read_gaps,
+    read_training_log,
+    write_alignment,
+    write_gaps,
+)
 
-ALIGNMENT = "epoch,otdd\n0,12.5\n1,7.25\n2,3.5\n"
-GAPS = ("block,name,gap,rank\n0,layers.0.blocks.0,0.5,2\n1,layers.0.blocks.1,1.5,6\n"
-        "2,layers.1.blocks.0,1.0,4\n")
+ALIGNMENT = ("otdd", [12.5, 7.25, 3.5])
+GAPS = [GapRow(0, "layers.0.blocks.0", 0.5, 2), GapRow(1, "layers.0.blocks.1", 1.5, 6),
+        GapRow(2, "layers.1.blocks.0", 1.0, 4)]
 # Lightning's CSVLogger writes training and validation metrics on separate rows
 METRICS = ("epoch,step,train_loss,val_error\n0,0,2.0,\n0,1,1.5,\n0,1,,0.6\n1,2,1.2,\n1,3,0.9,\n1,3,,0.4\n")
 
@@ -47,13 +56,17 @@ def captured(monkeypatch) -> list:
 
 def test_plot_alignment_draws_the_curve(tmp_path, captured):
     stem = tmp_path / "out" / "alignment"
-    assert_figures(plots.plot_alignment(write(tmp_path / "alignment.csv", ALIGNMENT), stem), stem)
+    run = RunFiles(tmp_path)
+    write_alignment(run, *ALIGNMENT)
+    assert_figures(plots.plot_alignment(*read_alignment(run), stem), stem)
     assert captured == [[("otdd", [0, 1, 2], [12.5, 7.25, 3.5])]]
 
 
 def test_plot_gaps_and_ranks_draws_bars_and_ranks(tmp_path, captured):
     stem = tmp_path / "gaps_and_ranks"
-    assert_figures(plots.plot_gaps_and_ranks(write(tmp_path / "gaps.csv", GAPS), stem), stem)
+    run = RunFiles(tmp_path)
+    write_gaps(run, GAPS)
+    assert_figures(plots.plot_gaps_and_ranks(read_gaps(run), stem), stem)
     [lines] = captured
     assert ("LoRA rank r_i", [0, 1, 2], [2, 6, 4]) in lines
     assert ("bars", [0, 1, 2], [0.5, 1.5, 1.0]) in lines
@@ -61,29 +74,31 @@ def test_plot_gaps_and_ranks_draws_bars_and_ranks(tmp_path, captured):
 
 def test_plot_training_draws_loss_and_validation_error_by_step(tmp_path, captured):
     stem = tmp_path / "training"
-    assert_figures(plots.plot_training(write(tmp_path / "metrics.csv", METRICS), stem), stem)
+    run = RunFiles(tmp_path)
+    write(run.training_log, METRICS)
+    assert_figures(plots.plot_training(read_training_log(run), stem), stem)
     [lines] = captured
     assert lines == [("training loss", [0, 1, 2, 3], [2.0, 1.5, 1.2, 0.9]),
                      ("validation error", [1, 3], [0.6, 0.4])]
 
 
 def test_plot_run_plots_only_what_the_run_directory_has(tmp_path):
-    run = tmp_path / "run"
-    write(run / "stage1" / "alignment.csv", ALIGNMENT)
-    assert plots.plot_run(run) == [run / "plots" / "alignment.png", run / "plots" / "alignment.pdf"]
-    assert sorted(p.name for p in (run / "plots").iterdir()) == ["alignment.pdf", "alignment.png"]
+    run = RunFiles(tmp_path / "run")
+    write_alignment(run, *ALIGNMENT)
+    assert plots.plot_run(run.root) == [run.plots / "alignment.png", run.plots / "alignment.pdf"]
+    assert sorted(p.name for p in run.plots.iterdir()) == ["alignment.pdf", "alignment.png"]
 
-    write(run / "stage2" / "gaps.csv", GAPS)
-    write(run / "stage3" / "logs" / "version_0" / "metrics.csv", METRICS)
-    written = plots.plot_run(run)
+    write_gaps(run, GAPS)
+    write(run.training_log, METRICS)
+    written = plots.plot_run(run.root)
     names = ["alignment", "gaps_and_ranks", "training"]
-    assert written == [run / "plots" / f"{n}.{s}" for n in names for s in ("png", "pdf")]
-    assert sorted(p.name for p in (run / "plots").iterdir()) == sorted(p.name for p in written)
+    assert written == [run.plots / f"{n}.{s}" for n in names for s in ("png", "pdf")]
+    assert sorted(p.name for p in run.plots.iterdir()) == sorted(p.name for p in written)
     assert plots.plot_run(tmp_path / "empty") == [] and not (tmp_path / "empty").exists()
 
 
 def test_save_figure_leaves_no_temp_file_when_writing_fails(tmp_path, monkeypatch):
-    figure, axis = plots.plt.subplots()
+    figure, axis = plots.subplots()
     axis.plot([0, 1], [1, 0])
 
     def broken(path, format, **_):
@@ -93,7 +108,6 @@ def test_save_figure_leaves_no_temp_file_when_writing_fails(tmp_path, monkeypatc
     monkeypatch.setattr(figure, "savefig", broken)
     with pytest.raises(OSError):
         plots.save_figure(figure, tmp_path / "figure")
-    plots.plt.close(figure)
     assert not (tmp_path / "figure.png").exists()
     assert list(tmp_path.iterdir()) == [], "a failed save must not leave its temp file behind"
 
@@ -105,10 +119,10 @@ def sweep_records(tmp_path: Path) -> list:
     for task, gap, errors in (("darcy", 1.0, [0.2, 0.15, 0.12]), ("procedural", 0.2, [0.3, 0.29, 0.29])):
         for rank, error in zip((1, 2, 4), errors):
             directory = tmp_path / f"{task}{rank}"
-            write(directory / "stage1" / "alignment.csv", ALIGNMENT)
-            records.append(RunRecord(directory, task, "lora", "uniform", rank, 0, error, 0.5, 100 * rank,
+            write_alignment(RunFiles(directory), *ALIGNMENT)
+            records.append(RunRecord(directory, task, "lora", "uniform", rank, 0, error, error, 0.5, 100 * rank,
                                      [gap, gap / 2], [rank, rank]))
-    records.append(RunRecord(tmp_path / "ibp", "darcy", "lora", "ibp", 2, 0, 0.14, 0.5, 190, [1.0, 0.5], [3, 1]))
+    records.append(RunRecord(tmp_path / "ibp", "darcy", "lora", "ibp", 2, 0, 0.14, 0.14, 0.5, 190, [1.0, 0.5], [3, 1]))
     return records
 
 

@@ -76,9 +76,12 @@ def test_one_failing_point_does_not_stop_the_others(tmp_path, tiny_sweep_file, m
     ran = []
 
     def fake_pipeline(config):
+        from orca_lora.pipeline import RunResult
+
         ran.append(config.output.name)
         if config.output.name == "near_rank1_uniform":
             raise RuntimeError("out of memory")
+        return RunResult(tmp_path / "runs" / config.output.name, None)
 
     monkeypatch.setattr("orca_lora.pipeline.run_pipeline", fake_pipeline)
     result = run_sweep(sweep)

@@ -13,7 +13,7 @@ from orca_lora.experiments.tables import RunRecord, summarize, table_csv, table_
 
 
 def record(task="darcy", method="lora", allocation="uniform", rank=4, seed=0, error=0.1, params=1000):
-    return RunRecord(Path("r"), task, method, allocation, rank, seed, error, 0.3, params, None, None)
+    return RunRecord(Path("r"), task, method, allocation, rank, seed, error, error, 0.3, params, None, None)
 
 
 def test_summary_is_mean_and_sample_std_over_seeds():

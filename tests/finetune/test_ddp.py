@@ -6,6 +6,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,13 +16,14 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from orca_lora import pipeline
+from orca_lora import pipeline, run_files
 from orca_lora.config import ConfigError, TrainerConfig, load_config
 from orca_lora.data.tasks import build_task
 from orca_lora.finetune.module import FinetuneModule
 from orca_lora.finetune.stage import TaskDataModule, check_world_size, prepare_model, process_placement
 from orca_lora.models.model import build_orca_model
 from orca_lora.models.source import load_source_body
+from orca_lora.run_files import FinetuneResult, RunFiles, StageRecord
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
@@ -89,8 +91,8 @@ def test_evaluation_shards_cover_every_sample_once(size):
 
 
 def write_marker(directory: Path, record: dict) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "stage.json").write_text(json.dumps(record))
+    """A marker as rank 0 writes it (through run_files), in `directory` (a run's stage folder)."""
+    run_files.write_marker(RunFiles(directory.parent), directory.name, StageRecord(**record))
 
 
 def tree(directory: Path) -> dict[str, str]:
@@ -102,8 +104,8 @@ def test_a_follower_rank_reuses_finished_stages_and_writes_nothing(tmp_path):
     finished = {"hash": pipeline.stage_hash(config, "stage1"), "finished": True, "seconds": 1.0, "result": {"x": 1}}
     write_marker(tmp_path / "stage1", finished)
     before = tree(tmp_path)
-    record = pipeline._staged("stage1", config, tmp_path, lambda directory: pytest.fail("stage 1 ran twice"), 1)
-    assert record == finished and tree(tmp_path) == before
+    record = pipeline._staged("stage1", config, RunFiles(tmp_path), lambda: pytest.fail("stage 1 ran twice"), 1)
+    assert record == StageRecord(**finished) and tree(tmp_path) == before
 
 
 def test_a_follower_rank_trains_stage_3_without_touching_the_marker(tmp_path):
@@ -111,8 +113,9 @@ def test_a_follower_rank_trains_stage_3_without_touching_the_marker(tmp_path):
     started = {"hash": pipeline.stage_hash(config, "stage3"), "finished": False}
     write_marker(tmp_path / "stage3", started)
     before = tree(tmp_path)
-    record = pipeline._staged("stage3", config, tmp_path, lambda directory: {"test_error": 0.5}, 1)
-    assert record["finished"] and record["result"] == {"test_error": 0.5}
+    trained = FinetuneResult(0.5, 0.4, 10, "best.ckpt", "cpu")
+    record = pipeline._staged("stage3", config, RunFiles(tmp_path), lambda: trained, 1)
+    assert record.finished and record.result == asdict(trained)
     assert tree(tmp_path) == before
 
 
@@ -129,9 +132,9 @@ def test_a_follower_waits_for_the_marker_of_its_own_config(tmp_path):
     writer = threading.Thread(target=rank_zero)
     writer.start()
     started = time.perf_counter()
-    record = pipeline._await_marker(marker, "current", finished=True, poll_seconds=0.02)
+    record = pipeline._await_marker(RunFiles(tmp_path), "stage2", "current", finished=True, poll_seconds=0.02)
     writer.join()
-    assert record == {"hash": "current", "finished": True} and time.perf_counter() - started >= 0.4
+    assert record == StageRecord("current", True) and time.perf_counter() - started >= 0.4
 
 
 def relative_files(directory: Path) -> list[str]:
@@ -182,11 +185,13 @@ def test_ddp_run_from_the_cli_writes_one_set_of_outputs_with_the_exact_test_erro
         shutil.copytree(directory / stage, single / stage)
     single_config = load_config(QUICKSTART, tiny_overrides + FAST + ["output.name=single"])
     alone = pipeline.run_pipeline(single_config)
-    assert set(metrics) == set(alone.metrics)
-    assert files == relative_files(single)
+    assert set(metrics) == set(asdict(alone.metrics))
+    assert [f for f in files if not f.startswith("plots/")] == relative_files(single), "the CLI adds only plots"
 
     errors = single_process_errors(single_config, metrics, directory / "stage3" / "checkpoints" / "best.ckpt")
     assert len(errors) == 33
     assert metrics["test_error"] == pytest.approx(float(errors.mean()), abs=1e-6)
+    saved = run_files.read_sample_errors(RunFiles(directory)).test
+    assert saved == pytest.approx(errors.double().numpy(), abs=1e-6), "rank 0 saves every test sample once"
     padded = float(torch.cat([errors, errors[:1]]).mean())
     assert abs(padded - float(errors.mean())) > 1e-5, "the check could not tell a padded sampler's error apart"

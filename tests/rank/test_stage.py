@@ -8,16 +8,17 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from orca_lora.adapters.inject import add_adapters, match_targets
-from orca_lora.align import stage as align_stage
-from orca_lora.config import DEFAULT_TARGETS, Stage1Config, Stage2Config
+from orca_lora.config import DEFAULT_TARGETS, Stage2Config
 from orca_lora.data.procedural import generate_procedural
 from orca_lora.data.tasks import TaskData, cross_entropy, misclassification
 from orca_lora.models.body import build_body
 from orca_lora.models.embedder import Embedder
+from orca_lora.models.features import labelled_target_sample
 from orca_lora.models.model import build_orca_model
 from orca_lora.rank import stage as rank_stage
 from orca_lora.rank.gap import block_gaps
 from orca_lora.rank.select import ModuleShape, RankPrior, select_ranks
+from orca_lora.run_files import RunFiles, read_gaps, read_ranks
 
 TINY_KWARGS = {"img_size": 32, "patch_size": 2, "window_size": 4, "embed_dim": 16, "depths": (2, 2),
                "num_heads": (2, 4)}
@@ -57,10 +58,10 @@ def embedder(body) -> Embedder:
     return Embedder.from_body(body, 3, generator=torch.Generator().manual_seed(1))
 
 
-def run_stage(tmp_path, body, embedder, task, source, align=Stage1Config(), **stage2):
+def run_stage(tmp_path, body, embedder, task, source, **stage2):
     stage = Stage2Config(**{"max_samples": 16, "r_max": 8, **stage2})
-    return stage, rank_stage.run(stage, align, 4, list(DEFAULT_TARGETS), body, embedder, task,
-                                 *source, seed=0, directory=tmp_path)
+    inputs = rank_stage.GapInputs(body, embedder, task, *source, list(DEFAULT_TARGETS), uniform_rank=4, seed=0)
+    return stage, rank_stage.run(stage, inputs, RunFiles(tmp_path))
 
 
 def test_adapted_module_shapes_for_the_default_targets(body):
@@ -119,10 +120,12 @@ def test_run_writes_gaps_and_ranks_that_agree(tmp_path, body, embedder, task, so
     stage, result = run_stage(tmp_path, body, embedder, task, source)
     assert result.blocks == BLOCKS and len(result.gaps) == 4
     assert result.alpha0 == 4.0 and result.budget is None
-    assert rank_stage.load_result(tmp_path) == result
-    assert json.loads((tmp_path / "ranks.json").read_text())["ranks"] == result.ranks
+    run = RunFiles(tmp_path)
+    assert read_ranks(run) == result
+    assert json.loads(run.ranks.read_text())["ranks"] == result.ranks
+    assert [row.gap for row in read_gaps(run)] == pytest.approx(result.gaps, rel=1e-5)
 
-    with open(tmp_path / "gaps.csv", newline="") as stream:
+    with open(run.gaps, newline="") as stream:
         rows = list(csv.DictReader(stream))
     assert [int(r["block"]) for r in rows] == [0, 1, 2, 3] and [r["name"] for r in rows] == BLOCKS
     assert [float(r["gap"]) for r in rows] == pytest.approx(result.gaps, rel=1e-5)
@@ -135,10 +138,9 @@ def test_run_writes_gaps_and_ranks_that_agree(tmp_path, body, embedder, task, so
 def test_run_measures_the_gaps_of_its_samples_and_maps_them_to_ranks(tmp_path, body, embedder, task, source):
     """As many source images as max_samples, so the check holds whichever order stage 2 takes them in."""
     images, labels = source[0][::2], source[1][::2]
-    align = Stage1Config(otdd_inner="gaussian", entropic_reg=0.5)
-    _, result = run_stage(tmp_path, body, embedder, task, (images, labels), align, distance="otdd",
-                          decision="mode")
-    target_x, target_y = align_stage.alignment_set(task, 16, align.n_pseudo_labels, seed=0)
+    stage, result = run_stage(tmp_path, body, embedder, task, (images, labels), distance="otdd", decision="mode",
+                              otdd_inner="gaussian", entropic_reg=0.5)
+    target_x, target_y = labelled_target_sample(task, 16, stage.n_pseudo_labels, seed=0)
     with torch.no_grad():
         tokens = body.patch_embed(F.interpolate(images, size=(32, 32), mode="bilinear", align_corners=False))
         target = embedder(target_x)
@@ -159,7 +161,7 @@ def test_run_meets_a_parameter_budget_within_one_rank_one_component(tmp_path, bo
     assert counted == result.trainable_params
     assert budget - largest_component < counted <= budget
     assert result.budget == budget and result.alpha0 > 0
-    assert json.loads((tmp_path / "ranks.json").read_text())["budget"] == budget
+    assert read_ranks(RunFiles(tmp_path)).budget == budget
 
 
 def test_run_measures_against_every_source_class(tmp_path, body, embedder, task, source, monkeypatch):
@@ -183,8 +185,7 @@ def test_uniform_allocation_measures_the_gaps_and_gives_every_module_the_rank(tm
     assert uniform.ranks == dict.fromkeys(shapes, 4) and uniform.alpha0 is None
     assert uniform.allocation == "uniform" and ibp.allocation == "ibp"
     assert uniform.trainable_params == 4 * sum(s.d_out + s.d_in for s in shapes.values())
-    with open(tmp_path / "uniform" / "gaps.csv", newline="") as stream:
-        assert [int(row["rank"]) for row in csv.DictReader(stream)] == [4, 4, 4, 4]
+    assert [row.rank for row in read_gaps(RunFiles(tmp_path / "uniform"))] == [4, 4, 4, 4]
 
 
 def test_matched_budget_spends_what_the_uniform_rank_costs(tmp_path, body, embedder, task, source):
@@ -194,3 +195,14 @@ def test_matched_budget_spends_what_the_uniform_rank_costs(tmp_path, body, embed
     largest_component = max(s.d_out + s.d_in for s in shapes.values())
     assert result.budget == uniform_cost
     assert uniform_cost - largest_component < result.trainable_params <= uniform_cost
+
+
+def test_explicit_ranks_write_the_map_or_the_uniform_rank_without_gaps(tmp_path, body):
+    shapes = rank_stage.adapted_module_shapes(body, DEFAULT_TARGETS)
+    run = RunFiles(tmp_path / "uniform")
+    result = rank_stage.explicit_ranks(body, DEFAULT_TARGETS, 3, {}, run)
+    assert result.ranks == dict.fromkeys(shapes, 3) and result.gaps is None and result.allocation == "explicit"
+    assert read_ranks(run) == result and read_gaps(run) is None
+    chosen = {"body.layers.0.blocks.1.attn.qkv": 5}
+    mapped = rank_stage.explicit_ranks(body, [r"\.attn\.qkv$"], 3, chosen, RunFiles(tmp_path / "map"))
+    assert mapped.ranks == chosen and mapped.trainable_params == 5 * (48 + 16)

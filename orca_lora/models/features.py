@@ -1,0 +1,42 @@
+"""Source and target samples and tokens shared by stage 1 (alignment) and stage 2 (gap).
+
+Source side: proxy images through the pretrained body's own patch embedding (ORCA's f_s). Target
+side: task inputs with labels, true classes or, for regression targets, k-means clusters of the
+outputs (ORCA's pseudo-labels; Shen et al. 2023).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from orca_lora.align.pseudo_labels import kmeans_labels
+from orca_lora.data.tasks import TaskData
+from orca_lora.models.embedder import mean_pool
+
+
+def source_tokens(body: nn.Module, images: Tensor) -> Tensor:
+    """The source body's own patch-embedding tokens (NHWC) of images resized to its input size."""
+    size = tuple(body.patch_embed.img_size)
+    with torch.no_grad():
+        if tuple(images.shape[-2:]) != size:
+            images = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+        return body.patch_embed(images)
+
+
+def source_features(body: nn.Module, images: Tensor, batch_size: int = 256) -> Tensor:
+    """Mean-pooled `source_tokens`, computed in batches."""
+    return torch.cat([mean_pool(source_tokens(body, batch)) for batch in images.split(batch_size)])
+
+
+def labelled_target_sample(task: TaskData, max_samples: int, n_pseudo_labels: int,
+                           seed: int) -> tuple[Tensor, Tensor]:
+    """A seeded sample of the task's training inputs with labels: true classes, or k-means clusters
+    of the outputs for regression."""
+    count = min(max_samples, len(task.train))
+    chosen = torch.randperm(len(task.train), generator=torch.Generator().manual_seed(seed))[:count]
+    inputs, targets = zip(*(task.train[int(i)] for i in chosen))
+    inputs, targets = torch.stack(inputs), torch.stack([torch.as_tensor(t) for t in targets])
+    if task.regression:
+        targets = kmeans_labels(targets.flatten(1).float(), min(n_pseudo_labels, count), seed=seed)
+    return inputs, targets.long()

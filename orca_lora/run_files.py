@@ -1,0 +1,310 @@
+"""The run directory's contract (DESIGN 3): every path of a run directory, the one writer and the one
+reader of each file, and the typed records they hold. Stages, the pipeline, the experiments and the
+tests all go through this module, so a renamed file or column changes here and nowhere else.
+
+    runs/<name>/
+      config.yaml                      the resolved config
+      stage1/stage.json                marker: config hash, finished, seconds, result (AlignResult)
+      stage1/embedder.safetensors      the aligned embedder
+      stage1/alignment.csv             epoch, distance (epoch 0 = before training)
+      stage2/stage.json                marker, result (GapResult)
+      stage2/gaps.csv                  block, name, gap, rank
+      stage2/ranks.json                module -> rank, alpha0, budget, allocation (GapResult)
+      stage3/stage.json                marker, result (FinetuneResult)
+      stage3/checkpoints/              Lightning's best.ckpt and last.ckpt (trainable weights only)
+      stage3/logs/version_0/metrics.csv
+      stage3/trainable.safetensors     what training changed
+      stage3/sample_errors.npz         per-sample validation and test errors of the best checkpoint
+      stage3/adapter/                  PEFT format, for methods that have one
+      stage3/merged.safetensors        on request (stage3.save_merged)
+      metrics.json                     RunMetrics
+      plots/
+
+Reading needs no torch: experiments and the CLI read runs without the training stack.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Optional, Sequence, TypeVar
+
+from orca_lora.files import save_npz_atomic, write_text_atomic
+
+STAGES = ("stage1", "stage2", "stage3")
+METRICS_FILE = "metrics.json"  # its presence marks a finished run
+GAP_COLUMNS = ("block", "name", "gap", "rank")
+
+Record = TypeVar("Record")
+
+
+def from_dict(cls: type[Record], data: dict[str, Any], source: Path | str = "run file") -> Record:
+    """`cls(**data)` for a record dataclass; fields missing from older files take their defaults."""
+    known = {f.name for f in fields(cls)}
+    try:
+        return cls(**{key: value for key, value in data.items() if key in known})
+    except TypeError as error:
+        raise ValueError(f"{source}: does not hold a {cls.__name__} ({error}); re-run the stage that writes it") \
+            from None
+
+
+@dataclass
+class StageRecord:
+    """`stageN/stage.json`: the config hash a stage ran with, and its result once finished."""
+
+    hash: str
+    finished: bool = False
+    seconds: Optional[float] = None
+    result: Optional[dict[str, Any]] = None
+
+
+@dataclass
+class AlignResult:
+    """Stage 1's result."""
+
+    curve: list[float]  # distance over the alignment set: entry 0 before training, then one per epoch
+    distance_before: float
+    distance_after: float
+
+
+@dataclass
+class GapResult:
+    """Stage 2's result, also the content of `ranks.json`."""
+
+    blocks: list[str]  # Swin block names, forward order; empty when stage 2 was off
+    gaps: Optional[list[float]]  # D_i per block; None when stage 2 was off
+    ranks: dict[str, int]  # OrcaModel module name -> LoRA rank
+    alpha0: Optional[float]  # None for uniform ranks
+    trainable_params: int  # adapter parameters sum r_i (d_in + d_out)
+    budget: Optional[int]
+    allocation: str = "ibp"  # ibp, uniform, or "explicit" (stage3.rank_map / stage 2 off)
+
+
+@dataclass
+class FinetuneResult:
+    """Stage 3's result."""
+
+    test_error: float
+    best_val_error: float
+    trainable_params: int
+    best_checkpoint: str
+    device: str
+
+
+@dataclass
+class RunMetrics:
+    """`metrics.json`: what a finished run reports; the experiments read runs through this."""
+
+    task: str
+    method: str
+    rank: int
+    gap_aware: bool
+    seed: int
+    test_error: float
+    baseline_error: float
+    best_val_error: float
+    trainable_params: int
+    ranks: dict[str, int]
+    mean_gap: Optional[float]
+    alignment: dict[str, Any]
+    stage_seconds: dict[str, float]
+    device: str
+    torch: str
+    allocation: Optional[str] = None  # None in runs written before it was recorded
+
+
+@dataclass
+class GapRow:
+    block: int
+    name: str
+    gap: float
+    rank: int
+
+
+@dataclass
+class SampleErrors:
+    """Per-sample errors of the best checkpoint, in dataset order, for paired comparisons."""
+
+    val: Any  # numpy float64 (n_val,)
+    test: Any  # numpy float64 (n_test,)
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """The paths of one run directory."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    def stage(self, name: str) -> Path:
+        if name not in STAGES:
+            raise ValueError(f"unknown stage {name!r}; one of {', '.join(STAGES)}")
+        return self.root / name
+
+    def marker(self, name: str) -> Path:
+        return self.stage(name) / "stage.json"
+
+    @property
+    def embedder(self) -> Path:
+        return self.root / "stage1" / "embedder.safetensors"
+
+    @property
+    def alignment(self) -> Path:
+        return self.root / "stage1" / "alignment.csv"
+
+    @property
+    def gaps(self) -> Path:
+        return self.root / "stage2" / "gaps.csv"
+
+    @property
+    def ranks(self) -> Path:
+        return self.root / "stage2" / "ranks.json"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "stage3" / "checkpoints"
+
+    @property
+    def last_checkpoint(self) -> Path:
+        return self.checkpoints / "last.ckpt"
+
+    @property
+    def training_log(self) -> Path:
+        return self.root / "stage3" / "logs" / "version_0" / "metrics.csv"
+
+    @property
+    def trainable(self) -> Path:
+        return self.root / "stage3" / "trainable.safetensors"
+
+    @property
+    def sample_errors(self) -> Path:
+        return self.root / "stage3" / "sample_errors.npz"
+
+    @property
+    def adapter(self) -> Path:
+        return self.root / "stage3" / "adapter"
+
+    @property
+    def merged(self) -> Path:
+        return self.root / "stage3" / "merged.safetensors"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / METRICS_FILE
+
+    @property
+    def plots(self) -> Path:
+        return self.root / "plots"
+
+    def is_finished(self) -> bool:
+        return self.metrics.is_file()
+
+
+def _write_json(path: Path, payload: Any) -> None:
+    write_text_atomic(path, json.dumps(payload, indent=2, default=str) + "\n")
+
+
+def _read_json(path: Path) -> Any:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; the run has not written it yet (finish the run with "
+                                "`orca-lora run` on its config)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error}); delete it and re-run the stage that writes it") \
+            from None
+
+
+def write_marker(run: RunFiles, name: str, record: StageRecord) -> None:
+    _write_json(run.marker(name), asdict(record))
+
+
+def read_marker(run: RunFiles, name: str) -> StageRecord | None:
+    """The stage's marker, or None when the stage never started."""
+    path = run.marker(name)
+    return from_dict(StageRecord, _read_json(path), path) if path.is_file() else None
+
+
+def write_alignment(run: RunFiles, distance: str, curve: Sequence[float]) -> None:
+    rows = "".join(f"{epoch},{value:.6g}\n" for epoch, value in enumerate(curve))
+    write_text_atomic(run.alignment, f"epoch,{distance}\n{rows}")
+
+
+def read_alignment(run: RunFiles) -> tuple[str, list[float]]:
+    """(distance name, curve) from `alignment.csv`."""
+    rows = _read_csv(run.alignment)
+    distance = [key for key in rows[0] if key != "epoch"][0]
+    return distance, [float(row[distance]) for row in rows]
+
+
+def write_gaps(run: RunFiles, rows: Sequence[GapRow]) -> None:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(GAP_COLUMNS)
+    writer.writerows((row.block, row.name, f"{row.gap:.6g}", row.rank) for row in rows)
+    write_text_atomic(run.gaps, buffer.getvalue())
+
+
+def read_gaps(run: RunFiles) -> list[GapRow] | None:
+    """Per-block gaps and ranks, or None when stage 2 measured no gap."""
+    if not run.gaps.is_file():
+        return None
+    return [GapRow(int(row["block"]), row["name"], float(row["gap"]), int(row["rank"]))
+            for row in _read_csv(run.gaps)]
+
+
+def write_ranks(run: RunFiles, result: GapResult) -> None:
+    _write_json(run.ranks, asdict(result))
+
+
+def read_ranks(run: RunFiles) -> GapResult:
+    return from_dict(GapResult, _read_json(run.ranks), run.ranks)
+
+
+def write_metrics(run: RunFiles, metrics: RunMetrics) -> None:
+    _write_json(run.metrics, asdict(metrics))
+
+
+def read_metrics(run: RunFiles) -> RunMetrics:
+    return from_dict(RunMetrics, _read_json(run.metrics), run.metrics)
+
+
+def write_sample_errors(run: RunFiles, errors: SampleErrors) -> None:
+    save_npz_atomic(run.sample_errors, val=errors.val, test=errors.test)
+
+
+def read_sample_errors(run: RunFiles) -> SampleErrors:
+    import numpy as np
+
+    if not run.sample_errors.is_file():
+        raise FileNotFoundError(f"{run.sample_errors} not found; runs written before per-sample errors were saved "
+                                "need stage 3 re-run for a paired comparison")
+    with np.load(run.sample_errors) as stored:
+        return SampleErrors(val=stored["val"], test=stored["test"])
+
+
+def read_training_log(run: RunFiles) -> list[dict[str, str]]:
+    return _read_csv(run.training_log) if run.training_log.is_file() else []
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    if not rows:
+        raise ValueError(f"{path}: no rows; delete it and re-run the stage that writes it")
+    return rows
+
+
+def stage_results(run: RunFiles) -> dict[str, StageRecord]:
+    """Every stage marker that exists, by stage name."""
+    found = {name: read_marker(run, name) for name in STAGES}
+    return {name: record for name, record in found.items() if record is not None}
+
