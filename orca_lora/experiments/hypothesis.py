@@ -1,5 +1,5 @@
-"""The hypothesis test of seed 000 ("the LoRA rank needed is proportional to the modality gap"), from
-saved sweep runs (DESIGN 8).
+"""The hypothesis "the LoRA rank needed is proportional to the modality gap", tested from saved
+sweep runs (DESIGN 8).
 
 Per task: r* = the smallest swept rank whose error is within a tolerance of the best, and the gap
 D measured by stage 2 (mean over blocks; per block kept too). Across tasks: r* against D, as a

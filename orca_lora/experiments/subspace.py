@@ -1,6 +1,6 @@
 """Spectral views of learned weight updates: LoRA subspace similarity and the minimal-rank diagnostic.
 
-Subspace similarity (Hu et al. 2021, LoRA sec. 7.2; seed 001). For two LoRA `A` matrices (r x d_in)
+Subspace similarity (Hu et al. 2021, LoRA sec. 7.2). For two LoRA `A` matrices (r x d_in)
 learned on the same frozen model, take the right-singular unitary matrices of A = U S V^T and keep
 the columns of V for the top-i singular values, V_i (d_in x i). Then
 
@@ -10,7 +10,7 @@ the columns of V for the top-i singular values, V_i (d_in x i). Then
 space of A (the input directions the adapter reads), so phi(r1, r2) does not change when A -> R A
 for an invertible R; the top-i subspaces for i < r are only kept by orthogonal R.
 
-Minimal rank (Zeng & Lee, "The Expressive Power of Low-Rank Adaptation", Lemma 1; seed 000 slides).
+Minimal rank (Zeng & Lee, "The Expressive Power of Low-Rank Adaptation", Zeng & Lee 2024, Lemma 1).
 For an error matrix E = W_target - W0 with singular values sigma_1 >= sigma_2 >= ..., a rank-r update
 of one linear layer gets at best
 

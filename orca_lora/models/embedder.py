@@ -70,7 +70,7 @@ register_init = registrar(EMBEDDER_INITS)
 
 @register_init("random")
 def _random_init(embedder: Embedder, body: nn.Module, generator: torch.Generator | None) -> None:
-    """The seed's f_t: a fresh PyTorch-default init drawn from `generator`."""
+    """ORCA's f_t (Shen et al. 2023) as the project's sources use it: a fresh PyTorch-default init drawn from `generator`."""
     embedder.reset_parameters(generator)
 
 

@@ -1,7 +1,7 @@
 """P(r | D_i): a LoRA rank per block from the modality gap, under the IBP row marginal.
 
 DESIGN.md section 6. Block i is an IBP customer with mass alpha_i = alpha_0 * g(D_i / mean(D)),
-g a link function. In the IBP every customer's dish count is Poisson(alpha) (seed 000, section 2),
+g a link function. In the IBP every customer's dish count is Poisson(alpha) (Griffiths & Ghahramani 2005),
 so block i's rank is Poisson(alpha_i) truncated to [r_min, r_max_m], r_max_m = min(r_max, d_out, d_in)
 for each adapted module m of the block, and a decision rule (mean, mode, quantile, sample) turns that
 distribution into one rank. alpha_0 is given, or fitted by bisection so that the adapters' trainable
