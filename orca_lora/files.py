@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import TYPE_CHECKING, Callable, Mapping
 
-from safetensors.torch import save_file
-from torch import Tensor
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 def _default_mode() -> int:
@@ -37,5 +37,7 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 def save_tensors_atomic(tensors: Mapping[str, Tensor], path: Path) -> None:
     """A safetensors file of `tensors` (detached, on the CPU, contiguous)."""
+    from safetensors.torch import save_file  # here, so config.py can import this module without torch
+
     state = {key: value.detach().cpu().contiguous() for key, value in tensors.items()}
     _write_atomic(Path(path), lambda temp: save_file(state, temp))
