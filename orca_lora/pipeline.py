@@ -24,7 +24,8 @@ import torch
 from safetensors.torch import load_file
 
 from orca_lora.align import stage as align_stage
-from orca_lora.config import ADAPTER_METHODS, Config, run_directory, run_path, section_hash
+from orca_lora.adapters.spec import get_method
+from orca_lora.config import Config, run_directory, run_path, section_hash
 from orca_lora.data.tasks import build_task
 from orca_lora.experiments.plots import plot_run
 from orca_lora.files import write_text_atomic
@@ -126,7 +127,7 @@ def run_pipeline(config: Config, last_stage: int = 3) -> RunResult:
     task = build_task(config.task, config.data_root)
     finetune_stage.check_world_size(task, placement.world_size)
     body = load_source_body(config.source, config.data_root)
-    if config.stage3.method in ADAPTER_METHODS:  # a target typo fails here, not after stages 1-2
+    if get_method(config.stage3.method).uses_targets:  # a target typo fails here, not after stages 1-2
         rank_stage.adapted_module_shapes(body, config.stage3.targets)
     if config.stage3.rank_map:
         rank_stage.check_rank_map(body, config.stage3.targets, config.stage3.rank_map)

@@ -7,20 +7,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from orca_lora.adapters.lora import (
-    ADAPTER_VARIANTS,
-    DeltaLoRALinear,
-    DoRALinear,
-    DyLoRALinear,
-    LoRALinear,
-    LoRALinearFunction,
-    dora_weight_norm,
-    get_variant,
-    lora_linear,
-    lora_param_count,
-    lora_scaling,
-    register_variant,
-)
+from orca_lora.adapters.base import lora_scaling
+from orca_lora.adapters.delta import DeltaLoRALinear
+from orca_lora.adapters.dora import DoRALinear, dora_weight_norm
+from orca_lora.adapters.dylora import DyLoRALinear
+from orca_lora.adapters.lora import LoRA, LoRALinear, LoRALinearFunction, lora_linear, lora_param_count
+from orca_lora.adapters.spec import METHODS, get_method, register_method
 
 D_OUT, D_IN = 24, 40
 
@@ -50,7 +42,7 @@ def _x(batch: int = 5) -> torch.Tensor:
     return torch.randn(batch, 3, D_IN, generator=torch.Generator().manual_seed(7))
 
 
-VARIANT_LAYERS = {
+METHOD_LAYERS = {
     "lora": lambda: LoRALinear(_linear(), rank=4, alpha=8.0),
     "rslora": lambda: LoRALinear(_linear(), rank=4, alpha=8.0, use_rslora=True),
     "delta-lora": lambda: DeltaLoRALinear(_linear(), rank=4, alpha=8.0),
@@ -66,9 +58,9 @@ def test_scaling_and_param_count_formulas():
     assert lora_param_count(24, 40, 3) == 3 * 24 + 40 * 3
 
 
-@pytest.mark.parametrize("variant", VARIANT_LAYERS)
-def test_trainable_param_count_is_exact(variant):
-    layer = VARIANT_LAYERS[variant]()
+@pytest.mark.parametrize("method", METHOD_LAYERS)
+def test_trainable_param_count_is_exact(method):
+    layer = METHOD_LAYERS[method]()
     own = sum(p.numel() for name, p in layer.named_parameters() if not name.startswith("base_layer"))
     assert layer.trainable_param_count == own
     assert all(not p.requires_grad for p in layer.base_layer.parameters())
@@ -82,9 +74,9 @@ def test_lora_A_is_kaiming_uniform_like_peft():
     assert torch.count_nonzero(layer.lora_B) == 0
 
 
-@pytest.mark.parametrize("variant", VARIANT_LAYERS)
-def test_zero_B_at_init_leaves_output_unchanged(variant):
-    layer = VARIANT_LAYERS[variant]()
+@pytest.mark.parametrize("method", METHOD_LAYERS)
+def test_zero_B_at_init_leaves_output_unchanged(method):
+    layer = METHOD_LAYERS[method]()
     torch.testing.assert_close(layer(_x()), layer.base_layer(_x()), rtol=0, atol=1e-6)
 
 
@@ -146,9 +138,9 @@ def test_delta_weight_has_rank_r(rank):
     torch.testing.assert_close(delta, layer.scaling * outer_sum)
 
 
-@pytest.mark.parametrize("variant", VARIANT_LAYERS)
-def test_merged_equals_unmerged_and_unmerge_restores_W0(variant):
-    layer = _randomise(VARIANT_LAYERS[variant]()).eval()
+@pytest.mark.parametrize("method", METHOD_LAYERS)
+def test_merged_equals_unmerged_and_unmerge_restores_W0(method):
+    layer = _randomise(METHOD_LAYERS[method]()).eval()
     W0 = layer.base_layer.weight.detach().clone()
     x = _x()
     before = layer(x)
@@ -260,14 +252,14 @@ def test_dora_magnitude_starts_at_row_norms():
     torch.testing.assert_close(layer.lora_magnitude_vector.detach(), layer.base_layer.weight.norm(dim=1))
 
 
-def test_registry_holds_the_five_variants():
-    assert {"lora", "delta-lora", "lora-plus", "dylora", "dora"} <= set(ADAPTER_VARIANTS)
-    assert get_variant("lora-plus") is LoRALinear
-    assert get_variant("delta-lora") is DeltaLoRALinear
-    with pytest.raises(KeyError, match="unknown adapter variant 'vera'.*'dora'"):
-        get_variant("vera")
+def test_registry_holds_the_lora_family():
+    assert {"lora", "delta-lora", "lora-plus", "dylora", "dora"} <= set(METHODS)
+    assert get_method("lora-plus").layer is LoRALinear
+    assert get_method("delta-lora").layer is DeltaLoRALinear
+    with pytest.raises(KeyError, match="unknown method 'vera'.*'dora'"):
+        get_method("vera")
     with pytest.raises(ValueError, match="already registered"):
-        register_variant("lora")(LoRALinear)
+        register_method(LoRA)
 
 
 @pytest.mark.parametrize(
@@ -284,7 +276,7 @@ def test_bad_arguments_raise(kwargs, message):
         LoRALinear(_linear(), **kwargs)
 
 
-def test_bad_layers_and_variant_options_raise():
+def test_bad_layers_and_method_options_raise():
     with pytest.raises(ValueError, match="must be an nn.Linear, got Conv2d"):
         LoRALinear(nn.Conv2d(3, 4, 2), rank=1)
     with pytest.raises(ValueError, match="Delta-LoRA layers take no adapter dropout"):
@@ -358,11 +350,11 @@ def test_lora_linear_function_second_derivatives_pass_gradgradcheck():
     assert torch.autograd.gradgradcheck(lambda x, A, B: LoRALinearFunction.apply(x, W, b, A, B, 1.5), (x, A, B))
 
 
-@pytest.mark.parametrize("variant", ["lora", "rslora", "delta-lora", "dylora"])
-def test_fast_path_equals_the_autograd_path_in_every_variant_using_it(variant, monkeypatch):
-    layer = _randomise(VARIANT_LAYERS[variant]()).train()
+@pytest.mark.parametrize("method", ["lora", "rslora", "delta-lora", "dylora"])
+def test_fast_path_equals_the_autograd_path_in_every_method_using_it(method, monkeypatch):
+    layer = _randomise(METHOD_LAYERS[method]()).train()
     layers = [layer, copy.deepcopy(layer)]
-    if variant == "dylora":
+    if method == "dylora":
         for each in layers:
             each.frozen, each._train_rank = True, 4
     monkeypatch.setattr(layers[1], "_fast_path_applies", lambda *args: False)
