@@ -15,7 +15,7 @@ def full_change(params: Mapping[str, Tensor], frozen_weight: Callable[[], Tensor
 
 
 @register_method
-class Full(MethodSpec):
+class FullFineTuning(MethodSpec):
     name = "full"
     uses_targets = False
     weight_change = WeightChange(needs=("weight",), compute=full_change)

@@ -10,7 +10,7 @@ from orca_lora.config import Stage3Config
 
 
 @register_method
-class Linear(MethodSpec):
+class LinearProbe(MethodSpec):
     name = "linear"
     uses_targets = False
 
