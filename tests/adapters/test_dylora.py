@@ -1,21 +1,8 @@
 import pytest
 import torch
-from torch import nn
 
 from orca_lora.adapters.dylora import DyLoRALinear
 from orca_lora.adapters.lora import LoRALinear
-
-D_OUT, D_IN = 24, 40
-
-
-def _linear(seed: int = 0, bias: bool = True) -> nn.Linear:
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        return nn.Linear(D_IN, D_OUT, bias=bias)
-
-
-def _x(batch: int = 5) -> torch.Tensor:
-    return torch.randn(batch, 3, D_IN, generator=torch.Generator().manual_seed(7))
 
 
 def _randomise(layer: DyLoRALinear, seed: int = 0) -> DyLoRALinear:
@@ -25,24 +12,24 @@ def _randomise(layer: DyLoRALinear, seed: int = 0) -> DyLoRALinear:
     return layer
 
 
-def test_dylora_at_rank_b_equals_lora_of_rank_b():
-    dylora = _randomise(DyLoRALinear(_linear(), rank=6, alpha=8.0, min_rank=2))
+def test_dylora_at_rank_b_equals_lora_of_rank_b(make_linear, x):
+    dylora = _randomise(DyLoRALinear(make_linear(), rank=6, alpha=8.0, min_rank=2))
     for b in (2, 4, 6):
-        plain = LoRALinear(_linear(), rank=b, alpha=8.0)  # same alpha: both scale by alpha / b
+        plain = LoRALinear(make_linear(), rank=b, alpha=8.0)  # same alpha: both scale by alpha / b
         with torch.no_grad():
             plain.lora_A.copy_(dylora.lora_A[:b])
             plain.lora_B.copy_(dylora.lora_B[:, :b])
         dylora.eval_rank = b
         dylora.eval()
         assert dylora.scaling == pytest.approx(8.0 / b)
-        torch.testing.assert_close(dylora(_x()), plain(_x()))
+        torch.testing.assert_close(dylora(x), plain(x))
         dylora.train()
         dylora._train_rank = b
-        torch.testing.assert_close(dylora(_x()), plain(_x()))
+        torch.testing.assert_close(dylora(x), plain(x))
 
 
-def test_dylora_sample_rank_is_uniform_and_seeded():
-    layer = DyLoRALinear(_linear(), rank=6, min_rank=2).train()
+def test_dylora_sample_rank_is_uniform_and_seeded(make_linear):
+    layer = DyLoRALinear(make_linear(), rank=6, min_rank=2).train()
     draws = [layer.sample_rank(torch.Generator().manual_seed(seed)) for seed in range(200)]
     reference = [int(torch.randint(2, 7, (1,), generator=torch.Generator().manual_seed(seed))) for seed in range(200)]
     assert draws == reference
@@ -53,10 +40,10 @@ def test_dylora_sample_rank_is_uniform_and_seeded():
 
 
 @pytest.mark.parametrize("frozen", [False, True])
-def test_dylora_gradients_reach_only_the_trained_components(frozen):
-    layer = _randomise(DyLoRALinear(_linear(), rank=6, frozen=frozen)).train()
+def test_dylora_gradients_reach_only_the_trained_components(frozen, make_linear, x):
+    layer = _randomise(DyLoRALinear(make_linear(), rank=6, frozen=frozen)).train()
     layer._train_rank = 4
-    layer(_x()).square().sum().backward()
+    layer(x).square().sum().backward()
     rows_with_grad = torch.nonzero(layer.lora_A.grad.abs().sum(1)).flatten().tolist()
     cols_with_grad = torch.nonzero(layer.lora_B.grad.abs().sum(0)).flatten().tolist()
     expected = [3] if frozen else [0, 1, 2, 3]
@@ -64,8 +51,8 @@ def test_dylora_gradients_reach_only_the_trained_components(frozen):
     assert cols_with_grad == expected
 
 
-def test_dylora_merge_keeps_its_rank_across_mode_changes():
-    layer = _randomise(DyLoRALinear(_linear(), rank=6))
+def test_dylora_merge_keeps_its_rank_across_mode_changes(make_linear):
+    layer = _randomise(DyLoRALinear(make_linear(), rank=6))
     W0 = layer.base_layer.weight.detach().clone()
     layer.eval_rank = 2
     layer.eval().merge()
@@ -75,6 +62,6 @@ def test_dylora_merge_keeps_its_rank_across_mode_changes():
     torch.testing.assert_close(layer.base_layer.weight, W0, rtol=0, atol=1e-6)
 
 
-def test_extra_repr_names_the_settings():
-    text = repr(DyLoRALinear(_linear(), rank=4, alpha=8.0, min_rank=2))
+def test_extra_repr_names_the_settings(make_linear):
+    text = repr(DyLoRALinear(make_linear(), rank=4, alpha=8.0, min_rank=2))
     assert "rank=4, alpha=8, scaling=2" in text and "min_rank=2" in text and "frozen=False" in text
