@@ -3,13 +3,13 @@
 For each model (`tiny`: the 32x32 test Swin at batch 64; `swin_tiny`: swin_tiny_patch4_window7_224 at
 224x224, batch 8, random weights), one training step (forward + backward + AdamW step) of our LoRA,
 PEFT's LoRA and full fine-tuning with the same ranks and batch, and the forward time (eval, no grad)
-of our LoRA model merged and unmerged against the base model. Variants take turns, one call each per
+of our LoRA model merged and unmerged against the base model. Contenders take turns, one call each per
 round, so drifting machine load hits them alike; each figure is the median over the timed rounds.
 
 Memory of a training step: on CUDA, torch.cuda.max_memory_allocated over one step. On the CPU there
 is no allocator peak counter, so the figure is the bytes the step must hold at its peak, counted
 exactly: tensors saved for backward (saved_tensors_hooks, each storage once, the model's own
-parameters and buffers left out since all variants hold the same ones) + gradients + AdamW state.
+parameters and buffers left out since all contenders hold the same ones) + gradients + AdamW state.
 
     python bench/bench_adapters.py [--models tiny swin_tiny] [--rank 8] [--rounds N] [--device cpu] [--threads 1]
 
@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from orca_lora.adapters.inject import DEFAULT_TARGETS, add_adapters, mark_only_adapters_trainable, merge_adapters
+from orca_lora.adapters.inject import add_adapters, mark_only_adapters_trainable, merge_adapters
+from orca_lora.config import DEFAULT_TARGETS
 from orca_lora.files import write_text_atomic
 
 RESULTS = Path(__file__).parent / "results" / "adapters.json"
@@ -169,7 +170,7 @@ def time_interleaved(runs: dict[str, Callable[[], None]], rounds: int, device: t
 def measure_memory(
     models: dict[str, nn.Module], steps: dict[str, Callable[[], None]], images: torch.Tensor, labels: torch.Tensor
 ) -> dict[str, dict[str, int]]:
-    """Bytes per variant, with the figure compared under "total" (CUDA peak, or the CPU count)."""
+    """Bytes per contender, with the figure compared under "total" (CUDA peak, or the CPU count)."""
     if images.device.type == "cuda":
         return {name: {"total": cuda_peak_memory(step)} for name, step in steps.items()}
     footprints = {name: step_memory(model, images, labels) for name, model in models.items()}
@@ -207,9 +208,9 @@ def bench_model(spec: BenchModel, rank: int, rounds: int, device: torch.device) 
 def print_table(name: str, result: dict) -> None:
     train, infer, memory = result["train_step_s"], result["forward_s"], result["step_memory_bytes"]
     print(f"\n{name}  {json.dumps(result['setting'])}")
-    print(f"{'':<16}" + "".join(f"{variant:>10}" for variant in (*train, *infer)))
+    print(f"{'':<16}" + "".join(f"{name:>10}" for name in (*train, *infer)))
     print(f"{'median seconds':<16}" + "".join(f"{value:>10.4f}" for value in (*train.values(), *infer.values())))
-    print(f"{'step memory MiB':<16}" + "".join(f"{memory[variant]['total'] / 2**20:>10.1f}" for variant in train))
+    print(f"{'step memory MiB':<16}" + "".join(f"{memory[name]['total'] / 2**20:>10.1f}" for name in train))
     for ratio, value in result["ratios"].items():
         print(f"{ratio:<32}{value:>10.3f}")
 

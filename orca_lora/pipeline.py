@@ -22,8 +22,9 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file
 
+from orca_lora.adapters.spec import get_method
 from orca_lora.align import stage as align_stage
-from orca_lora.config import ADAPTER_METHODS, Config, run_directory, run_path, section_hash
+from orca_lora.config import Config, run_directory, run_path, section_hash
 from orca_lora.data.tasks import build_task
 from orca_lora.finetune import stage as finetune_stage
 from orca_lora.models.embedder import Embedder
@@ -135,7 +136,7 @@ def run_pipeline(config: Config, last_stage: int = 3) -> RunResult:
     finetune_stage.check_world_size(task, placement.world_size)
     body = load_source_body(config.source, config.data_root)
     s3 = config.stage3
-    if s3.method in ADAPTER_METHODS:  # a target typo fails here, not after stages 1-2
+    if get_method(s3.method).uses_targets:  # a target typo fails here, not after stages 1-2
         rank_stage.adapted_module_shapes(body, s3.targets)
     if s3.rank_map:
         rank_stage.check_rank_map(body, s3.targets, s3.rank_map)

@@ -1,5 +1,5 @@
 """One way to fill a registry: `@register(name)` files the decorated object under `name` (timm's
-`register_model` pattern), so variants are looked up in a dict, never chosen by if/elif chains."""
+`register_model` pattern), so entries are looked up in a dict, never chosen by if/elif chains."""
 from __future__ import annotations
 
 from typing import Callable, TypeVar

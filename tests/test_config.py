@@ -1,4 +1,6 @@
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -117,3 +119,9 @@ def test_merged_weights_are_for_mergeable_adapters_only():
     for method in ("houlsby", "full", "linear"):
         with pytest.raises(ConfigError, match=f"stage3.save_merged: {method} has no adapters to merge"):
             load_config(None, [f"stage3.method={method}", "stage3.save_merged=true"])
+
+
+def test_importing_the_config_leaves_torch_unimported():
+    """Names are checked before any heavy import; only the method specs (validate's last step) need torch."""
+    code = "import sys, orca_lora.config; assert 'torch' not in sys.modules, sorted(sys.modules)"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])

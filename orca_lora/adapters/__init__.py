@@ -1,9 +1,12 @@
-"""Adapter layers and how they go into a model.
+"""Adapter layers, the stage-3 method specs and how they go into a model.
 
-Importing the package registers every Linear-wrapping variant in `lora.ADAPTER_VARIANTS` (LoRA,
-LoRA+, Delta-LoRA, DyLoRA, DoRA, QLoRA, MoRA, SBoRA-FA/FB); Houlsby bottlenecks wrap whole
-attention and MLP modules (`bottleneck.py`).
+Importing the package imports every module in it, so each method module (one per method: lora.py,
+lora_plus.py, delta.py, dylora.py, dora.py, qlora.py, mora.py, sbora.py, bottleneck.py, full.py,
+linear.py) registers its spec in `spec.METHODS`; a new method is one new module here (and its name in
+orca_lora/choices.py, the torch-free table config validation reads).
 """
-from orca_lora.adapters import lora, mora, qlora, sbora  # importing them registers the variants
+import importlib
+import pkgutil
 
-__all__ = ["lora", "mora", "qlora", "sbora"]
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")

@@ -1,5 +1,5 @@
-"""Houlsby bottleneck adapters (Houlsby et al. 2019, "Parameter-Efficient Transfer Learning for NLP";
-seed 003, "Adapter Tuning") after the attention and the MLP of each timm Swin block:
+"""Houlsby bottleneck adapters (Houlsby et al. 2019, "Parameter-Efficient Transfer Learning for NLP")
+after the attention and the MLP of each timm Swin block, and the `houlsby` method spec:
 
     y = f(x) + W_up GELU(W_down f(x) + b_down) + b_up,    W_down (m x d),  W_up (d x m),
 
@@ -8,7 +8,8 @@ sees the sublayer's output after its last projection and before the block's resi
 the paper (Fig. 2). W_up and b_up start at zero, so the adapted model starts as the base model;
 W_down is drawn from N(0, 0.01^2) truncated at two standard deviations (the paper's near-identity
 initialisation) and b_down is zero. Each insertion trains 2 m d + m + d parameters. The GELU makes
-the adapter non-linear, so unlike LoRA it cannot be merged into W0.
+the adapter non-linear, so unlike LoRA it cannot be merged into W0; it has no PEFT LoRA layout and
+no weight change W - W0 for `analyze`.
 
 The sizes m come from the Linear rank maps of stage 2: the adapter after `<block>.attn` takes the
 rank of the targeted Linears under it (`<block>.attn.qkv`, `<block>.attn.proj`), the one after
@@ -23,7 +24,10 @@ import torch.nn.functional as F
 from timm.models.swin_transformer import SwinTransformerBlock
 from torch import Tensor, nn
 
-from orca_lora.adapters.inject import DEFAULT_TARGETS, match_targets, replace_modules
+from orca_lora.adapters.base import Adapter
+from orca_lora.adapters.inject import match_targets, replace_modules
+from orca_lora.adapters.spec import MethodSpec, register_method, train_embedder_and_head
+from orca_lora.config import DEFAULT_TARGETS, Stage3Config
 
 SUBLAYERS = ("attn", "mlp")
 INIT_STD = 1e-2
@@ -34,8 +38,10 @@ def bottleneck_param_count(features: int, bottleneck: int) -> int:
     return 2 * bottleneck * features + bottleneck + features
 
 
-class BottleneckAdapter(nn.Module):
+class BottleneckAdapter(Adapter):
     """y = f(x) + up(GELU(down(f(x)))) around a frozen sublayer f; dropout on the adapter path only."""
+
+    method = "houlsby"
 
     def __init__(
         self,
@@ -162,3 +168,14 @@ def mark_only_bottlenecks_trainable(model: nn.Module) -> None:
     for module in bottleneck_modules(model).values():
         module.adapter_down.requires_grad_(True)
         module.adapter_up.requires_grad_(True)
+
+
+@register_method
+class Houlsby(MethodSpec):
+    name = "houlsby"
+
+    def prepare(self, model: nn.Module, stage3: Stage3Config, ranks: Mapping[str, int], seed: int) -> None:
+        """Wraps each block's attn / mlp holding targeted Linears, not the Linears themselves."""
+        add_bottleneck_adapters(model, stage3.targets, dict(ranks), dropout=stage3.dropout, seed=seed)
+        mark_only_bottlenecks_trainable(model)
+        train_embedder_and_head(model)

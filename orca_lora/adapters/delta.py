@@ -1,21 +1,45 @@
-"""Delta-LoRA (seed 000, Algorithm 1): move the frozen W0 by the change of the LoRA product.
+"""Delta-LoRA (Zi et al. 2023, Algorithm 1): LoRA whose frozen W0 also moves by the change of the
+LoRA product, and the `delta-lora` method spec.
 
 After optimizer step t (counted from 0) with t > K:
 
     W <- W + lambda * s * (B_{t+1} A_{t+1} - B_t A_t)
 
 written in this package's convention (W0 is d_out x d_in, the product is B A). The rule is attached
-to any torch optimizer through its step pre/post hooks, so training loops need no change.
+to any torch optimizer through its step pre/post hooks, so training loops need no change. The saved
+result holds the moved W (`base_layer.weight`), and its weight change is W - W0 + s B A.
 """
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from orca_lora.adapters.lora import DeltaLoRALinear
+from orca_lora.adapters.inject import adapter_modules
+from orca_lora.adapters.lora import LoRA, LoRALinear, lora_product
+from orca_lora.adapters.spec import WeightChange, register_method
+from orca_lora.config import ConfigError, Stage3Config
+
+
+class DeltaLoRALinear(LoRALinear):
+    """LoRA whose frozen W0 is also moved by the Delta-LoRA rule; no adapter dropout.
+
+    Dropout is refused because the rule W += lambda s (B'A' - BA) assumes the adapter path sees the
+    same input as W0 (Zi et al. 2023, Algorithm 1).
+    """
+
+    method = "delta-lora"
+
+    def init_adapter(self, generator: torch.Generator | None) -> None:
+        if self.lora_dropout.p > 0:
+            raise ValueError(f"Delta-LoRA layers take no adapter dropout; got dropout={self.lora_dropout.p}, use 0.0")
+        super().init_adapter(generator)
+
+    @property
+    def saved_tensor_names(self) -> tuple[str, ...]:
+        return (*self.adapter_parameter_names, "base_layer.weight")
 
 
 def delta_lora_update(
@@ -75,7 +99,7 @@ def attach_delta_lora(
 ) -> DeltaLoRAHandle:
     """Apply the Delta-LoRA rule after every `optimizer.step()`; `.remove()` on the result detaches it.
 
-    `modules` are Delta-LoRA layers (add_adapters(..., variant="delta-lora")) whose lora_A and lora_B
+    `modules` are Delta-LoRA layers (add_adapters(..., method="delta-lora")) whose lora_A and lora_B
     the optimizer updates; `start_step` is K and `update_ratio` is lambda in Algorithm 1.
     """
     named = dict(modules) if isinstance(modules, Mapping) else dict(enumerate(modules))
@@ -90,7 +114,7 @@ def attach_delta_lora(
         if not isinstance(module, DeltaLoRALinear):
             raise ValueError(
                 f"module {name!r} is a {type(module).__name__}; Delta-LoRA needs DeltaLoRALinear layers "
-                "(add_adapters(..., variant='delta-lora'))"
+                "(add_adapters(..., method='delta-lora'))"
             )
         if module.lora_dropout.p > 0:
             raise ValueError(f"module {name!r} has adapter dropout {module.lora_dropout.p}; Delta-LoRA needs 0")
@@ -102,3 +126,24 @@ def attach_delta_lora(
         optimizer.register_step_post_hook(handle._after_step),
     ]
     return handle
+
+
+def delta_lora_change(params: Mapping[str, Tensor], frozen_weight: Callable[[], Tensor],
+                      stage3: Stage3Config) -> Tensor:
+    """W moved by the Delta-LoRA rule, plus s B A, minus the source W0."""
+    return params["base_layer.weight"].double() - frozen_weight() + lora_product(params, stage3)
+
+
+@register_method
+class DeltaLoRA(LoRA):
+    name, layer = "delta-lora", DeltaLoRALinear
+    weight_change = WeightChange(needs=("lora_A", "lora_B", "base_layer.weight"), compute=delta_lora_change)
+
+    def validate(self, stage3: Stage3Config) -> None:
+        super().validate(stage3)
+        if stage3.dropout > 0:
+            raise ConfigError("stage3.dropout: Delta-LoRA uses no adapter dropout; set it to 0")
+
+    def attach(self, optimizer: torch.optim.Optimizer, model: nn.Module, stage3: Stage3Config) -> DeltaLoRAHandle:
+        return attach_delta_lora(optimizer, list(adapter_modules(model).values()), stage3.delta_start_step,
+                                 stage3.delta_update_ratio)

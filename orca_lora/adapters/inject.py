@@ -1,4 +1,5 @@
-"""Put adapter layers into a model: target matching, per-module ranks, trainable marking, merging.
+"""Put adapter layers into a model: target matching, per-module ranks, trainable marking, merging;
+and `LinearAdapterMethod`, the spec of every method whose layer wraps the targeted nn.Linears.
 
 Targets are regexes searched (re.search) against full module names from `model.named_modules()`;
 every target must select at least one module and only nn.Linear modules. Ranks are one int for all
@@ -12,11 +13,9 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from orca_lora.adapters.lora import DeltaLoRALinear, LoRALinear, get_variant
-
-DEFAULT_TARGETS = (r"\.attn\.qkv$", r"\.attn\.proj$", r"\.mlp\.fc1$", r"\.mlp\.fc2$")
-
-_ADAPTER_PARAMS = ("lora_A", "lora_B", "lora_magnitude_vector", "mora_M")
+from orca_lora.adapters.base import AdapterLayer
+from orca_lora.adapters.spec import MethodSpec, get_method, train_embedder_and_head
+from orca_lora.config import DEFAULT_TARGETS, Stage3Config
 
 
 def match_targets(model: nn.Module, targets: Sequence[str] = DEFAULT_TARGETS) -> dict[str, nn.Linear]:
@@ -30,7 +29,7 @@ def match_targets(model: nn.Module, targets: Sequence[str] = DEFAULT_TARGETS) ->
         for target, pattern in zip(targets, patterns):
             if not pattern.search(name):
                 continue
-            if isinstance(module, LoRALinear):
+            if isinstance(module, AdapterLayer):
                 raise ValueError(f"target {target!r} selects {name!r}, which already has an adapter")
             if not isinstance(module, nn.Linear):
                 raise ValueError(
@@ -72,26 +71,30 @@ def add_adapters(
     model: nn.Module,
     targets: Sequence[str] = DEFAULT_TARGETS,
     ranks: int | Mapping[str, int] = 8,
-    variant: str = "lora",
+    method: str = "lora",
     alpha: float = 16.0,
     *,
     default_rank: int | None = None,
     seed: int = 0,
-    **variant_options: object,
-) -> dict[str, LoRALinear]:
-    """Replace each nn.Linear selected by `targets` in place by the `variant` layer wrapping it.
+    **options: object,
+) -> dict[str, AdapterLayer]:
+    """Replace each nn.Linear selected by `targets` in place by the `method`'s layer wrapping it.
 
     `ranks` is one rank or {module name: rank}; `default_rank` covers modules a map leaves out.
-    `variant_options` go to the layer class (use_rslora, dropout; DyLoRA: min_rank, frozen). The A
+    `options` go to the layer class (use_rslora, dropout; DyLoRA: min_rank, frozen). The A
     matrices are drawn from one generator seeded with `seed`, in model order. Every check runs and
     every layer is built before the model is touched. Returns {name: adapter layer}.
     """
-    layer_class = get_variant(variant)
+    spec = get_method(method)
+    if not isinstance(spec, LinearAdapterMethod):
+        raise ValueError(f"method {method!r} puts no adapter layer on a Linear; get_method({method!r}).prepare "
+                         "sets a model up for it")
+    layer_class = spec.layer
     matched = match_targets(model, targets)
     resolved = _resolve_ranks(matched, ranks, default_rank)
     generator = torch.Generator().manual_seed(seed)
     adapters = {
-        name: layer_class(module, resolved[name], alpha, generator=generator, **variant_options)
+        name: layer_class(module, resolved[name], alpha, generator=generator, **options)
         for name, module in matched.items()
     }
     replace_modules(model, adapters)
@@ -105,19 +108,17 @@ def replace_modules(model: nn.Module, replacements: Mapping[str, nn.Module]) -> 
         setattr(model.get_submodule(parent_name), child_name, module)
 
 
-def adapter_modules(model: nn.Module) -> dict[str, LoRALinear]:
+def adapter_modules(model: nn.Module) -> dict[str, AdapterLayer]:
     """{name: adapter layer} for every adapter layer in `model`."""
-    return {name: module for name, module in model.named_modules() if isinstance(module, LoRALinear)}
+    return {name: module for name, module in model.named_modules() if isinstance(module, AdapterLayer)}
 
 
 def mark_only_adapters_trainable(model: nn.Module) -> None:
-    """Freeze every parameter except the adapters' (lora_A, lora_B, DoRA magnitudes, MoRA's M)."""
+    """Freeze every parameter except those each adapter layer names in `adapter_parameter_names`."""
     model.requires_grad_(False)
     for module in adapter_modules(model).values():
-        for name in _ADAPTER_PARAMS:
-            param = getattr(module, name, None)
-            if param is not None:
-                param.requires_grad_(True)
+        for name in module.adapter_parameter_names:
+            module.get_parameter(name).requires_grad_(True)
 
 
 def count_trainable(model: nn.Module) -> int:
@@ -126,31 +127,26 @@ def count_trainable(model: nn.Module) -> int:
 
 
 def merge_adapters(model: nn.Module) -> None:
-    """Fold every adapter into its base weight (see LoRALinear.merge)."""
+    """Fold every adapter into its base weight (see AdapterLayer.merge)."""
     for module in adapter_modules(model).values():
         module.merge()
 
 
 def unmerge_adapters(model: nn.Module) -> None:
-    """Undo merge_adapters (see LoRALinear.unmerge)."""
+    """Undo merge_adapters (see AdapterLayer.unmerge)."""
     for module in adapter_modules(model).values():
         module.unmerge()
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """Adapter tensors keyed as in model.state_dict(): `<module>.lora_A`, `<module>.lora_B`,
-    `<module>.lora_magnitude_vector` (DoRA), `<module>.mora_M` (MoRA), and `<module>.base_layer.weight`
-    for Delta-LoRA layers, whose W0 training moves. The tensors are detached views of the live
-    parameters, not copies."""
-    state: dict[str, Tensor] = {}
-    for name, module in adapter_modules(model).items():
-        for param_name in _ADAPTER_PARAMS:
-            param = getattr(module, param_name, None)
-            if param is not None:
-                state[f"{name}.{param_name}"] = param.detach()
-        if isinstance(module, DeltaLoRALinear):
-            state[f"{name}.base_layer.weight"] = module.base_layer.weight.detach()
-    return state
+    """Adapter tensors keyed as in model.state_dict(): `<module>.<name>` for each name in the layer's
+    `saved_tensor_names` (its trained parameters; Delta-LoRA adds `base_layer.weight`, which its
+    training moves). The tensors are detached views of the live parameters, not copies."""
+    return {
+        f"{name}.{tensor_name}": module.get_parameter(tensor_name).detach()
+        for name, module in adapter_modules(model).items()
+        for tensor_name in module.saved_tensor_names
+    }
 
 
 def load_adapter_state_dict(model: nn.Module, state: Mapping[str, Tensor]) -> None:
@@ -170,3 +166,18 @@ def load_adapter_state_dict(model: nn.Module, state: Mapping[str, Tensor]) -> No
     with torch.no_grad():
         for key, tensor in own.items():
             tensor.copy_(state[key])
+
+
+class LinearAdapterMethod(MethodSpec):
+    """A method whose `layer` wraps each targeted nn.Linear; the embedder and head train beside it."""
+
+    layer: type[AdapterLayer]
+
+    def options(self, stage3: Stage3Config) -> dict:
+        """The layer's keyword arguments, read from stage3."""
+        return {"alpha": stage3.alpha, "use_rslora": stage3.rslora, "dropout": stage3.dropout}
+
+    def prepare(self, model: nn.Module, stage3: Stage3Config, ranks: Mapping[str, int], seed: int) -> None:
+        add_adapters(model, stage3.targets, dict(ranks), self.name, seed=seed, **self.options(stage3))
+        mark_only_adapters_trainable(model)
+        train_embedder_and_head(model)

@@ -2,7 +2,8 @@
 
 A directory holds `adapter_config.json` (a PEFT LoraConfig) and `adapter_model.safetensors` with keys
 `base_model.model.<module>.lora_A.weight`, `.lora_B.weight` and, for DoRA, `.lora_magnitude_vector`,
-so `peft.PeftModel.from_pretrained(base_model, directory)` rebuilds the adapted model.
+so `peft.PeftModel.from_pretrained(base_model, directory)` rebuilds the adapted model. Only methods
+whose spec has `peft_export` save here; the others (MoRA, SBoRA, Houlsby) raise naming the method.
 
 - DyLoRA is saved at its current eval rank b as a plain LoRA of rank b (the first b components);
   PEFT's scale for it, lora_alpha / b, is DyLoRA's own, so alpha is kept.
@@ -24,8 +25,9 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from orca_lora.adapters.base import Adapter, AdapterLayer
 from orca_lora.adapters.inject import add_adapters, adapter_modules, load_adapter_state_dict
-from orca_lora.adapters.lora import DeltaLoRALinear, DoRALinear, DyLoRALinear, LoRALinear
+from orca_lora.adapters.spec import get_method
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -38,14 +40,22 @@ _UNSUPPORTED_FIELDS = {
 }
 
 
-def _variant_of(module: LoRALinear) -> str:
-    if isinstance(module, DoRALinear):
-        return "dora"
-    return "delta-lora" if isinstance(module, DeltaLoRALinear) else "lora"
+# Each tensor an adapter layer saves, by name, and its shape for a (d_out x d_in) Linear of rank r
+_SHAPES = {
+    "lora_A": lambda rank, d_out, d_in: (rank, d_in),
+    "lora_B": lambda rank, d_out, d_in: (d_out, rank),
+    "lora_magnitude_vector": lambda rank, d_out, d_in: (d_out,),
+    "base_layer.weight": lambda rank, d_out, d_in: (d_out, d_in),
+}
+_FACTORS = ("lora_A", "lora_B")  # cut to the saved rank; every other adapter tensor is saved whole
 
 
-def _saved_rank(module: LoRALinear) -> int:
-    return module.eval_rank if isinstance(module, DyLoRALinear) else module.rank
+def _check_peft_format(model: nn.Module) -> None:
+    """Refuse a model holding adapters of a method that PEFT's LoRA layout cannot describe."""
+    for method in sorted({module.method for module in model.modules() if isinstance(module, Adapter)}):
+        if not get_method(method).peft_export:
+            raise ValueError(f"method {method} has no PEFT format; its trained tensors are saved by "
+                             "adapter_state_dict (stage 3 writes them to trainable.safetensors)")
 
 
 def _one_value(values: Mapping[str, object], what: str) -> object:
@@ -64,20 +74,22 @@ def _with_pattern(values: Mapping[str, float]) -> tuple[float, dict[str, float]]
 
 def peft_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """The model's adapter tensors under PEFT's keys (DyLoRA cut to its eval rank), on the CPU."""
+    _check_peft_format(model)
     state: dict[str, Tensor] = {}
     for name, module in adapter_modules(model).items():
-        rank = _saved_rank(module)
+        rank = module.peft_rank
         state[f"{_PREFIX}{name}.lora_A.weight"] = module.lora_A[:rank]
         state[f"{_PREFIX}{name}.lora_B.weight"] = module.lora_B[:, :rank]
-        if isinstance(module, DoRALinear):
-            state[f"{_PREFIX}{name}.lora_magnitude_vector"] = module.lora_magnitude_vector
+        for extra in module.adapter_parameter_names:
+            if extra not in _FACTORS:
+                state[f"{_PREFIX}{name}.{extra}"] = module.get_parameter(extra)
     return {key: tensor.detach().cpu().contiguous() for key, tensor in state.items()}
 
 
 def _peft_config(model: nn.Module, base_model_name: str | None) -> dict:
     adapters = adapter_modules(model)
-    variant = _one_value({name: _variant_of(m) for name, m in adapters.items()}, "variant")
-    r, rank_pattern = _with_pattern({name: _saved_rank(m) for name, m in adapters.items()})
+    method = _one_value({name: m.method for name, m in adapters.items()}, "method")
+    r, rank_pattern = _with_pattern({name: m.peft_rank for name, m in adapters.items()})
     lora_alpha, alpha_pattern = _with_pattern({name: m.alpha for name, m in adapters.items()})
     return {
         "peft_type": "LORA",
@@ -90,7 +102,7 @@ def _peft_config(model: nn.Module, base_model_name: str | None) -> dict:
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
         "use_rslora": _one_value({name: m.use_rslora for name, m in adapters.items()}, "use_rslora"),
-        "use_dora": variant == "dora",
+        "use_dora": "lora_magnitude_vector" in get_method(method).layer.adapter_parameter_names,
         "lora_dropout": _one_value({name: m.lora_dropout.p for name, m in adapters.items()}, "lora_dropout"),
         "init_lora_weights": True,
         **_UNSUPPORTED_FIELDS,
@@ -112,6 +124,7 @@ def _replace_directory(new: Path, directory: Path) -> None:
 
 def save_peft_adapter(model: nn.Module, directory: str | Path, base_model_name: str | None = None) -> Path:
     """Write the model's adapters to `directory` in PEFT's LoRA layout (written aside, then renamed)."""
+    _check_peft_format(model)
     adapters = adapter_modules(model)
     if not adapters:
         raise ValueError("model has no adapter layers; call add_adapters(model, ...) first")
@@ -125,10 +138,10 @@ def save_peft_adapter(model: nn.Module, directory: str | Path, base_model_name: 
     try:
         (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
         save_file(peft_state_dict(model), staging / WEIGHTS_NAME, metadata={"format": "pt"})
-        base_weights = {
+        base_weights = {  # Delta-LoRA's moved W0, which PEFT's layout has no place for
             f"{_PREFIX}{name}.base_layer.weight": module.base_layer.weight.detach().cpu().contiguous()
             for name, module in adapters.items()
-            if isinstance(module, DeltaLoRALinear)
+            if "base_layer.weight" in module.saved_tensor_names
         }
         if base_weights:
             save_file(base_weights, staging / DELTA_BASE_NAME, metadata={"format": "pt"})
@@ -187,18 +200,20 @@ def _read_state(directory: Path, has_base: bool) -> dict[str, Tensor]:
     return state
 
 
-def load_peft_adapter(model: nn.Module, directory: str | Path, seed: int = 0) -> dict[str, LoRALinear]:
+def load_peft_adapter(model: nn.Module, directory: str | Path, seed: int = 0) -> dict[str, AdapterLayer]:
     """Inject the adapters described in `directory` (PEFT LoRA layout) into `model` and load them."""
     directory = Path(directory)
     config = _read_config(directory)
     names = _peft_targets(model, config["target_modules"])
     ranks = {name: int(_pattern_value(config.get("rank_pattern") or {}, name, config["r"])) for name in names}
     has_base = (directory / DELTA_BASE_NAME).is_file()
-    variant = "dora" if config.get("use_dora") else "delta-lora" if has_base else "lora"
+    # the three layouts PEFT's files can hold: DoRA's magnitudes, Delta-LoRA's moved W0, or plain LoRA
+    method = "dora" if config.get("use_dora") else "delta-lora" if has_base else "lora"
     state = _read_state(directory, has_base)
-    _check_state_shapes(model, state, ranks, variant)
+    _check_state_shapes(model, state, ranks, get_method(method).layer.adapter_parameter_names
+                        + (("base_layer.weight",) if has_base else ()))
     adapters = add_adapters(
-        model, [f"^{re.escape(name)}$" for name in names], ranks, variant, config["lora_alpha"], seed=seed,
+        model, [f"^{re.escape(name)}$" for name in names], ranks, method, config["lora_alpha"], seed=seed,
         use_rslora=bool(config.get("use_rslora", False)), dropout=float(config.get("lora_dropout", 0.0)),
     )
     for name, module in adapters.items():
@@ -207,16 +222,13 @@ def load_peft_adapter(model: nn.Module, directory: str | Path, seed: int = 0) ->
     return adapters
 
 
-def _check_state_shapes(model: nn.Module, state: Mapping[str, Tensor], ranks: Mapping[str, int], variant: str) -> None:
-    """Check the stored tensors against the model before the model is touched."""
-    expected: dict[str, tuple[int, ...]] = {}
-    for name, rank in ranks.items():
-        d_out, d_in = model.get_submodule(name).weight.shape
-        expected[f"{name}.lora_A"], expected[f"{name}.lora_B"] = (rank, d_in), (d_out, rank)
-        if variant == "dora":
-            expected[f"{name}.lora_magnitude_vector"] = (d_out,)
-        if variant == "delta-lora":
-            expected[f"{name}.base_layer.weight"] = (d_out, d_in)
+def _check_state_shapes(model: nn.Module, state: Mapping[str, Tensor], ranks: Mapping[str, int],
+                        tensor_names: tuple[str, ...]) -> None:
+    """Check the stored tensors (each module's `tensor_names`) against the model before it is touched."""
+    expected = {
+        f"{name}.{tensor_name}": _SHAPES[tensor_name](rank, *model.get_submodule(name).weight.shape)
+        for name, rank in ranks.items() for tensor_name in tensor_names
+    }
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
         raise KeyError(f"adapter files do not fit the config: missing keys {missing}, unexpected keys {unexpected}")

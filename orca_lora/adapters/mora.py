@@ -1,5 +1,6 @@
-"""MoRA (Jiang et al. 2024, "MoRA: High-Rank Updating for Parameter-Efficient Fine-Tuning"; seed 003):
-one trainable square matrix M between parameter-free compress and decompress operators,
+"""MoRA (Jiang et al. 2024, "MoRA: High-Rank Updating for Parameter-Efficient Fine-Tuning"), and the
+`mora` method spec: one trainable square matrix M between parameter-free compress and decompress
+operators,
 
     h = W0 x + b + f_decomp(M f_comp(x)),    M (r_hat x r_hat) zeros,   r_hat = floor(sqrt(r (d_in + d_out))),
 
@@ -13,6 +14,8 @@ The operators are the paper's row-and-column sharing (Sec. 3), as `mora_type=1` 
 so dW[i, j] = sum of M[i mod r_hat, p mod r_hat] over the padded positions p that read x_j (p mod d_in = j).
 The official code pads cyclically (x' = [x, x[:pad]]) so every group sums the same number of inputs.
 MoRA has no scale (the official code sets scaling 1), so `alpha` does not enter and rsLoRA is refused.
+It merges into W0 like LoRA, has no PEFT layout (stage 3 keeps M in trainable.safetensors) and no
+weight-change rule for `analyze`.
 """
 
 import math
@@ -21,7 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from orca_lora.adapters.lora import LoRALinear, register_variant
+from orca_lora.adapters.base import AdapterLayer
+from orca_lora.adapters.inject import LinearAdapterMethod
+from orca_lora.adapters.spec import register_method
+from orca_lora.config import ConfigError, Stage3Config
 
 
 def mora_rank(rank: int, d_in: int, d_out: int) -> int:
@@ -49,25 +55,17 @@ def mora_decompress(h: Tensor, d_out: int) -> Tensor:
     return cyclic_extend(h, d_out)
 
 
-@register_variant("mora")
-class MoRALinear(LoRALinear):
+class MoRALinear(AdapterLayer):
     """h = W0 x + b + f_decomp(M f_comp(x)) around a frozen nn.Linear; `rank` is LoRA's nominal r."""
 
-    def __init__(
-        self,
-        base_layer: nn.Linear,
-        rank: int,
-        alpha: float = 16.0,
-        use_rslora: bool = False,
-        dropout: float = 0.0,
-        generator: torch.Generator | None = None,
-    ) -> None:
-        if use_rslora:
+    method = "mora"
+    adapter_parameter_names = ("mora_M",)
+
+    def init_adapter(self, generator: torch.Generator | None) -> None:
+        if self.use_rslora:
             raise ValueError("MoRA has no LoRA scale for rsLoRA to change; use use_rslora=False")
-        super().__init__(base_layer, rank, alpha, use_rslora, dropout, generator)
-        del self.lora_A, self.lora_B  # MoRA trains one square matrix instead of the LoRA pair
-        weight = base_layer.weight
-        self.r_hat = mora_rank(rank, base_layer.in_features, base_layer.out_features)
+        weight = self.base_layer.weight
+        self.r_hat = mora_rank(self.rank, self.base_layer.in_features, self.base_layer.out_features)
         self.mora_M = nn.Parameter(torch.zeros(self.r_hat, self.r_hat, dtype=weight.dtype, device=weight.device))
 
     @property
@@ -101,3 +99,14 @@ class MoRALinear(LoRALinear):
             f"in_features={d_in}, out_features={d_out}, rank={self.rank}, r_hat={self.r_hat}, "
             f"dropout={self.lora_dropout.p:g}, merged={self.merged}"
         )
+
+
+@register_method
+class MoRA(LinearAdapterMethod):
+    name, layer = "mora", MoRALinear
+    mergeable = True
+
+    def validate(self, stage3: Stage3Config) -> None:
+        super().validate(stage3)
+        if stage3.rslora:
+            raise ConfigError("stage3.rslora: MoRA has no LoRA scale for rsLoRA to change; set it to false")

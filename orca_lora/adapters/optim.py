@@ -1,4 +1,4 @@
-"""Optimizer parameter groups for adapters, with LoRA+ learning rates (seed 000, LoRA+ slide).
+"""Optimizer parameter groups for adapters, with LoRA+ learning rates (lora_plus.py).
 
 LoRA+ (Hayou et al. 2024): A <- A - eta G_A, B <- B - lambda eta G_B with lambda >> 1. Plain LoRA is
 lambda = 1.

@@ -1,4 +1,5 @@
-"""QLoRA (Dettmers et al. 2023, seed 000 "QLORA"): LoRA on a frozen base weight stored in 4-bit NormalFloat.
+"""QLoRA (Dettmers et al. 2023): LoRA on a frozen base weight stored in 4-bit NormalFloat, and the
+`qlora` method spec.
 
 Storage of W (d_out x d_in), flattened row-major and zero-padded to whole blocks of 64:
 
@@ -7,11 +8,14 @@ Storage of W (d_out x d_in), flattened row-major and zero-padded to whole blocks
     c_j  ~ mu + s_k * round(127 (c_j - mu) / absmax_k(c - mu))     double quantization,
 
 where mu is the mean of all constants and s_k = absmax_k(c - mu) / 127 is one fp32 scale per block
-of 256 constants. The second quantization is symmetric int8 absmax (the seed's block-wise
+of 256 constants. The second quantization is symmetric int8 absmax (block-wise
 X_int8 = round(127 / absmax(X) X)) rather than the paper's 8-bit float; with 8-bit codes and
 blocks of 256 it costs the same 8/64 + 32/(64 * 256) ~ 0.127 bits per parameter, so storage is
 ~4.127 bits/param against 4.5 without double quantization (the paper's 0.37-bit saving).
-Dequantization is W ~ q[code] * c_j. The layer computes h = dequant(W) x + b + s B A x.
+Dequantization is W ~ q[code] * c_j. The layer computes h = dequant(W) x + b + s B A x. Its
+adapter is a plain LoRA A, B, so it is saved in PEFT's layout as LoRA, and its weight change is the
+learned s B A only: the 4-bit W0 also differs from the source W0 by the quantization error, which no
+training produced.
 """
 
 import math
@@ -21,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from orca_lora.adapters.lora import LoRALinear, lora_param_count, register_variant
+from orca_lora.adapters.lora import LoRA, LoRALinear
+from orca_lora.adapters.spec import register_method
 
 # bitsandbytes' NF4 table (functional.py, get_4bit_type("nf4")); built by create_normal_map: the
 # N(0, 1) quantiles at 8 points in [0.5, 0.9677083) for the positive half, 7 for the negative half,
@@ -174,7 +179,6 @@ class NF4Linear(nn.Module):
                 f"bits_per_param={self.quantized_weight.bits_per_param:.3f}")
 
 
-@register_variant("qlora")
 class QLoRALinear(LoRALinear):
     """h = dequant(W0) x + b + s B A x with W0 in NF4 (NF4Linear); the fp W0 is dropped.
 
@@ -184,21 +188,11 @@ class QLoRALinear(LoRALinear):
     holds an fp weight again: merge to export or serve, not to save memory.
     """
 
-    def __init__(
-        self,
-        base_layer: nn.Linear,
-        rank: int,
-        alpha: float = 16.0,
-        use_rslora: bool = False,
-        dropout: float = 0.0,
-        generator: torch.Generator | None = None,
-    ) -> None:
-        super().__init__(base_layer, rank, alpha, use_rslora, dropout, generator)
-        self.base_layer = NF4Linear(base_layer)
+    method = "qlora"
 
-    @property
-    def trainable_param_count(self) -> int:
-        return lora_param_count(self.base_layer.out_features, self.base_layer.in_features, self.rank)
+    def init_adapter(self, generator: torch.Generator | None) -> None:
+        super().init_adapter(generator)
+        self.base_layer = NF4Linear(self.base_layer)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
@@ -219,13 +213,10 @@ class QLoRALinear(LoRALinear):
         del self.merged_weight
         self.merged = False
 
-    def extra_repr(self) -> str:
-        base = self.base_layer
-        return (
-            f"in_features={base.in_features}, out_features={base.out_features}, rank={self.rank}, "
-            f"alpha={self.alpha:g}, scaling={self.scaling:.4g}, use_rslora={self.use_rslora}, "
-            f"dropout={self.lora_dropout.p:g}, merged={self.merged}"
-        )
+
+@register_method
+class QLoRA(LoRA):
+    name, layer = "qlora", QLoRALinear
 
 
 def nf4_bits_per_param(module: nn.Module) -> float:

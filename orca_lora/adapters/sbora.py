@@ -1,5 +1,6 @@
-"""SBoRA (Po et al. 2024, "SBoRA: Low-Rank Adaptation with Regional Weight Updates"; seed 003):
-LoRA with one factor fixed to standard basis vectors, the rows or columns of the identity.
+"""SBoRA (Po et al. 2024, "SBoRA: Low-Rank Adaptation with Regional Weight Updates"), and the
+`sbora-fa` / `sbora-fb` method specs: LoRA with one factor fixed to standard basis vectors, the rows
+or columns of the identity.
 
     SBoRA-FA:  dW = s B A_sb,  A_sb = [e_i1 ... e_ir]^T  (r x d_in),   only B (d_out x r) trains
     SBoRA-FB:  dW = s B_sb A,  B_sb = [e_j1 ... e_jr]    (d_out x r),  only A (r x d_in) trains
@@ -10,13 +11,16 @@ zero, s = alpha / r, and the r indices are distinct and uniformly drawn (its `ra
 from the layer's torch.Generator so a seed fixes them. The forward picks the r input features
 (index_select) or adds into the r output features (index_add) instead of multiplying by a one-hot
 matrix. The indices are a buffer (`basis_indices`), so they travel with the model's state dict.
+Both merge into W0 like LoRA; neither has a PEFT layout nor a weight-change rule for `analyze`.
 """
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from orca_lora.adapters.lora import LoRALinear, register_variant
+from orca_lora.adapters.base import AdapterLayer, kaiming_lora_A
+from orca_lora.adapters.inject import LinearAdapterMethod
+from orca_lora.adapters.spec import register_method
 
 
 def standard_basis_indices(size: int, rank: int, generator: torch.Generator | None = None) -> Tensor:
@@ -31,23 +35,32 @@ def standard_basis_rows(indices: Tensor, size: int, dtype: torch.dtype = torch.f
     return F.one_hot(indices, size).to(dtype)
 
 
-@register_variant("sbora-fa")
-class SBoRAFALinear(LoRALinear):
+class SBoRALinear(AdapterLayer):
+    """The part SBoRA-FA and -FB share: `rank` distinct basis indices into the `basis_side` of W0
+    (in_features for FA, out_features for FB) and one zero-initialised trained factor."""
+
+    basis_side: str
+    trained_shape: tuple[int, int]
+
+    def init_adapter(self, generator: torch.Generator | None) -> None:
+        # The indices come after an r x d_in draw of LoRA's A, as when these layers were LoRALinears,
+        # so a seed keeps picking the indices (and runs) it picked before.
+        kaiming_lora_A(self.base_layer, self.rank, generator)
+        [trained] = self.adapter_parameter_names
+        setattr(self, trained, nn.Parameter(self.base_layer.weight.new_zeros(self.trained_shape)))
+        indices = standard_basis_indices(getattr(self.base_layer, self.basis_side), self.rank, generator)
+        self.register_buffer("basis_indices", indices.to(self.base_layer.weight.device))
+
+
+class SBoRAFALinear(SBoRALinear):
     """SBoRA-FA: h = W0 x + b + s B x[i_1..i_r]; A is fixed to the standard-basis rows, only B trains."""
 
-    def __init__(
-        self,
-        base_layer: nn.Linear,
-        rank: int,
-        alpha: float = 16.0,
-        use_rslora: bool = False,
-        dropout: float = 0.0,
-        generator: torch.Generator | None = None,
-    ) -> None:
-        super().__init__(base_layer, rank, alpha, use_rslora, dropout, generator)
-        del self.lora_A  # fixed to standard-basis rows, which its indices describe; B is LoRA's zeros
-        indices = standard_basis_indices(base_layer.in_features, rank, generator)
-        self.register_buffer("basis_indices", indices.to(base_layer.weight.device))
+    method, basis_side = "sbora-fa", "in_features"
+    adapter_parameter_names = ("lora_B",)
+
+    @property
+    def trained_shape(self) -> tuple[int, int]:
+        return self.base_layer.out_features, self.rank
 
     @property
     def trainable_param_count(self) -> int:
@@ -79,24 +92,15 @@ class SBoRAFALinear(LoRALinear):
         return f"{super().extra_repr()}, fixed=A (standard basis, {self.rank} input features)"
 
 
-@register_variant("sbora-fb")
-class SBoRAFBLinear(LoRALinear):
+class SBoRAFBLinear(SBoRALinear):
     """SBoRA-FB: h = W0 x + b + s B_sb A x; B is fixed to standard-basis columns, only A trains."""
 
-    def __init__(
-        self,
-        base_layer: nn.Linear,
-        rank: int,
-        alpha: float = 16.0,
-        use_rslora: bool = False,
-        dropout: float = 0.0,
-        generator: torch.Generator | None = None,
-    ) -> None:
-        super().__init__(base_layer, rank, alpha, use_rslora, dropout, generator)
-        del self.lora_B  # fixed to standard-basis columns, which its indices describe
-        nn.init.zeros_(self.lora_A)  # SBoRA starts the trained factor at zero, so dW = 0 at init
-        indices = standard_basis_indices(base_layer.out_features, rank, generator)
-        self.register_buffer("basis_indices", indices.to(base_layer.weight.device))
+    method, basis_side = "sbora-fb", "out_features"
+    adapter_parameter_names = ("lora_A",)
+
+    @property
+    def trained_shape(self) -> tuple[int, int]:
+        return self.rank, self.base_layer.in_features
 
     @property
     def trainable_param_count(self) -> int:
@@ -122,3 +126,15 @@ class SBoRAFBLinear(LoRALinear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, fixed=B (standard basis, {self.rank} output features)"
+
+
+@register_method
+class SBoRAFA(LinearAdapterMethod):
+    name, layer = "sbora-fa", SBoRAFALinear
+    mergeable = True
+
+
+@register_method
+class SBoRAFB(LinearAdapterMethod):
+    name, layer = "sbora-fb", SBoRAFBLinear
+    mergeable = True

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from functools import partial
 from itertools import combinations
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 from matplotlib import colormaps
@@ -24,8 +24,8 @@ from matplotlib.ticker import MaxNLocator, ScalarFormatter
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from orca_lora.adapters.lora import dora_weight_norm, lora_scaling
-from orca_lora.config import Config, Stage3Config, load_config
+from orca_lora.adapters.spec import METHODS, get_method
+from orca_lora.config import Config, load_config
 from orca_lora.experiments.plots import save_figure, subplots
 from orca_lora.experiments.subspace import (
     RankDiagnostic,
@@ -39,63 +39,6 @@ from orca_lora.models.source import load_source_body
 from orca_lora.run_files import RunFiles, read_ranks
 
 MODEL_PREFIX = "model."  # stage 3 saves the FinetuneModule's state, which holds the OrcaModel as `model`
-
-
-@dataclass(frozen=True)
-class ChangeRule:
-    """How a method's saved tensors of one module (keys relative to it) give E = W_trained - W0."""
-
-    needs: tuple[str, ...]
-    compute: Callable[[Mapping[str, Tensor], Callable[[], Tensor], Stage3Config], Tensor]
-
-
-WEIGHT_CHANGES: dict[str, ChangeRule] = {}
-
-
-def change_rule(*methods: str, needs: tuple[str, ...]):
-    """Register `compute(params, frozen_weight, stage3) -> E` for `methods`; frozen_weight() loads W0."""
-    def register(compute):
-        for method in methods:
-            WEIGHT_CHANGES[method] = ChangeRule(needs, compute)
-        return compute
-    return register
-
-
-def _lora_product(params: Mapping[str, Tensor], stage: Stage3Config) -> Tensor:
-    lora_A, lora_B = params["lora_A"].double(), params["lora_B"].double()
-    return lora_scaling(stage.alpha, lora_A.shape[0], stage.rslora) * (lora_B @ lora_A)
-
-
-# DyLoRA trains every rank up to r_max, and stage 3 evaluates and saves it at r_max
-@change_rule("lora", "lora-plus", "dylora", "qlora", needs=("lora_A", "lora_B"))
-def lora_change(params: Mapping[str, Tensor], frozen_weight: Callable[[], Tensor], stage: Stage3Config) -> Tensor:
-    """s B A, with s = alpha / r (alpha / sqrt(r) with rsLoRA).
-
-    For QLoRA this is the learned part only: its 4-bit W0 also differs from the source W0 by the
-    quantization error, which no training produced.
-    """
-    return _lora_product(params, stage)
-
-
-@change_rule("delta-lora", needs=("lora_A", "lora_B", "base_layer.weight"))
-def delta_lora_change(params: Mapping[str, Tensor], frozen_weight: Callable[[], Tensor],
-                      stage: Stage3Config) -> Tensor:
-    """W moved by the Delta-LoRA rule, plus s B A, minus the source W0."""
-    return params["base_layer.weight"].double() - frozen_weight() + _lora_product(params, stage)
-
-
-@change_rule("dora", needs=("lora_A", "lora_B", "lora_magnitude_vector"))
-def dora_change(params: Mapping[str, Tensor], frozen_weight: Callable[[], Tensor], stage: Stage3Config) -> Tensor:
-    """m / ||W0 + s B A||_row * (W0 + s B A) - W0."""
-    weight, product = frozen_weight(), _lora_product(params, stage)
-    scale = params["lora_magnitude_vector"].double() / dora_weight_norm(weight, product)
-    return scale.unsqueeze(1) * (weight + product) - weight
-
-
-@change_rule("full", needs=("weight",))
-def full_change(params: Mapping[str, Tensor], frozen_weight: Callable[[], Tensor], stage: Stage3Config) -> Tensor:
-    """W_full - W0."""
-    return params["weight"].double() - frozen_weight()
 
 
 class FrozenWeights:
@@ -133,9 +76,10 @@ def check_run(directory: Path) -> Config:
         raise FileNotFoundError(f"{config_file} not found: {directory} is not a run directory; pass the "
                                 "runs/<name>/ directories that `orca-lora run` writes")
     config = load_config(config_file)
-    if config.stage3.method not in WEIGHT_CHANGES:
+    if get_method(config.stage3.method).weight_change is None:
+        analysed = sorted(name for name, spec in METHODS.items() if spec.weight_change is not None)
         raise ValueError(f"{config_file}: stage3.method={config.stage3.method!r} has no weight change W - W0 "
-                         f"to analyse (rules exist for {sorted(WEIGHT_CHANGES)}); pass runs of those methods")
+                         f"to analyse (rules exist for {analysed}); pass runs of those methods")
     for needed in (run.ranks, run.trainable):
         if not needed.is_file():
             raise FileNotFoundError(f"{needed} not found: the run has not finished; finish it with "
@@ -149,7 +93,7 @@ def read_run(directory: Path, label: str, config: Config, frozen: FrozenWeights)
     method, trainable = config.stage3.method, run.trainable
     ranks = {name: int(rank) for name, rank in read_ranks(run).ranks.items()}
     state = load_file(str(trainable))
-    rule = WEIGHT_CHANGES[method]
+    rule = get_method(method).weight_change
     changes, lora_A = {}, {}
     for module in ranks:
         prefix = f"{MODEL_PREFIX}{module}."

@@ -1,8 +1,9 @@
 """Stage 3's LightningModule: the composed model, the task's loss and error, AdamW with warm-up
-and a cosine / step / constant schedule, LoRA+ groups, Delta-LoRA and DyLoRA hooks.
+and a cosine / step / constant schedule, and the method spec's hooks (its optimizer groups, hooks
+on the optimizer, a call before each training step).
 
-Checkpoints hold only what training changes (trainable parameters, Delta-LoRA's updated base
-weights, buffers outside the frozen body), so a Swin-base checkpoint is megabytes, not 350 MB.
+Checkpoints hold only what training changes (trainable parameters, the tensors each adapter layer
+saves, buffers outside the frozen body), so a Swin-base checkpoint is megabytes, not 350 MB.
 """
 from __future__ import annotations
 
@@ -13,10 +14,8 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
-from orca_lora.adapters.delta import attach_delta_lora
 from orca_lora.adapters.inject import adapter_modules
-from orca_lora.adapters.lora import DyLoRALinear
-from orca_lora.adapters.optim import adapter_param_groups
+from orca_lora.adapters.spec import StepHook, get_method
 from orca_lora.config import Stage3Config
 from orca_lora.data.tasks import TaskData
 
@@ -41,10 +40,10 @@ class FinetuneModule(L.LightningModule):
         self.model = model
         self.output_transform = task.output_transform
         self.loss_fn, self.error_fn = task.loss, task.error
-        self.stage = stage
+        self.stage, self.method = stage, get_method(stage.method)
+        self.step_hook: StepHook | None = None
         self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
         self.rank_generator = torch.Generator().manual_seed(seed)
-        self.dynamic = [m for m in adapter_modules(model).values() if isinstance(m, DyLoRALinear)]
         self.strict_loading = False  # checkpoints leave out the frozen body
         # per-sample means whose (sum, count) states are summed across processes: exact with uneven
         # shards, where self.log's synced mean truncates the integer sample count
@@ -55,8 +54,7 @@ class FinetuneModule(L.LightningModule):
 
     def training_step(self, batch, batch_index):
         inputs, targets = batch
-        for module in self.dynamic:  # each DyLoRA module draws its own b ~ U{min_rank..r_max} per step
-            module.sample_rank(self.rank_generator)
+        self.method.on_train_batch_start(self.model, self.rank_generator)
         loss = self.loss_fn(self(inputs), targets).mean()
         self.log("train_loss", loss, prog_bar=True, batch_size=len(inputs))
         return loss
@@ -74,17 +72,13 @@ class FinetuneModule(L.LightningModule):
         self._evaluate(batch, "test_error")
 
     def on_train_start(self) -> None:
-        if self.stage.method == "delta-lora":
+        if self.step_hook is not None:
             # a resumed run restores global_step after configure_optimizers attached the hooks
-            self.delta_handle.step = self.trainer.global_step
+            self.step_hook.step = self.trainer.global_step
 
     def configure_optimizers(self):
-        ratio = self.stage.loraplus_ratio if self.stage.method == "lora-plus" else 1.0
-        groups = adapter_param_groups(self, self.stage.lr, self.stage.weight_decay, loraplus_ratio=ratio)
-        optimizer = torch.optim.AdamW(groups)
-        if self.stage.method == "delta-lora":
-            self.delta_handle = attach_delta_lora(optimizer, list(adapter_modules(self.model).values()),
-                                                  self.stage.delta_start_step, self.stage.delta_update_ratio)
+        optimizer = torch.optim.AdamW(self.method.param_groups(self, self.stage))
+        self.step_hook = self.method.attach(optimizer, self.model, self.stage)
         stage = self.stage
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule_factor(
             step, self.total_steps, stage.warmup_steps, stage.schedule, self.steps_per_epoch,
@@ -92,13 +86,12 @@ class FinetuneModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def saved_keys(self) -> set[str]:
-        """State-dict keys training can change: trainable parameters, Delta-LoRA's base weights,
-        and every buffer outside the frozen body (normalisers)."""
+        """State-dict keys training can change: trainable parameters, what each adapter layer saves
+        (Delta-LoRA's moved base weights too), and every buffer outside the frozen body (normalisers)."""
         keys = {name for name, p in self.named_parameters() if p.requires_grad}
         keys |= {name for name, _ in self.named_buffers() if not name.startswith("model.body.")}
-        if self.stage.method == "delta-lora":
-            for name in adapter_modules(self.model):
-                keys.add(f"model.{name}.base_layer.weight")
+        keys |= {f"model.{name}.{tensor}" for name, layer in adapter_modules(self.model).items()
+                 for tensor in layer.saved_tensor_names}
         return keys
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -22,15 +22,10 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import DataLoader
 
-from orca_lora.adapters.bottleneck import add_bottleneck_adapters, mark_only_bottlenecks_trainable
-from orca_lora.adapters.inject import (
-    add_adapters,
-    count_trainable,
-    mark_only_adapters_trainable,
-    merge_adapters,
-)
+from orca_lora.adapters.inject import count_trainable, merge_adapters
 from orca_lora.adapters.io import save_peft_adapter
-from orca_lora.config import ADAPTER_METHODS, PEFT_METHODS, ConfigError, Stage3Config, TrainerConfig
+from orca_lora.adapters.spec import get_method
+from orca_lora.config import ConfigError, Stage3Config, TrainerConfig
 from orca_lora.data.tasks import TaskData
 from orca_lora.files import save_tensors_atomic
 from orca_lora.finetune.module import FinetuneModule
@@ -39,32 +34,11 @@ from orca_lora.run_files import FinetuneResult, RunFiles, SampleErrors, write_sa
 log = logging.getLogger("orca_lora")
 
 
-def variant_options(stage: Stage3Config) -> dict:
-    options = {"alpha": stage.alpha, "use_rslora": stage.rslora, "dropout": stage.dropout}
-    if stage.method == "dylora":
-        options.update(min_rank=stage.dylora_min_rank, frozen=stage.dylora_frozen)
-    return options
-
-
 def prepare_model(model: nn.Module, stage: Stage3Config, ranks: Mapping[str, int], seed: int = 0) -> nn.Module:
-    """Adapters for the adapter methods (their random parts drawn from `seed`); everything trains for
-    `full`; only the head for `linear`."""
-    if stage.method in ADAPTER_METHODS:
-        if stage.method == "houlsby":  # wraps each block's attn / mlp, not the targeted Linears themselves
-            add_bottleneck_adapters(model, stage.targets, dict(ranks), dropout=stage.dropout, seed=seed)
-            mark_only_bottlenecks_trainable(model)
-        else:
-            add_adapters(model, targets=stage.targets, ranks=dict(ranks), variant=stage.method, seed=seed,
-                         **variant_options(stage))
-            mark_only_adapters_trainable(model)
-        model.embedder.requires_grad_(True)
-        model.head.requires_grad_(True)
-    elif stage.method == "full":
-        model.requires_grad_(True)
-        model.body.patch_embed.requires_grad_(False)  # replaced by the embedder; unused in forward
-    else:
-        model.requires_grad_(False)
-        model.head.requires_grad_(True)
+    """The method's layers in `model` (their random parts drawn from `seed`) and what trains marked,
+    as its spec says: adapters, embedder and head for the adapter methods; all but the unused patch
+    embedding for `full`; only the head for `linear`."""
+    get_method(stage.method).prepare(model, stage, ranks, seed)
     return model.train()
 
 
@@ -216,7 +190,7 @@ def save_trained_weights(module: FinetuneModule, model: nn.Module, stage: Stage3
     """`trainable.safetensors` (what training changed), the PEFT adapter, and the merged model on request."""
     keep = module.saved_keys()
     save_tensors_atomic({k: v for k, v in module.state_dict().items() if k in keep}, run_files.trainable)
-    if stage.method in PEFT_METHODS:
+    if get_method(stage.method).peft_export:
         save_peft_adapter(model, run_files.adapter)
     if stage.save_merged:
         merge_adapters(model)

@@ -32,3 +32,20 @@ def swin(make_swin: Callable[[int], nn.Module]) -> nn.Module:
 @pytest.fixture
 def images() -> torch.Tensor:
     return torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture
+def make_linear() -> Callable[..., nn.Linear]:
+    """Builds the 40 -> 24 nn.Linear the layer tests wrap; the same seed gives the same weights."""
+    def make(seed: int = 0, bias: bool = True) -> nn.Linear:
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            return nn.Linear(40, 24, bias=bias)
+
+    return make
+
+
+@pytest.fixture
+def x() -> torch.Tensor:
+    """A (5, 3, 40) input for the make_linear layers."""
+    return torch.randn(5, 3, 40, generator=torch.Generator().manual_seed(7))

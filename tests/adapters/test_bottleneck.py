@@ -17,8 +17,8 @@ from orca_lora.adapters.bottleneck import (
     bottleneck_sizes,
     mark_only_bottlenecks_trainable,
 )
-from orca_lora.adapters.inject import DEFAULT_TARGETS, count_trainable
-from orca_lora.config import ConfigError, load_config
+from orca_lora.adapters.inject import count_trainable
+from orca_lora.config import DEFAULT_TARGETS, ConfigError, load_config
 from orca_lora.finetune.stage import prepare_model
 from orca_lora.pipeline import run_pipeline
 

@@ -5,7 +5,8 @@ from torch import nn
 
 from orca_lora.adapters.delta import attach_delta_lora, delta_lora_update
 from orca_lora.adapters.inject import add_adapters, adapter_modules, mark_only_adapters_trainable
-from orca_lora.adapters.lora import DeltaLoRALinear, LoRALinear
+from orca_lora.adapters.delta import DeltaLoRALinear
+from orca_lora.adapters.lora import LoRALinear
 
 
 def _delta_layer(rank: int = 2, seed: int = 0) -> DeltaLoRALinear:
@@ -55,7 +56,7 @@ def test_weight_moves_by_exactly_the_product_change_after_start_step(optimizer_c
 
 
 def test_delta_lora_on_the_tiny_swin(swin, images):
-    add_adapters(swin, variant="delta-lora", ranks=2)
+    add_adapters(swin, method="delta-lora", ranks=2)
     mark_only_adapters_trainable(swin)
     modules = adapter_modules(swin)
     optimizer = torch.optim.AdamW([p for p in swin.parameters() if p.requires_grad], lr=1e-2)

@@ -14,7 +14,9 @@ from orca_lora.adapters.inject import (
     merge_adapters,
     unmerge_adapters,
 )
-from orca_lora.adapters.lora import DoRALinear, DyLoRALinear, LoRALinear
+from orca_lora.adapters.dora import DoRALinear
+from orca_lora.adapters.dylora import DyLoRALinear
+from orca_lora.adapters.lora import LoRALinear
 
 # (d_out, d_in) of the adapted Linears in one block of each stage of the tiny Swin (embed_dim 32, mlp_ratio 4).
 STAGE_SHAPES = {
@@ -59,7 +61,7 @@ def test_count_trainable_with_per_block_ranks_equals_hand_count(swin):
 
 
 def test_dora_count_adds_the_magnitudes(swin):
-    add_adapters(swin, ranks=2, variant="dora")
+    add_adapters(swin, ranks=2, method="dora")
     mark_only_adapters_trainable(swin)
     expected = sum(
         2 * (d_out + d_in) + d_out for stage, _ in BLOCKS for d_out, d_in in STAGE_SHAPES[stage].values()
@@ -90,10 +92,10 @@ def test_rank_map_needs_full_cover_unless_default_rank(swin):
     assert {m.rank for name, m in adapters.items() if name != "layers.0.blocks.0.attn.qkv"} == {2}
 
 
-def test_variant_options_reach_the_layers_and_seed_fixes_A(make_swin):
-    first = add_adapters(make_swin(0), ranks=4, variant="dylora", min_rank=2, frozen=True, seed=3)
-    again = add_adapters(make_swin(0), ranks=4, variant="dylora", min_rank=2, frozen=True, seed=3)
-    other = add_adapters(make_swin(0), ranks=4, variant="dylora", min_rank=2, frozen=True, seed=4)
+def test_method_options_reach_the_layers_and_seed_fixes_A(make_swin):
+    first = add_adapters(make_swin(0), ranks=4, method="dylora", min_rank=2, frozen=True, seed=3)
+    again = add_adapters(make_swin(0), ranks=4, method="dylora", min_rank=2, frozen=True, seed=3)
+    other = add_adapters(make_swin(0), ranks=4, method="dylora", min_rank=2, frozen=True, seed=4)
     module = first["layers.1.blocks.1.mlp.fc2"]
     assert isinstance(module, DyLoRALinear) and module.min_rank == 2 and module.frozen
     assert all(torch.equal(first[n].lora_A, again[n].lora_A) for n in first)
@@ -111,9 +113,10 @@ def test_variant_options_reach_the_layers_and_seed_fixes_A(make_swin):
         ({"ranks": 0}, ValueError, r"rank 0 for 'layers.0.blocks.0.attn.qkv' .* must be in \[1, 32\]"),
         ({"ranks": {"layers.1.blocks.0.attn.proj": 65}, "default_rank": 2}, ValueError,
          r"rank 65 for 'layers.1.blocks.0.attn.proj' \(Linear of shape \(64, 64\)\) is out of range; .*\[1, 64\]"),
-        ({"variant": "vera"}, KeyError, "unknown adapter variant 'vera'; choose one of"),
-        ({"variant": "delta-lora", "dropout": 0.1}, ValueError, "no adapter dropout"),
-        ({"variant": "lora", "min_rank": 2}, TypeError, "min_rank"),
+        ({"method": "vera"}, KeyError, "unknown method 'vera'; choose one of"),
+        ({"method": "houlsby"}, ValueError, "method 'houlsby' puts no adapter layer on a Linear"),
+        ({"method": "delta-lora", "dropout": 0.1}, ValueError, "no adapter dropout"),
+        ({"method": "lora", "min_rank": 2}, TypeError, "min_rank"),
     ],
 )
 def test_errors_leave_the_model_untouched(swin, kwargs, error, message):
@@ -130,21 +133,21 @@ def test_adding_twice_raises(swin):
 
 def test_adapter_state_dict_round_trip(make_swin, images):
     source = make_swin(0)
-    add_adapters(source, ranks=_per_block_ranks(), variant="dora")
+    add_adapters(source, ranks=_per_block_ranks(), method="dora")
     _randomise_B(source)
     state = adapter_state_dict(source)
     assert len(state) == 16 * 3
     assert {key.rsplit(".", 1)[1] for key in state} == {"lora_A", "lora_B", "lora_magnitude_vector"}
     assert set(state) <= set(source.state_dict())
     target = make_swin(0)
-    add_adapters(target, ranks=_per_block_ranks(), variant="dora", seed=9)
+    add_adapters(target, ranks=_per_block_ranks(), method="dora", seed=9)
     load_adapter_state_dict(target, state)
     torch.testing.assert_close(target(images), source(images))
     assert isinstance(target.layers[1].blocks[0].mlp.fc1, DoRALinear)
 
 
 def test_adapter_state_dict_holds_delta_lora_base_weights(swin):
-    add_adapters(swin, ranks=2, variant="delta-lora", targets=(r"\.attn\.qkv$",))
+    add_adapters(swin, ranks=2, method="delta-lora", targets=(r"\.attn\.qkv$",))
     assert sorted(adapter_state_dict(swin))[:3] == [
         "layers.0.blocks.0.attn.qkv.base_layer.weight",
         "layers.0.blocks.0.attn.qkv.lora_A",

@@ -12,24 +12,24 @@ from orca_lora.adapters.io import CONFIG_NAME, DELTA_BASE_NAME, WEIGHTS_NAME, lo
 RANKS = {"layers.0.blocks.0.attn.qkv": 2, "layers.1.blocks.1.mlp.fc1": 5, "layers.1.blocks.0.attn.proj": 3}
 
 
-def _adapt(model, variant="lora", use_rslora=False, **options):
-    adapters = add_adapters(model, ranks=RANKS, default_rank=4, variant=variant, alpha=8.0, use_rslora=use_rslora,
+def _adapt(model, method="lora", use_rslora=False, **options):
+    adapters = add_adapters(model, ranks=RANKS, default_rank=4, method=method, alpha=8.0, use_rslora=use_rslora,
                             **options)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for module in adapters.values():
             module.lora_B.copy_(0.2 * torch.randn(module.lora_B.shape, generator=generator))
-            if variant == "dora":
+            if method == "dora":
                 magnitude = module.lora_magnitude_vector
                 magnitude.mul_(1 + 0.3 * torch.rand(magnitude.shape, generator=generator))
     adapters["layers.0.blocks.1.mlp.fc2"].alpha = 3.0
     return adapters
 
 
-@pytest.mark.parametrize(("variant", "use_rslora"), [("lora", False), ("lora", True), ("dora", False)])
-def test_peft_loads_what_we_save(swin, images, tmp_path, variant, use_rslora):
+@pytest.mark.parametrize(("method", "use_rslora"), [("lora", False), ("lora", True), ("dora", False)])
+def test_peft_loads_what_we_save(swin, images, tmp_path, method, use_rslora):
     base_copy = copy.deepcopy(swin)
-    _adapt(swin, variant, use_rslora)
+    _adapt(swin, method, use_rslora)
     save_peft_adapter(swin, tmp_path / "adapter", base_model_name="tiny-swin")
     theirs = peft.PeftModel.from_pretrained(base_copy, tmp_path / "adapter").eval()
     torch.testing.assert_close(theirs(images), swin(images), rtol=0, atol=1e-5)
@@ -50,15 +50,15 @@ def test_config_uses_the_common_rank_and_patterns(swin, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
 
 
-@pytest.mark.parametrize("variant", ["lora", "dora", "delta-lora"])
-def test_own_round_trip(make_swin, images, tmp_path, variant):
+@pytest.mark.parametrize("method", ["lora", "dora", "delta-lora"])
+def test_own_round_trip(make_swin, images, tmp_path, method):
     source = make_swin(0)
-    _adapt(source, variant)
-    if variant == "delta-lora":
+    _adapt(source, method)
+    if method == "delta-lora":
         with torch.no_grad():
             adapter_modules(source)["layers.0.blocks.0.attn.qkv"].base_layer.weight.add_(0.1)
     save_peft_adapter(source, tmp_path / "adapter")
-    assert (tmp_path / "adapter" / DELTA_BASE_NAME).is_file() == (variant == "delta-lora")
+    assert (tmp_path / "adapter" / DELTA_BASE_NAME).is_file() == (method == "delta-lora")
     target = make_swin(0)
     loaded = load_peft_adapter(target, tmp_path / "adapter")
     assert {n: type(m) for n, m in loaded.items()} == {n: type(m) for n, m in adapter_modules(source).items()}
@@ -96,9 +96,9 @@ def test_save_errors(make_swin, tmp_path):
     with pytest.raises(ValueError, match="no adapter layers; call add_adapters"):
         save_peft_adapter(make_swin(0), tmp_path / "adapter")
     mixed = make_swin(0)
-    add_adapters(mixed, targets=(r"\.attn\.qkv$",), ranks=2, variant="dora")
+    add_adapters(mixed, targets=(r"\.attn\.qkv$",), ranks=2, method="dora")
     add_adapters(mixed, targets=(r"\.mlp\.fc1$",), ranks=2)
-    with pytest.raises(ValueError, match=r"one variant for all modules; this model mixes \['dora', 'lora'\]"):
+    with pytest.raises(ValueError, match=r"one method for all modules; this model mixes \['dora', 'lora'\]"):
         save_peft_adapter(mixed, tmp_path / "adapter")
     merged = make_swin(0)
     add_adapters(merged, ranks=2)

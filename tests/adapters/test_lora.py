@@ -7,20 +7,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from orca_lora.adapters.lora import (
-    ADAPTER_VARIANTS,
-    DeltaLoRALinear,
-    DoRALinear,
-    DyLoRALinear,
-    LoRALinear,
-    LoRALinearFunction,
-    dora_weight_norm,
-    get_variant,
-    lora_linear,
-    lora_param_count,
-    lora_scaling,
-    register_variant,
-)
+from orca_lora.adapters.base import lora_scaling
+from orca_lora.adapters.delta import DeltaLoRALinear
+from orca_lora.adapters.dora import DoRALinear
+from orca_lora.adapters.dylora import DyLoRALinear
+from orca_lora.adapters.lora import LoRA, LoRALinear, LoRALinearFunction, lora_linear, lora_param_count
+from orca_lora.adapters.spec import METHODS, get_method, register_method
 
 D_OUT, D_IN = 24, 40
 
@@ -50,7 +42,7 @@ def _x(batch: int = 5) -> torch.Tensor:
     return torch.randn(batch, 3, D_IN, generator=torch.Generator().manual_seed(7))
 
 
-VARIANT_LAYERS = {
+METHOD_LAYERS = {
     "lora": lambda: LoRALinear(_linear(), rank=4, alpha=8.0),
     "rslora": lambda: LoRALinear(_linear(), rank=4, alpha=8.0, use_rslora=True),
     "delta-lora": lambda: DeltaLoRALinear(_linear(), rank=4, alpha=8.0),
@@ -66,9 +58,9 @@ def test_scaling_and_param_count_formulas():
     assert lora_param_count(24, 40, 3) == 3 * 24 + 40 * 3
 
 
-@pytest.mark.parametrize("variant", VARIANT_LAYERS)
-def test_trainable_param_count_is_exact(variant):
-    layer = VARIANT_LAYERS[variant]()
+@pytest.mark.parametrize("method", METHOD_LAYERS)
+def test_trainable_param_count_is_exact(method):
+    layer = METHOD_LAYERS[method]()
     own = sum(p.numel() for name, p in layer.named_parameters() if not name.startswith("base_layer"))
     assert layer.trainable_param_count == own
     assert all(not p.requires_grad for p in layer.base_layer.parameters())
@@ -82,9 +74,9 @@ def test_lora_A_is_kaiming_uniform_like_peft():
     assert torch.count_nonzero(layer.lora_B) == 0
 
 
-@pytest.mark.parametrize("variant", VARIANT_LAYERS)
-def test_zero_B_at_init_leaves_output_unchanged(variant):
-    layer = VARIANT_LAYERS[variant]()
+@pytest.mark.parametrize("method", METHOD_LAYERS)
+def test_zero_B_at_init_leaves_output_unchanged(method):
+    layer = METHOD_LAYERS[method]()
     torch.testing.assert_close(layer(_x()), layer.base_layer(_x()), rtol=0, atol=1e-6)
 
 
@@ -146,9 +138,9 @@ def test_delta_weight_has_rank_r(rank):
     torch.testing.assert_close(delta, layer.scaling * outer_sum)
 
 
-@pytest.mark.parametrize("variant", VARIANT_LAYERS)
-def test_merged_equals_unmerged_and_unmerge_restores_W0(variant):
-    layer = _randomise(VARIANT_LAYERS[variant]()).eval()
+@pytest.mark.parametrize("method", METHOD_LAYERS)
+def test_merged_equals_unmerged_and_unmerge_restores_W0(method):
+    layer = _randomise(METHOD_LAYERS[method]()).eval()
     W0 = layer.base_layer.weight.detach().clone()
     x = _x()
     before = layer(x)
@@ -165,109 +157,14 @@ def test_merged_equals_unmerged_and_unmerge_restores_W0(variant):
         layer.unmerge()
 
 
-def test_dylora_at_rank_b_equals_lora_of_rank_b():
-    dylora = _randomise(DyLoRALinear(_linear(), rank=6, alpha=8.0, min_rank=2))
-    for b in (2, 4, 6):
-        plain = LoRALinear(_linear(), rank=b, alpha=8.0)  # same alpha: both scale by alpha / b
-        with torch.no_grad():
-            plain.lora_A.copy_(dylora.lora_A[:b])
-            plain.lora_B.copy_(dylora.lora_B[:, :b])
-        dylora.eval_rank = b
-        dylora.eval()
-        assert dylora.scaling == pytest.approx(8.0 / b)
-        torch.testing.assert_close(dylora(_x()), plain(_x()))
-        dylora.train()
-        dylora._train_rank = b
-        torch.testing.assert_close(dylora(_x()), plain(_x()))
-
-
-def test_dylora_sample_rank_is_uniform_and_seeded():
-    layer = DyLoRALinear(_linear(), rank=6, min_rank=2).train()
-    draws = [layer.sample_rank(torch.Generator().manual_seed(seed)) for seed in range(200)]
-    reference = [int(torch.randint(2, 7, (1,), generator=torch.Generator().manual_seed(seed))) for seed in range(200)]
-    assert draws == reference
-    assert set(draws) == {2, 3, 4, 5, 6}
-    assert layer.active_rank == draws[-1]
-    layer.eval()
-    assert layer.active_rank == layer.eval_rank == 6
-
-
-@pytest.mark.parametrize("frozen", [False, True])
-def test_dylora_gradients_reach_only_the_trained_components(frozen):
-    layer = _randomise(DyLoRALinear(_linear(), rank=6, frozen=frozen)).train()
-    layer._train_rank = 4
-    layer(_x()).square().sum().backward()
-    rows_with_grad = torch.nonzero(layer.lora_A.grad.abs().sum(1)).flatten().tolist()
-    cols_with_grad = torch.nonzero(layer.lora_B.grad.abs().sum(0)).flatten().tolist()
-    expected = [3] if frozen else [0, 1, 2, 3]
-    assert rows_with_grad == expected
-    assert cols_with_grad == expected
-
-
-def test_dylora_merge_keeps_its_rank_across_mode_changes():
-    layer = _randomise(DyLoRALinear(_linear(), rank=6))
-    W0 = layer.base_layer.weight.detach().clone()
-    layer.eval_rank = 2
-    layer.eval().merge()
-    with pytest.raises(RuntimeError, match="already merged"):
-        layer.eval_rank = 3
-    layer.train().unmerge()
-    torch.testing.assert_close(layer.base_layer.weight, W0, rtol=0, atol=1e-6)
-
-
-def test_dora_forward_matches_formula_and_peft():
-    ours = _randomise(DoRALinear(_linear(), rank=3, alpha=6.0))
-    W0, b, A, B, m = ours.base_layer.weight, ours.base_layer.bias, ours.lora_A, ours.lora_B, ours.lora_magnitude_vector
-    direction = W0 + 2.0 * B @ A
-    x = _x()
-    expected = x @ (m[:, None] / direction.norm(dim=1, keepdim=True) * direction).T + b
-    torch.testing.assert_close(ours(x), expected, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(dora_weight_norm(W0, 2.0 * B @ A), direction.norm(dim=1))
-
-    config = peft.LoraConfig(r=3, lora_alpha=6.0, use_dora=True, target_modules=["0"])
-    theirs = peft.get_peft_model(nn.Sequential(_linear()), config)
-    peft_layer = theirs.base_model.model[0]
-    with torch.no_grad():
-        peft_layer.lora_A["default"].weight.copy_(A)
-        peft_layer.lora_B["default"].weight.copy_(B)
-        peft_layer.lora_magnitude_vector["default"].weight.copy_(m)
-    ours(x).square().sum().backward()
-    theirs(x).square().sum().backward()  # PEFT detaches the norm (DoRA 4.3), so equal grads check ours does too
-    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
-    _assert_grads_close(ours.lora_B.grad, peft_layer.lora_B["default"].weight.grad)
-    _assert_grads_close(m.grad, peft_layer.lora_magnitude_vector["default"].weight.grad)
-
-
-def test_dora_with_dropout_matches_peft():
-    ours = _randomise(DoRALinear(_linear(), rank=3, alpha=6.0, dropout=0.3)).train()
-    config = peft.LoraConfig(r=3, lora_alpha=6.0, use_dora=True, lora_dropout=0.3, target_modules=["0"])
-    theirs = peft.get_peft_model(nn.Sequential(_linear()), config).train()
-    peft_layer = theirs.base_model.model[0]
-    with torch.no_grad():
-        peft_layer.lora_B["default"].weight.copy_(ours.lora_B)
-        peft_layer.lora_A["default"].weight.copy_(ours.lora_A)
-        peft_layer.lora_magnitude_vector["default"].weight.copy_(ours.lora_magnitude_vector)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        out = ours(_x())
-        torch.manual_seed(0)
-        expected = theirs(_x())
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-
-
-def test_dora_magnitude_starts_at_row_norms():
-    layer = DoRALinear(_linear(), rank=2)
-    torch.testing.assert_close(layer.lora_magnitude_vector.detach(), layer.base_layer.weight.norm(dim=1))
-
-
-def test_registry_holds_the_five_variants():
-    assert {"lora", "delta-lora", "lora-plus", "dylora", "dora"} <= set(ADAPTER_VARIANTS)
-    assert get_variant("lora-plus") is LoRALinear
-    assert get_variant("delta-lora") is DeltaLoRALinear
-    with pytest.raises(KeyError, match="unknown adapter variant 'vera'.*'dora'"):
-        get_variant("vera")
+def test_registry_holds_the_lora_family():
+    assert {"lora", "delta-lora", "lora-plus", "dylora", "dora"} <= set(METHODS)
+    assert get_method("lora-plus").layer is LoRALinear
+    assert get_method("delta-lora").layer is DeltaLoRALinear
+    with pytest.raises(KeyError, match="unknown method 'vera'.*'dora'"):
+        get_method("vera")
     with pytest.raises(ValueError, match="already registered"):
-        register_variant("lora")(LoRALinear)
+        register_method(LoRA)
 
 
 @pytest.mark.parametrize(
@@ -284,7 +181,7 @@ def test_bad_arguments_raise(kwargs, message):
         LoRALinear(_linear(), **kwargs)
 
 
-def test_bad_layers_and_variant_options_raise():
+def test_bad_layers_and_method_options_raise():
     with pytest.raises(ValueError, match="must be an nn.Linear, got Conv2d"):
         LoRALinear(nn.Conv2d(3, 4, 2), rank=1)
     with pytest.raises(ValueError, match="Delta-LoRA layers take no adapter dropout"):
@@ -297,9 +194,8 @@ def test_bad_layers_and_variant_options_raise():
 
 
 def test_extra_repr_names_the_settings():
-    text = repr(DyLoRALinear(_linear(), rank=4, alpha=8.0, min_rank=2))
-    assert "rank=4, alpha=8, scaling=2" in text and "min_rank=2" in text and "frozen=False" in text
-    assert "DoRALinear" in repr(DoRALinear(_linear(), rank=2))
+    text = repr(LoRALinear(_linear(), rank=4, alpha=8.0, dropout=0.1))
+    assert "in_features=40, out_features=24, rank=4, alpha=8, scaling=2" in text and "dropout=0.1" in text
 
 
 def _uses_fast_path(out: torch.Tensor) -> bool:
@@ -358,11 +254,11 @@ def test_lora_linear_function_second_derivatives_pass_gradgradcheck():
     assert torch.autograd.gradgradcheck(lambda x, A, B: LoRALinearFunction.apply(x, W, b, A, B, 1.5), (x, A, B))
 
 
-@pytest.mark.parametrize("variant", ["lora", "rslora", "delta-lora", "dylora"])
-def test_fast_path_equals_the_autograd_path_in_every_variant_using_it(variant, monkeypatch):
-    layer = _randomise(VARIANT_LAYERS[variant]()).train()
+@pytest.mark.parametrize("method", ["lora", "rslora", "delta-lora", "dylora"])
+def test_fast_path_equals_the_autograd_path_in_every_method_using_it(method, monkeypatch):
+    layer = _randomise(METHOD_LAYERS[method]()).train()
     layers = [layer, copy.deepcopy(layer)]
-    if variant == "dylora":
+    if method == "dylora":
         for each in layers:
             each.frozen, each._train_rank = True, 4
     monkeypatch.setattr(layers[1], "_fast_path_applies", lambda *args: False)

@@ -20,8 +20,8 @@ from orca_lora.adapters.inject import (
     merge_adapters,
     unmerge_adapters,
 )
-from orca_lora.adapters.lora import get_variant
 from orca_lora.adapters.mora import MoRALinear, cyclic_extend, mora_compress, mora_decompress, mora_rank
+from orca_lora.adapters.spec import get_method
 from orca_lora.config import ConfigError, load_config
 from orca_lora.finetune.stage import prepare_model
 from orca_lora.pipeline import run_pipeline
@@ -92,7 +92,7 @@ def test_cyclic_padding_is_the_official_concatenation():
 
 
 def test_mora_is_registered_with_an_exact_count():
-    assert get_variant("mora") is MoRALinear
+    assert get_method("mora").layer is MoRALinear
     layer = _layer(144, 48, 8)
     own = {name: p.numel() for name, p in layer.named_parameters() if not name.startswith("base_layer")}
     assert layer.r_hat == 39 and own == {"mora_M": 39 * 39} and layer.trainable_param_count == 1521
@@ -175,7 +175,7 @@ def test_extra_repr_shows_r_hat_and_no_scale():
 
 def test_inject_counts_saves_and_merges(make_swin, images):
     model = make_swin(0)
-    adapters = add_adapters(model, ranks=2, variant="mora")
+    adapters = add_adapters(model, ranks=2, method="mora")
     mark_only_adapters_trainable(model)
     hand = sum(math.isqrt(2 * (m.base_layer.in_features + m.base_layer.out_features)) ** 2 for m in adapters.values())
     assert count_trainable(model) == hand
@@ -183,7 +183,7 @@ def test_inject_counts_saves_and_merges(make_swin, images):
     for module in adapters.values():
         _randomise(module)
     copy_model = make_swin(0)
-    add_adapters(copy_model, ranks=2, variant="mora")
+    add_adapters(copy_model, ranks=2, method="mora")
     load_adapter_state_dict(copy_model, adapter_state_dict(model))
     before = model(images)
     torch.testing.assert_close(copy_model(images), before)

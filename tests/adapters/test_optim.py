@@ -10,7 +10,7 @@ def _by_name(groups):
 
 
 def test_groups_carry_the_loraplus_ratio_and_cover_every_trainable_param_once(swin):
-    add_adapters(swin, ranks=2, variant="dora")
+    add_adapters(swin, ranks=2, method="dora")
     mark_only_adapters_trainable(swin)
     swin.head.fc.requires_grad_(True)
     groups = _by_name(adapter_param_groups(swin, lr=1e-3, weight_decay=0.05, loraplus_ratio=16.0))

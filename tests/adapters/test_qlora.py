@@ -21,7 +21,7 @@ from orca_lora.adapters.inject import (
     unmerge_adapters,
 )
 from orca_lora.adapters.io import load_peft_adapter, save_peft_adapter
-from orca_lora.adapters.lora import LoRALinear, get_variant
+from orca_lora.adapters.lora import LoRALinear
 from orca_lora.adapters.qlora import (
     NF4_LEVELS,
     NF4Linear,
@@ -35,8 +35,9 @@ from orca_lora.adapters.qlora import (
     quantize_nf4_blocks,
     unpack_codes,
 )
+from orca_lora.adapters.spec import get_method
 from orca_lora.config import load_config
-from orca_lora.finetune.stage import prepare_model, variant_options
+from orca_lora.finetune.stage import prepare_model
 from orca_lora.pipeline import run_pipeline
 
 QUICKSTART = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
@@ -167,8 +168,8 @@ def test_nf4_linear_holds_buffers_only_and_keeps_the_bias():
     assert "bits_per_param" in repr(layer)
 
 
-def test_qlora_is_a_registered_lora_variant():
-    assert get_variant("qlora") is QLoRALinear and issubclass(QLoRALinear, LoRALinear)
+def test_qlora_is_a_registered_lora_method():
+    assert get_method("qlora").layer is QLoRALinear and issubclass(QLoRALinear, LoRALinear)
 
 
 def test_forward_with_zero_B_is_the_dequantized_linear():
@@ -211,7 +212,7 @@ def test_gradients_reach_only_A_and_B():
 
 
 def test_inject_helpers_see_only_the_adapters(swin, images):
-    adapters = add_adapters(swin, ranks=3, variant="qlora", alpha=8.0)
+    adapters = add_adapters(swin, ranks=3, method="qlora", alpha=8.0)
     mark_only_adapters_trainable(swin)
     expected = sum(module.trainable_param_count for module in adapters.values())
     assert count_trainable(swin) == expected == sum(3 * (m.base_layer.in_features + m.base_layer.out_features)
@@ -227,7 +228,7 @@ def test_inject_helpers_see_only_the_adapters(swin, images):
 
 def test_peft_export_is_a_plain_lora_of_the_same_factors(make_swin, images, tmp_path):
     model = make_swin(0)
-    add_adapters(model, ranks=2, variant="qlora", alpha=8.0)
+    add_adapters(model, ranks=2, method="qlora", alpha=8.0)
     with torch.no_grad():
         for module in adapter_modules(model).values():
             module.lora_B.normal_(generator=torch.Generator().manual_seed(1))
@@ -243,7 +244,7 @@ def test_peft_export_is_a_plain_lora_of_the_same_factors(make_swin, images, tmp_
 
 def test_stage3_prepares_a_qlora_model(tiny_overrides, body):
     stage = load_config(QUICKSTART, tiny_overrides + ["stage3.method=qlora"]).stage3
-    assert variant_options(stage) == {"alpha": stage.alpha, "use_rslora": stage.rslora, "dropout": stage.dropout}
+    assert get_method("qlora").options(stage) == {"alpha": stage.alpha, "use_rslora": stage.rslora, "dropout": stage.dropout}
     model = nn.Module()
     model.body, model.embedder, model.head = copy.deepcopy(body), nn.Linear(2, 2), nn.Linear(2, 2)
     prepare_model(model, stage, dict.fromkeys(match_targets(model, stage.targets), 2))

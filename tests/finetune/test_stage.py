@@ -6,7 +6,10 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from orca_lora.adapters.lora import DeltaLoRALinear, DoRALinear, DyLoRALinear, LoRALinear
+from orca_lora.adapters.delta import DeltaLoRALinear
+from orca_lora.adapters.dora import DoRALinear
+from orca_lora.adapters.dylora import DyLoRALinear
+from orca_lora.adapters.lora import LoRALinear
 from orca_lora.config import DEFAULT_TARGETS, Stage3Config, TaskConfig, TrainerConfig
 from orca_lora.data.tasks import build_task
 from orca_lora.finetune import stage as finetune_stage
@@ -70,7 +73,7 @@ def test_prepare_model_linear_trains_only_the_head():
     ("delta-lora", DeltaLoRALinear, set()),
     ("lora-plus", LoRALinear, set()),
 ])
-def test_prepare_model_builds_each_variant(method, layer_class, extra):
+def test_prepare_model_builds_each_method(method, layer_class, extra):
     model = make_model()
     ranks = ranks_for(model)
     stage = Stage3Config(method=method, dylora_min_rank=1, dylora_frozen=True)

@@ -1,0 +1,19 @@
+"""Linear probing, the `linear` baseline (DESIGN.md 7): only the head trains, so the body's weights
+do not change and `analyze` has nothing to read."""
+
+from collections.abc import Mapping
+
+from torch import nn
+
+from orca_lora.adapters.spec import MethodSpec, register_method
+from orca_lora.config import Stage3Config
+
+
+@register_method
+class LinearProbe(MethodSpec):
+    name = "linear"
+    uses_targets = False
+
+    def prepare(self, model: nn.Module, stage3: Stage3Config, ranks: Mapping[str, int], seed: int) -> None:
+        model.requires_grad_(False)
+        model.head.requires_grad_(True)
