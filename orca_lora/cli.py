@@ -76,9 +76,13 @@ def gap_command(args: argparse.Namespace) -> int:
     if rows is None:
         print("stage2.enabled is false: no gaps measured, every module gets stage3.rank")
         return 0
-    print(f"\n{'block':>5}  {'name':<22} {'gap D_i':>10} {'rank':>5}")
+    print(f"\n{'block':>5}  {'name':<20} {'width':>5} {'gap D_i':>10} {'floor':>9} {'p':>6} "
+          f"{'95% interval':>21} {'corrected':>9} {'rank':>5}")
     for row in rows:
-        print(f"{row.block:>5}  {row.name:<22} {row.gap:>10.4f} {row.rank:>5}")
+        interval = f"[{row.ci_low:.4g}, {row.ci_high:.4g}]"
+        print(f"{row.block:>5}  {row.name:<20} {row.width:>5} {row.gap:>10.4g} {row.floor:>9.4g} {row.p_value:>6.3f} "
+              f"{interval:>21} {row.corrected:>9.4g} {row.rank:>5}")
+    print("corrected = max(gap - floor, 0), 0 where p >= 0.05; the floor is the 95% quantile of the null")
     print(f"\nwritten: {run.gaps}, {run.ranks}")
     return 0
 

@@ -106,7 +106,9 @@ class Stage2Config:
     otdd_inner: str = "exact"  # distance otdd: label-to-label cost, as stage1.otdd_inner
     entropic_reg: float = 0.1  # distance otdd: outer entropic regularisation
     n_pseudo_labels: int = 10  # k-means clusters labelling regression targets (otdd)
-    max_samples: int = 256
+    max_samples: int = 256  # source and target samples held out from stage 1 for the gap (each side)
+    permutations: int = 200  # null draws for the floor and p-value of mmd and the resampled distances
+    bootstraps: int = 200  # draws for the gap's 95% interval
     link: str = "linear"
     decision: str = "mean"
     quantile: float = 0.5
@@ -280,6 +282,8 @@ def validate(config: Config) -> None:
     _choice("stage2.otdd_inner", s2.otdd_inner, OTDD_INNER)
     _at_least("stage2.entropic_reg", s2.entropic_reg, 1e-6)
     _at_least("stage2.n_pseudo_labels", s2.n_pseudo_labels, 1)
+    _at_least("stage2.permutations", s2.permutations, 20)
+    _at_least("stage2.bootstraps", s2.bootstraps, 20)
     _choice("stage2.link", s2.link, RANK_LINKS)
     _choice("stage2.decision", s2.decision, RANK_DECISIONS)
     _choice("stage2.allocation", s2.allocation, RANK_ALLOCATIONS)

@@ -15,12 +15,13 @@ import hashlib
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
 import torch
 from safetensors.torch import load_file
+from torch.utils.data import Subset
 
 from orca_lora.adapters.spec import get_method
 from orca_lora.align import stage as align_stage
@@ -28,6 +29,7 @@ from orca_lora.config import Config, run_directory, run_path, section_hash
 from orca_lora.data.tasks import build_task
 from orca_lora.finetune import stage as finetune_stage
 from orca_lora.models.embedder import Embedder
+from orca_lora.models.features import held_out_split
 from orca_lora.models.model import build_orca_model
 from orca_lora.models.source import load_source_body, source_proxy
 from orca_lora.rank import stage as rank_stage
@@ -63,6 +65,8 @@ class RunResult:
 def stage_hash(config: Config, stage: str) -> str:
     s3 = config.stage3
     digest = section_hash(config, *STAGE_SECTIONS[stage])
+    if stage == "stage1":  # stage 1 aligns on what stage 2 does not hold out
+        digest = hashlib.sha256(f"{digest}|{config.stage2.max_samples}".encode()).hexdigest()[:12]
     if stage == "stage2":  # ranks also depend on these stage-3 values
         extra = f"{digest}|{s3.rank}|{s3.targets}|{sorted(s3.rank_map.items())}"
         digest = hashlib.sha256(extra.encode()).hexdigest()[:12]
@@ -143,12 +147,17 @@ def run_pipeline(config: Config, last_stage: int = 3) -> RunResult:
     if process_rank == 0:
         run_directory(config)
     source_images, source_labels = source_proxy(config.source, config.data_root)
+    held_out = config.stage2.max_samples
+    source_split = held_out_split(len(source_images), held_out, config.source.pretrain.seed, "the source proxy set")
+    target_split = held_out_split(len(task.train), held_out, config.task.data_seed, "the target's training split")
     embedder = Embedder.from_body(body, task.in_channels, init=config.stage1.embedder_init,
                                   generator=torch.Generator().manual_seed(config.seed))
 
     def align() -> AlignResult:
-        return align_stage.run(config.stage1, config.trainer, body, task, embedder, source_images,
-                               source_labels, config.seed, run_files)
+        aligned_on = replace(task, train=Subset(task.train, target_split.align.tolist()))
+        return align_stage.run(config.stage1, config.trainer, body, aligned_on, embedder,
+                               source_images[source_split.align], source_labels[source_split.align], config.seed,
+                               run_files)
 
     stage1 = _staged("stage1", config, run_files, align, process_rank)
     embedder.load_state_dict(load_file(str(run_files.embedder)))
@@ -156,8 +165,10 @@ def run_pipeline(config: Config, last_stage: int = 3) -> RunResult:
     def gap_and_rank() -> GapResult:
         if not config.stage2.enabled:
             return rank_stage.explicit_ranks(body, s3.targets, s3.rank, s3.rank_map, run_files)
-        inputs = rank_stage.GapInputs(body, embedder, task, source_images, source_labels, s3.targets, s3.rank,
-                                      config.seed)
+        measured_on = replace(task, train=Subset(task.train, target_split.gap.tolist()))
+        inputs = rank_stage.GapInputs(body, embedder, measured_on, source_images[source_split.gap],
+                                      source_labels[source_split.gap], s3.targets, s3.rank, config.seed,
+                                      measure_seed=config.task.data_seed)
         return rank_stage.run(config.stage2, inputs, run_files)
 
     stage2 = _staged("stage2", config, run_files, gap_and_rank, process_rank)
@@ -183,7 +194,7 @@ def _metrics(config: Config, baseline_error: float, stage1: StageRecord, stage2:
     alignment = from_dict(AlignResult, stage1.result, "stage1/stage.json")
     gaps = from_dict(GapResult, stage2.result, "stage2/stage.json")
     refined = from_dict(FinetuneResult, stage3.result, "stage3/stage.json")
-    measured = gaps.gaps
+    corrected = gaps.corrected_gaps
     return RunMetrics(
         task=config.task.name,
         method=config.stage3.method,
@@ -195,7 +206,7 @@ def _metrics(config: Config, baseline_error: float, stage1: StageRecord, stage2:
         best_val_error=refined.best_val_error,
         trainable_params=refined.trainable_params,
         ranks=gaps.ranks,
-        mean_gap=sum(measured) / len(measured) if measured else None,
+        mean_gap=sum(corrected) / len(corrected) if corrected else None,
         alignment={"distance": config.stage1.distance, "before": alignment.distance_before,
                    "after": alignment.distance_after},
         stage_seconds={"stage1": stage1.seconds, "stage2": stage2.seconds, "stage3": stage3.seconds},

@@ -35,7 +35,7 @@ from orca_lora.files import save_npz_atomic, write_text_atomic
 
 STAGES = ("stage1", "stage2", "stage3")
 METRICS_FILE = "metrics.json"  # its presence marks a finished run
-GAP_COLUMNS = ("block", "name", "gap", "rank")
+GAP_COLUMNS = ("block", "name", "width", "gap", "floor", "p_value", "ci_low", "ci_high", "corrected", "rank")
 
 Record = TypeVar("Record")
 
@@ -74,12 +74,13 @@ class GapResult:
     """Stage 2's result, also the content of `ranks.json`."""
 
     blocks: list[str]  # Swin block names, forward order; empty when stage 2 was off
-    gaps: Optional[list[float]]  # D_i per block; None when stage 2 was off
+    gaps: Optional[list[float]]  # D_i per block as measured; None when stage 2 was off
     ranks: dict[str, int]  # OrcaModel module name -> LoRA rank
     alpha0: Optional[float]  # None for uniform ranks
     trainable_params: int  # adapter parameters sum r_i (d_in + d_out)
     budget: Optional[int]
     allocation: str = "ibp"  # ibp, uniform, or "explicit" (stage3.rank_map / stage 2 off)
+    corrected_gaps: Optional[list[float]] = None  # max(D_i - floor_i, 0), 0 where p >= 0.05: what ranks use
 
 
 @dataclass
@@ -107,7 +108,7 @@ class RunMetrics:
     best_val_error: float
     trainable_params: int
     ranks: dict[str, int]
-    mean_gap: Optional[float]
+    mean_gap: Optional[float]  # mean over blocks of the floor-corrected gap
     alignment: dict[str, Any]
     stage_seconds: dict[str, float]
     device: str
@@ -117,9 +118,17 @@ class RunMetrics:
 
 @dataclass
 class GapRow:
+    """One block of `gaps.csv`: its gap as measured, against its null, and the rank it got."""
+
     block: int
     name: str
-    gap: float
+    width: int  # the block's feature dimension
+    gap: float  # D_i as measured (a negative MMD^2_u is kept)
+    floor: float  # the null's 95% quantile at the same sample sizes
+    p_value: float
+    ci_low: float  # 95% interval of D_i
+    ci_high: float
+    corrected: float  # max(D_i - floor, 0), 0 where p >= 0.05
     rank: int
 
 
@@ -249,7 +258,8 @@ def write_gaps(run: RunFiles, rows: Sequence[GapRow]) -> None:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(GAP_COLUMNS)
-    writer.writerows((row.block, row.name, f"{row.gap:.6g}", row.rank) for row in rows)
+    writer.writerows((row.block, row.name, row.width, *(f"{value:.6g}" for value in (
+        row.gap, row.floor, row.p_value, row.ci_low, row.ci_high, row.corrected)), row.rank) for row in rows)
     write_text_atomic(run.gaps, buffer.getvalue())
 
 
@@ -257,8 +267,14 @@ def read_gaps(run: RunFiles) -> list[GapRow] | None:
     """Per-block gaps and ranks, or None when stage 2 measured no gap."""
     if not run.gaps.is_file():
         return None
-    return [GapRow(int(row["block"]), row["name"], float(row["gap"]), int(row["rank"]))
-            for row in _read_csv(run.gaps)]
+    rows = _read_csv(run.gaps)
+    missing = [column for column in GAP_COLUMNS if column not in rows[0]]
+    if missing:
+        raise ValueError(f"{run.gaps}: no column(s) {missing}; it was written by an older version, so re-run "
+                         "stage 2 (delete the run's stage2/ folder and run the same command)")
+    return [GapRow(int(row["block"]), row["name"], int(row["width"]), float(row["gap"]), float(row["floor"]),
+                   float(row["p_value"]), float(row["ci_low"]), float(row["ci_high"]), float(row["corrected"]),
+                   int(row["rank"])) for row in rows]
 
 
 def write_ranks(run: RunFiles, result: GapResult) -> None:

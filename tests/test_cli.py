@@ -116,7 +116,8 @@ def test_gap_prints_the_gap_and_rank_table(capsys, monkeypatch, tmp_path):
     from orca_lora.pipeline import RunResult
 
     run = RunFiles(tmp_path)
-    write_gaps(run, [GapRow(0, "layers.0.blocks.0", 0.25, 3), GapRow(1, "layers.0.blocks.1", 1.5, 7)])
+    write_gaps(run, [GapRow(0, "layers.0.blocks.0", 16, 0.25, 0.3, 0.4, 0.1, 0.4, 0.0, 3),
+                     GapRow(1, "layers.0.blocks.1", 16, 1.5, 0.3, 0.002, 1.1, 1.9, 1.2, 7)])
     seen = {}
 
     def fake(config, last_stage=3):
@@ -127,7 +128,8 @@ def test_gap_prints_the_gap_and_rank_table(capsys, monkeypatch, tmp_path):
     code, out, _ = run_cli(["gap", str(QUICKSTART)], capsys)
     rows = [line.split() for line in out.splitlines() if line.strip().startswith(("0 ", "1 "))]
     assert code == 0 and seen["last_stage"] == 2
-    assert rows == [["0", "layers.0.blocks.0", "0.2500", "3"], ["1", "layers.0.blocks.1", "1.5000", "7"]]
+    assert rows == [["0", "layers.0.blocks.0", "16", "0.25", "0.3", "0.400", "[0.1,", "0.4]", "0", "3"],
+                    ["1", "layers.0.blocks.1", "16", "1.5", "0.3", "0.002", "[1.1,", "1.9]", "1.2", "7"]]
 
     run.gaps.unlink()
     code, out, _ = run_cli(["gap", str(QUICKSTART)], capsys)

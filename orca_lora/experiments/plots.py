@@ -59,17 +59,27 @@ def plot_alignment(distance: str, curve: Sequence[float], stem: Path) -> list[Pa
 
 
 def plot_gaps_and_ranks(rows: Sequence[GapRow], stem: Path) -> list[Path]:
+    """Each block's gap with its 95% interval against its noise floor, and the rank it got."""
     blocks = [row.block for row in rows]
-    figure, gap_axis = subplots(figsize=(6, 3.5))
-    gap_axis.bar(blocks, [row.gap for row in rows], color="tab:blue", alpha=0.7, label="gap D_i")
-    gap_axis.set_xlabel("Swin block (forward order)")
-    gap_axis.set_ylabel("modality gap D_i (standardised features)")
+    figure, gap_axis = subplots(figsize=(6.5, 3.8))
+    gap_axis.bar(blocks, [row.gap for row in rows], color="tab:blue", alpha=0.7, label="gap D_i (95% interval)",
+                 yerr=[[row.gap - row.ci_low for row in rows], [row.ci_high - row.gap for row in rows]], capsize=3)
+    gap_axis.fill_between(blocks, 0, [row.floor for row in rows], step="mid", color="gray", alpha=0.3,
+                          label="noise floor (null 95% quantile)")
+    for row in rows:
+        if row.corrected == 0:
+            gap_axis.annotate("at floor", (row.block, max(row.ci_high, row.floor)), textcoords="offset points",
+                              xytext=(0, 3), ha="center", fontsize=7)
+    gap_axis.set_xlabel("Swin block (forward order; width " + ", ".join(str(row.width) for row in rows) + ")")
+    gap_axis.set_ylabel("modality gap D_i (source-anchored units)")
+    gap_axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     rank_axis = gap_axis.twinx()
     rank_axis.plot(blocks, [row.rank for row in rows], color="tab:red", marker="o", label="LoRA rank r_i")
     rank_axis.set_ylabel("LoRA rank r_i")
+    rank_axis.yaxis.set_major_locator(MaxNLocator(integer=True))
     gap_axis.set_title("Stage 2: gap and rank per block")
     handles = gap_axis.get_legend_handles_labels()[0] + rank_axis.get_legend_handles_labels()[0]
-    gap_axis.legend(handles, [h.get_label() for h in handles], loc="upper right")
+    gap_axis.legend(handles, [h.get_label() for h in handles], loc="upper right", fontsize=7)
     return save_figure(figure, stem)
 
 
@@ -186,7 +196,7 @@ def plot_gaps_by_block(records: Sequence[RunRecord], stem: Path) -> list[Path]:
                 rank_axis.plot(range(len(record.block_ranks)), record.block_ranks, marker="o",
                                label=f"{task}, matched to r={record.rank}")
     gap_axis.set_xlabel("Swin block (forward order)")
-    gap_axis.set_ylabel("modality gap D_i (standardised features)")
+    gap_axis.set_ylabel("floor-corrected gap D_i (source-anchored units)")
     gap_axis.set_title("Stage 2: gap per block")
     rank_axis.set_xlabel("Swin block (forward order)")
     rank_axis.set_ylabel("LoRA rank r_i")
@@ -218,7 +228,7 @@ def plot_rank_vs_gap(result: HypothesisResult, stem: Path) -> list[Path]:
                             f"p {fit.p_value:.2g})")
             axis.fill_between(line, fit.slope_interval[0] * line, fit.slope_interval[1] * line, color=color,
                               alpha=0.15, label="95% bootstrap band")
-    axis.set_xlabel("mean modality gap D over blocks (standardised features)")
+    axis.set_xlabel("mean floor-corrected gap D over blocks (source-anchored units)")
     axis.set_ylabel(f"r*: smallest rank within {result.tolerance:.0%} of the best error")
     axis.set_xlim(left=0)
     axis.set_ylim(bottom=0)

@@ -30,7 +30,7 @@ class RunRecord:
     val_error: float  # the best checkpoint's validation error: what model selection may read
     baseline_error: float
     trainable_params: int
-    gaps: list[float] | None  # per block, from stage 2 (None when stage 2 was off)
+    gaps: list[float] | None  # per block, floor-corrected, from stage 2 (None when stage 2 was off)
     block_ranks: list[int] | None
 
 
@@ -77,7 +77,7 @@ def read_runs(directories: Sequence[Path]) -> list[RunRecord]:
             ("ibp" if metrics.gap_aware else "uniform") if adapted else "-",
             metrics.rank if adapted else None, metrics.seed, float(metrics.test_error),
             float(metrics.best_val_error), float(metrics.baseline_error), int(metrics.trainable_params),
-            [row.gap for row in rows] if rows else None, [row.rank for row in rows] if rows else None))
+            [row.corrected for row in rows] if rows else None, [row.rank for row in rows] if rows else None))
     return records
 
 

@@ -6,6 +6,8 @@ outputs (ORCA's pseudo-labels; Shen et al. 2023).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -40,3 +42,21 @@ def labelled_target_sample(task: TaskData, max_samples: int, n_pseudo_labels: in
     if task.regression:
         targets = kmeans_labels(targets.flatten(1).float(), min(n_pseudo_labels, count), seed=seed)
     return inputs, targets.long()
+
+
+@dataclass(frozen=True)
+class HeldOutSplit:
+    """Indices of one sample set: the part stage 1 aligns on and the part stage 2 measures the gap on."""
+
+    align: Tensor
+    gap: Tensor
+
+
+def held_out_split(n: int, n_gap: int, seed: int, what: str) -> HeldOutSplit:
+    """`n_gap` of `n` samples held out for stage 2, drawn with a data seed (never the training seed),
+    so every training seed measures its gap on the same samples and aligns on the rest."""
+    if n - n_gap < 2:
+        raise ValueError(f"{what} has {n} samples: holding out stage2.max_samples={n_gap} for the gap leaves "
+                         f"{n - n_gap} for stage 1 (at least 2 needed); lower stage2.max_samples or use more data")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return HeldOutSplit(order[n_gap:].sort().values, order[:n_gap].sort().values)

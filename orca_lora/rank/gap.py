@@ -1,20 +1,26 @@
-"""Per-block modality gap D_i of the frozen body (DESIGN 6).
+"""Per-block modality gap D_i of the frozen body, in units anchored to the source (DESIGN 6).
 
-Source tokens (source proxy through the body's own patch embedding) and target tokens (target
-data through the trained embedder) go through the body once, with forward pre-hooks catching
-every Swin block's input. Each block's inputs are mean-pooled over tokens, standardised with the
-pooled statistics of both sets (so a shift or scale difference stays visible, while features on
-large scales do not dominate), and compared with a registered distance.
+Source tokens (held-out source proxy images through the body's own patch embedding) and target
+tokens (held-out target data through the trained embedder) go through the body once, with forward
+pre-hooks catching every Swin block's input, mean-pooled over tokens. Each block's features are
+standardised with the source sample's own mean and std (`SourceUnits`), and the MMD bandwidths
+are fixed from source-source distances, so the units of D_i depend on the body and the source
+proxy set only: any two tasks' D_i at block i are comparable. Each distance is measured against
+its own null (`rank/null.py`): the floor, p-value and interval come with every gap.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 
 import torch
 from torch import Tensor, nn
 
-from orca_lora.align.distances import DISTANCES
+from orca_lora.align.distances import DISTANCES, median_bandwidths
 from orca_lora.models.body import body_blocks
+from orca_lora.rank.null import GapEstimate, c2st_test, mmd_gap, otdd_gap, resampled_gap
+
+STD_EPS = 1e-6
 
 
 def pooled_block_inputs(body: nn.Module, tokens: Tensor, batch_size: int = 64) -> list[Tensor]:
@@ -36,19 +42,77 @@ def pooled_block_inputs(body: nn.Module, tokens: Tensor, batch_size: int = 64) -
     return [torch.cat(parts) for parts in pooled]
 
 
-def standardize_jointly(source: Tensor, target: Tensor, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
-    """z-score both sets with the mean and std of their union, per feature."""
-    union = torch.cat([source, target])
-    mean, std = union.mean(dim=0), union.std(dim=0) + eps
-    return (source - mean) / std, (target - mean) / std
+@dataclass(frozen=True)
+class SourceUnits:
+    """One block's source-anchored units: the source features' mean and std, and the MMD
+    bandwidths (median-heuristic multiples of the source-source median distance m0)."""
+
+    mean: Tensor
+    std: Tensor
+    bandwidths: Tensor
+    median_distance: float
+
+    @property
+    def width(self) -> int:
+        return int(self.mean.numel())
+
+    def standardize(self, features: Tensor) -> Tensor:
+        return (features.double() - self.mean) / self.std
 
 
-def block_gaps(body: nn.Module, source_tokens: Tensor, target_tokens: Tensor, distance: str,
+def source_units(source: Tensor) -> SourceUnits:
+    """The units of one block from its (held-out) source features alone."""
+    source = source.double()
+    mean, std = source.mean(dim=0), source.std(dim=0) + STD_EPS
+    z = (source - mean) / std
+    bandwidths = median_bandwidths(z, z)
+    return SourceUnits(mean, std, bandwidths, float(bandwidths[len(bandwidths) // 2]))
+
+
+@dataclass(frozen=True)
+class GapSettings:
+    """How a block's gap and its null are estimated."""
+
+    distance: str = "mmd"
+    permutations: int = 200  # null draws for mmd and the permutation-based distances
+    bootstraps: int = 200  # interval draws
+    otdd_draws: int = 20  # subsample draws for otdd (each two OT solves)
+    seed: int = 0  # draws of the null and the interval
+    options: dict | None = None  # the distance's own options (otdd: inner, entropic_reg, ...)
+
+
+def block_gap(source: Tensor, source_labels: Tensor, target: Tensor, target_labels: Tensor,
+              units: SourceUnits, settings: GapSettings) -> GapEstimate:
+    """D of one block with its floor, p-value and interval, both sets in the source's units."""
+    z_s, z_t = units.standardize(source), units.standardize(target)
+    generator = torch.Generator().manual_seed(settings.seed)
+    options = settings.options or {}
+    with torch.no_grad():
+        if settings.distance == "mmd":
+            return mmd_gap(z_s, z_t, units.bandwidths, units.median_distance ** 2, generator,
+                           settings.permutations, settings.bootstraps)
+        if settings.distance == "otdd":
+            return otdd_gap(z_s, source_labels, z_t, target_labels, generator, settings.otdd_draws, **options)
+        if settings.distance == "c2st":
+            return c2st_test(z_s, z_t, **options)
+        distance = DISTANCES[settings.distance].fn
+        return resampled_gap(partial(distance, **options), z_s, source_labels, z_t, target_labels, generator,
+                             settings.permutations, settings.bootstraps)
+
+
+@dataclass(frozen=True)
+class BlockGap:
+    name: str
+    width: int
+    estimate: GapEstimate
+
+
+def block_gaps(body: nn.Module, source_tokens: Tensor, target_tokens: Tensor, settings: GapSettings,
                source_labels: Tensor | None = None, target_labels: Tensor | None = None,
-               batch_size: int = 64, **options) -> list[float]:
-    """D_i for every block i of `body`, measured with the registered `distance` (mmd, otdd, c2st)."""
-    if distance not in DISTANCES:
-        raise KeyError(f"stage2.distance: {distance!r} is not one of {', '.join(sorted(DISTANCES))}")
+               batch_size: int = 64) -> list[BlockGap]:
+    """The gap of every block of `body`, in forward order."""
+    if settings.distance not in DISTANCES:
+        raise KeyError(f"stage2.distance: {settings.distance!r} is not one of {', '.join(sorted(DISTANCES))}")
     if source_tokens.shape[1:] != target_tokens.shape[1:]:
         raise ValueError(f"source tokens {tuple(source_tokens.shape[1:])} and target tokens "
                          f"{tuple(target_tokens.shape[1:])} must share the body's token grid (H, W, C)")
@@ -56,12 +120,12 @@ def block_gaps(body: nn.Module, source_tokens: Tensor, target_tokens: Tensor, di
         source_labels = torch.zeros(len(source_tokens), dtype=torch.long)
     if target_labels is None:
         target_labels = torch.zeros(len(target_tokens), dtype=torch.long)
-    measure = DISTANCES[distance].fn
+    names = [name for name, _ in body_blocks(body)]
     source_blocks = pooled_block_inputs(body, source_tokens, batch_size)
     target_blocks = pooled_block_inputs(body, target_tokens, batch_size)
     gaps = []
-    for source, target in zip(source_blocks, target_blocks):
-        source, target = standardize_jointly(source.double(), target.double())
-        with torch.no_grad():
-            gaps.append(float(measure(source, source_labels, target, target_labels, **options)))
+    for name, source, target in zip(names, source_blocks, target_blocks):
+        units = source_units(source)
+        gaps.append(BlockGap(name, units.width, block_gap(source, source_labels, target, target_labels, units,
+                                                          settings)))
     return gaps

@@ -1,6 +1,7 @@
 """Stage 2, gap and rank: D_i per block, then r_i from the IBP prior P(r | D_i) (DESIGN 6)."""
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from typing import Mapping, Sequence
@@ -14,15 +15,18 @@ from orca_lora.data.tasks import TaskData
 from orca_lora.models.body import body_blocks
 from orca_lora.models.features import labelled_target_sample, source_tokens
 from orca_lora.models.model import BODY_PREFIX
-from orca_lora.rank.gap import block_gaps
+from orca_lora.rank.gap import BlockGap, GapSettings, block_gaps
+from orca_lora.rank.null import corrected_gap
 from orca_lora.rank.select import ModuleShape, RankPrior, select_ranks, trainable_params
 from orca_lora.run_files import GapResult, GapRow, RunFiles, write_gaps, write_ranks
 
+log = logging.getLogger("orca_lora")
 
 @dataclass
 class GapInputs:
-    """What stage 2 measures on: the frozen body, the aligned embedder, both data sets, and the
-    adapted modules' names with the uniform rank the ranks are compared to (stage3.rank)."""
+    """What stage 2 measures on: the frozen body, the aligned embedder, the held-out source and
+    target samples (`task.train` holds only the target's held-out part), and the adapted modules'
+    names with the uniform rank the ranks are compared to (stage3.rank)."""
 
     body: nn.Module
     embedder: nn.Module
@@ -31,7 +35,8 @@ class GapInputs:
     source_labels: Tensor
     targets: Sequence[str]
     uniform_rank: int
-    seed: int
+    seed: int  # the training seed: a sampled rank decision draws from it
+    measure_seed: int  # the data seed: the target sample, its pseudo-labels, the null and interval draws
 
 
 def adapted_module_shapes(body: nn.Module, targets: Sequence[str]) -> dict[str, ModuleShape]:
@@ -54,38 +59,47 @@ def adapted_module_shapes(body: nn.Module, targets: Sequence[str]) -> dict[str, 
 
 
 def run(stage: Stage2Config, inputs: GapInputs, run_files: RunFiles) -> GapResult:
-    """Measure the gaps, choose the ranks, write `gaps.csv` and `ranks.json`."""
-    body, rank, seed = inputs.body, inputs.uniform_rank, inputs.seed
+    """Measure the gaps on the held-out samples, choose the ranks, write `gaps.csv` and `ranks.json`."""
+    body, rank = inputs.body, inputs.uniform_rank
     shapes = adapted_module_shapes(body, inputs.targets)
-    target_x, target_y = labelled_target_sample(inputs.task, stage.max_samples, stage.n_pseudo_labels, seed)
-    # the proxy is ordered class by class: a seeded random subset keeps every class
-    chosen = torch.randperm(len(inputs.source_images),
-                            generator=torch.Generator().manual_seed(seed))[:stage.max_samples]
+    target_x, target_y = labelled_target_sample(inputs.task, stage.max_samples, stage.n_pseudo_labels,
+                                                inputs.measure_seed)
     with torch.no_grad():
         target = inputs.embedder(target_x)
-    options = distance_options(stage.distance, stage.otdd_inner, stage.entropic_reg, seed)
-    gaps = block_gaps(body, source_tokens(body, inputs.source_images[chosen]), target, stage.distance,
-                      inputs.source_labels[chosen], target_y, **options)
-    blocks = [name for name, _ in body_blocks(body)]
+    options = distance_options(stage.distance, stage.otdd_inner, stage.entropic_reg, inputs.measure_seed)
+    settings = GapSettings(stage.distance, stage.permutations, stage.bootstraps, seed=inputs.measure_seed,
+                           options=options)
+    measured = block_gaps(body, source_tokens(body, inputs.source_images), target, settings,
+                          inputs.source_labels, target_y)
+    for block in measured:
+        e = block.estimate
+        log.info("stage2: %s (width %d): %s %.4g, floor %.4g, p %.3g, 95%% interval [%.4g, %.4g]", block.name,
+                 block.width, stage.distance, e.gap, e.floor, e.p_value, e.ci_low, e.ci_high)
+    blocks = [block.name for block in measured]
+    gaps = [block.estimate.gap for block in measured]
+    corrected = [corrected_gap(block.estimate) for block in measured]
     if stage.allocation == "uniform":
         ranks = dict.fromkeys(shapes, rank)
-        result = GapResult(blocks, gaps, ranks, None, trainable_params(ranks, shapes), None, "uniform")
-        write_outputs(result, [rank] * len(blocks), run_files)
+        result = GapResult(blocks, gaps, ranks, None, trainable_params(ranks, shapes), None, "uniform", corrected)
+        write_outputs(result, measured, [rank] * len(blocks), run_files)
         return result
     budget = trainable_params(dict.fromkeys(shapes, rank), shapes) if stage.match_uniform_budget else stage.budget
     alpha0 = stage.alpha0 if stage.alpha0 is not None else (None if budget else float(rank))
     prior = RankPrior(link=stage.link, decision=stage.decision, quantile=stage.quantile, r_min=stage.r_min,
-                      r_max=stage.r_max, alpha0=alpha0, budget=budget, seed=seed)
-    selection = select_ranks(gaps, shapes, prior)
+                      r_max=stage.r_max, alpha0=alpha0, budget=budget, seed=inputs.seed)
+    selection = select_ranks(corrected, shapes, prior)
     result = GapResult(blocks, gaps, dict(selection.ranks), float(selection.alpha0),
-                       int(selection.trainable_params), budget, stage.allocation)
-    write_outputs(result, selection.block_ranks, run_files)
+                       int(selection.trainable_params), budget, stage.allocation, corrected)
+    write_outputs(result, measured, selection.block_ranks, run_files)
     return result
 
 
-def write_outputs(result: GapResult, block_ranks: Sequence[int], run_files: RunFiles) -> None:
-    write_gaps(run_files, [GapRow(i, name, gap, r) for i, (name, gap, r)
-                           in enumerate(zip(result.blocks, result.gaps, block_ranks))])
+def write_outputs(result: GapResult, measured: Sequence[BlockGap], block_ranks: Sequence[int],
+                  run_files: RunFiles) -> None:
+    rows = [GapRow(i, block.name, block.width, block.estimate.gap, block.estimate.floor, block.estimate.p_value,
+                   block.estimate.ci_low, block.estimate.ci_high, corrected, rank)
+            for i, (block, corrected, rank) in enumerate(zip(measured, result.corrected_gaps, block_ranks))]
+    write_gaps(run_files, rows)
     write_ranks(run_files, result)
 
 

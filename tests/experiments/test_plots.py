@@ -15,8 +15,9 @@ from orca_lora.run_files import (
 )
 
 ALIGNMENT = ("otdd", [12.5, 7.25, 3.5])
-GAPS = [GapRow(0, "layers.0.blocks.0", 0.5, 2), GapRow(1, "layers.0.blocks.1", 1.5, 6),
-        GapRow(2, "layers.1.blocks.0", 1.0, 4)]
+GAPS = [GapRow(0, "layers.0.blocks.0", 16, 0.5, 0.6, 0.2, 0.1, 0.9, 0.0, 2),
+        GapRow(1, "layers.0.blocks.1", 16, 1.5, 0.5, 0.001, 1.2, 1.8, 1.0, 6),
+        GapRow(2, "layers.1.blocks.0", 32, 1.0, 0.4, 0.004, 0.7, 1.3, 0.6, 4)]
 # Lightning's CSVLogger writes training and validation metrics on separate rows
 METRICS = ("epoch,step,train_loss,val_error\n0,0,2.0,\n0,1,1.5,\n0,1,,0.6\n1,2,1.2,\n1,3,0.9,\n1,3,,0.4\n")
 

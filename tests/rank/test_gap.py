@@ -2,15 +2,14 @@ import pytest
 import torch
 from torch import nn
 
-from orca_lora.align.distances import mmd2
-from orca_lora.rank.gap import block_gaps, pooled_block_inputs, standardize_jointly
-
+from orca_lora.align.distances import median_bandwidths, mmd2
+from orca_lora.rank.gap import GapSettings, block_gap, block_gaps, pooled_block_inputs, source_units
 
 
 @pytest.fixture(scope="module")
 def tokens(body) -> torch.Tensor:
     """Patch-embedding tokens (16, 16, 16, 16) of random images, as stage 2 feeds the body."""
-    images = torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    images = torch.rand(32, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         return body.patch_embed(images)
 
@@ -30,7 +29,7 @@ def manual_block_inputs(body: nn.Module, tokens: torch.Tensor) -> list[torch.Ten
 def test_pooled_block_inputs_match_a_block_by_block_forward(body, tokens):
     pooled = pooled_block_inputs(body, tokens)
     expected = manual_block_inputs(body, tokens)
-    assert [p.shape for p in pooled] == [(16, 16), (16, 16), (16, 32), (16, 32)]
+    assert [p.shape for p in pooled] == [(32, 16), (32, 16), (32, 32), (32, 32)]
     for got, want in zip(pooled, expected, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     for got, want in zip(pooled_block_inputs(body, tokens, batch_size=5), expected, strict=True):
@@ -45,53 +44,60 @@ def test_pooled_block_inputs_leave_no_hooks_behind_even_on_error(body, tokens):
     assert all(not block._forward_pre_hooks for block in blocks)
 
 
-def test_standardize_jointly_gives_zero_mean_unit_std_on_the_union():
+def test_source_units_standardise_the_source_and_ignore_the_target():
     generator = torch.Generator().manual_seed(0)
-    source = torch.randn(30, 5, generator=generator, dtype=torch.float64) * 10 + 3
-    target = torch.randn(20, 5, generator=generator, dtype=torch.float64) * 2 - 7
-    scaled_source, scaled_target = standardize_jointly(source, target)
-    union = torch.cat([scaled_source, scaled_target])
-    torch.testing.assert_close(union.mean(dim=0), torch.zeros(5, dtype=torch.float64), atol=1e-12, rtol=0)
-    torch.testing.assert_close(union.std(dim=0), torch.ones(5, dtype=torch.float64), atol=1e-6, rtol=0)
-    raw = torch.cat([source, target])
-    torch.testing.assert_close(scaled_source, (source - raw.mean(0)) / raw.std(0), rtol=1e-6, atol=1e-9)
-    torch.testing.assert_close(scaled_target, (target - raw.mean(0)) / raw.std(0), rtol=1e-6, atol=1e-9)
+    source = 3.0 + 2.0 * torch.randn(200, 8, generator=generator, dtype=torch.float64)
+    units = source_units(source)
+    z = units.standardize(source)
+    torch.testing.assert_close(z.mean(dim=0), torch.zeros(8, dtype=torch.float64), atol=1e-10, rtol=0)
+    torch.testing.assert_close(z.std(dim=0), torch.ones(8, dtype=torch.float64), atol=1e-5, rtol=0)
+    torch.testing.assert_close(units.bandwidths, median_bandwidths(z, z))
+    assert units.width == 8 and units.median_distance == pytest.approx(float(units.bandwidths[2]))
+    shifted = units.standardize(source + 5.0)
+    torch.testing.assert_close(shifted.mean(dim=0), 5.0 / units.std, atol=1e-9, rtol=0,
+                               msg="a target shift stays visible in the source's units")
 
 
-def test_block_gaps_equal_mmd_of_jointly_standardised_block_inputs(body, tokens):
-    target = tokens[8:] + 0.5 * torch.randn(16, generator=torch.Generator().manual_seed(2))
-    gaps = block_gaps(body, tokens[:8], target, "mmd")
-    for gap, source_block, target_block in zip(gaps, manual_block_inputs(body, tokens[:8]),
-                                               manual_block_inputs(body, target), strict=True):
-        union = torch.cat([source_block, target_block]).double()
-        mean, std = union.mean(0), union.std(0)
-        expected = mmd2((source_block.double() - mean) / std, (target_block.double() - mean) / std)
-        assert gap == pytest.approx(float(expected), rel=1e-4, abs=1e-8)
+def test_block_gaps_measure_each_block_in_its_source_units(body, tokens):
+    target = tokens + 0.3
+    settings = GapSettings("mmd", permutations=50, bootstraps=50, seed=3)
+    gaps = block_gaps(body, tokens, target, settings)
+    source_blocks, target_blocks = pooled_block_inputs(body, tokens), pooled_block_inputs(body, target)
+    assert [g.width for g in gaps] == [16, 16, 32, 32]
+    assert [g.name for g in gaps] == ["layers.0.blocks.0", "layers.0.blocks.1", "layers.1.blocks.0",
+                                      "layers.1.blocks.1"]
+    labels = torch.zeros(32, dtype=torch.long)
+    for got, source, target_features in zip(gaps, source_blocks, target_blocks):
+        units = source_units(source)
+        assert got.estimate == block_gap(source, labels, target_features, labels, units, settings)
+        z_s, z_t = units.standardize(source), units.standardize(target_features)
+        expected = float(mmd2(z_s, z_t, bandwidths=units.bandwidths)) * units.median_distance ** 2
+        assert got.estimate.gap == pytest.approx(expected, rel=1e-9)
 
 
-def test_block_gaps_are_near_zero_for_the_same_tokens_and_positive_for_shifted_ones(body, tokens):
-    same = block_gaps(body, tokens, tokens.clone(), "mmd")
-    shift = torch.randn(16, generator=torch.Generator().manual_seed(3))
-    shifted = block_gaps(body, tokens, tokens + shift, "mmd")
-    assert len(same) == len(shifted) == 4
-    # unbiased MMD^2 of a sample with itself: 2 (mean off-diagonal kernel - 5) / n, in [-2 * 5 / n, 0]
-    # for the 5-bandwidth kernel; a real shift is far above that
-    assert all(-2 * 5 / len(tokens) <= g <= 0 for g in same)
-    assert min(shifted) > 2.0
+def test_block_gaps_sit_at_the_floor_for_one_distribution_and_above_it_for_a_shift(body, tokens):
+    settings = GapSettings("mmd", permutations=100, bootstraps=50, seed=0)
+    same = block_gaps(body, tokens[:16], tokens[16:], settings)
+    assert all(g.estimate.p_value > 0.05 for g in same), [g.estimate for g in same]
+    # a shift along a random channel direction (a constant one would be removed by patch merging's LayerNorm)
+    direction = torch.randn(tokens.shape[-1], generator=torch.Generator().manual_seed(5))
+    shifted = block_gaps(body, tokens[:16], tokens[16:] + 2.0 * direction, settings)
+    for g in shifted:
+        assert g.estimate.p_value < 0.05 and g.estimate.gap > g.estimate.floor
+        assert g.estimate.ci_low <= g.estimate.gap <= g.estimate.ci_high
 
 
 def test_block_gaps_take_labels_and_the_other_distances(body, tokens):
-    labels = torch.arange(16) % 2
-    shift = torch.randn(16, generator=torch.Generator().manual_seed(3))
-    otdd = block_gaps(body, tokens, tokens + shift, "otdd", labels, labels, inner="gaussian", entropic_reg=0.1)
-    c2st = block_gaps(body, tokens, tokens + shift, "c2st", seed=0)
-    assert len(otdd) == len(c2st) == 4
-    assert all(g > 0 for g in otdd)
-    assert all(0.0 <= g <= 1.0 for g in c2st) and max(c2st) > 0.5
+    labels = torch.arange(32) % 2
+    shift = 0.5
+    for distance, options in (("otdd", {"inner": "gaussian", "entropic_reg": 0.1}), ("c2st", {"seed": 0})):
+        settings = GapSettings(distance, permutations=20, bootstraps=20, otdd_draws=4, options=options)
+        gaps = block_gaps(body, tokens, tokens + shift, settings, labels, labels)
+        assert len(gaps) == 4 and all(g.estimate.gap == g.estimate.gap for g in gaps), distance
 
 
 def test_block_gaps_reject_bad_input_before_any_forward(body, tokens):
-    with pytest.raises(ValueError, match=r"\(16, 16, 16\).*\(8, 8, 16\)"):
-        block_gaps(body, tokens, tokens[:, :8, :8], "mmd")
-    with pytest.raises(KeyError, match="stage2.distance.*'kl'"):
-        block_gaps(body, tokens, tokens, "kl")
+    with pytest.raises(ValueError, match="token grid"):
+        block_gaps(body, tokens, tokens[:, :8, :8], GapSettings())
+    with pytest.raises(KeyError, match="stage2.distance: 'kl'"):
+        block_gaps(body, tokens, tokens, GapSettings("kl"))

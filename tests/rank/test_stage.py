@@ -16,7 +16,8 @@ from orca_lora.models.embedder import Embedder
 from orca_lora.models.features import labelled_target_sample
 from orca_lora.models.model import build_orca_model
 from orca_lora.rank import stage as rank_stage
-from orca_lora.rank.gap import block_gaps
+from orca_lora.rank.gap import GapSettings, block_gaps
+from orca_lora.rank.null import corrected_gap
 from orca_lora.rank.select import ModuleShape, RankPrior, select_ranks
 from orca_lora.run_files import RunFiles, read_gaps, read_ranks
 
@@ -60,7 +61,8 @@ def embedder(body) -> Embedder:
 
 def run_stage(tmp_path, body, embedder, task, source, **stage2):
     stage = Stage2Config(**{"max_samples": 16, "r_max": 8, **stage2})
-    inputs = rank_stage.GapInputs(body, embedder, task, *source, list(DEFAULT_TARGETS), uniform_rank=4, seed=0)
+    inputs = rank_stage.GapInputs(body, embedder, task, *source, list(DEFAULT_TARGETS), uniform_rank=4, seed=0,
+                                  measure_seed=0)
     return stage, rank_stage.run(stage, inputs, RunFiles(tmp_path))
 
 
@@ -144,11 +146,14 @@ def test_run_measures_the_gaps_of_its_samples_and_maps_them_to_ranks(tmp_path, b
     with torch.no_grad():
         tokens = body.patch_embed(F.interpolate(images, size=(32, 32), mode="bilinear", align_corners=False))
         target = embedder(target_x)
-    expected = block_gaps(body, tokens, target, "otdd", labels, target_y, inner="gaussian", entropic_reg=0.5)
-    assert result.gaps == pytest.approx(expected, rel=1e-5)
+    settings = GapSettings("otdd", stage.permutations, stage.bootstraps, seed=0,
+                           options={"inner": "gaussian", "entropic_reg": 0.5})
+    expected = block_gaps(body, tokens, target, settings, labels, target_y)
+    assert result.gaps == pytest.approx([g.estimate.gap for g in expected], rel=1e-5)
+    assert result.corrected_gaps == pytest.approx([corrected_gap(g.estimate) for g in expected], rel=1e-5)
     shapes = rank_stage.adapted_module_shapes(body, DEFAULT_TARGETS)
     prior = RankPrior(decision="mode", r_max=8, alpha0=4.0, seed=0)
-    assert result.ranks == select_ranks(result.gaps, shapes, prior).ranks
+    assert result.ranks == select_ranks(result.corrected_gaps, shapes, prior).ranks
 
 
 def test_run_meets_a_parameter_budget_within_one_rank_one_component(tmp_path, body, embedder, task, source):
@@ -164,17 +169,16 @@ def test_run_meets_a_parameter_budget_within_one_rank_one_component(tmp_path, bo
     assert read_ranks(RunFiles(tmp_path)).budget == budget
 
 
-def test_run_measures_against_every_source_class(tmp_path, body, embedder, task, source, monkeypatch):
+def test_run_measures_on_every_held_out_source_sample(tmp_path, body, embedder, task, source, monkeypatch):
     seen = {}
 
-    def spy(body, source_tokens, target_tokens, distance, source_labels=None, target_labels=None, **options):
+    def spy(body, source_tokens, target_tokens, settings, source_labels=None, target_labels=None):
         seen["labels"] = source_labels
-        return block_gaps(body, source_tokens, target_tokens, distance, source_labels, target_labels, **options)
+        return block_gaps(body, source_tokens, target_tokens, settings, source_labels, target_labels)
 
     monkeypatch.setattr(rank_stage, "block_gaps", spy)
     run_stage(tmp_path, body, embedder, task, source)
-    assert len(seen["labels"]) == 16
-    assert set(seen["labels"].tolist()) == set(source[1].tolist())
+    assert torch.equal(seen["labels"], source[1]), "stage 2 measures on the whole held-out source sample"
 
 
 def test_uniform_allocation_measures_the_gaps_and_gives_every_module_the_rank(tmp_path, body, embedder, task, source):
