@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Mapping
 
+import numpy as np
 from safetensors.torch import save_file
 from torch import Tensor
 
@@ -39,3 +40,11 @@ def save_tensors_atomic(tensors: Mapping[str, Tensor], path: Path) -> None:
     """A safetensors file of `tensors` (detached, on the CPU, contiguous)."""
     state = {key: value.detach().cpu().contiguous() for key, value in tensors.items()}
     _write_atomic(Path(path), lambda temp: save_file(state, temp))
+
+
+def save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
+    """An uncompressed .npz of `arrays` (np.savez; `path` should end in .npz, which np.savez would append)."""
+    def write(temp: str) -> None:
+        with open(temp, "wb") as stream:  # a file object, so np.savez does not add a second .npz suffix
+            np.savez(stream, **arrays)
+    _write_atomic(Path(path), write)

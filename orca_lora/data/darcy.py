@@ -7,9 +7,7 @@ a = 12 where the field is >= 0, else 3. The linear solvers are in `darcy_solver`
 
 from __future__ import annotations
 
-import os
 import pickle
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -23,6 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from orca_lora.data import darcy_solver
+from orca_lora.files import save_npz_atomic
 
 HIGH_COEFF, LOW_COEFF = 12.0, 3.0
 SOLVE_BATCH_NODES = 2**20  # grid nodes drawn and solved per batch: ~100 MB of work arrays at any resolution
@@ -93,16 +92,8 @@ def generate_darcy(n_samples: int, resolution: int, seed: int, root: str | Path 
     progress.close()
     result = DarcyFields(a=a, u=u)
     if cache is not None:
-        _write_npz_atomically(cache, a=a, u=u)
+        save_npz_atomic(cache, a=a, u=u)
     return result
-
-
-def _write_npz_atomically(path: Path, **arrays: np.ndarray) -> None:
-    """Write to a temporary file in the target directory, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz.tmp", delete=False) as handle:
-        np.savez(handle, **arrays)
-    os.replace(handle.name, path)
 
 
 # ---------------------------------------------------------------------------------------------
