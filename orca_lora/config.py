@@ -57,7 +57,7 @@ class TaskConfig:
     noise: float = 0.3  # procedural-noise: std of the additive Gaussian noise, in [0, 1]
     permute_fraction: float = 1.0  # procedural-permuted: fraction of the tiles moved, in [0, 1]
     tile: int = 1  # procedural-permuted: tile side in pixels (1: pixels), divides task.resolution
-    wavenumber: float = 2.0  # helmholtz: k in [1, 4] (k^2 below the first Dirichlet eigenvalue 2 pi^2)
+    wavenumber: float = 3.0  # helmholtz: k in [1, 4] (k^2 below the first Dirichlet eigenvalue 2 pi^2)
     time: float = 0.01  # heat: final time T > 0
 
 

@@ -90,8 +90,8 @@ def solve_operator(name: str, f: np.ndarray, wavenumber: float, time: float) -> 
     raise ValueError(f"unknown PDE operator {name!r}; choose one of {', '.join(OPERATORS)}")
 
 
-def generate_pde(name: str, n_samples: int, resolution: int, seed: int, wavenumber: float = 2.0,
-                 time: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
+def generate_pde(name: str, n_samples: int, resolution: int, seed: int, *, wavenumber: float,
+                 time: float) -> tuple[np.ndarray, np.ndarray]:
     """(f, u), float32 (n_samples, s, s): Darcy's continuous GRF inputs and operator `name`'s solutions.
 
     f is drawn as `generate_darcy` draws its fields (`sample_grf` from default_rng(seed), alpha = 2,
