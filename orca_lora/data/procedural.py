@@ -206,8 +206,8 @@ def generate_procedural(
 
 def add_noise(images: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
     """x + sigma * eps, eps ~ N(0, 1) drawn once per pixel of each sample (a fixed dataset); not clipped."""
-    if not 0 <= sigma:
-        raise ValueError(f"add_noise needs sigma >= 0; got {sigma}")
+    if sigma < 0:
+        raise ValueError(f"add_noise needs sigma >= 0 (task.noise); got {sigma}")
     return (images + sigma * rng.standard_normal(images.shape)).astype(np.float32)
 
 

@@ -152,7 +152,7 @@ def darcy_task(config: TaskConfig, data_root: Path) -> TaskData:
 
 
 def classification_task(name: str, train: Dataset, test: Dataset, train_labels: Tensor,
-                         test_labels: Tensor, num_classes: int, config: TaskConfig) -> TaskData:
+                        test_labels: Tensor, num_classes: int, config: TaskConfig) -> TaskData:
     train, val = split_train_val(train, config.val_fraction, config.data_seed)
     majority = torch.bincount(train_labels, minlength=num_classes).argmax()
     image, _ = test[0]
