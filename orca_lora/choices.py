@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from typing import Iterable, Sequence
 
-TASKS = ("darcy", "cifar10", "cifar100", "procedural")
+TASKS = ("darcy", "cifar10", "cifar100", "procedural", "procedural-noise", "procedural-permuted",
+         "procedural-inverted", "procedural-fourier", "digits", "spectrogram", "grf-texture", "poisson",
+         "helmholtz", "heat")  # data/tasks.py and data/task_builders.py
 SOURCE_PROXIES = ("procedural", "cifar10")
 DISTANCES = ("otdd", "mmd", "c2st")  # align/distances.py
 ALIGN_DISTANCES = ("otdd", "mmd")  # the differentiable ones, which stage 1 can train on

@@ -103,6 +103,28 @@ def pretrain_source_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def tasks_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", nargs="?", default=None,
+                        help="YAML config whose task settings (sizes, resolution, dials) and data_root apply "
+                             "(default: the built-in defaults)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set task.n_test=2000 (repeatable)")
+    parser.add_argument("--show", type=Path, default=None, metavar="DIR",
+                        help="also write DIR/tasks.png, 8 test samples of every task (regression: and targets)")
+
+
+@command("tasks", "list every registered task: shapes, sizes, metric, trivial baseline (generates what is missing)",
+         tasks_arguments)
+def tasks_command(args: argparse.Namespace) -> int:
+    from orca_lora.data.catalog import catalog, format_catalog, write_task_grid
+
+    config = _config(args)
+    print(format_catalog(catalog(config.task, config.data_root)))
+    if args.show is not None:
+        print(f"\nwritten: {write_task_grid(config.task, config.data_root, args.show)}")
+    return 0
+
+
 def sweep_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("sweep", help="sweep file: a base config and a grid (see configs/sweep_quick.yaml)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

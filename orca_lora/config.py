@@ -43,15 +43,20 @@ class TaskConfig:
     name: str = "darcy"
     file: Optional[str] = None  # darcy: .mat / .hdf5 / .pt file; None generates the data
     test_file: Optional[str] = None  # darcy: separate test file (FNO ships train and test files)
-    resolution: int = 32  # darcy: side of the generated grid
+    resolution: int = 32  # generated tasks: side of the grid / image (digits are resized to it)
     downsample: int = 1  # darcy files: keep every r-th point (5 turns 421 into 85)
     n_train: Optional[int] = 1000  # null: every training sample of a file / dataset
     n_test: Optional[int] = 200  # null: every test sample of a file / dataset
     val_fraction: float = 0.1  # carved from the training split for model selection
     data_seed: int = 0  # generated data (Darcy, procedural classes and images): fixed apart from `seed`
-    n_classes: int = 10  # procedural target
-    class_offset: int = 100  # procedural target: class ids unseen by the source body
+    n_classes: int = 10  # procedural targets
+    class_offset: int = 100  # procedural targets: class ids unseen by the source body
     download: bool = False  # cifar: fetch with torchvision when missing
+    noise: float = 0.3  # procedural-noise: std of the additive Gaussian noise, in [0, 1]
+    permute_fraction: float = 1.0  # procedural-permuted: fraction of the tiles moved, in [0, 1]
+    tile: int = 1  # procedural-permuted: tile side in pixels (1: pixels), divides task.resolution
+    wavenumber: float = 3.0  # helmholtz: k in [1, 4] (k^2 below the first Dirichlet eigenvalue 2 pi^2)
+    time: float = 0.002  # heat: final time T > 0 (0.002 keeps modes up to |k| ~ 8 above 1/10)
 
 
 @dataclass
@@ -246,7 +251,7 @@ def validate(config: Config) -> None:
     _choice("task.name", task.name, TASKS)
     for key in ("resolution", "downsample", "n_classes"):
         _at_least(f"task.{key}", getattr(task, key), 1)
-    generated = task.name == "procedural" or (task.name == "darcy" and task.file is None)
+    generated = task.name not in ("cifar10", "cifar100") and task.file is None
     for key in ("n_train", "n_test"):
         value = getattr(task, key)
         if value is not None:
@@ -258,7 +263,8 @@ def validate(config: Config) -> None:
         value = getattr(task, key)
         if value is not None and not Path(value).is_file():
             raise ConfigError(f"task.{key}: {value} does not exist (set it to a local file, or null to generate)")
-    if task.name == "procedural" and source.model == "offline" and task.data_seed != source.pretrain.seed:
+    _validate_dials(task)
+    if task.name.startswith("procedural") and source.model == "offline" and task.data_seed != source.pretrain.seed:
         raise ConfigError(f"task.data_seed: {task.data_seed} must equal source.pretrain.seed "
                           f"({source.pretrain.seed}) so the target's classes are held-out classes of the "
                           "source body's procedural family")
@@ -305,6 +311,22 @@ def validate(config: Config) -> None:
     if s3.rank_map and s2.enabled:
         raise ConfigError("stage3.rank_map: an explicit rank map replaces stage 2; set stage2.enabled=false")
     _validate_trainer(config.trainer)
+
+
+def _validate_dials(task: TaskConfig) -> None:
+    """Ranges of the generated family's dials (each checked for the task that reads it)."""
+    if task.name == "procedural-noise":
+        _in_range("task.noise", task.noise, 0.0, 1.0)
+    if task.name == "procedural-permuted":
+        _in_range("task.permute_fraction", task.permute_fraction, 0.0, 1.0)
+        if task.tile < 1 or task.resolution % task.tile:
+            raise ConfigError(f"task.tile: {task.tile} must be >= 1 and divide task.resolution ({task.resolution})")
+    if task.name == "helmholtz":
+        _in_range("task.wavenumber", task.wavenumber, 1.0, 4.0)
+    if task.name == "heat" and not task.time > 0:
+        raise ConfigError(f"task.time: {task.time} must be > 0")
+    if task.name in ("poisson", "helmholtz", "heat", "spectrogram", "grf-texture"):
+        _at_least("task.resolution", task.resolution, 4)
 
 
 def _validate_pretrain(pretrain: PretrainConfig) -> None:

@@ -89,17 +89,29 @@ def solve_darcy(a: np.ndarray, forcing: float = 1.0) -> np.ndarray:
     return u
 
 
+def laplacian_eigenvalues(n: int) -> np.ndarray:
+    """Eigenvalues (n-2, n-2) of the unit-coefficient 5-point -Laplacian on the interior of an n x n grid, float64.
+
+    Dirichlet boundary, scaled by 1/h^2 = (n-1)^2; the orthonormal 2-D DST-I (`sine_transform`)
+    diagonalises it with lambda_jk = 4 (n-1)^2 (sin^2(j pi / (2(n-1))) + sin^2(k pi / (2(n-1)))),
+    j, k = 1..n-2, eigenvector sin(j pi x) sin(k pi y) at the nodes (LeVeque, "Finite Difference
+    Methods for Ordinary and Partial Differential Equations", 2007, section 3.4).
+    """
+    if n < 3:
+        raise ValueError(f"laplacian_eigenvalues needs a grid of n >= 3 nodes per side; got {n}")
+    half_angles = np.sin(np.arange(1, n - 1) * np.pi / (2 * (n - 1))) ** 2
+    return 4.0 * (n - 1) ** 2 * (half_angles[:, None] + half_angles[None, :])
+
+
+def sine_transform(values: np.ndarray) -> np.ndarray:
+    """Orthonormal 2-D DST-I over the last two axes: symmetric and orthogonal, so its own inverse."""
+    return scipy.fft.dstn(values, type=1, axes=(-2, -1), norm="ortho")
+
+
 @functools.lru_cache(maxsize=8)
 def _inverse_laplacian_eigenvalues(n: int) -> np.ndarray:
-    """1 / eigenvalues of the unit-coefficient 5-point Laplacian on the interior of an n x n grid, float32.
-
-    Dirichlet boundary, scaled by 1/h^2 = (n-1)^2; the orthonormal 2-D DST-I diagonalises it with
-    lambda_jk = 4 (n-1)^2 (sin^2(j pi / (2(n-1))) + sin^2(k pi / (2(n-1)))), j, k = 1..n-2
-    (LeVeque, "Finite Difference Methods for Ordinary and Partial Differential Equations", 2007, section 3.4).
-    """
-    half_angles = np.sin(np.arange(1, n - 1) * np.pi / (2 * (n - 1))) ** 2
-    eigenvalues = 4.0 * (n - 1) ** 2 * (half_angles[:, None] + half_angles[None, :])
-    return (1.0 / eigenvalues).astype(np.float32)
+    """1 / `laplacian_eigenvalues(n)` in float32, for the preconditioner."""
+    return (1.0 / laplacian_eigenvalues(n)).astype(np.float32)
 
 
 def _unit_laplacian_solve(residual: np.ndarray) -> np.ndarray:

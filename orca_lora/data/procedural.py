@@ -198,3 +198,57 @@ def generate_procedural(
         images[start : start + chunk_size] = intensity[:, None] * variations.colours[:, :, None, None]
     labels = np.repeat(np.arange(n_classes, dtype=np.int64), samples_per_class)
     return ProceduralImages(images=images, labels=labels)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dials: fixed transformations of a procedural dataset that move it away from the source modality
+
+
+def add_noise(images: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
+    """x + sigma * eps, eps ~ N(0, 1) drawn once per pixel of each sample (a fixed dataset); not clipped."""
+    if sigma < 0:
+        raise ValueError(f"add_noise needs sigma >= 0 (task.noise); got {sigma}")
+    return (images + sigma * rng.standard_normal(images.shape)).astype(np.float32)
+
+
+def tile_permutation(side: int, tile: int, fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """A fixed bijection of the (side / tile)^2 tiles of an image: a random `fraction` of them is
+    shuffled among themselves (random positions, random permutation), the others stay put.
+
+    Returns `order` with tile t of the output taken from tile order[t] of the input.
+    """
+    if tile < 1 or side % tile:
+        raise ValueError(f"tile side {tile} must be >= 1 and divide the image side {side} (task.tile)")
+    if not 0 <= fraction <= 1:
+        raise ValueError(f"fraction {fraction} must be in [0, 1] (task.permute_fraction)")
+    count = (side // tile) ** 2
+    moved = rng.choice(count, size=int(round(fraction * count)), replace=False)
+    order = np.arange(count)
+    order[moved] = rng.permutation(moved)
+    return order
+
+
+def permute_tiles(images: np.ndarray, tile: int, order: np.ndarray) -> np.ndarray:
+    """Rearrange the tile x tile tiles of every image (N, C, H, W) by `order` (see `tile_permutation`);
+    tile = 1 permutes pixels. Same bijection for every sample and channel: the Bayes error is unchanged."""
+    n, channels, side, _ = images.shape
+    grid = side // tile
+    # (N, C, gy, ty, gx, tx) -> tiles on one axis (N, C, gy*gx, ty, tx), gather, and back
+    tiles = images.reshape(n, channels, grid, tile, grid, tile).transpose(0, 1, 2, 4, 3, 5)
+    tiles = tiles.reshape(n, channels, grid * grid, tile, tile)[:, :, order]
+    return tiles.reshape(n, channels, grid, grid, tile, tile).transpose(0, 1, 2, 4, 3, 5).reshape(images.shape)
+
+
+def invert(images: np.ndarray) -> np.ndarray:
+    """1 - x: an affine change a linear embedder can undo exactly (the control dial)."""
+    return (1.0 - images).astype(np.float32)
+
+
+def fourier_channels(images: np.ndarray) -> np.ndarray:
+    """Each channel's centred 2-D DFT as two channels, log(1 + |F|) and arg(F) / pi: (N, C, H, W) -> (N, 2C, H, W).
+
+    F = fftshift(fft2(x)) is invertible (x = ifft2(ifftshift(|F| e^{i arg F}))), so no information
+    is lost; it moves local structure to global (every output pixel depends on every input pixel).
+    """
+    spectrum = np.fft.fftshift(np.fft.fft2(images, axes=(-2, -1)), axes=(-2, -1))
+    return np.concatenate([np.log1p(np.abs(spectrum)), np.angle(spectrum) / np.pi], axis=1).astype(np.float32)

@@ -118,14 +118,14 @@ def _relative_l2_loss(prediction: Tensor, target: Tensor) -> Tensor:
     return darcy.relative_l2(prediction, target)
 
 
-@register_task("darcy")
-def darcy_task(config: TaskConfig, data_root: Path) -> TaskData:
-    train_fields, test_fields = _darcy_fields(config, data_root)
-    for name, array in (("a (train)", train_fields.a), ("u (train)", train_fields.u),
-                        ("a (test)", test_fields.a), ("u (test)", test_fields.u)):
-        assert_finite(f"darcy {name}", array)
-    a_train, u_train = torch.from_numpy(train_fields.a).float(), torch.from_numpy(train_fields.u).float()
-    a_test, u_test = torch.from_numpy(test_fields.a).float(), torch.from_numpy(test_fields.u).float()
+def field_task(name: str, a_train: Tensor, u_train: Tensor, a_test: Tensor, u_test: Tensor,
+               config: TaskConfig) -> TaskData:
+    """A field-to-field regression task from raw input fields a and targets u (N, s, s).
+
+    Inputs are (a, x, y) with a standardised pointwise on train; targets are standardised for the
+    model and decoded for the loss and the metric (relative L2 on physical fields, as in FNO).
+    The trivial predictor is the mean training field.
+    """
     a_normalizer = darcy.UnitGaussianNormalizer(a_train)
     u_normalizer = darcy.UnitGaussianNormalizer(u_train)
     x_train = darcy.darcy_inputs(a_normalizer.encode(a_train))
@@ -134,15 +134,25 @@ def darcy_task(config: TaskConfig, data_root: Path) -> TaskData:
     mean_field = u_train.mean(dim=0, keepdim=True).expand_as(u_test)
     side = tuple(u_train.shape[-2:])
     return TaskData(
-        name="darcy", train=train, val=val, test=TensorDataset(x_test, u_test),
+        name=name, train=train, val=val, test=TensorDataset(x_test, u_test),
         in_channels=x_train.shape[1], input_size=side, head="dense", num_outputs=1, output_size=side,
         error=darcy.relative_l2, loss=_relative_l2_loss, output_transform=DecodeField(u_normalizer),
         baseline_error=float(darcy.relative_l2(mean_field, u_test).mean()),
     )
 
 
-def _classification_task(name: str, train: Dataset, test: Dataset, train_labels: Tensor,
-                         test_labels: Tensor, num_classes: int, config: TaskConfig) -> TaskData:
+@register_task("darcy")
+def darcy_task(config: TaskConfig, data_root: Path) -> TaskData:
+    train_fields, test_fields = _darcy_fields(config, data_root)
+    for name, array in (("a (train)", train_fields.a), ("u (train)", train_fields.u),
+                        ("a (test)", test_fields.a), ("u (test)", test_fields.u)):
+        assert_finite(f"darcy {name}", array)
+    return field_task("darcy", torch.from_numpy(train_fields.a).float(), torch.from_numpy(train_fields.u).float(),
+                      torch.from_numpy(test_fields.a).float(), torch.from_numpy(test_fields.u).float(), config)
+
+
+def classification_task(name: str, train: Dataset, test: Dataset, train_labels: Tensor,
+                        test_labels: Tensor, num_classes: int, config: TaskConfig) -> TaskData:
     train, val = split_train_val(train, config.val_fraction, config.data_seed)
     majority = torch.bincount(train_labels, minlength=num_classes).argmax()
     image, _ = test[0]
@@ -154,19 +164,31 @@ def _classification_task(name: str, train: Dataset, test: Dataset, train_labels:
     )
 
 
+def procedural_arrays(config: TaskConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(x_train, y_train, x_test, y_test) of held-out procedural classes (ids from `class_offset`),
+    task.resolution pixels a side: one class-balanced draw, shuffled by `data_seed`, test first."""
+    total = config.n_train + config.n_test
+    per_class = math.ceil(total / config.n_classes)
+    images = procedural.generate_procedural(config.n_classes, per_class, image_size=config.resolution,
+                                            seed=config.data_seed, class_offset=config.class_offset)
+    order = torch.randperm(len(images.labels), generator=torch.Generator().manual_seed(config.data_seed)).numpy()
+    x, y = images.images[order], images.labels[order]
+    return x[config.n_test: total], y[config.n_test: total], x[: config.n_test], y[: config.n_test]
+
+
+def classification_arrays(name: str, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
+                          y_test: np.ndarray, num_classes: int, config: TaskConfig) -> TaskData:
+    """`classification_task` on numpy images (N, C, H, W) and labels (N,)."""
+    x_train, x_test = torch.from_numpy(np.ascontiguousarray(x_train)), torch.from_numpy(np.ascontiguousarray(x_test))
+    y_train, y_test = torch.from_numpy(np.ascontiguousarray(y_train)), torch.from_numpy(np.ascontiguousarray(y_test))
+    return classification_task(name, TensorDataset(x_train, y_train), TensorDataset(x_test, y_test), y_train, y_test,
+                               num_classes, config)
+
+
 @register_task("procedural")
 def procedural_task(config: TaskConfig, data_root: Path) -> TaskData:
     """Held-out procedural classes (ids from `class_offset`): a near-source target for the offline body."""
-    total = config.n_train + config.n_test
-    per_class = math.ceil(total / config.n_classes)
-    images = procedural.generate_procedural(config.n_classes, per_class, seed=config.data_seed,
-                                            class_offset=config.class_offset)
-    order = torch.randperm(len(images.labels), generator=torch.Generator().manual_seed(config.data_seed))
-    x, y = torch.as_tensor(images.images)[order], torch.as_tensor(images.labels)[order]
-    x_test, y_test = x[: config.n_test], y[: config.n_test]
-    x_train, y_train = x[config.n_test: total], y[config.n_test: total]
-    return _classification_task("procedural", TensorDataset(x_train, y_train), TensorDataset(x_test, y_test),
-                                y_train, y_test, config.n_classes, config)
+    return classification_arrays("procedural", *procedural_arrays(config), config.n_classes, config)
 
 
 def _cifar_task(name: str, config: TaskConfig, data_root: Path) -> TaskData:
@@ -179,7 +201,7 @@ def _cifar_task(name: str, config: TaskConfig, data_root: Path) -> TaskData:
         train, train_labels = Subset(train, range(config.n_train)), train_labels[: config.n_train]
     if config.n_test is not None:
         test, test_labels = Subset(test, range(config.n_test)), test_labels[: config.n_test]
-    return _classification_task(name, train, test, train_labels, test_labels, vision.num_classes(name), config)
+    return classification_task(name, train, test, train_labels, test_labels, vision.num_classes(name), config)
 
 
 @register_task("cifar10")
@@ -190,3 +212,7 @@ def cifar10_task(config: TaskConfig, data_root: Path) -> TaskData:
 @register_task("cifar100")
 def cifar100_task(config: TaskConfig, data_root: Path) -> TaskData:
     return _cifar_task("cifar100", config, data_root)
+
+
+# The generated family registers itself on import; below every name it uses from this module.
+from orca_lora.data import task_builders  # noqa: E402,F401

@@ -1,10 +1,16 @@
-"""CIFAR-10 / CIFAR-100 from a local root through torchvision (downloaded only when asked)."""
+"""CIFAR-10 / CIFAR-100 from a local root through torchvision (downloaded only when asked), and
+scikit-learn's 8 x 8 handwritten digits (shipped inside scikit-learn: always offline)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
 from torchvision import datasets, transforms
 
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
@@ -90,3 +96,29 @@ def load_cifar(name: str, root: str | Path, train: bool, download: bool = False)
             f"(torchvision expects {folder}/), from {CIFAR_URL}, or set `task.download: true` to fetch it."
         )
     return spec.dataset_class(str(root), train=train, transform=cifar_transform(name), download=download)
+
+
+DIGITS_SAMPLES = 1797  # the UCI optical-recognition test set that scikit-learn ships (Alpaydin & Kaynak 1998)
+DIGITS_CLASSES = 10
+
+
+def digits_images(resolution: int) -> tuple[np.ndarray, np.ndarray]:
+    """All 1,797 digits as float32 images (N, 1, s, s) in [0, 1] (pixel counts 0..16 divided by 16),
+    bilinearly resized from 8 x 8 to s x s, and their labels (N,) int64."""
+    digits = load_digits()
+    images = torch.from_numpy(digits.images.astype(np.float32) / 16.0)[:, None]
+    resized = F.interpolate(images, size=(resolution, resolution), mode="bilinear", align_corners=False)
+    return resized.numpy(), digits.target.astype(np.int64)
+
+
+def digits_split(labels: np.ndarray, n_train: int, n_test: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Disjoint train and test indices, stratified by class (each split keeps the class proportions).
+
+    The 1,797 images bound n_train + n_test: at n_train = 1000 the test set holds at most 797
+    images, so a digits error has a wider interval than the generated tasks' (>= 2,000 images).
+    """
+    if n_train + n_test > len(labels):
+        raise ValueError(f"task.n_train + task.n_test = {n_train + n_test} exceeds the {len(labels)} digits; "
+                         f"lower them (e.g. task.n_train=1000, task.n_test={len(labels) - 1000})")
+    return train_test_split(np.arange(len(labels)), train_size=n_train, test_size=n_test, stratify=labels,
+                            random_state=seed)

@@ -4,11 +4,12 @@ import torch
 
 from orca_lora.config import TaskConfig
 from orca_lora.data import darcy
+from orca_lora.choices import TASKS, check_registry
 from orca_lora.data.tasks import TASK_BUILDERS, build_task, split_train_val
-from orca_lora.config import TASKS
 
 
-def test_registry_matches_config_choices():
+def test_registry_matches_choices():
+    check_registry("task", TASK_BUILDERS, TASKS)
     assert set(TASK_BUILDERS) == set(TASKS)
 
 
