@@ -1,13 +1,13 @@
 """Stage 2 (gap and rank) against one stage-3 training epoch, on the quickstart, side by side.
 
-Stage 2 is one forward pass per sample through the frozen body with hooks, a distance per block and
-the rank prior; a stage-3 epoch is forward + backward + AdamW over the training split with the LoRA
+Stage 2 is one forward pass per held-out sample through the frozen body with hooks, a distance per
+block with its permutation null and bootstrap interval, and the rank prior; a stage-3 epoch is forward + backward + AdamW over the training split with the LoRA
 ranks stage 2 chose. Both use the quickstart's data, body and settings; each is timed `--repeats`
 times, alternating, and the median kept.
 
     .venv/bin/python bench/bench_gap.py [--config configs/quickstart.yaml] [--repeats 3]
 
-Target (issue 8): stage 2 cheaper than one stage-3 epoch. Writes bench/results/gap.json.
+Target: stage 2, its null and interval included, cheaper than one stage-3 epoch (for mmd and spectral). Writes bench/results/gap.json.
 """
 import argparse
 import copy
@@ -17,19 +17,22 @@ import platform
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from orca_lora.config import load_config
 from orca_lora.data.tasks import build_task
 from orca_lora.files import write_text_atomic
 from orca_lora.finetune.stage import prepare_model
 from orca_lora.models.embedder import Embedder
+from orca_lora.models.features import held_out_split
 from orca_lora.models.model import build_orca_model
 from orca_lora.models.source import load_source_body, source_proxy
 from orca_lora.rank import stage as rank_stage
+from orca_lora.run_files import RunFiles
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results" / "gap.json"
@@ -40,18 +43,26 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "quickstart.yaml")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config overrides, e.g. --set stage2.distance=spectral")
     args = parser.parse_args()
-    config = load_config(args.config, [f"data_root={ROOT / 'data'}"])
+    config = load_config(args.config, [f"data_root={ROOT / 'data'}", *args.set])
     task = build_task(config.task, config.data_root)
     body = load_source_body(config.source, config.data_root)
     images, labels = source_proxy(config.source, config.data_root)
     embedder = Embedder.from_body(body, task.in_channels, generator=torch.Generator().manual_seed(config.seed))
     s3 = config.stage3
 
+    held_out = config.stage2.max_samples
+    source_gap = held_out_split(len(images), held_out, config.source.pretrain.seed, "the source proxy set").gap
+    target_gap = held_out_split(len(task.train), held_out, config.task.data_seed, "the target's training split").gap
+    inputs = rank_stage.GapInputs(body, embedder, replace(task, train=Subset(task.train, target_gap.tolist())),
+                                  images[source_gap], labels[source_gap], s3.targets, s3.rank, config.seed,
+                                  measure_seed=config.task.data_seed)
+
     def gap_and_rank() -> dict[str, int]:
         with tempfile.TemporaryDirectory() as directory:
-            return rank_stage.run(config.stage2, config.stage1, s3.rank, s3.targets, body, embedder, task, images,
-                                  labels, config.seed, Path(directory)).ranks
+            return rank_stage.run(config.stage2, inputs, RunFiles(directory)).ranks
 
     ranks = gap_and_rank()
     # stage 3 wraps the body's Linears in adapters; stage 2 keeps measuring the unwrapped body
@@ -77,6 +88,7 @@ def main() -> None:
     ratio = median["stage2"] / median["stage3_epoch"]
     setting = {"config": str(args.config.relative_to(ROOT)) if args.config.is_relative_to(ROOT) else str(args.config),
                "stage2_samples": config.stage2.max_samples, "stage2_distance": config.stage2.distance,
+               "permutations": config.stage2.permutations, "bootstraps": config.stage2.bootstraps,
                "train_samples": len(task.train), "batch_size": s3.batch_size, "repeats": args.repeats,
                "threads": torch.get_num_threads()}
     environment = {"torch": torch.__version__, "python": platform.python_version(), "cpus": os.cpu_count(),
