@@ -12,7 +12,7 @@ from typing import Iterable, Sequence
 
 TASKS = ("darcy", "cifar10", "cifar100", "procedural")
 SOURCE_PROXIES = ("procedural", "cifar10")
-DISTANCES = ("otdd", "mmd", "c2st")  # align/distances.py
+DISTANCES = ("otdd", "mmd", "c2st", "spectral")  # align/distances.py (spectral: rank/spectral.py)
 ALIGN_DISTANCES = ("otdd", "mmd")  # the differentiable ones, which stage 1 can train on
 GAP_DISTANCES = DISTANCES
 OTDD_INNER = ("exact", "gaussian")

@@ -63,7 +63,7 @@ def run(stage: Stage2Config, inputs: GapInputs, run_files: RunFiles) -> GapResul
                             generator=torch.Generator().manual_seed(seed))[:stage.max_samples]
     with torch.no_grad():
         target = inputs.embedder(target_x)
-    options = distance_options(stage.distance, stage.otdd_inner, stage.entropic_reg, seed)
+    options = distance_options(stage.distance, stage.otdd_inner, stage.entropic_reg, seed, stage.sinkhorn_tolerance, stage.sinkhorn_max_iters)
     gaps = block_gaps(body, source_tokens(body, inputs.source_images[chosen]), target, stage.distance,
                       inputs.source_labels[chosen], target_y, **options)
     blocks = [name for name, _ in body_blocks(body)]
