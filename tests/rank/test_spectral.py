@@ -82,7 +82,7 @@ def test_wachter_edges_match_simulated_extremes():
     gaps = []
     for d, n_s, n_t in [(60, 300, 240), (120, 600, 480)]:
         lower, upper = wachter_edges(d, n_s, n_t)
-        smallest, largest = null_extremes(d, n_s, n_t, draws=200, seed=1)
+        smallest, largest = null_extremes(d, n_s, n_t, draws=100, seed=1)
         width = upper - lower
         gaps.append((abs(np.median(largest) - upper) / width, abs(np.median(smallest) - lower) / width))
         assert gaps[-1][0] < 0.1 and gaps[-1][1] < 0.1, (d, gaps[-1])
