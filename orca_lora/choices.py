@@ -14,7 +14,7 @@ TASKS = ("darcy", "cifar10", "cifar100", "procedural", "procedural-noise", "proc
          "procedural-inverted", "procedural-fourier", "digits", "spectrogram", "grf-texture", "poisson",
          "helmholtz", "heat")  # data/tasks.py and data/task_builders.py
 SOURCE_PROXIES = ("procedural", "cifar10")
-DISTANCES = ("otdd", "mmd", "c2st")  # align/distances.py
+DISTANCES = ("otdd", "mmd", "c2st", "spectral")  # align/distances.py (spectral: rank/spectral.py)
 ALIGN_DISTANCES = ("otdd", "mmd")  # the differentiable ones, which stage 1 can train on
 GAP_DISTANCES = DISTANCES
 OTDD_INNER = ("exact", "gaussian")

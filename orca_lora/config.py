@@ -95,6 +95,8 @@ class Stage1Config:
     distance: str = "otdd"
     otdd_inner: str = "exact"
     entropic_reg: float = 0.1
+    sinkhorn_tolerance: float = 1e-3  # outer Sinkhorn: L1 marginal error to stop at (align/sinkhorn.py)
+    sinkhorn_max_iters: int = 1000  # outer Sinkhorn: iteration cap, warns when hit
     max_samples: int = 512  # target samples used for alignment
     batch_size: int = 128
     lr: float = 1e-3
@@ -110,6 +112,8 @@ class Stage2Config:
     distance: str = "mmd"
     otdd_inner: str = "exact"  # distance otdd: label-to-label cost, as stage1.otdd_inner
     entropic_reg: float = 0.1  # distance otdd: outer entropic regularisation
+    sinkhorn_tolerance: float = 1e-3  # distance otdd: as stage1.sinkhorn_tolerance
+    sinkhorn_max_iters: int = 1000  # distance otdd: as stage1.sinkhorn_max_iters
     n_pseudo_labels: int = 10  # k-means clusters labelling regression targets (otdd)
     max_samples: int = 256  # source and target samples held out from stage 1 for the gap (each side)
     permutations: int = 200  # null draws for the floor and p-value of mmd and the resampled distances
@@ -245,6 +249,12 @@ def _in_range(key: str, value: float, low: float, high: float) -> None:
         raise ConfigError(f"{key}: {value} must be in [{low}, {high}]")
 
 
+def _sinkhorn(section: str, tolerance: float, max_iters: int) -> None:
+    if not tolerance > 0:
+        raise ConfigError(f"{section}.sinkhorn_tolerance: {tolerance} must be > 0 (e.g. 1e-3)")
+    _at_least(f"{section}.sinkhorn_max_iters", max_iters, 1)
+
+
 def validate(config: Config) -> None:
     """Check choices and ranges; raise `ConfigError` naming the first bad key."""
     task, source, s1, s2, s3 = config.task, config.source, config.stage1, config.stage2, config.stage3
@@ -280,6 +290,7 @@ def validate(config: Config) -> None:
     _choice("stage1.otdd_inner", s1.otdd_inner, OTDD_INNER)
     _choice("stage1.embedder_init", s1.embedder_init, EMBEDDER_INITS)
     _at_least("stage1.entropic_reg", s1.entropic_reg, 1e-6)
+    _sinkhorn("stage1", s1.sinkhorn_tolerance, s1.sinkhorn_max_iters)
     _at_least("stage1.max_samples", s1.max_samples, 2)
     _at_least("stage1.batch_size", s1.batch_size, 2)
     _at_least("stage1.lr", s1.lr, 0.0)
@@ -287,6 +298,7 @@ def validate(config: Config) -> None:
     _choice("stage2.distance", s2.distance, GAP_DISTANCES)
     _choice("stage2.otdd_inner", s2.otdd_inner, OTDD_INNER)
     _at_least("stage2.entropic_reg", s2.entropic_reg, 1e-6)
+    _sinkhorn("stage2", s2.sinkhorn_tolerance, s2.sinkhorn_max_iters)
     _at_least("stage2.n_pseudo_labels", s2.n_pseudo_labels, 1)
     _at_least("stage2.permutations", s2.permutations, 20)
     _at_least("stage2.bootstraps", s2.bootstraps, 20)

@@ -1,4 +1,4 @@
-"""Distances between a source and a target feature set: MMD, OTDD and a C2ST gap.
+"""Distances between a source and a target feature set: MMD, OTDD, a C2ST gap, a spectral rank.
 
 Stage 1 trains the embedder on a differentiable distance (`mmd`, `otdd`); stage 2 measures the
 modality gap per body block with any of them (`c2st` too). Every entry of `DISTANCES` takes
@@ -26,9 +26,15 @@ from torch import Tensor
 
 from orca_lora.align.features import check_features, check_labels, check_pair, squared_distances
 from orca_lora.align.label_costs import INNER_COSTS, ClassSplit, check_inner, split_for
-from orca_lora.align.sinkhorn import SINKHORN_ITERS, entropic_ot
+from orca_lora.align.sinkhorn import (
+    SINKHORN_MAX_ITERS,
+    SINKHORN_TOLERANCE,
+    check_sinkhorn_options,
+    entropic_ot,
+)
 from orca_lora.choices import DISTANCES as DISTANCE_NAMES
 from orca_lora.choices import check_registry
+from orca_lora.rank.spectral import spectral_shift_rank
 
 MEDIAN_MULTIPLIERS = (0.25, 0.5, 1.0, 2.0, 4.0)
 
@@ -112,16 +118,20 @@ class SourceOTDDCache:
     split: ClassSplit
     inner: str
     entropic_reg: float
-    sinkhorn_iters: int
+    sinkhorn_tolerance: float
+    sinkhorn_max_iters: int
     self_ot: Tensor | None
 
     def check_matches(self, x_s: Tensor, y_s: Tensor, inner: str, entropic_reg: float,
-                      debiased: bool, sinkhorn_iters: int) -> None:
-        settings = (inner, float(entropic_reg), sinkhorn_iters, debiased)
-        built = (self.inner, self.entropic_reg, self.sinkhorn_iters, self.self_ot is not None)
+                      debiased: bool, sinkhorn_tolerance: float, sinkhorn_max_iters: int) -> None:
+        settings = (inner, float(entropic_reg), float(sinkhorn_tolerance), int(sinkhorn_max_iters),
+                    debiased)
+        built = (self.inner, self.entropic_reg, self.sinkhorn_tolerance, self.sinkhorn_max_iters,
+                 self.self_ot is not None)
         if settings != built:
             raise ValueError(
-                f"source cache built for (inner, entropic_reg, sinkhorn_iters, debiased)={built}, "
+                "source cache built for (inner, entropic_reg, sinkhorn_tolerance, sinkhorn_max_iters, "
+                f"debiased)={built}, "
                 f"called with {settings}; rebuild it with prepare_source"
             )
         if not (torch.equal(x_s.detach(), self.features) and torch.equal(y_s, self.labels)):
@@ -134,11 +144,12 @@ def prepare_source(
     inner: str = "exact",
     entropic_reg: float = 0.1,
     debiased: bool = True,
-    sinkhorn_iters: int = SINKHORN_ITERS,
+    sinkhorn_tolerance: float = SINKHORN_TOLERANCE,
+    sinkhorn_max_iters: int = SINKHORN_MAX_ITERS,
 ) -> SourceOTDDCache:
     """Precompute the source side of `otdd`: class split (and Gaussian fits), and with
     debiasing OT_eps(source, source) on the source-source augmented cost (n_s x n_s)."""
-    _check_otdd_options(inner, entropic_reg, sinkhorn_iters)
+    _check_otdd_options(inner, entropic_reg, sinkhorn_tolerance, sinkhorn_max_iters)
     check_features("x_s", x_s)
     check_labels("y_s", y_s, x_s.shape[0])
     features = x_s.detach()
@@ -147,18 +158,20 @@ def prepare_source(
     if debiased:
         with torch.no_grad():
             cost = _augmented_cost(features, split, features, split, inner)
-            self_ot = entropic_ot(cost, entropic_reg, sinkhorn_iters, symmetric=True)
+            self_ot = entropic_ot(cost, entropic_reg, sinkhorn_tolerance, sinkhorn_max_iters,
+                                  symmetric=True)
     return SourceOTDDCache(
-        features, y_s, split, inner, float(entropic_reg), sinkhorn_iters, self_ot
+        features, y_s, split, inner, float(entropic_reg), float(sinkhorn_tolerance),
+        int(sinkhorn_max_iters), self_ot
     )
 
 
-def _check_otdd_options(inner: str, entropic_reg: float, sinkhorn_iters: int) -> None:
+def _check_otdd_options(inner: str, entropic_reg: float, sinkhorn_tolerance: float,
+                        sinkhorn_max_iters: int) -> None:
     check_inner(inner)
     if not entropic_reg > 0:
         raise ValueError(f"entropic_reg must be > 0, got {entropic_reg}")
-    if sinkhorn_iters < 1:
-        raise ValueError(f"sinkhorn_iters must be >= 1, got {sinkhorn_iters}")
+    check_sinkhorn_options(sinkhorn_tolerance, sinkhorn_max_iters)
 
 
 def otdd(
@@ -169,7 +182,8 @@ def otdd(
     inner: str = "exact",
     entropic_reg: float = 0.1,
     debiased: bool = True,
-    sinkhorn_iters: int = SINKHORN_ITERS,
+    sinkhorn_tolerance: float = SINKHORN_TOLERANCE,
+    sinkhorn_max_iters: int = SINKHORN_MAX_ITERS,
     source: SourceOTDDCache | None = None,
 ) -> Tensor:
     """Label-aware OT dataset distance (Alvarez-Melis & Fusi 2020), differentiable in x_t.
@@ -181,21 +195,22 @@ def otdd(
     The source is a constant: pass `source=prepare_source(x_s, y_s, ...)` to reuse its side
     across calls. Gradients reach x_t through the plans (envelope theorem), not the solvers.
     """
-    _check_otdd_options(inner, entropic_reg, sinkhorn_iters)
+    _check_otdd_options(inner, entropic_reg, sinkhorn_tolerance, sinkhorn_max_iters)
     check_pair("x_s", x_s, "x_t", x_t)
     check_labels("y_s", y_s, x_s.shape[0])
     check_labels("y_t", y_t, x_t.shape[0])
+    tolerance, max_iters = sinkhorn_tolerance, sinkhorn_max_iters
     if source is None:
-        source = prepare_source(x_s, y_s, inner, entropic_reg, debiased, sinkhorn_iters)
+        source = prepare_source(x_s, y_s, inner, entropic_reg, debiased, tolerance, max_iters)
     else:
-        source.check_matches(x_s, y_s, inner, entropic_reg, debiased, sinkhorn_iters)
+        source.check_matches(x_s, y_s, inner, entropic_reg, debiased, tolerance, max_iters)
     target = split_for(inner, x_t, y_t)
     cross = _augmented_cost(source.features, source.split, x_t, target, inner)
-    value = entropic_ot(cross, entropic_reg, sinkhorn_iters)
+    value = entropic_ot(cross, entropic_reg, tolerance, max_iters)
     if not debiased:
         return value
     self_target = _augmented_cost(x_t, target, x_t, target, inner)
-    self_ot = entropic_ot(self_target, entropic_reg, sinkhorn_iters, symmetric=True)
+    self_ot = entropic_ot(self_target, entropic_reg, tolerance, max_iters, symmetric=True)
     return value - 0.5 * (source.self_ot + self_ot)
 
 
@@ -278,6 +293,16 @@ def _c2st_distance(x_s: Tensor, y_s: Tensor, x_t: Tensor, y_t: Tensor, **options
     return c2st_gap(x_s, x_t, **options)
 
 
-def distance_options(distance: str, otdd_inner: str, entropic_reg: float, seed: int) -> dict:
+@register_distance("spectral", differentiable=False)
+def _spectral_distance(x_s: Tensor, y_s: Tensor, x_t: Tensor, y_t: Tensor, **options) -> float:
+    """The shift's dimension in rank units (`orca_lora.rank.spectral`); labels unused."""
+    return float(spectral_shift_rank(x_s, x_t, **options).rank)
+
+
+def distance_options(distance: str, otdd_inner: str, entropic_reg: float, seed: int,
+                     sinkhorn_tolerance: float = SINKHORN_TOLERANCE,
+                     sinkhorn_max_iters: int = SINKHORN_MAX_ITERS) -> dict:
     """The keyword options each registered distance takes, from the values a config section sets."""
-    return {"otdd": {"inner": otdd_inner, "entropic_reg": entropic_reg}, "c2st": {"seed": seed}}.get(distance, {})
+    otdd_options = {"inner": otdd_inner, "entropic_reg": entropic_reg,
+                    "sinkhorn_tolerance": sinkhorn_tolerance, "sinkhorn_max_iters": sinkhorn_max_iters}
+    return {"otdd": otdd_options, "c2st": {"seed": seed}}.get(distance, {})

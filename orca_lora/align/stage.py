@@ -31,7 +31,8 @@ class AlignModule(L.LightningModule):
         self.register_buffer("source_x", source_x)
         self.register_buffer("source_y", source_y)
         self.stage, self.distance_fn = stage, entry.fn
-        self.options = distance_options(stage.distance, stage.otdd_inner, stage.entropic_reg, seed)
+        self.options = distance_options(stage.distance, stage.otdd_inner, stage.entropic_reg, seed,
+                                        stage.sinkhorn_tolerance, stage.sinkhorn_max_iters)
         self.source_cache = None
 
     def distance(self, target_x: Tensor, target_y: Tensor) -> Tensor:

@@ -66,7 +66,8 @@ def run(stage: Stage2Config, inputs: GapInputs, run_files: RunFiles) -> GapResul
                                                 inputs.measure_seed)
     with torch.no_grad():
         target = inputs.embedder(target_x)
-    options = distance_options(stage.distance, stage.otdd_inner, stage.entropic_reg, inputs.measure_seed)
+    options = distance_options(stage.distance, stage.otdd_inner, stage.entropic_reg, inputs.measure_seed,
+                               stage.sinkhorn_tolerance, stage.sinkhorn_max_iters)
     settings = GapSettings(stage.distance, stage.permutations, stage.bootstraps, seed=inputs.measure_seed,
                            options=options)
     measured = block_gaps(body, source_tokens(body, inputs.source_images), target, settings,
