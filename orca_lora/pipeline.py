@@ -144,6 +144,7 @@ def run_pipeline(config: Config, last_stage: int = 3) -> RunResult:
         rank_stage.adapted_module_shapes(body, s3.targets)
     if s3.rank_map:
         rank_stage.check_rank_map(body, s3.targets, s3.rank_map)
+    rank_stage.check_gap_sample_sizes(body, config.stage2)
     if process_rank == 0:
         run_directory(config)
     source_images, source_labels = source_proxy(config.source, config.data_root)

@@ -17,6 +17,7 @@ from orca_lora.models.features import labelled_target_sample, source_tokens
 from orca_lora.models.model import BODY_PREFIX
 from orca_lora.rank.gap import BlockGap, GapSettings, block_gaps
 from orca_lora.rank.null import corrected_gap
+from orca_lora.rank.spectral import check_sample_sizes
 from orca_lora.rank.select import ModuleShape, RankPrior, select_ranks, trainable_params
 from orca_lora.run_files import GapResult, GapRow, RunFiles, write_gaps, write_ranks
 
@@ -114,6 +115,13 @@ def explicit_ranks(body: nn.Module, targets: Sequence[str], rank: int, rank_map:
     result = GapResult([], None, ranks, None, counted, None, "explicit")
     write_ranks(run_files, result)
     return result
+
+
+def check_gap_sample_sizes(body: nn.Module, stage: Stage2Config) -> None:
+    """Before stage 1: the spectral gap needs stage2.max_samples >= 4 x the widest block's width."""
+    if stage.enabled and stage.distance == "spectral":
+        widest = max(int(block.dim) for _, block in body_blocks(body))
+        check_sample_sizes(stage.max_samples, stage.max_samples, widest)
 
 
 def uniform_ranks(body: nn.Module, targets: Sequence[str], rank: int) -> dict[str, int]:

@@ -101,3 +101,14 @@ def test_block_gaps_reject_bad_input_before_any_forward(body, tokens):
         block_gaps(body, tokens, tokens[:, :8, :8], GapSettings())
     with pytest.raises(KeyError, match="stage2.distance: 'kl'"):
         block_gaps(body, tokens, tokens, GapSettings("kl"))
+
+
+def test_a_spectral_gap_counts_a_planted_shift_against_its_permutation_null():
+    generator = torch.Generator().manual_seed(2)
+    source = torch.randn(96, 12, generator=generator, dtype=torch.float64)
+    target = torch.randn(96, 12, generator=generator, dtype=torch.float64)
+    target[:, :2] *= 3.0  # a rank-2 covariance change
+    labels = torch.zeros(96, dtype=torch.long)
+    settings = GapSettings("spectral", permutations=20, bootstraps=20, seed=0)
+    estimate = block_gap(source, labels, target, labels, source_units(source), settings)
+    assert estimate.gap == 2.0 and estimate.floor <= 1.0 and estimate.p_value < 0.1

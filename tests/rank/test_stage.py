@@ -210,3 +210,10 @@ def test_explicit_ranks_write_the_map_or_the_uniform_rank_without_gaps(tmp_path,
     chosen = {"body.layers.0.blocks.1.attn.qkv": 5}
     mapped = rank_stage.explicit_ranks(body, [r"\.attn\.qkv$"], 3, chosen, RunFiles(tmp_path / "map"))
     assert mapped.ranks == chosen and mapped.trainable_params == 5 * (48 + 16)
+
+
+def test_the_spectral_gap_sample_size_is_checked_before_stage_1(body):
+    rank_stage.check_gap_sample_sizes(body, Stage2Config(distance="spectral", max_samples=128))
+    rank_stage.check_gap_sample_sizes(body, Stage2Config(distance="mmd", max_samples=16))
+    with pytest.raises(ValueError, match=r"4 x width = 128 .* n_s=64.*stage2.max_samples"):
+        rank_stage.check_gap_sample_sizes(body, Stage2Config(distance="spectral", max_samples=64))
