@@ -63,7 +63,9 @@ def plot_gaps_and_ranks(rows: Sequence[GapRow], stem: Path) -> list[Path]:
     blocks = [row.block for row in rows]
     figure, gap_axis = subplots(figsize=(6.5, 3.8))
     gap_axis.bar(blocks, [row.gap for row in rows], color="tab:blue", alpha=0.7, label="gap D_i (95% interval)",
-                 yerr=[[row.gap - row.ci_low for row in rows], [row.ci_high - row.gap for row in rows]], capsize=3)
+                 # a bootstrap interval need not contain the estimate (a biased or discrete statistic)
+                 yerr=[[max(row.gap - row.ci_low, 0) for row in rows], [max(row.ci_high - row.gap, 0) for row in rows]],
+                 capsize=3)
     gap_axis.fill_between(blocks, 0, [row.floor for row in rows], step="mid", color="gray", alpha=0.3,
                           label="noise floor (null 95% quantile)")
     for row in rows:

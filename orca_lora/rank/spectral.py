@@ -30,7 +30,8 @@ significant when its p-value < alpha. A significant shift adds one to the rank: 
 is one rank-1 update, however large its MMD.
 
 rank = covariance_rank (eigenvalues outside the calibrated bulk) + mean_shift. Invariant to any
-invertible affine map applied to both sets. Needs n_s, n_t >= 4 d (`MIN_SAMPLES_PER_DIM`).
+invertible affine map applied to both sets. Directions the source does not vary in (a LayerNorm's
+sum-to-zero constraint) are dropped first (`source_subspace`). Needs n_s, n_t >= 4 d (`MIN_SAMPLES_PER_DIM`).
 """
 from __future__ import annotations
 
@@ -123,6 +124,19 @@ def check_sample_sizes(n_s: int, n_t: int, d: int) -> None:
         )
 
 
+def source_subspace(source: np.ndarray, target: np.ndarray,
+                    relative_floor: float = 1e-9) -> tuple[np.ndarray, np.ndarray]:
+    """Both sets in the span of the source's non-degenerate principal directions.
+
+    Features after a LayerNorm sum to zero across channels (the Swin's first block input is
+    one), so S_s is singular and S_s^(-1/2) undefined; a direction the source does not vary in
+    (variance below `relative_floor` x the largest) is dropped, and `d` is the dimension kept.
+    """
+    variances, directions = np.linalg.eigh(_covariance(source))
+    kept = directions[:, variances > relative_floor * variances.max()]
+    return source @ kept, target @ kept
+
+
 def spectral_shift_rank(source: Tensor, target: Tensor, alpha: float = 0.01) -> SpectralShift:
     """The shift's dimension between source (n_s, d) and target (n_t, d) features.
 
@@ -136,8 +150,7 @@ def spectral_shift_rank(source: Tensor, target: Tensor, alpha: float = 0.01) -> 
                          f"{tuple(source.shape)} and {tuple(target.shape)}")
     if not 0 < alpha < 1:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-    xs = source.detach().cpu().double().numpy()
-    xt = target.detach().cpu().double().numpy()
+    xs, xt = source_subspace(source.detach().cpu().double().numpy(), target.detach().cpu().double().numpy())
     (n_s, d), n_t = xs.shape, xt.shape[0]
     check_sample_sizes(n_s, n_t, d)
     if not (np.isfinite(xs).all() and np.isfinite(xt).all()):

@@ -102,3 +102,13 @@ def test_edges_reduce_to_marchenko_pastur_for_a_known_source():
     y = 50 / 199
     assert lower == pytest.approx((1 - y**0.5) ** 2, rel=1e-6)
     assert upper == pytest.approx((1 + y**0.5) ** 2, rel=1e-6)
+
+
+def test_a_layernorm_constraint_is_dropped_not_inverted():
+    """Features that sum to zero across channels (a LayerNorm's output) have a singular S_s."""
+    generator = torch.Generator().manual_seed(0)
+    source = torch.randn(200, 12, generator=generator, dtype=torch.float64)
+    target = torch.randn(200, 12, generator=generator, dtype=torch.float64)
+    source, target = source - source.mean(1, keepdim=True), target - target.mean(1, keepdim=True)
+    result = spectral_shift_rank(source, target)
+    assert len(result.eigenvalues) == 11 and result.rank == 0
