@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 from orca_lora.config import ConfigError, load_config, to_yaml
+from orca_lora.errors import INTERRUPTED_EXIT_CODE, RunInterrupted, TrainingDiverged
 
 Arguments = Callable[[argparse.ArgumentParser], None]
 COMMANDS: dict[str, tuple[str, Arguments, Callable[[argparse.Namespace], int]]] = {}
@@ -18,6 +19,8 @@ def config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="YAML config file (see configs/)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set stage3.rank=8 (repeatable)")
+    parser.add_argument("--defaults", action="store_true",
+                        help="accept a config file with no sections (every value its default)")
 
 
 def directories_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,7 +36,7 @@ def command(name: str, help_text: str, arguments: Arguments = config_arguments):
 
 
 def _config(args: argparse.Namespace):
-    return load_config(args.config, args.set)
+    return load_config(args.config, args.set, allow_empty=args.defaults)
 
 
 @command("check", "validate a config and print it resolved (defaults and --set applied)")
@@ -236,7 +239,10 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging()
     try:
         return args.handler(args)
-    except (ConfigError, OSError, KeyError, ValueError) as error:
+    except RunInterrupted as interrupted:
+        print(f"orca-lora {args.command}: {interrupted}", file=sys.stderr)
+        return INTERRUPTED_EXIT_CODE
+    except (ConfigError, OSError, KeyError, ValueError, TrainingDiverged) as error:
         if args.debug:
             raise
         message = error.args[0] if isinstance(error, KeyError) and error.args else error

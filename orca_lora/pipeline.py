@@ -8,16 +8,23 @@ With several training processes (`trainer.strategy: ddp`: Lightning's launcher r
 once per extra device; torchrun and srun start every process themselves), every process runs this
 function, but only global rank 0 runs stages 1-2 and writes run files; the other ranks wait for its
 finished stage markers, train stage 3 with it, and log only warnings.
+
+Rank 0 holds the run directory's lock (`run.lock`) for the whole run, so a second launch on the same
+directory stops at once, naming the holder. SIGTERM (a scheduler's time limit, preemption) raises
+`RunInterrupted`: the stage stays unfinished and the same command resumes it.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import shutil
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from safetensors.torch import load_file
@@ -26,6 +33,7 @@ from orca_lora.adapters.spec import get_method
 from orca_lora.align import stage as align_stage
 from orca_lora.config import Config, run_directory, run_path, section_hash
 from orca_lora.data.tasks import build_task
+from orca_lora.errors import RunInterrupted
 from orca_lora.finetune import stage as finetune_stage
 from orca_lora.models.embedder import Embedder
 from orca_lora.models.model import build_orca_model
@@ -36,10 +44,13 @@ from orca_lora.run_files import (
     FinetuneResult,
     GapResult,
     RunFiles,
+    RunLock,
     RunMetrics,
     StageRecord,
     from_dict,
     read_marker,
+    read_marker_or_restart,
+    seconds_spent,
     write_marker,
     write_metrics,
 )
@@ -105,29 +116,59 @@ def _staged(name: str, config: Config, run_files: RunFiles, work: Callable[[], o
         return _follow(name, config, run_files, work)
     directory = run_files.stage(name)
     expected = stage_hash(config, name)
-    record = read_marker(run_files, name)
+    record = read_marker_or_restart(run_files, name)
     if record is not None and record.hash == expected and record.finished:
         log.info("%s: finished earlier with the same config (hash %s), skipping", name, expected)
         return record
+    earlier = 0.0
     if directory.exists() and (record is None or record.hash != expected):
         log.info("%s: config changed since the last attempt, starting it afresh", name)
         shutil.rmtree(directory)
+    elif record is not None:  # an unfinished attempt with this config: it continues, its time counts
+        earlier = seconds_spent(run_files, name, record)
     directory.mkdir(parents=True, exist_ok=True)
-    write_marker(run_files, name, StageRecord(expected))
+    write_marker(run_files, name, StageRecord(expected, started=time.time(), earlier_seconds=earlier))
     log.info("%s: starting (config hash %s)", name, expected)
     started = time.perf_counter()
-    result = work()
-    record = StageRecord(expected, True, time.perf_counter() - started, asdict(result))
+    try:
+        result = work()
+    except RunInterrupted as interrupted:
+        raise interrupted.during(name) from None
+    record = StageRecord(expected, True, earlier + time.perf_counter() - started, asdict(result),
+                         earlier_seconds=earlier)
     write_marker(run_files, name, record)
     log.info("%s: finished in %.1f s", name, record.seconds)
     return record
 
 
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """SIGTERM raises `RunInterrupted` in the main thread while the run lasts (Lightning calls this
+    handler after its own during stage 3, and its own alone would end the process with status 0)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame) -> None:
+        raise RunInterrupted(signal.Signals(signum).name)
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_pipeline(config: Config, last_stage: int = 3) -> RunResult:
     """Stages 1 to `last_stage` for `config`; returns the run directory and its metrics."""
     placement = finetune_stage.process_placement(config.trainer)
+    with contextlib.ExitStack() as held, _sigterm_raises():
+        return _run_stages(config, last_stage, placement, RunFiles(run_path(config)), held)
+
+
+def _run_stages(config: Config, last_stage: int, placement: finetune_stage.ProcessPlacement,
+                run_files: RunFiles, held: contextlib.ExitStack) -> RunResult:
     process_rank = placement.global_rank
-    run_files = RunFiles(run_path(config))
     if process_rank != 0:
         log.setLevel(logging.WARNING)  # one process tells the story, as Lightning's rank_zero_* do
         for name in ("stage1", "stage2"):  # rank 0 also writes the data and source-body caches first
@@ -140,7 +181,8 @@ def run_pipeline(config: Config, last_stage: int = 3) -> RunResult:
         rank_stage.adapted_module_shapes(body, s3.targets)
     if s3.rank_map:
         rank_stage.check_rank_map(body, s3.targets, s3.rank_map)
-    if process_rank == 0:
+    if process_rank == 0:  # it owns the directory; the other ranks of its launch join it without a lock
+        held.enter_context(RunLock(run_files))  # after the checks above: a refused config leaves no directory
         run_directory(config)
     source_images, source_labels = source_proxy(config.source, config.data_root)
     embedder = Embedder.from_body(body, task.in_channels, init=config.stage1.embedder_init,

@@ -21,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from orca_lora.data import darcy_solver
-from orca_lora.files import save_npz_atomic
+from orca_lora.files import cache_is_valid, save_npz_atomic, write_digest
 
 HIGH_COEFF, LOW_COEFF = 12.0, 3.0
 SOLVE_BATCH_NODES = 2**20  # grid nodes drawn and solved per batch: ~100 MB of work arrays at any resolution
@@ -71,12 +71,12 @@ def generate_darcy(n_samples: int, resolution: int, seed: int, root: str | Path 
     `solve_darcy_pcg` at rtol 1e-12: within ~1e-12 of the direct solve, far below float32's 6e-8,
     so the stored fields match `solve_darcy`'s except for a rare last-bit rounding. With `root`,
     the result is cached at `<root>/darcy/generated_n{N}_r{res}_seed{seed}.npz` and read from
-    there on later calls.
+    there on later calls (checked against its content hash; a damaged cache is regenerated).
     """
     if n_samples < 1 or resolution < 3:
         raise ValueError(f"generate_darcy needs n_samples >= 1 and resolution >= 3; got {n_samples}, {resolution}")
     cache = None if root is None else Path(root) / "darcy" / f"generated_n{n_samples}_r{resolution}_seed{seed}.npz"
-    if cache is not None and cache.is_file():
+    if cache is not None and cache_is_valid(cache):
         with np.load(cache) as stored:
             return DarcyFields(a=stored["a"], u=stored["u"])
     rng = np.random.default_rng(seed)
@@ -93,6 +93,7 @@ def generate_darcy(n_samples: int, resolution: int, seed: int, root: str | Path 
     result = DarcyFields(a=a, u=u)
     if cache is not None:
         save_npz_atomic(cache, a=a, u=u)
+        write_digest(cache)
     return result
 
 

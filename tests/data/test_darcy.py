@@ -79,7 +79,7 @@ def test_generation_cache_round_trip(tmp_path, monkeypatch):
     fields = generate_darcy(2, 16, seed=7, root=tmp_path)
     cache = tmp_path / "darcy" / "generated_n2_r16_seed7.npz"
     assert cache.is_file()
-    assert [p.name for p in cache.parent.iterdir()] == [cache.name]
+    assert sorted(p.name for p in cache.parent.iterdir()) == [cache.name, cache.name + ".sha256"]
 
     def fail(*args, **kwargs):
         raise AssertionError("the cached fields should have been loaded, not solved again")
