@@ -39,18 +39,30 @@ def _config(args: argparse.Namespace):
     return load_config(args.config, args.set, allow_empty=args.defaults)
 
 
-@command("check", "validate a config and print it resolved (defaults and --set applied)")
+@command("check", "validate a config against the source body's shapes and print it resolved (defaults and "
+         "--set applied)")
 def check_command(args: argparse.Namespace) -> int:
-    print(to_yaml(_config(args)), end="")
+    config = _config(args)
+    import torch
+
+    from orca_lora.preflight import body_architecture, check_against_body
+
+    check_against_body(config, body_architecture(config.source))
+    if config.trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        # a login node checks the configs of GPU nodes: `run` refuses here, `check` only says so
+        print(f"orca-lora check: warning: trainer.accelerator={config.trainer.accelerator} but this machine has "
+              "no GPU; `run` needs one", file=sys.stderr)
+    print(to_yaml(config), end="")
     return 0
 
 
 @command("run", "run the pipeline (align, gap and rank, refine) into runs/<name>/")
 def run_command(args: argparse.Namespace) -> int:
+    config = _config(args)  # a bad value fails before the training stack's imports
     from orca_lora.experiments.plots import plot_run
     from orca_lora.pipeline import run_pipeline
 
-    result = run_pipeline(_config(args))
+    result = run_pipeline(config)
     if result.process_rank != 0:  # under DDP the other processes ran stage 3 with rank 0; it reports
         return 0
     plot_run(result.directory)
@@ -70,7 +82,8 @@ def gap_command(args: argparse.Namespace) -> int:
     from orca_lora.pipeline import run_pipeline
     from orca_lora.run_files import RunFiles, read_gaps
 
-    result = run_pipeline(_config(args), last_stage=2)
+    config = _config(args)
+    result = run_pipeline(config, last_stage=2)
     if result.process_rank != 0:
         return 0
     plot_run(result.directory)

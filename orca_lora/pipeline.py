@@ -29,7 +29,6 @@ from typing import Callable, Iterator
 import torch
 from safetensors.torch import load_file
 
-from orca_lora.adapters.spec import get_method
 from orca_lora.align import stage as align_stage
 from orca_lora.config import Config, run_directory, run_path, section_hash
 from orca_lora.data.tasks import build_task
@@ -38,6 +37,7 @@ from orca_lora.finetune import stage as finetune_stage
 from orca_lora.models.embedder import Embedder
 from orca_lora.models.model import build_orca_model
 from orca_lora.models.source import load_source_body, source_proxy
+from orca_lora.preflight import check_against_body
 from orca_lora.rank import stage as rank_stage
 from orca_lora.run_files import (
     AlignResult,
@@ -177,10 +177,7 @@ def _run_stages(config: Config, last_stage: int, placement: finetune_stage.Proce
     finetune_stage.check_world_size(task, placement.world_size)
     body = load_source_body(config.source, config.data_root)
     s3 = config.stage3
-    if get_method(s3.method).uses_targets:  # a target typo fails here, not after stages 1-2
-        rank_stage.adapted_module_shapes(body, s3.targets)
-    if s3.rank_map:
-        rank_stage.check_rank_map(body, s3.targets, s3.rank_map)
+    check_against_body(config, body)  # a target typo or an impossible rank fails here, not after stages 1-2
     if process_rank == 0:  # it owns the directory; the other ranks of its launch join it without a lock
         held.enter_context(RunLock(run_files))  # after the checks above: a refused config leaves no directory
         run_directory(config)
