@@ -108,6 +108,13 @@ def _fields_from(path: Path, a: np.ndarray, u: np.ndarray, a_key: str, u_key: st
             raise ValueError(f"{path}: {key!r} should have shape (N, s, s) (channel dim squeezed); got {array.shape}")
     if a.shape != u.shape:
         raise ValueError(f"{path}: {a_key!r} {a.shape} and {u_key!r} {u.shape} should have the same shape")
+    if len(a) < 2:
+        raise ValueError(f"{path}: holds {len(a)} sample(s); the normalizer and a train / validation split need "
+                         "at least 2 (use the full file, not a slice)")
+    zero = np.flatnonzero(~np.any(u.reshape(len(u), -1), axis=1))
+    if len(zero):  # the relative L2 error divides by |u|: such a sample has no error to measure
+        raise ValueError(f"{path}: {u_key!r} is zero everywhere in {len(zero)} sample(s) (first: {zero[0]}); "
+                         "the solution field is missing or the file is damaged: fetch it again (data/README.md)")
     return DarcyFields(a=a, u=u)
 
 
@@ -138,7 +145,8 @@ def read_fno_mat(path: str | Path) -> DarcyFields:
             a, u = (np.asarray(file[key]).T for key in keys)
     else:
         contents = scipy.io.loadmat(path, variable_names=list(keys))
-        _require_keys(path, contents.keys(), keys)
+        # loadmat returns only the asked variables (and its own __header__ etc.): name what the file has
+        _require_keys(path, [name for name, _, _ in scipy.io.whosmat(path)], keys)
         a, u = contents["coeff"], contents["sol"]
     return _fields_from(path, a, u, *keys)
 
@@ -187,7 +195,17 @@ def load_darcy_file(path: str | Path) -> DarcyFields:
     reader = DARCY_READERS.get(path.suffix.lower())
     if reader is None:
         raise ValueError(f"{path}: unknown Darcy file suffix {path.suffix!r}; supported: {sorted(DARCY_READERS)}")
-    return reader(path)
+    try:
+        return reader(path)
+    except (KeyError, ValueError, FileNotFoundError) as error:
+        if str(path) in str(error):  # the readers' own messages already name the file
+            raise
+        problem = error
+    except Exception as error:  # scipy's and h5py's errors for damaged files share no base worth naming
+        problem = error
+    raise ValueError(f"{path}: cannot be read as a {path.suffix} Darcy file ({type(problem).__name__}: "
+                     f"{' '.join(str(problem).split())}); it is truncated or not that format: fetch it again "
+                     "(data/README.md)") from None
 
 
 # ---------------------------------------------------------------------------------------------
