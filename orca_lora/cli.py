@@ -155,8 +155,8 @@ def table_command(args: argparse.Namespace) -> int:
     from orca_lora.experiments.tables import find_runs, read_runs, summarize, table_markdown, write_tables
 
     rows = summarize(read_runs(find_runs(args.directories)))
+    print(table_markdown(rows))  # before writing: a read-only directory still gets its table printed
     written = write_tables(rows, args.directories[0])
-    print(table_markdown(rows))
     print(f"written: {written[0]}, {written[1]}")
     return 0
 

@@ -28,6 +28,14 @@ def _default_mode() -> int:
     return 0o666 & ~umask
 
 
+def give_directory_default_mode(path: Path) -> None:
+    """0777 less the umask, what mkdir gives (mkdtemp's folders are 0700): run folders are shared
+    across the nodes of a cluster."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o777 & ~umask)
+
+
 def write_atomic(path: Path, write: Callable[[str], None]) -> None:
     """Call `write(temp_path)`, then rename the temp file onto `path` (removed if `write` fails)."""
     path = Path(path)
