@@ -192,7 +192,7 @@ def test_tiny_pipeline_runs_with_houlsby(tiny_overrides):
     overrides = tiny_overrides + ["stage3.method=houlsby", "stage1.epochs=1", "trainer.max_epochs=1",
                                   "stage3.rank=2"]
     result = run_pipeline(load_config(QUICKSTART, overrides))
-    assert result.metrics["method"] == "houlsby" and np.isfinite(result.metrics["test_error"])
+    assert result.metrics.method == "houlsby" and np.isfinite(result.metrics.test_error)
     stage3 = result.directory / "stage3"
     assert not (stage3 / "adapter").exists()  # no PEFT layout for bottleneck adapters
     with safe_open(str(stage3 / "trainable.safetensors"), "pt") as saved:

@@ -206,7 +206,7 @@ def test_tiny_pipeline_runs_with_mora(tiny_overrides):
     overrides = tiny_overrides + ["stage3.method=mora", "stage2.enabled=false", "stage1.epochs=1",
                                   "trainer.max_epochs=1", "stage3.rank=2"]
     result = run_pipeline(load_config(QUICKSTART, overrides))
-    assert result.metrics["method"] == "mora" and np.isfinite(result.metrics["test_error"])
+    assert result.metrics.method == "mora" and np.isfinite(result.metrics.test_error)
     stage3 = result.directory / "stage3"
     assert not (stage3 / "adapter").exists()  # no PEFT layout for MoRA
     with safe_open(str(stage3 / "trainable.safetensors"), "pt") as saved:

@@ -257,7 +257,7 @@ def test_tiny_pipeline_runs_with_qlora(tiny_overrides):
     overrides = tiny_overrides + ["stage3.method=qlora", "stage2.enabled=false", "stage1.epochs=1",
                                   "trainer.max_epochs=1", "stage3.save_merged=true"]
     result = run_pipeline(load_config(QUICKSTART, overrides))
-    assert result.metrics["method"] == "qlora" and np.isfinite(result.metrics["test_error"])
+    assert result.metrics.method == "qlora" and np.isfinite(result.metrics.test_error)
     stage3 = result.directory / "stage3"
     assert (stage3 / "adapter" / "adapter_model.safetensors").is_file()
     with safe_open(str(stage3 / "trainable.safetensors"), "pt") as saved:

@@ -213,7 +213,7 @@ def test_tiny_pipeline_runs_with_sbora(method, tiny_overrides):
     overrides = tiny_overrides + [f"stage3.method={method}", "stage2.enabled=false", "stage1.epochs=1",
                                   "trainer.max_epochs=1", "stage3.rank=2", f"output.name={method}"]
     result = run_pipeline(load_config(QUICKSTART, overrides))
-    assert result.metrics["method"] == method and np.isfinite(result.metrics["test_error"])
+    assert result.metrics.method == method and np.isfinite(result.metrics.test_error)
     stage3 = result.directory / "stage3"
     assert not (stage3 / "adapter").exists()  # no PEFT layout for SBoRA
     with safe_open(str(stage3 / "trainable.safetensors"), "pt") as saved:

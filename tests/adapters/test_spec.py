@@ -164,7 +164,7 @@ def test_a_new_method_runs_through_validation_stage3_saving_and_analyze(scaled_l
     overrides = tiny_overrides + ["stage3.method=scaled-lora", "stage1.epochs=1", "trainer.max_epochs=1",
                                   "stage3.save_merged=true"]
     result = run_pipeline(load_config(QUICKSTART, overrides))
-    assert result.metrics["method"] == "scaled-lora" and np.isfinite(result.metrics["test_error"])
+    assert result.metrics.method == "scaled-lora" and np.isfinite(result.metrics.test_error)
     stage3 = result.directory / "stage3"
     assert not (stage3 / "adapter").exists()  # no PEFT layout: PEFT's scale is not this method's
     trained = load_file(str(stage3 / "trainable.safetensors"))
