@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 from orca_lora.config import ConfigError, load_config, to_yaml
+from orca_lora.errors import INTERRUPTED_EXIT_CODE, RunInterrupted, TrainingDiverged
 
 Arguments = Callable[[argparse.ArgumentParser], None]
 COMMANDS: dict[str, tuple[str, Arguments, Callable[[argparse.Namespace], int]]] = {}
@@ -18,6 +19,8 @@ def config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="YAML config file (see configs/)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set stage3.rank=8 (repeatable)")
+    parser.add_argument("--defaults", action="store_true",
+                        help="accept a config file with no sections (every value its default)")
 
 
 def directories_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,21 +36,33 @@ def command(name: str, help_text: str, arguments: Arguments = config_arguments):
 
 
 def _config(args: argparse.Namespace):
-    return load_config(args.config, args.set)
+    return load_config(args.config, args.set, allow_empty=args.defaults)
 
 
-@command("check", "validate a config and print it resolved (defaults and --set applied)")
+@command("check", "validate a config against the source body's shapes and print it resolved (defaults and "
+         "--set applied)")
 def check_command(args: argparse.Namespace) -> int:
-    print(to_yaml(_config(args)), end="")
+    config = _config(args)
+    import torch
+
+    from orca_lora.preflight import body_architecture, check_against_body
+
+    check_against_body(config, body_architecture(config.source))
+    if config.trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        # a login node checks the configs of GPU nodes: `run` refuses here, `check` only says so
+        print(f"orca-lora check: warning: trainer.accelerator={config.trainer.accelerator} but this machine has "
+              "no GPU; `run` needs one", file=sys.stderr)
+    print(to_yaml(config), end="")
     return 0
 
 
 @command("run", "run the pipeline (align, gap and rank, refine) into runs/<name>/")
 def run_command(args: argparse.Namespace) -> int:
+    config = _config(args)  # a bad value fails before the training stack's imports
     from orca_lora.experiments.plots import plot_run
     from orca_lora.pipeline import run_pipeline
 
-    result = run_pipeline(_config(args))
+    result = run_pipeline(config)
     if result.process_rank != 0:  # under DDP the other processes ran stage 3 with rank 0; it reports
         return 0
     plot_run(result.directory)
@@ -67,7 +82,8 @@ def gap_command(args: argparse.Namespace) -> int:
     from orca_lora.pipeline import run_pipeline
     from orca_lora.run_files import RunFiles, read_gaps
 
-    result = run_pipeline(_config(args), last_stage=2)
+    config = _config(args)
+    result = run_pipeline(config, last_stage=2)
     if result.process_rank != 0:
         return 0
     plot_run(result.directory)
@@ -165,8 +181,8 @@ def table_command(args: argparse.Namespace) -> int:
     from orca_lora.experiments.tables import find_runs, read_runs, summarize, table_markdown, write_tables
 
     rows = summarize(read_runs(find_runs(args.directories)))
+    print(table_markdown(rows))  # before writing: a read-only directory still gets its table printed
     written = write_tables(rows, args.directories[0])
-    print(table_markdown(rows))
     print(f"written: {written[0]}, {written[1]}")
     return 0
 
@@ -262,7 +278,10 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging()
     try:
         return args.handler(args)
-    except (ConfigError, OSError, KeyError, ValueError) as error:
+    except RunInterrupted as interrupted:
+        print(f"orca-lora {args.command}: {interrupted}", file=sys.stderr)
+        return INTERRUPTED_EXIT_CODE
+    except (ConfigError, OSError, KeyError, ValueError, TrainingDiverged) as error:
         if args.debug:
             raise
         message = error.args[0] if isinstance(error, KeyError) and error.args else error

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -189,8 +190,11 @@ class Config:
     output: OutputConfig = field(default_factory=OutputConfig)
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
-    """Read a YAML file (or the defaults) plus `a.b=c` overrides into a validated `Config`."""
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), allow_empty: bool = False) -> Config:
+    """Read a YAML file (or the defaults) plus `a.b=c` overrides into a validated `Config`.
+
+    A file with no sections is refused unless `allow_empty` (the CLI's --defaults): an empty file
+    would otherwise run the whole default pipeline without a word."""
     schema = OmegaConf.structured(Config)
     layers = [schema]
     where = "defaults" if path is None else str(path)
@@ -198,7 +202,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        layers.append(_load_yaml(path))
+        layers.append(_load_yaml(path, allow_empty))
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. stage3.rank=8)")
@@ -216,13 +220,20 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     return config
 
 
-def _load_yaml(path: Path):
+SECTIONS = tuple(Config.__dataclass_fields__)
+
+
+def _load_yaml(path: Path, allow_empty: bool = False):
     try:
         loaded = OmegaConf.load(path)
     except Exception as error:  # yaml's scanner errors have no common base worth naming
         raise ConfigError(f"{path}: not valid YAML ({error})") from None
     if not OmegaConf.is_dict(loaded):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    if not loaded and not allow_empty:
+        raise ConfigError(f"{path}: the config is empty; a config sets some of the sections "
+                          f"{', '.join(SECTIONS)} (task.name at least; see configs/quickstart.yaml), "
+                          "or pass --defaults to run every default")
     return loaded
 
 
@@ -255,8 +266,25 @@ def _sinkhorn(section: str, tolerance: float, max_iters: int) -> None:
     _at_least(f"{section}.sinkhorn_max_iters", max_iters, 1)
 
 
+def _finite_floats(value: Any, key: str = "") -> None:
+    """NaN and infinity pass every range check (comparisons with NaN are false), so refuse them
+    first, in every float field of every section, nested lists and maps included."""
+    if hasattr(value, "__dataclass_fields__"):
+        for name in value.__dataclass_fields__:
+            _finite_floats(getattr(value, name), f"{key}.{name}" if key else name)
+    elif isinstance(value, dict):
+        for name, item in value.items():
+            _finite_floats(item, f"{key}.{name}")
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            _finite_floats(item, f"{key}[{index}]")
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}: {value} is not a finite number; give a finite value")
+
+
 def validate(config: Config) -> None:
     """Check choices and ranges; raise `ConfigError` naming the first bad key."""
+    _finite_floats(config)
     task, source, s1, s2, s3 = config.task, config.source, config.stage1, config.stage2, config.stage3
     _choice("task.name", task.name, TASKS)
     for key in ("resolution", "downsample", "n_classes"):

@@ -8,40 +8,51 @@ With several training processes (`trainer.strategy: ddp`: Lightning's launcher r
 once per extra device; torchrun and srun start every process themselves), every process runs this
 function, but only global rank 0 runs stages 1-2 and writes run files; the other ranks wait for its
 finished stage markers, train stage 3 with it, and log only warnings.
+
+Rank 0 holds the run directory's lock (`run.lock`) for the whole run, so a second launch on the same
+directory stops at once, naming the holder. SIGTERM (a scheduler's time limit, preemption) raises
+`RunInterrupted`: the stage stays unfinished and the same command resumes it.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import shutil
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from safetensors.torch import load_file
 from torch.utils.data import Subset
 
-from orca_lora.adapters.spec import get_method
 from orca_lora.align import stage as align_stage
 from orca_lora.config import Config, run_directory, run_path, section_hash
 from orca_lora.data.tasks import build_task
+from orca_lora.errors import RunInterrupted
 from orca_lora.finetune import stage as finetune_stage
 from orca_lora.models.embedder import Embedder
 from orca_lora.models.features import held_out_split
 from orca_lora.models.model import build_orca_model
 from orca_lora.models.source import load_source_body, source_proxy
+from orca_lora.preflight import check_against_body
 from orca_lora.rank import stage as rank_stage
 from orca_lora.run_files import (
     AlignResult,
     FinetuneResult,
     GapResult,
     RunFiles,
+    RunLock,
     RunMetrics,
     StageRecord,
     from_dict,
     read_marker,
+    read_marker_or_restart,
+    seconds_spent,
     write_marker,
     write_metrics,
 )
@@ -109,29 +120,59 @@ def _staged(name: str, config: Config, run_files: RunFiles, work: Callable[[], o
         return _follow(name, config, run_files, work)
     directory = run_files.stage(name)
     expected = stage_hash(config, name)
-    record = read_marker(run_files, name)
+    record = read_marker_or_restart(run_files, name)
     if record is not None and record.hash == expected and record.finished:
         log.info("%s: finished earlier with the same config (hash %s), skipping", name, expected)
         return record
+    earlier = 0.0
     if directory.exists() and (record is None or record.hash != expected):
         log.info("%s: config changed since the last attempt, starting it afresh", name)
         shutil.rmtree(directory)
+    elif record is not None:  # an unfinished attempt with this config: it continues, its time counts
+        earlier = seconds_spent(run_files, name, record)
     directory.mkdir(parents=True, exist_ok=True)
-    write_marker(run_files, name, StageRecord(expected))
+    write_marker(run_files, name, StageRecord(expected, started=time.time(), earlier_seconds=earlier))
     log.info("%s: starting (config hash %s)", name, expected)
     started = time.perf_counter()
-    result = work()
-    record = StageRecord(expected, True, time.perf_counter() - started, asdict(result))
+    try:
+        result = work()
+    except RunInterrupted as interrupted:
+        raise interrupted.during(name) from None
+    record = StageRecord(expected, True, earlier + time.perf_counter() - started, asdict(result),
+                         earlier_seconds=earlier)
     write_marker(run_files, name, record)
     log.info("%s: finished in %.1f s", name, record.seconds)
     return record
 
 
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """SIGTERM raises `RunInterrupted` in the main thread while the run lasts (Lightning calls this
+    handler after its own during stage 3, and its own alone would end the process with status 0)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame) -> None:
+        raise RunInterrupted(signal.Signals(signum).name)
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_pipeline(config: Config, last_stage: int = 3) -> RunResult:
     """Stages 1 to `last_stage` for `config`; returns the run directory and its metrics."""
     placement = finetune_stage.process_placement(config.trainer)
+    with contextlib.ExitStack() as held, _sigterm_raises():
+        return _run_stages(config, last_stage, placement, RunFiles(run_path(config)), held)
+
+
+def _run_stages(config: Config, last_stage: int, placement: finetune_stage.ProcessPlacement,
+                run_files: RunFiles, held: contextlib.ExitStack) -> RunResult:
     process_rank = placement.global_rank
-    run_files = RunFiles(run_path(config))
     if process_rank != 0:
         log.setLevel(logging.WARNING)  # one process tells the story, as Lightning's rank_zero_* do
         for name in ("stage1", "stage2"):  # rank 0 also writes the data and source-body caches first
@@ -140,17 +181,14 @@ def run_pipeline(config: Config, last_stage: int = 3) -> RunResult:
     finetune_stage.check_world_size(task, placement.world_size)
     body = load_source_body(config.source, config.data_root)
     s3 = config.stage3
-    if get_method(s3.method).uses_targets:  # a target typo fails here, not after stages 1-2
-        rank_stage.adapted_module_shapes(body, s3.targets)
-    if s3.rank_map:
-        rank_stage.check_rank_map(body, s3.targets, s3.rank_map)
-    rank_stage.check_gap_sample_sizes(body, config.stage2)
-    if process_rank == 0:
-        run_directory(config)
+    check_against_body(config, body)  # a target typo or an impossible rank fails here, not after stages 1-2
     source_images, source_labels = source_proxy(config.source, config.data_root)
     held_out = config.stage2.max_samples
     source_split = held_out_split(len(source_images), held_out, config.source.pretrain.seed, "the source proxy set")
     target_split = held_out_split(len(task.train), held_out, config.task.data_seed, "the target's training split")
+    if process_rank == 0:  # it owns the directory; the other ranks of its launch join it without a lock
+        held.enter_context(RunLock(run_files))  # after the checks above: a refused config leaves no directory
+        run_directory(config)
     embedder = Embedder.from_body(body, task.in_channels, init=config.stage1.embedder_init,
                                   generator=torch.Generator().manual_seed(config.seed))
 

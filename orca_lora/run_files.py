@@ -3,6 +3,7 @@ reader of each file, and the typed records they hold. Stages, the pipeline, the 
 tests all go through this module, so a renamed file or column changes here and nowhere else.
 
     runs/<name>/
+      run.lock                         while a run owns the directory: pid, host, start time (RunLock)
       config.yaml                      the resolved config
       stage1/stage.json                marker: config hash, finished, seconds, result (AlignResult)
       stage1/embedder.safetensors      the aligned embedder
@@ -12,6 +13,7 @@ tests all go through this module, so a renamed file or column changes here and n
       stage2/ranks.json                module -> rank, alpha0, budget, allocation (GapResult)
       stage3/stage.json                marker, result (FinetuneResult)
       stage3/checkpoints/              Lightning's best.ckpt and last.ckpt (trainable weights only)
+      stage3/last.ckpt.corrupt-<time>  a last.ckpt that did not load, set aside (stage 3 restarted)
       stage3/logs/version_0/metrics.csv
       stage3/trainable.safetensors     what training changed
       stage3/sample_errors.npz         per-sample validation and test errors of the best checkpoint
@@ -27,11 +29,17 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
+import os
+import socket
+import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Optional, Sequence, TypeVar
 
 from orca_lora.files import save_npz_atomic, write_text_atomic
+
+log = logging.getLogger("orca_lora")
 
 STAGES = ("stage1", "stage2", "stage3")
 METRICS_FILE = "metrics.json"  # its presence marks a finished run
@@ -56,8 +64,10 @@ class StageRecord:
 
     hash: str
     finished: bool = False
-    seconds: Optional[float] = None
+    seconds: Optional[float] = None  # once finished: every attempt's seconds together
     result: Optional[dict[str, Any]] = None
+    started: Optional[float] = None  # Unix time the latest attempt started
+    earlier_seconds: float = 0.0  # attempts before the latest, each up to its last file written
 
 
 @dataclass
@@ -242,6 +252,25 @@ def read_marker(run: RunFiles, name: str) -> StageRecord | None:
     return from_dict(StageRecord, _read_json(path), path) if path.is_file() else None
 
 
+def read_marker_or_restart(run: RunFiles, name: str) -> StageRecord | None:
+    """As `read_marker`, but a marker that does not parse counts as "never started", with a warning
+    naming it: the pipeline then redoes the stage instead of failing on every re-run."""
+    try:
+        return read_marker(run, name)
+    except ValueError as error:
+        log.warning("%s; redoing %s", error, name)
+        return None
+
+
+def seconds_spent(run: RunFiles, name: str, record: StageRecord) -> float:
+    """Seconds of a stage's attempts so far: the earlier ones, plus the latest from its start to the last
+    file it wrote (a killed attempt writes nothing at its end)."""
+    if record.started is None:
+        return record.earlier_seconds
+    written = [path.stat().st_mtime for path in run.stage(name).rglob("*") if path.is_file()]
+    return record.earlier_seconds + max(0.0, max(written, default=record.started) - record.started)
+
+
 def write_alignment(run: RunFiles, distance: str, curve: Sequence[float]) -> None:
     rows = "".join(f"{epoch},{value:.6g}\n" for epoch, value in enumerate(curve))
     write_text_atomic(run.alignment, f"epoch,{distance}\n{rows}")
@@ -311,6 +340,16 @@ def read_training_log(run: RunFiles) -> list[dict[str, str]]:
     return _read_csv(run.training_log) if run.training_log.is_file() else []
 
 
+def training_log_before(run: RunFiles, step: int) -> list[dict[str, str]]:
+    """The training log's rows logged before global step `step`, without their empty cells: what a
+    run resumed from a checkpoint of that step keeps (it logs the later rows again)."""
+    if not run.training_log.is_file():
+        return []
+    with open(run.training_log, newline="") as stream:
+        return [{key: value for key, value in row.items() if value != ""} for row in csv.DictReader(stream)
+                if int(row["step"]) < step]
+
+
 def _read_csv(path: Path) -> list[dict[str, str]]:
     with open(path, newline="") as stream:
         rows = list(csv.DictReader(stream))
@@ -324,3 +363,78 @@ def stage_results(run: RunFiles) -> dict[str, StageRecord]:
     found = {name: read_marker(run, name) for name in STAGES}
     return {name: record for name, record in found.items() if record is not None}
 
+
+
+LOCK_FILE = "run.lock"
+
+
+class RunDirectoryBusy(OSError):
+    """Another live process holds the run directory's lock."""
+
+
+class RunLock:
+    """`run.lock` in a run directory: held by the one process that writes it, from start to exit.
+
+    Created with an exclusive hard link of a fully written temp file, so a reader never sees half a
+    lock and two starters never both win. A lock left by a dead process of this host is stale and
+    taken over; one from another host cannot be checked from here, so it is reported with its host
+    and age for the user to judge.
+    """
+
+    def __init__(self, run: RunFiles):
+        self.path = run.root / LOCK_FILE
+        self.owner = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+
+    def __enter__(self) -> "RunLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while not self._create():
+            holder = self._holder()
+            if holder is None:
+                continue  # released (or unreadable and removed) meanwhile: try again
+            if holder.get("host") == self.owner["host"] and not _alive(int(holder.get("pid", -1))):
+                log.warning("%s: stale lock of pid %s (no longer running) removed", self.path, holder.get("pid"))
+                self.path.unlink(missing_ok=True)
+                continue
+            age = time.time() - float(holder.get("started", time.time()))
+            raise RunDirectoryBusy(
+                f"{self.path.parent} is in use by pid {holder.get('pid')} on host {holder.get('host')} "
+                f"(started {age:.0f} s ago); wait for it to finish, or, if that process is gone, "
+                f"delete {self.path}")
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._holder() == self.owner:
+            self.path.unlink(missing_ok=True)
+
+    def _create(self) -> bool:
+        temp = self.path.with_name(f".{LOCK_FILE}.{os.getpid()}.tmp")
+        temp.write_text(json.dumps(self.owner) + "\n")
+        try:
+            os.link(temp, self.path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            temp.unlink(missing_ok=True)
+
+    def _holder(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            log.warning("%s: unreadable lock file removed", self.path)
+            self.path.unlink(missing_ok=True)
+            return None
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True

@@ -1,4 +1,6 @@
+import os
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -76,3 +78,17 @@ def test_concurrent_writers_of_one_path_never_share_a_temp_file(tmp_path):
     assert len(set(temps)) == 2
     assert (tmp_path / "same.txt").read_text() in ("first", "second")
     assert [p.name for p in tmp_path.iterdir()] == ["same.txt"]
+
+
+def test_a_staged_folder_gets_the_mode_mkdir_would_give(tmp_path):
+    import tempfile
+
+    from orca_lora.files import give_directory_default_mode
+
+    umask = os.umask(0o022)
+    try:
+        staged = Path(tempfile.mkdtemp(dir=tmp_path))
+        give_directory_default_mode(staged)
+        assert staged.stat().st_mode & 0o777 == 0o755
+    finally:
+        os.umask(umask)

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from orca_lora.adapters.base import Adapter, AdapterLayer
 from orca_lora.adapters.inject import add_adapters, adapter_modules, load_adapter_state_dict
 from orca_lora.adapters.spec import get_method
+from orca_lora.files import give_directory_default_mode
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -136,6 +137,7 @@ def save_peft_adapter(model: nn.Module, directory: str | Path, base_model_name: 
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.new.", dir=directory.parent))
     try:
+        give_directory_default_mode(staging)
         (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
         save_file(peft_state_dict(model), staging / WEIGHTS_NAME, metadata={"format": "pt"})
         base_weights = {  # Delta-LoRA's moved W0, which PEFT's layout has no place for

@@ -21,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from orca_lora.data import darcy_solver
-from orca_lora.files import save_npz_atomic
+from orca_lora.files import cache_is_valid, save_npz_atomic, write_digest
 
 HIGH_COEFF, LOW_COEFF = 12.0, 3.0
 SOLVE_BATCH_NODES = 2**20  # grid nodes drawn and solved per batch: ~100 MB of work arrays at any resolution
@@ -71,12 +71,12 @@ def generate_darcy(n_samples: int, resolution: int, seed: int, root: str | Path 
     `solve_darcy_pcg` at rtol 1e-12: within ~1e-12 of the direct solve, far below float32's 6e-8,
     so the stored fields match `solve_darcy`'s except for a rare last-bit rounding. With `root`,
     the result is cached at `<root>/darcy/generated_n{N}_r{res}_seed{seed}.npz` and read from
-    there on later calls.
+    there on later calls (checked against its content hash; a damaged cache is regenerated).
     """
     if n_samples < 1 or resolution < 3:
         raise ValueError(f"generate_darcy needs n_samples >= 1 and resolution >= 3; got {n_samples}, {resolution}")
     cache = None if root is None else Path(root) / "darcy" / f"generated_n{n_samples}_r{resolution}_seed{seed}.npz"
-    if cache is not None and cache.is_file():
+    if cache is not None and cache_is_valid(cache):
         with np.load(cache) as stored:
             return DarcyFields(a=stored["a"], u=stored["u"])
     rng = np.random.default_rng(seed)
@@ -93,6 +93,7 @@ def generate_darcy(n_samples: int, resolution: int, seed: int, root: str | Path 
     result = DarcyFields(a=a, u=u)
     if cache is not None:
         save_npz_atomic(cache, a=a, u=u)
+        write_digest(cache)
     return result
 
 
@@ -107,6 +108,13 @@ def _fields_from(path: Path, a: np.ndarray, u: np.ndarray, a_key: str, u_key: st
             raise ValueError(f"{path}: {key!r} should have shape (N, s, s) (channel dim squeezed); got {array.shape}")
     if a.shape != u.shape:
         raise ValueError(f"{path}: {a_key!r} {a.shape} and {u_key!r} {u.shape} should have the same shape")
+    if len(a) < 2:
+        raise ValueError(f"{path}: holds {len(a)} sample(s); the normalizer and a train / validation split need "
+                         "at least 2 (use the full file, not a slice)")
+    zero = np.flatnonzero(~np.any(u.reshape(len(u), -1), axis=1))
+    if len(zero):  # the relative L2 error divides by |u|: such a sample has no error to measure
+        raise ValueError(f"{path}: {u_key!r} is zero everywhere in {len(zero)} sample(s) (first: {zero[0]}); "
+                         "the solution field is missing or the file is damaged: fetch it again (data/README.md)")
     return DarcyFields(a=a, u=u)
 
 
@@ -137,7 +145,8 @@ def read_fno_mat(path: str | Path) -> DarcyFields:
             a, u = (np.asarray(file[key]).T for key in keys)
     else:
         contents = scipy.io.loadmat(path, variable_names=list(keys))
-        _require_keys(path, contents.keys(), keys)
+        # loadmat returns only the asked variables (and its own __header__ etc.): name what the file has
+        _require_keys(path, [name for name, _, _ in scipy.io.whosmat(path)], keys)
         a, u = contents["coeff"], contents["sol"]
     return _fields_from(path, a, u, *keys)
 
@@ -186,7 +195,17 @@ def load_darcy_file(path: str | Path) -> DarcyFields:
     reader = DARCY_READERS.get(path.suffix.lower())
     if reader is None:
         raise ValueError(f"{path}: unknown Darcy file suffix {path.suffix!r}; supported: {sorted(DARCY_READERS)}")
-    return reader(path)
+    try:
+        return reader(path)
+    except (KeyError, ValueError, FileNotFoundError) as error:
+        if str(path) in str(error):  # the readers' own messages already name the file
+            raise
+        problem = error
+    except Exception as error:  # scipy's and h5py's errors for damaged files share no base worth naming
+        problem = error
+    raise ValueError(f"{path}: cannot be read as a {path.suffix} Darcy file ({type(problem).__name__}: "
+                     f"{' '.join(str(problem).split())}); it is truncated or not that format: fetch it again "
+                     "(data/README.md)") from None
 
 
 # ---------------------------------------------------------------------------------------------

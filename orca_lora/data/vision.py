@@ -81,7 +81,8 @@ def cifar_transform(name: str) -> transforms.Compose:
     return transforms.Compose([transforms.ToTensor(), transforms.Normalize(spec.mean, spec.std)])
 
 
-def load_cifar(name: str, root: str | Path, train: bool, download: bool = False) -> datasets.CIFAR10:
+def load_cifar(name: str, root: str | Path, train: bool, download: bool = False,
+               fetch_hint: str = "set `task.download: true` to fetch it") -> datasets.CIFAR10:
     """CIFAR-10 / CIFAR-100 split from `root` (holding `cifar-10-batches-py` or `cifar-100-python`).
 
     Items are (image, label): image a float tensor (3, 32, 32), see `cifar_transform`; label an
@@ -93,7 +94,7 @@ def load_cifar(name: str, root: str | Path, train: bool, download: bool = False)
     if missing and not download:
         raise FileNotFoundError(
             f"{name}: missing {missing} in {folder}. Put the extracted python-version archive there "
-            f"(torchvision expects {folder}/), from {CIFAR_URL}, or set `task.download: true` to fetch it."
+            f"(torchvision expects {folder}/), from {CIFAR_URL}, or {fetch_hint}."
         )
     return spec.dataset_class(str(root), train=train, transform=cifar_transform(name), download=download)
 

@@ -36,7 +36,8 @@ from orca_lora.experiments.subspace import (
 from orca_lora.files import write_text_atomic
 from orca_lora.models.model import BODY_PREFIX
 from orca_lora.models.source import load_source_body
-from orca_lora.run_files import RunFiles, read_ranks
+from orca_lora.experiments.tables import diverged
+from orca_lora.run_files import RunFiles, read_metrics, read_ranks
 
 MODEL_PREFIX = "model."  # stage 3 saves the FinetuneModule's state, which holds the OrcaModel as `model`
 
@@ -84,6 +85,9 @@ def check_run(directory: Path) -> Config:
         if not needed.is_file():
             raise FileNotFoundError(f"{needed} not found: the run has not finished; finish it with "
                                     f"`orca-lora run {config_file}`")
+    if run.is_finished() and diverged(read_metrics(run)):
+        raise ValueError(f"{run.metrics}: non-finite errors, the run diverged; leave it out or re-run it "
+                         "with a lower stage3.lr")
     return config
 
 

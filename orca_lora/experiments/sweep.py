@@ -129,7 +129,10 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> Sweep:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"sweep file {path} does not exist")
-    spec = OmegaConf.to_container(OmegaConf.load(path))
+    try:
+        spec = OmegaConf.to_container(OmegaConf.load(path))
+    except Exception as error:  # yaml's parser errors have no common base worth naming
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(error).split())})") from None
     if not isinstance(spec, dict):
         raise ConfigError(f"{path}: the top level must be a mapping with keys {', '.join(SWEEP_KEYS)}")
     unknown = sorted(set(spec) - set(SWEEP_KEYS))
@@ -147,12 +150,26 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> Sweep:
     shared = tuple(spec.get("set") or ()) + tuple(overrides)
     root = Path(load_config(base, shared).output.root)
     sweep = Sweep(str(spec["name"]), base, shared, grid_points(grids, str(path)), root / str(spec["name"]))
+    check_points(sweep, path)
+    return sweep
+
+
+def check_points(sweep: Sweep, path: Path) -> None:
+    """Every point's config, and its ranks and budget against its body's shapes (one architecture
+    built per distinct source section), before any point runs."""
+    from orca_lora.preflight import body_architecture, check_against_body
+
+    bodies = {}
     for point in sweep.points:
         try:
-            sweep.point_config(point)
-        except ConfigError as error:
-            raise ConfigError(f"{path}: point {point.name}: {error}") from None
-    return sweep
+            config = sweep.point_config(point)
+            key = section_hash(config, "source")
+            if key not in bodies:
+                bodies[key] = body_architecture(config.source)
+            check_against_body(config, bodies[key])
+        except (ConfigError, KeyError, ValueError) as error:
+            message = error.args[0] if isinstance(error, KeyError) and error.args else error
+            raise ConfigError(f"{path}: point {point.name}: {message}") from None
 
 
 def point_command(sweep: Sweep, point: SweepPoint) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import math
 import statistics
 from collections import defaultdict
@@ -15,8 +16,9 @@ from typing import Sequence
 from omegaconf import OmegaConf
 
 from orca_lora.files import write_text_atomic
-from orca_lora.run_files import METRICS_FILE, RunFiles, read_gaps, read_metrics
+from orca_lora.run_files import METRICS_FILE, RunFiles, RunMetrics, read_gaps, read_metrics
 
+log = logging.getLogger("orca_lora")
 
 @dataclass
 class RunRecord:
@@ -59,14 +61,27 @@ def find_runs(paths: Sequence[str | Path]) -> list[Path]:
     return found
 
 
+def diverged(metrics: RunMetrics) -> bool:
+    """Non-finite errors: written by versions that let a diverged run finish."""
+    return not (math.isfinite(metrics.test_error) and math.isfinite(metrics.best_val_error))
+
+
 def read_runs(directories: Sequence[Path]) -> list[RunRecord]:
-    """One record per run; tasks that share a name but differ in settings get those settings in their label."""
+    """One record per run; tasks that share a name but differ in settings get those settings in their label.
+    Runs with non-finite errors are left out, each named in a warning."""
     loaded = []
     for directory in directories:
         run = RunFiles(directory)
         if not run.config.is_file():
             raise FileNotFoundError(f"{run.config} is missing; every run directory keeps its resolved config")
-        loaded.append((run, read_metrics(run), OmegaConf.to_container(OmegaConf.load(run.config))["task"]))
+        metrics = read_metrics(run)
+        if diverged(metrics):
+            log.warning("%s: test error %s, best validation error %s: the run diverged; left out (re-run it with "
+                        "a lower stage3.lr)", run.metrics, metrics.test_error, metrics.best_val_error)
+            continue
+        loaded.append((run, metrics, OmegaConf.to_container(OmegaConf.load(run.config))["task"]))
+    if not loaded:
+        raise ValueError(f"every run found ({len(directories)}) diverged; nothing to tabulate")
     labels = _task_labels([task for _, _, task in loaded])
     records = []
     for (run, metrics, _), label in zip(loaded, labels):

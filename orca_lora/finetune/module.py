@@ -3,7 +3,9 @@ and a cosine / step / constant schedule, and the method spec's hooks (its optimi
 on the optimizer, a call before each training step).
 
 Checkpoints hold only what training changes (trainable parameters, the tensors each adapter layer
-saves, buffers outside the frozen body), so a Swin-base checkpoint is megabytes, not 350 MB.
+saves, buffers outside the frozen body), so a Swin-base checkpoint is megabytes, not 350 MB, plus the
+random streams training draws from (torch's global generator for dropout, DyLoRA's rank draws), which
+Lightning does not restore, so a resumed run continues the numbers of the run it resumes.
 """
 from __future__ import annotations
 
@@ -18,6 +20,9 @@ from orca_lora.adapters.inject import adapter_modules
 from orca_lora.adapters.spec import StepHook, get_method
 from orca_lora.config import Stage3Config
 from orca_lora.data.tasks import TaskData
+from orca_lora.errors import TrainingDiverged
+
+RANDOM_STATES = "orca_lora_random_states"  # the checkpoint key of the generators' states
 
 
 def schedule_factor(step: int, total_steps: int, warmup_steps: int, schedule: str,
@@ -56,6 +61,10 @@ class FinetuneModule(L.LightningModule):
         inputs, targets = batch
         self.method.on_train_batch_start(self.model, self.rank_generator)
         loss = self.loss_fn(self(inputs), targets).mean()
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(f"stage 3 diverged: the training loss is {loss.item()} at step "
+                                   f"{self.trainer.global_step} (epoch {self.current_epoch}); lower stage3.lr "
+                                   "or keep stage3.grad_clip on, then run again")
         self.log("train_loss", loss, prog_bar=True, batch_size=len(inputs))
         return loss
 
@@ -97,3 +106,15 @@ class FinetuneModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         keep = self.saved_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint[RANDOM_STATES] = {"torch": torch.get_rng_state(), "rank": self.rank_generator.get_state()}
+        if torch.cuda.is_available():
+            checkpoint[RANDOM_STATES]["cuda"] = torch.cuda.get_rng_state_all()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        states = checkpoint.get(RANDOM_STATES)
+        if states is None:  # written before the states were saved: resumes, but not bit for bit
+            return
+        torch.set_rng_state(states["torch"])
+        self.rank_generator.set_state(states["rank"])
+        if "cuda" in states and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(states["cuda"])

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -27,9 +28,11 @@ from orca_lora.adapters.io import save_peft_adapter
 from orca_lora.adapters.spec import get_method
 from orca_lora.config import ConfigError, Stage3Config, TrainerConfig
 from orca_lora.data.tasks import TaskData
+from orca_lora.errors import TrainingDiverged
 from orca_lora.files import save_tensors_atomic
+from orca_lora.finetune.checkpoints import AtomicCheckpointIO, resumable_checkpoint
 from orca_lora.finetune.module import FinetuneModule
-from orca_lora.run_files import FinetuneResult, RunFiles, SampleErrors, write_sample_errors
+from orca_lora.run_files import FinetuneResult, RunFiles, SampleErrors, training_log_before, write_sample_errors
 
 log = logging.getLogger("orca_lora")
 
@@ -97,11 +100,19 @@ class TaskDataModule(L.LightningDataModule):
 
     def __init__(self, task: TaskData, batch_size: int, workers: int, seed: int):
         super().__init__()
-        self.task, self.batch_size, self.workers, self.seed = task, batch_size, workers, seed
+        self.task, self.batch_size, self.workers = task, batch_size, workers
+        # one generator for the whole fit, saved in checkpoints: a resumed run shuffles as the one it resumes
+        self.generator = torch.Generator().manual_seed(seed)
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.task.train, batch_size=self.batch_size, shuffle=True, num_workers=self.workers,
-                          generator=torch.Generator().manual_seed(self.seed))
+                          generator=self.generator)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
 
     def val_dataloader(self) -> DataLoader:
         return self._evaluation_loader(self.task.val)
@@ -128,7 +139,7 @@ def make_trainer(trainer_config: TrainerConfig, stage: Stage3Config, directory: 
         limit_val_batches=t.limit_val_batches, limit_test_batches=t.limit_test_batches,
         log_every_n_steps=t.log_every_n_steps, enable_progress_bar=t.enable_progress_bar,
         gradient_clip_val=stage.grad_clip or None, logger=CSVLogger(directory, name="logs", version=0),
-        callbacks=callbacks, enable_model_summary=False, deterministic="warn",
+        callbacks=callbacks, enable_model_summary=False, deterministic="warn", plugins=[AtomicCheckpointIO()],
     )
     return trainer, checkpoint
 
@@ -152,17 +163,30 @@ def run(stage: Stage3Config, trainer_config: TrainerConfig, model: nn.Module, ra
     module = FinetuneModule(model, task, stage, steps_per_epoch * trainer_config.max_epochs, steps_per_epoch, seed)
     data = TaskDataModule(task, stage.batch_size, trainer_config.num_workers, seed)
     last = run_files.last_checkpoint
-    if last.is_file():
-        log.info("resuming stage 3 from %s", last)
-    trainer.fit(module, datamodule=data, ckpt_path=str(last) if last.is_file() else None)
+    if trainer.is_global_zero:
+        resume_step = resumable_checkpoint(last, run_files.stage("stage3"))
+        resuming = resume_step is not None
+        if resuming:
+            log.info("resuming stage 3 from %s (step %d)", last, resume_step)
+            # Lightning's CSV logger deletes the log it finds: keep the rows the checkpoint had seen
+            trainer.logger.experiment.metrics[:0] = training_log_before(run_files, resume_step)
+        else:  # a fresh start: no earlier attempt's best-v1.ckpt or log rows
+            for stale in (run_files.checkpoints, run_files.training_log.parent):
+                shutil.rmtree(stale, ignore_errors=True)
+    else:  # rank 0 checked the checkpoint before the processes started
+        resuming = last.is_file()
+    trainer.fit(module, datamodule=data, ckpt_path=str(last) if resuming else None)
     best = checkpoint.best_model_path or str(last)
     tested = trainer.test(module, datamodule=data, ckpt_path=best, verbose=False)
+    test_error = float(tested[0]["test_error"])
+    if not math.isfinite(test_error):
+        raise TrainingDiverged(f"stage 3 diverged: the test error is {test_error}; lower stage3.lr, then run again")
     if trainer.is_global_zero:
         write_sample_errors(run_files, SampleErrors(val=per_sample_errors(module, task.val, stage.batch_size),
                                                     test=per_sample_errors(module, task.test, stage.batch_size)))
         save_trained_weights(module, model, stage, run_files)
     return FinetuneResult(
-        test_error=float(tested[0]["test_error"]),
+        test_error=test_error,
         best_val_error=float(checkpoint.best_model_score if checkpoint.best_model_score is not None else math.nan),
         trainable_params=count_trainable(model), best_checkpoint=best, device=str(module.device),
     )

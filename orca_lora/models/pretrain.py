@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from orca_lora.config import PretrainConfig
 from orca_lora.data.procedural import generate_procedural
+from orca_lora.files import cache_is_valid, write_digest
 from orca_lora.models.body import build_body, load_body, save_body
 from orca_lora.models.heads import ClassificationHead
 
@@ -112,6 +113,8 @@ def pretrain_source(cfg: PretrainConfig, out_path: str | Path, seed: int,
     trainer.fit(module, train, val)
     (metrics,) = trainer.validate(module, val, verbose=False)
     weights = save_body(body.cpu(), out_path, cfg.model, model_kwargs)
+    for written in (weights, weights.with_suffix(".json")):  # what cached_source_body_path verifies
+        write_digest(written)
     return PretrainResult(weights, float(metrics["val_acc"]), chance, time.perf_counter() - start)
 
 
@@ -123,10 +126,11 @@ def source_body_path(cfg: PretrainConfig, data_root: str | Path, seed: int) -> P
 
 def cached_source_body_path(cfg: PretrainConfig, data_root: str | Path, seed: int,
                             trainer_options: Mapping[str, Any] | None = None) -> tuple[Path, PretrainResult | None]:
-    """The offline body's .safetensors file, pretrained first when missing (then with its PretrainResult)."""
+    """The offline body's .safetensors file, pretrained first when missing or damaged (then with its
+    PretrainResult); both files are checked against their content hashes."""
     stem = source_body_path(cfg, data_root, seed)
     weights, sidecar = stem.with_name(f"{stem.name}.safetensors"), stem.with_name(f"{stem.name}.json")
-    if weights.is_file() and sidecar.is_file():
+    if all([cache_is_valid(weights), cache_is_valid(sidecar)]):  # a list: check (and clear) both
         return weights, None
     result = pretrain_source(cfg, stem, seed, trainer_options)
     return result.path, result

@@ -35,7 +35,9 @@ def load_source_body(source: SourceConfig, data_root: str | Path) -> nn.Module:
 def source_proxy(source: SourceConfig, data_root: str | Path) -> tuple[Tensor, Tensor]:
     """Labelled source-modality images (N, 3, H, W) and labels (N,) for alignment and gaps."""
     if source.proxy == "cifar10":
-        dataset = vision.load_cifar("cifar10", Path(data_root) / "cifar", train=True)
+        dataset = vision.load_cifar("cifar10", Path(data_root) / "cifar", train=True,
+                                    fetch_hint="fetch it once by running a config with `task.name: cifar10` and "
+                                    "`task.download: true` (the source proxy itself never downloads)")
         count = min(source.proxy_samples, len(dataset))
         images, labels = zip(*(dataset[i] for i in range(count)))
         return torch.stack(images), torch.as_tensor(labels)

@@ -79,7 +79,7 @@ def test_generation_cache_round_trip(tmp_path, monkeypatch):
     fields = generate_darcy(2, 16, seed=7, root=tmp_path)
     cache = tmp_path / "darcy" / "generated_n2_r16_seed7.npz"
     assert cache.is_file()
-    assert [p.name for p in cache.parent.iterdir()] == [cache.name]
+    assert sorted(p.name for p in cache.parent.iterdir()) == [cache.name, cache.name + ".sha256"]
 
     def fail(*args, **kwargs):
         raise AssertionError("the cached fields should have been loaded, not solved again")
@@ -237,3 +237,22 @@ def test_relative_l2_against_numpy():
     np.testing.assert_allclose(relative_l2(pred, target).numpy(), expected, rtol=1e-6)
     with pytest.raises(ValueError, match="equal shape"):
         relative_l2(pred, target[:, 0])
+
+
+@pytest.mark.parametrize("name, contents, message", [
+    ("garbage.mat", None, "cannot be read as a .mat Darcy file"),
+    ("garbage.hdf5", None, "cannot be read as a .hdf5 Darcy file"),
+    ("other_keys.mat", {"x": np.ones((3, 4, 4)), "y": np.ones((3, 4, 4))}, "found ['x', 'y']"),
+    ("zero.mat", {"coeff": np.ones((3, 4, 4)), "sol": np.zeros((3, 4, 4))}, "'sol' is zero everywhere"),
+    ("one.mat", {"coeff": np.ones((1, 4, 4)), "sol": np.ones((1, 4, 4))}, "holds 1 sample(s)"),
+])
+def test_a_bad_darcy_file_is_one_message_naming_it(tmp_path, name, contents, message):
+    path = tmp_path / name
+    if contents is None:
+        path.write_bytes(np.random.default_rng(0).bytes(3000))
+    else:
+        scipy.io.savemat(path, contents)
+    with pytest.raises((ValueError, KeyError)) as raised:
+        darcy.load_darcy_file(path)
+    text = raised.value.args[0]
+    assert text.startswith(str(path)) and message in text

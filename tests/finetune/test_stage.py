@@ -16,6 +16,7 @@ from orca_lora.finetune import stage as finetune_stage
 from orca_lora.models.body import build_body
 from orca_lora.models.model import build_orca_model
 from orca_lora.rank.stage import uniform_ranks
+from orca_lora.run_files import RunFiles
 
 TINY_KWARGS = {"img_size": 32, "patch_size": 2, "window_size": 4, "embed_dim": 16, "depths": (2, 2),
                "num_heads": (2, 4)}
@@ -110,27 +111,28 @@ def test_run_trains_tests_and_writes_its_files(tmp_path, procedural_task):
     ranks = ranks_for(model)
     stage = Stage3Config(method="lora", rank=2, batch_size=8, lr=1e-2, save_merged=True)
     trainer = TrainerConfig(max_epochs=1, limit_train_batches=2, enable_progress_bar=False, log_every_n_steps=1)
-    result = finetune_stage.run(stage, trainer, model, ranks, task, seed=0, directory=tmp_path)
+    result = finetune_stage.run(stage, trainer, model, ranks, task, seed=0, run_files=RunFiles(tmp_path))
+    written = RunFiles(tmp_path).stage("stage3")
 
     assert math.isfinite(result.test_error) and 0.0 <= result.test_error <= 1.0
     assert math.isfinite(result.best_val_error) and result.device == "cpu"
-    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    last = torch.load(written / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert last["global_step"] == finetune_stage._steps_per_epoch(4, 2) == 2
-    assert (tmp_path / "checkpoints" / "best.ckpt").is_file() and result.best_checkpoint.endswith("best.ckpt")
-    assert (tmp_path / "logs" / "version_0" / "metrics.csv").is_file()
+    assert (written / "checkpoints" / "best.ckpt").is_file() and result.best_checkpoint.endswith("best.ckpt")
+    assert (written / "logs" / "version_0" / "metrics.csv").is_file()
 
-    trained = load_file(str(tmp_path / "trainable.safetensors"))
+    trained = load_file(str(written / "trainable.safetensors"))
     assert not [k for k in trained if k.startswith("model.body.") and "lora_" not in k]
     assert {k for k in trained if "lora_" in k} == {f"model.{n}.{p}" for n in ranks for p in ("lora_A", "lora_B")}
     assert sum(t.numel() for t in trained.values()) == result.trainable_params
     assert result.trainable_params == sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert any(t.abs().sum() > 0 for k, t in trained.items() if k.endswith("lora_B")), "adapters trained"
 
-    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    assert config["peft_type"] == "LORA" and (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    config = json.loads((written / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and (written / "adapter" / "adapter_model.safetensors").is_file()
 
     name = "body.layers.1.blocks.0.attn.qkv"
-    merged = load_file(str(tmp_path / "merged.safetensors"))
+    merged = load_file(str(written / "merged.safetensors"))
     lora_A, lora_B = trained[f"model.{name}.lora_A"], trained[f"model.{name}.lora_B"]
     scaling = stage.alpha / lora_A.shape[0]
     torch.testing.assert_close(merged[f"{name}.base_layer.weight"],
@@ -158,6 +160,6 @@ def test_the_run_seed_draws_the_adapter_initialisation(tmp_path, procedural_task
         ranks = ranks_for(model)
         with pytest.raises(_Stop):
             finetune_stage.run(Stage3Config(method="lora"), TrainerConfig(), model, ranks, procedural_task, seed,
-                               tmp_path / str(seed))
+                               RunFiles(tmp_path / str(seed)))
         initial.append(model.get_submodule("body.layers.0.blocks.0.attn.qkv").lora_A.detach().clone())
     assert not torch.equal(*initial)

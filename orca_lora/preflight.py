@@ -1,0 +1,51 @@
+"""What a config and the source body's shapes show before any training (DESIGN 3): the checks that
+`check`, `run` and `sweep` share, so a rank no module can hold or a budget no allocation can meet
+fails in seconds, not after stage 1."""
+from __future__ import annotations
+
+from torch import nn
+
+from orca_lora.adapters.spec import get_method
+from orca_lora.config import Config, ConfigError, SourceConfig
+from orca_lora.models.body import build_body
+from orca_lora.rank import stage as rank_stage
+from orca_lora.rank.select import trainable_params
+
+
+def body_architecture(source: SourceConfig) -> nn.Module:
+    """The source body's layers with random weights: their shapes are all the checks need, and
+    building them needs neither the hub, nor the checkpoint, nor the offline body's pretraining."""
+    if source.model == "offline":
+        from orca_lora.models.pretrain import pretrain_model_kwargs
+
+        return build_body(source.pretrain.model, model_kwargs=pretrain_model_kwargs(source.pretrain))
+    return build_body(source.model, model_kwargs=dict(source.model_kwargs))
+
+
+def check_against_body(config: Config, body: nn.Module) -> None:
+    """The spectral gap's sample size, targets, rank map, a uniform rank and a stage-2 budget against
+    the body's blocks and adapted modules."""
+    s2, s3 = config.stage2, config.stage3
+    rank_stage.check_gap_sample_sizes(body, s2)
+    if s3.rank_map:
+        rank_stage.check_rank_map(body, s3.targets, s3.rank_map)
+    if not get_method(s3.method).uses_targets:
+        return
+    shapes = rank_stage.adapted_module_shapes(body, s3.targets)  # a target typo fails here
+    if not s3.rank_map and (not s2.enabled or s2.allocation == "uniform"):
+        name, shape = min(shapes.items(), key=lambda item: min(item[1].d_out, item[1].d_in))
+        cap = min(shape.d_out, shape.d_in)
+        if s3.rank > cap:
+            raise ConfigError(f"stage3.rank: {s3.rank} is above min(d_out, d_in) = {cap} of {name} (weight "
+                              f"{shape.d_out} x {shape.d_in}), which gets it as a uniform rank; use at most "
+                              f"{cap}, or gap-aware ranks (stage2.allocation: ibp caps each module)")
+    if s2.enabled and s2.allocation == "ibp" and (s2.budget is not None or s2.match_uniform_budget):
+        budget = trainable_params(dict.fromkeys(shapes, s3.rank), shapes) if s2.match_uniform_budget else s2.budget
+        floor = trainable_params(dict.fromkeys(shapes, s2.r_min), shapes)
+        ceiling = trainable_params({name: min(s2.r_max, shape.d_out, shape.d_in) for name, shape in shapes.items()},
+                                   shapes)
+        key = "stage3.rank (through stage2.match_uniform_budget)" if s2.match_uniform_budget else "stage2.budget"
+        if not floor <= budget <= ceiling:
+            raise ConfigError(f"{key}: a budget of {budget} adapter parameters is outside the feasible range "
+                              f"[{floor}, {ceiling}] for these targets (every module at stage2.r_min={s2.r_min} "
+                              f".. every module at min(stage2.r_max={s2.r_max}, d_out, d_in))")
