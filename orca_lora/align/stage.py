@@ -6,6 +6,8 @@ configured distance (OTDD or MMD) between the two labelled feature sets is the l
 """
 from __future__ import annotations
 
+import shutil
+
 import lightning as L
 import torch
 from lightning.pytorch.loggers import CSVLogger
@@ -60,6 +62,8 @@ def run(stage: Stage1Config, trainer_config: TrainerConfig, body: nn.Module, tas
         run_files: RunFiles) -> AlignResult:
     """Train `embedder` in place for `stage.epochs`; write its weights and the alignment curve."""
     directory = run_files.stage("stage1")
+    # stage 1 always starts over: a killed attempt's logs would otherwise stand beside this one's
+    shutil.rmtree(directory / "logs", ignore_errors=True)
     directory.mkdir(parents=True, exist_ok=True)
     target_x, target_y = labelled_target_sample(task, stage.max_samples, stage.n_pseudo_labels, seed)
     module = AlignModule(embedder, source_features(body, source_images), source_labels.long(), stage, seed)

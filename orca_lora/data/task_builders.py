@@ -24,7 +24,7 @@ from orca_lora.config import TaskConfig
 from orca_lora.data import pde, procedural, signals, textures, vision
 from orca_lora.data.tasks import (TaskData, assert_finite, classification_arrays, field_task, procedural_arrays,
                                   register_task)
-from orca_lora.files import save_npz_atomic
+from orca_lora.files import cache_is_valid, save_npz_atomic, write_digest
 
 Arrays = dict[str, np.ndarray]
 _DIAL_STREAM = 4  # seed-sequence tag of the dials' generator (procedural uses 0 and 1, signals 2, textures 3)
@@ -52,15 +52,17 @@ def cache_path(config: TaskConfig, data_root: Path) -> Path:
 
 
 def cached_arrays(config: TaskConfig, data_root: Path, build: Callable[[], Arrays]) -> Arrays:
-    """The arrays `build()` returns, read from the cache when present, else built, checked finite and cached."""
+    """The arrays `build()` returns, read from the cache when it matches its content hash, else built,
+    checked finite and cached with its hash (a damaged cache is named, deleted and rebuilt)."""
     path = cache_path(config, data_root)
-    if path.is_file():
+    if cache_is_valid(path):
         with np.load(path) as stored:
             return {key: stored[key] for key in stored.files}
     arrays = build()
     for key, array in arrays.items():
         assert_finite(f"{config.name} {key}", array)
     save_npz_atomic(path, **arrays)
+    write_digest(path)
     return arrays
 
 

@@ -108,3 +108,16 @@ def test_otdd_source_side_is_prepared_once_and_reused(body, source):
     assert torch.equal(cache.self_ot, prepare_source(features, labels).self_ot)
     torch.testing.assert_close(first, plain)
     torch.testing.assert_close(second, plain)
+
+
+def test_a_killed_attempts_logs_are_replaced_not_kept_beside(body, source, tmp_path):
+    run = RunFiles(tmp_path)
+    stale = run.stage("stage1") / "logs" / "version_0"
+    stale.mkdir(parents=True)
+    (stale / "metrics.csv").write_text("epoch,train_distance\n0,99\n")
+    task = indexed_classification_task(n=32)
+    embedder = Embedder.from_body(body, 3, generator=torch.Generator().manual_seed(1))
+    align_stage.run(Stage1Config(epochs=1, distance="mmd", max_samples=24, batch_size=8), QUIET, body, task,
+                    embedder, *source, seed=0, run_files=run)
+    assert sorted(p.name for p in (run.stage("stage1") / "logs").iterdir()) == ["version_0"]
+    assert "99" not in (stale / "metrics.csv").read_text()

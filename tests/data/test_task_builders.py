@@ -139,3 +139,17 @@ def test_bad_dials_fail_naming_the_key(override, key):
 
 def test_a_dial_the_task_does_not_read_is_not_checked():
     assert load_config(None, ["task.name=poisson", "task.noise=3"]).task.noise == 3
+
+
+@pytest.mark.parametrize("name", ["procedural-noise", "spectrogram", "poisson"])
+def test_a_damaged_task_cache_is_named_and_rebuilt(name, tmp_path, caplog):
+    config = small(name)
+    first = all_arrays(build_task(config, tmp_path))
+    path = cache_path(config, tmp_path)
+    assert (path.parent / (path.name + ".sha256")).is_file()
+    with open(path, "r+b") as stream:
+        stream.truncate(path.stat().st_size // 2)
+    caplog.set_level("WARNING", logger="orca_lora")
+    again = all_arrays(build_task(config, tmp_path))
+    assert f"cached {path} does not match its content hash" in caplog.text
+    assert np.array_equal(first, again)
