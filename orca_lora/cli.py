@@ -127,6 +127,7 @@ def tasks_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override a config value, e.g. --set task.n_test=2000 (repeatable)")
     parser.add_argument("--show", type=Path, default=None, metavar="DIR",
                         help="also write DIR/tasks.png, 8 test samples of every task (regression: and targets)")
+    parser.set_defaults(defaults=True)  # the config is optional here: without one, the defaults apply
 
 
 @command("tasks", "list every registered task: shapes, sizes, metric, trivial baseline (generates what is missing)",

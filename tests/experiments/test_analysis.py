@@ -117,7 +117,8 @@ def test_two_lora_runs_give_heat_maps_and_update_spectra(tiny_runs, tmp_path):
         written = [float(r["phi"]) for r in grids if r["module"] == similarity.module]
         np.testing.assert_allclose(written, expected.flatten().numpy(), rtol=1e-5)
     summary = read_rows(out / "subspace_similarity.csv")
-    assert [(r["rank_a"], r["rank_b"]) for r in summary] == [("8", "4")] * len(modules)
+    ranks = stage2_ranks(runs[0])
+    assert [(r["rank_a"], r["rank_b"]) for r in summary] == [(str(ranks[m]), "4") for m in modules]
 
     holder = nn.Module()
     holder.body = source_body(runs[0])
@@ -127,8 +128,8 @@ def test_two_lora_runs_give_heat_maps_and_update_spectra(tiny_runs, tmp_path):
         delta = peft_model.base_model.model.get_submodule(spectrum.module).get_delta_weight("default")
         sigma = np.linalg.svd(delta.detach().double().numpy(), compute_uv=False)
         np.testing.assert_allclose(saved[spectrum.module], sigma, rtol=1e-4, atol=1e-6 * sigma[0])  # PEFT: float32
-        assert 1 <= spectrum.diagnostic.energy_rank <= spectrum.diagnostic.rank == 8
-        assert spectrum.diagnostic.rank_error <= 1e-6 * sigma[0]  # s B A has rank <= 8
+        assert 1 <= spectrum.diagnostic.energy_rank <= spectrum.diagnostic.rank == ranks[spectrum.module]
+        assert spectrum.diagnostic.rank_error <= 1e-6 * sigma[0]  # s B A has at most the module's rank
     text = format_analysis(result)
     assert "lora vs lora_r4" in text and modules[0] in text and str(out) in text
 
