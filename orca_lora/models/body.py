@@ -19,7 +19,6 @@ from torch import nn
 from orca_lora.files import save_tensors_atomic, write_text_atomic
 
 SWIN_MODULE = "timm.models.swin_transformer"
-ADAPTABLE_LINEARS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 MAX_LISTED_KEYS = 3
 
 
@@ -134,12 +133,6 @@ def load_body(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
 def body_blocks(body: nn.Module) -> list[tuple[str, nn.Module]]:
     """Every SwinTransformerBlock in forward order, named as in the body (`layers.0.blocks.1`)."""
     return [(name, module) for name, module in body.named_modules() if isinstance(module, SwinTransformerBlock)]
-
-
-def adaptable_linears(body: nn.Module) -> dict[str, nn.Linear]:
-    """The qkv / proj / fc1 / fc2 Linear of every block (never the patch embedding), by module name."""
-    return {f"{block_name}.{suffix}": block.get_submodule(suffix)
-            for block_name, block in body_blocks(body) for suffix in ADAPTABLE_LINEARS}
 
 
 def body_token_grid(body: nn.Module) -> tuple[int, int, int]:

@@ -9,7 +9,9 @@ from safetensors.torch import save_file
 from timm.models.swin_transformer import SwinTransformerBlock
 from torch import nn
 
-from orca_lora.models.body import (adaptable_linears, body_blocks, body_img_size, body_stride, body_token_grid,
+from orca_lora.adapters.inject import match_targets
+from orca_lora.config import DEFAULT_TARGETS
+from orca_lora.models.body import (body_blocks, body_img_size, body_stride, body_token_grid,
                                    build_body, load_body, save_body)
 
 
@@ -26,8 +28,8 @@ def test_body_blocks_are_every_swin_block_in_forward_order(tiny_body):
     assert len(named) == sum(isinstance(module, SwinTransformerBlock) for module in tiny_body.modules())
 
 
-def test_adaptable_linears_are_the_four_linears_of_each_block(tiny_body):
-    linears = adaptable_linears(tiny_body)
+def test_the_default_targets_are_the_four_linears_of_each_block(tiny_body):
+    linears = match_targets(tiny_body, DEFAULT_TARGETS)
     assert len(linears) == 6 * 4
     assert all(isinstance(module, nn.Linear) for module in linears.values())
     assert not any("patch_embed" in name for name in linears)

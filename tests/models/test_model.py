@@ -1,7 +1,8 @@
 import torch
 from torch import nn
 
-from orca_lora.models.body import adaptable_linears
+from orca_lora.adapters.inject import match_targets
+from orca_lora.config import DEFAULT_TARGETS
 from orca_lora.models.embedder import Embedder
 from orca_lora.models.heads import ClassificationHead, DenseHead
 from orca_lora.models.model import build_orca_model
@@ -13,7 +14,7 @@ def test_classification_model_shapes_and_names(tiny_body):
     assert [name for name, _ in model.named_children()] == ["embedder", "body", "head"]
     assert isinstance(model.embedder, Embedder) and isinstance(model.head, ClassificationHead)
     assert model(torch.rand(4, 3, 32, 32)).shape == (4, 10)
-    for name in adaptable_linears(tiny_body):
+    for name in match_targets(tiny_body, DEFAULT_TARGETS):
         assert isinstance(model.get_submodule(f"body.{name}"), nn.Linear)
 
 
