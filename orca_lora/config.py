@@ -109,7 +109,10 @@ class Stage1Config:
 @dataclass
 class Stage2Config:
     enabled: bool = True  # false: no gaps measured, every adapted module gets stage3.rank
-    allocation: str = "ibp"  # ibp: ranks from the gap's IBP prior; uniform: gaps measured, stage3.rank everywhere
+    # gap-relative: IBP mass alpha_0 g(D_i / mean D); gap: alpha_0 g(D_i / gap_reference) (absolute);
+    # flat: alpha_0 in every block; uniform: gaps measured, stage3.rank everywhere
+    allocation: str = "gap-relative"
+    gap_reference: Optional[float] = None  # allocation gap: D_ref; None: each block's noise floor
     distance: str = "mmd"
     otdd_inner: str = "exact"  # distance otdd: label-to-label cost, as stage1.otdd_inner
     entropic_reg: float = 0.1  # distance otdd: outer entropic regularisation
@@ -332,7 +335,16 @@ def validate(config: Config) -> None:
     _at_least("stage2.bootstraps", s2.bootstraps, 20)
     _choice("stage2.link", s2.link, RANK_LINKS)
     _choice("stage2.decision", s2.decision, RANK_DECISIONS)
+    if s2.allocation == "ibp":
+        raise ConfigError("stage2.allocation: 'ibp' is now called 'gap-relative' (alpha_i = alpha_0 g(D_i / mean D), "
+                          "a within-task allocation); 'gap' is the absolute link alpha_0 g(D_i / D_ref)")
     _choice("stage2.allocation", s2.allocation, RANK_ALLOCATIONS)
+    if s2.gap_reference is not None:
+        if not s2.gap_reference > 0:
+            raise ConfigError(f"stage2.gap_reference: {s2.gap_reference} must be > 0 (a gap in stage2.distance's units)")
+        if s2.allocation != "gap":
+            raise ConfigError(f"stage2.gap_reference: only allocation 'gap' divides by it, not {s2.allocation!r}; "
+                              "unset it or set stage2.allocation=gap")
     _in_range("stage2.quantile", s2.quantile, 0.0, 1.0)
     _at_least("stage2.max_samples", s2.max_samples, 4)
     _at_least("stage2.r_min", s2.r_min, 1)

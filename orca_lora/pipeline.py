@@ -31,6 +31,7 @@ from safetensors.torch import load_file
 from torch.utils.data import Subset
 
 from orca_lora.align import stage as align_stage
+from orca_lora.choices import GAP_AWARE_ALLOCATIONS
 from orca_lora.config import Config, run_directory, run_path, section_hash
 from orca_lora.data.tasks import build_task
 from orca_lora.errors import RunInterrupted
@@ -238,7 +239,7 @@ def _metrics(config: Config, baseline_error: float, stage1: StageRecord, stage2:
         task=config.task.name,
         method=config.stage3.method,
         rank=config.stage3.rank,
-        gap_aware=config.stage2.enabled and config.stage2.allocation == "ibp",
+        gap_aware=config.stage2.enabled and config.stage2.allocation in GAP_AWARE_ALLOCATIONS,
         seed=config.seed,
         test_error=refined.test_error,
         baseline_error=baseline_error,

@@ -38,8 +38,8 @@ def check_against_body(config: Config, body: nn.Module) -> None:
         if s3.rank > cap:
             raise ConfigError(f"stage3.rank: {s3.rank} is above min(d_out, d_in) = {cap} of {name} (weight "
                               f"{shape.d_out} x {shape.d_in}), which gets it as a uniform rank; use at most "
-                              f"{cap}, or gap-aware ranks (stage2.allocation: ibp caps each module)")
-    if s2.enabled and s2.allocation == "ibp" and (s2.budget is not None or s2.match_uniform_budget):
+                              f"{cap}, or gap-aware ranks (stage2.allocation: gap-relative caps each module)")
+    if s2.enabled and s2.allocation != "uniform" and (s2.budget is not None or s2.match_uniform_budget):
         budget = trainable_params(dict.fromkeys(shapes, s3.rank), shapes) if s2.match_uniform_budget else s2.budget
         floor = trainable_params(dict.fromkeys(shapes, s2.r_min), shapes)
         ceiling = trainable_params({name: min(s2.r_max, shape.d_out, shape.d_in) for name, shape in shapes.items()},

@@ -89,8 +89,9 @@ class GapResult:
     alpha0: Optional[float]  # None for uniform ranks
     trainable_params: int  # adapter parameters sum r_i (d_in + d_out)
     budget: Optional[int]
-    allocation: str = "ibp"  # ibp, uniform, or "explicit" (stage3.rank_map / stage 2 off)
+    allocation: str = "gap-relative"  # a stage2.allocation, or "explicit" (stage3.rank_map / stage 2 off)
     corrected_gaps: Optional[list[float]] = None  # max(D_i - floor_i, 0), 0 where p >= 0.05: what ranks use
+    prior_masses: Optional[dict[str, float]] = None  # module -> its block's IBP mass alpha_i (not for uniform)
 
 
 @dataclass

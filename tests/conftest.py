@@ -60,7 +60,7 @@ grids:
     ranks: {{uniform: {{stage2.allocation: uniform}}}}
   - task: {{darcy: {{task.name: darcy}}}}
     stage3.rank: [2]
-    ranks: {{gap-aware: {{stage2.allocation: ibp, stage2.match_uniform_budget: true}}}}
+    ranks: {{gap-aware: {{stage2.allocation: gap-relative, stage2.match_uniform_budget: true}}}}
 """
 
 

@@ -108,8 +108,14 @@ def test_run_directory_holds_resolved_config(tmp_path):
 
 def test_allocation_and_matched_budget_are_checked():
     assert load_config(None, ["stage2.allocation=uniform"]).stage2.allocation == "uniform"
-    with pytest.raises(ConfigError, match=r"stage2.allocation.*ibp.*uniform"):
+    with pytest.raises(ConfigError, match=r"stage2.allocation.*gap-relative.*uniform"):
         load_config(None, ["stage2.allocation=even"])
+    with pytest.raises(ConfigError, match=r"stage2.allocation: 'ibp' is now called 'gap-relative'"):
+        load_config(None, ["stage2.allocation=ibp"])
+    with pytest.raises(ConfigError, match=r"stage2.gap_reference: only allocation 'gap'"):
+        load_config(None, ["stage2.gap_reference=1.0"])
+    with pytest.raises(ConfigError, match=r"stage2.gap_reference: 0.0 must be > 0"):
+        load_config(None, ["stage2.allocation=gap", "stage2.gap_reference=0.0"])
     with pytest.raises(ConfigError, match=r"stage2.match_uniform_budget.*drop stage2.alpha0"):
         load_config(None, ["stage2.match_uniform_budget=true", "stage2.budget=1000"])
 

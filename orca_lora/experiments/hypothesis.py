@@ -20,6 +20,7 @@ from typing import Sequence
 import numpy as np
 from scipy import stats
 
+from orca_lora.choices import GAP_AWARE_ALLOCATIONS
 from orca_lora.experiments.tables import RunRecord
 from orca_lora.files import write_text_atomic
 
@@ -172,20 +173,23 @@ def fit_rank_to_gap(tasks: Sequence[TaskRanks], n_resamples: int = 9999, seed: i
 
 
 def compare_allocations(records: Sequence[RunRecord]) -> list[AllocationComparison]:
-    """Gap-aware runs against the uniform runs of the same task, method and rank."""
+    """Gap-aware runs (`gap-relative` or `gap` ranks) against the uniform runs of the same task,
+    method and rank."""
     groups: dict[tuple, dict[str, list[RunRecord]]] = defaultdict(lambda: defaultdict(list))
     for record in records:
-        if record.allocation in ("ibp", "uniform"):
-            groups[(record.task, record.method, record.rank)][record.allocation].append(record)
+        if record.allocation in GAP_AWARE_ALLOCATIONS:
+            groups[(record.task, record.method, record.rank)]["gap"].append(record)
+        elif record.allocation == "uniform":
+            groups[(record.task, record.method, record.rank)]["uniform"].append(record)
     comparisons = []
     for (task, method, rank), pair in sorted(groups.items()):
-        if pair["ibp"] and pair["uniform"]:
+        if pair["gap"] and pair["uniform"]:
             comparisons.append(AllocationComparison(
                 task, method, rank, statistics.fmean(r.test_error for r in pair["uniform"]),
-                statistics.fmean(r.test_error for r in pair["ibp"]),
+                statistics.fmean(r.test_error for r in pair["gap"]),
                 round(statistics.fmean(r.trainable_params for r in pair["uniform"])),
-                round(statistics.fmean(r.trainable_params for r in pair["ibp"])),
-                min(len(pair["ibp"]), len(pair["uniform"]))))
+                round(statistics.fmean(r.trainable_params for r in pair["gap"])),
+                min(len(pair["gap"]), len(pair["uniform"]))))
     return comparisons
 
 

@@ -11,6 +11,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator, NullLocator
 
+from orca_lora.choices import GAP_AWARE_ALLOCATIONS
 from orca_lora.experiments.hypothesis import HypothesisResult, evaluate_hypothesis
 from orca_lora.experiments.tables import RunRecord, find_runs, read_runs, summarize
 from orca_lora.files import save_figure_atomic
@@ -194,7 +195,7 @@ def plot_gaps_by_block(records: Sequence[RunRecord], stem: Path) -> list[Path]:
         gaps = np.mean([record.gaps for record in measured], axis=0)
         gap_axis.plot(range(len(gaps)), gaps, marker="o", label=task)
         for record in measured:
-            if record.allocation == "ibp" and record.seed == measured[0].seed:
+            if record.allocation in GAP_AWARE_ALLOCATIONS and record.seed == measured[0].seed:
                 rank_axis.plot(range(len(record.block_ranks)), record.block_ranks, marker="o",
                                label=f"{task}, matched to r={record.rank}")
     gap_axis.set_xlabel("Swin block (forward order)")

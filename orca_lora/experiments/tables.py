@@ -25,7 +25,7 @@ class RunRecord:
     directory: Path
     task: str  # task name, plus the settings that tell apart tasks sharing a name
     method: str
-    allocation: str  # ibp (gap-aware ranks), uniform, or "-" for full / linear
+    allocation: str  # a stage2.allocation (gap-relative, gap, flat, uniform), explicit, or "-" for full / linear
     rank: int | None  # stage3.rank (None for full / linear)
     seed: int
     test_error: float
@@ -89,7 +89,7 @@ def read_runs(directories: Sequence[Path]) -> list[RunRecord]:
         rows = read_gaps(run)
         records.append(RunRecord(
             run.root, label, metrics.method,
-            ("ibp" if metrics.gap_aware else "uniform") if adapted else "-",
+            (metrics.allocation or ("gap-relative" if metrics.gap_aware else "uniform")) if adapted else "-",
             metrics.rank if adapted else None, metrics.seed, float(metrics.test_error),
             float(metrics.best_val_error), float(metrics.baseline_error), int(metrics.trainable_params),
             [row.corrected for row in rows] if rows else None, [row.rank for row in rows] if rows else None))

@@ -1,7 +1,9 @@
 """P(r | D_i): a LoRA rank per block from the modality gap, under the IBP row marginal.
 
-DESIGN.md section 6. Block i is an IBP customer with mass alpha_i = alpha_0 * g(D_i / mean(D)),
-g a link function. In the IBP every customer's dish count is Poisson(alpha) (Griffiths & Ghahramani 2005),
+DESIGN.md section 6. Block i is an IBP customer with mass alpha_i = alpha_0 * g(D_i / D_ref),
+g a link function and D_ref either the mean gap over the blocks (`gap-relative`: a within-task
+allocation, blind to the gap's overall scale) or an absolute reference, a constant or each block's
+noise floor (`gap`: ten times the gap gives more rank); `flat` gives every block alpha_0. In the IBP every customer's dish count is Poisson(alpha) (Griffiths & Ghahramani 2005),
 so block i's rank is Poisson(alpha_i) truncated to [r_min, r_max_m], r_max_m = min(r_max, d_out, d_in)
 for each adapted module m of the block, and a decision rule (mean, mode, quantile, sample) turns that
 distribution into one rank. alpha_0 is given, or fitted by bisection so that the adapters' trainable
@@ -105,6 +107,9 @@ class RankPrior:
     alpha0: Optional[float] = None
     budget: Optional[int] = None
     seed: int = 0
+    # None: D_i / mean D (relative); a number, or one per block: D_i / D_ref (absolute)
+    reference: Optional[float | Sequence[float]] = None
+    flat: bool = False  # every block the mass alpha_0, whatever its gap
 
     def __post_init__(self) -> None:
         if self.link not in LINKS:
@@ -122,6 +127,13 @@ class RankPrior:
         if self.alpha0 is not None and self.budget is not None:
             raise ValueError("RankPrior.alpha0 and RankPrior.budget are exclusive: budget fits alpha0; set one")
         _check_int("RankPrior.seed", self.seed, 0)
+        if self.reference is not None:
+            reference = np.asarray(self.reference, dtype=float)
+            if reference.ndim > 1 or not (np.isfinite(reference).all() and (reference > 0).all()):
+                raise ValueError(f"RankPrior.reference must be a number > 0 or one per block, got {self.reference!r}; "
+                                 "a block whose noise floor is 0 needs a constant stage2.gap_reference")
+        if self.flat and self.reference is not None:
+            raise ValueError("RankPrior.flat ignores the gaps, so it takes no reference; set one of them")
 
 
 @dataclass
@@ -164,6 +176,27 @@ def gap_ratios(gaps: Sequence[float]) -> np.ndarray:
     return clipped / mean if mean > 0 else np.ones_like(clipped)
 
 
+def absolute_ratios(gaps: Sequence[float], reference: float | Sequence[float]) -> np.ndarray:
+    """x_i = max(D_i, 0) / D_ref_i, D_ref a constant or one reference per block (its noise floor):
+    unlike `gap_ratios`, scaling every gap by c scales every x_i by c."""
+    gap_array = _as_gaps(gaps)
+    reference = np.broadcast_to(np.asarray(reference, dtype=float), gap_array.shape)
+    return np.clip(gap_array, 0.0, None) / reference
+
+
+def mass_profile(gaps: Sequence[float], prior: RankPrior) -> np.ndarray:
+    """g(x_i), the block masses alpha_i = alpha_0 g(x_i) per unit alpha_0 (all ones when flat)."""
+    gap_array = _as_gaps(gaps)
+    if prior.flat:
+        return np.ones_like(gap_array)
+    if prior.reference is None:
+        return LINKS[prior.link](gap_ratios(gap_array))
+    reference = np.asarray(prior.reference, dtype=float)
+    if reference.ndim == 1 and reference.size != gap_array.size:
+        raise ValueError(f"RankPrior.reference has {reference.size} entries for {gap_array.size} gaps; give one per block")
+    return LINKS[prior.link](absolute_ratios(gap_array, reference))
+
+
 def trainable_params(ranks: Mapping[str, int], modules: Mapping[str, ModuleShape]) -> int:
     """sum_m r_m (d_out + d_in): LoRA's A (r x d_in) and B (d_out x r)."""
     return int(sum(ranks[name] * (shape.d_out + shape.d_in) for name, shape in modules.items()))
@@ -182,7 +215,7 @@ def select_ranks(gaps: Sequence[float], modules: Mapping[str, ModuleShape], prio
     alpha0 = prior.alpha0
     if alpha0 is None:
         alpha0 = fit_alpha_to_budget(gap_array, modules, prior, prior.budget)
-    alphas = alpha0 * LINKS[prior.link](gap_ratios(gap_array))
+    alphas = alpha0 * mass_profile(gap_array, prior)
     block_ranks, ranks = _decide(alphas, modules, caps, prior)
     if prior.budget is not None:
         ranks = _top_up(ranks, alphas, modules, caps, prior.budget)
@@ -214,7 +247,7 @@ def fit_alpha_to_budget(
             f"budget={budget} is outside the feasible range [{floor}, {ceiling}]: every module at "
             f"r_min={prior.r_min} .. every module at min(r_max={prior.r_max}, d_out, d_in)"
         )
-    shape = LINKS[prior.link](gap_ratios(gap_array))
+    shape = mass_profile(gap_array, prior)
 
     def cost(log2_alpha: float) -> int:
         return trainable_params(_decide(2.0**log2_alpha * shape, modules, caps, prior)[1], modules)

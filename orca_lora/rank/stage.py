@@ -88,12 +88,30 @@ def run(stage: Stage2Config, inputs: GapInputs, run_files: RunFiles) -> GapResul
     budget = trainable_params(dict.fromkeys(shapes, rank), shapes) if stage.match_uniform_budget else stage.budget
     alpha0 = stage.alpha0 if stage.alpha0 is not None else (None if budget else float(rank))
     prior = RankPrior(link=stage.link, decision=stage.decision, quantile=stage.quantile, r_min=stage.r_min,
-                      r_max=stage.r_max, alpha0=alpha0, budget=budget, seed=inputs.seed)
+                      r_max=stage.r_max, alpha0=alpha0, budget=budget, seed=inputs.seed,
+                      reference=gap_reference(stage, measured), flat=stage.allocation == "flat")
     selection = select_ranks(corrected, shapes, prior)
+    masses = {name: selection.block_alpha[shape.block] for name, shape in shapes.items()}
     result = GapResult(blocks, gaps, dict(selection.ranks), float(selection.alpha0),
-                       int(selection.trainable_params), budget, stage.allocation, corrected)
+                       int(selection.trainable_params), budget, stage.allocation, corrected, masses)
     write_outputs(result, measured, selection.block_ranks, run_files)
     return result
+
+
+def gap_reference(stage: Stage2Config, measured: Sequence[BlockGap]) -> float | list[float] | None:
+    """D_ref of the absolute link (`gap`): stage2.gap_reference, or each block's noise floor;
+    None (relative to the mean gap) for `gap-relative`, and for `flat`, which ignores the gaps."""
+    if stage.allocation != "gap":
+        return None
+    if stage.gap_reference is not None:
+        return stage.gap_reference
+    floors = [block.estimate.floor for block in measured]
+    if min(floors) <= 0:
+        zero = next(block.name for block in measured if block.estimate.floor <= 0)
+        raise ValueError(f"stage2.allocation gap divides each gap by its block's noise floor, but {zero}'s floor "
+                         f"under {stage.distance} is {min(floors):.3g}; set stage2.gap_reference to a constant "
+                         "in the distance's units (e.g. 1 for spectral, a rank)")
+    return floors
 
 
 def write_outputs(result: GapResult, measured: Sequence[BlockGap], block_ranks: Sequence[int],

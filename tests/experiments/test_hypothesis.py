@@ -101,7 +101,7 @@ def test_two_tasks_give_a_direction_but_the_verdict_says_they_cannot_be_evidence
 
 def test_allocation_compares_gap_aware_and_uniform_runs_of_one_rank():
     records = planted_records([4, 4], [0.5, 1.0])
-    records.append(RunRecord(Path("ibp"), "task0", "lora", "ibp", 4, 0, 0.05, 0.05, 0.5, 3990, [0.6, 0.4], [6, 2]))
+    records.append(RunRecord(Path("ibp"), "task0", "lora", "gap-relative", 4, 0, 0.05, 0.05, 0.5, 3990, [0.6, 0.4], [6, 2]))
     result = hyp.evaluate_hypothesis(records)
     comparison, = result.allocation
     uniform = next(r for r in records if r.task == "task0" and r.rank == 4 and r.allocation == "uniform")

@@ -123,7 +123,7 @@ def sweep_records(tmp_path: Path) -> list:
             write_alignment(RunFiles(directory), *ALIGNMENT)
             records.append(RunRecord(directory, task, "lora", "uniform", rank, 0, error, error, 0.5, 100 * rank,
                                      [gap, gap / 2], [rank, rank]))
-    records.append(RunRecord(tmp_path / "ibp", "darcy", "lora", "ibp", 2, 0, 0.14, 0.14, 0.5, 190, [1.0, 0.5], [3, 1]))
+    records.append(RunRecord(tmp_path / "ibp", "darcy", "lora", "gap-relative", 2, 0, 0.14, 0.14, 0.5, 190, [1.0, 0.5], [3, 1]))
     return records
 
 

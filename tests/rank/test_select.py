@@ -8,8 +8,10 @@ from orca_lora.rank.select import (
     LINKS,
     ModuleShape,
     RankPrior,
+    absolute_ratios,
     fit_alpha_to_budget,
     gap_ratios,
+    mass_profile,
     select_ranks,
     trainable_params,
     truncated_poisson,
@@ -234,3 +236,50 @@ def test_module_shape_validation():
 def test_select_ranks_bad_input(gaps, modules, prior, match):
     with pytest.raises(ValueError, match=match):
         select_ranks(gaps, modules, prior)
+
+
+def test_absolute_link_grows_with_the_gap_scale_where_the_relative_one_cannot():
+    """DESIGN 6: `gap` (D_i / D_ref) gives a 10x larger gap more rank; `gap-relative` (D_i / mean D) is
+    blind to the scale; both on the same alpha_0."""
+    modules = swin_like_modules()
+    gaps = np.clip(SWIN_GAPS, 0, None)
+    for reference in (0.1, [0.05 + 0.01 * i for i in range(12)]):
+        absolute = RankPrior(alpha0=2.0, reference=reference)
+        small, large = select_ranks(gaps, modules, absolute), select_ranks(10 * gaps, modules, absolute)
+        assert all(large.ranks[m] >= small.ranks[m] for m in modules)
+        assert large.trainable_params > small.trainable_params
+    relative = RankPrior(alpha0=2.0)
+    assert select_ranks(10 * gaps, modules, relative).ranks == select_ranks(gaps, modules, relative).ranks
+    assert select_ranks(0.01 * gaps, modules, relative).ranks == select_ranks(gaps, modules, relative).ranks
+
+
+def test_absolute_ratios_are_the_gap_over_its_reference():
+    np.testing.assert_allclose(absolute_ratios([0.2, -0.1, 3.0], 0.5), [0.4, 0.0, 6.0])
+    np.testing.assert_allclose(absolute_ratios([0.2, 0.6], [0.1, 0.3]), [2.0, 2.0])
+    prior = RankPrior(link="sqrt", alpha0=1.0, reference=[0.25, 1.0])
+    np.testing.assert_allclose(mass_profile([1.0, 4.0], prior), [2.0, 2.0])
+
+
+def test_gaps_at_the_floor_get_r_min_and_flat_ignores_the_gaps():
+    modules = swin_like_modules()
+    at_floor = select_ranks(np.zeros(12), modules, RankPrior(alpha0=50.0, r_min=2, reference=0.3))
+    assert set(at_floor.ranks.values()) == {2}
+    flat = RankPrior(alpha0=6.0, flat=True)
+    one, other = select_ranks(SWIN_GAPS, modules, flat), select_ranks(np.zeros(12), modules, flat)
+    assert one.ranks == other.ranks and one.block_alpha == [6.0] * 12
+    assert set(one.block_ranks) == {6}
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"reference": 0.0}, "RankPrior.reference must be a number > 0"),
+    ({"reference": [1.0, -1.0]}, "RankPrior.reference"),
+    ({"reference": 1.0, "flat": True}, "flat ignores the gaps"),
+])
+def test_rank_prior_reference_bad_input(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        RankPrior(alpha0=1.0, **kwargs)
+
+
+def test_reference_per_block_must_match_the_gaps():
+    with pytest.raises(ValueError, match="3 entries for 2 gaps"):
+        select_ranks([0.1, 0.2], {"m": ModuleShape(0, 8, 8)}, RankPrior(alpha0=1.0, reference=[1.0, 1.0, 1.0]))

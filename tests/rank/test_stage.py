@@ -187,7 +187,7 @@ def test_uniform_allocation_measures_the_gaps_and_gives_every_module_the_rank(tm
     shapes = rank_stage.adapted_module_shapes(body, DEFAULT_TARGETS)
     assert uniform.gaps == pytest.approx(ibp.gaps)
     assert uniform.ranks == dict.fromkeys(shapes, 4) and uniform.alpha0 is None
-    assert uniform.allocation == "uniform" and ibp.allocation == "ibp"
+    assert uniform.allocation == "uniform" and ibp.allocation == "gap-relative"
     assert uniform.trainable_params == 4 * sum(s.d_out + s.d_in for s in shapes.values())
     assert [row.rank for row in read_gaps(RunFiles(tmp_path / "uniform"))] == [4, 4, 4, 4]
 
@@ -217,3 +217,20 @@ def test_the_spectral_gap_sample_size_is_checked_before_stage_1(body):
     rank_stage.check_gap_sample_sizes(body, Stage2Config(distance="mmd", max_samples=16))
     with pytest.raises(ValueError, match=r"4 x width = 128 .* n_s=64.*stage2.max_samples"):
         rank_stage.check_gap_sample_sizes(body, Stage2Config(distance="spectral", max_samples=64))
+
+
+def test_gap_allocation_divides_by_each_blocks_floor_and_records_the_masses(tmp_path, body, embedder, task, source):
+    _, result = run_stage(tmp_path, body, embedder, task, source, allocation="gap", alpha0=3.0)
+    rows = read_gaps(RunFiles(tmp_path))
+    shapes = rank_stage.adapted_module_shapes(body, DEFAULT_TARGETS)
+    prior = RankPrior(r_max=8, alpha0=3.0, reference=[row.floor for row in rows])
+    assert result.ranks == select_ranks([row.corrected for row in rows], shapes, prior).ranks
+    expected = {name: 3.0 * rows[shape.block].corrected / rows[shape.block].floor for name, shape in shapes.items()}
+    assert result.prior_masses == pytest.approx(expected, rel=1e-4)  # gaps.csv keeps 6 digits
+    assert read_ranks(RunFiles(tmp_path)).prior_masses == result.prior_masses
+
+
+def test_flat_allocation_gives_every_block_alpha0(tmp_path, body, embedder, task, source):
+    _, result = run_stage(tmp_path, body, embedder, task, source, allocation="flat", alpha0=3.0)
+    assert set(result.prior_masses.values()) == {3.0}
+    assert set(result.ranks.values()) == {3}
