@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from orca_lora.align.distances import DISTANCES, median_bandwidths
 from orca_lora.models.body import body_blocks
-from orca_lora.rank.null import GapEstimate, c2st_test, mmd_gap, otdd_gap, resampled_gap
+from orca_lora.rank.null import GapEstimate, c2st_test, mmd_gap, otdd_gap, resampled_gap, spectral_gap
 
 STD_EPS = 1e-6
 
@@ -95,6 +95,8 @@ def block_gap(source: Tensor, source_labels: Tensor, target: Tensor, target_labe
             return otdd_gap(z_s, source_labels, z_t, target_labels, generator, settings.otdd_draws, **options)
         if settings.distance == "c2st":
             return c2st_test(z_s, z_t, **options)
+        if settings.distance == "spectral":
+            return spectral_gap(z_s, z_t, generator, settings.permutations, settings.bootstraps, **options)
         distance = DISTANCES[settings.distance].fn
         return resampled_gap(partial(distance, **options), z_s, source_labels, z_t, target_labels, generator,
                              settings.permutations, settings.bootstraps)

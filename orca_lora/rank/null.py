@@ -18,8 +18,11 @@ Every estimator takes one block's source and target features, already in the sou
   from the draws (a subsampling interval, not a bootstrap).
 - `c2st`: 2 |acc - 1/2| of a cross-validated classifier (Lopez-Paz & Oquab 2017) against the
   binomial null of its held-out accuracy, acc ~ Bin(N, 1/2) / N; interval: Clopper-Pearson on acc.
-- any other registered distance (e.g. `spectral`): the same permutation null and bootstrap, one
-  call of the distance per draw.
+- `spectral`: the rank of the shift (`rank/spectral.py`) against the same label permutations and
+  bootstrap as `mmd`, every draw's two covariances from one batched weighted sum and its
+  generalised eigenvalues from one batched Cholesky and eigvalsh.
+- any other registered distance: the same permutation null and bootstrap, one call of the
+  distance per draw.
 
 The floor is the null's 95% quantile at the gap's own sample sizes; `corrected_gap` is what every
 consumer of a gap uses: max(D - floor, 0), and 0 whenever p >= 0.05 (at the floor).
@@ -36,6 +39,7 @@ from torch import Tensor
 
 from orca_lora.align.distances import c2st_gap, gaussian_kernel, otdd
 from orca_lora.align.features import squared_distances
+from orca_lora.rank.spectral import resampled_spectral_ranks, spectral_shift_rank
 
 FLOOR_QUANTILE = 0.95
 SIGNIFICANCE = 0.05
@@ -77,6 +81,18 @@ def _membership(n_source: int, n_target: int, draws: int, generator: torch.Gener
     return member
 
 
+def _bootstrap_counts(n_source: int, n_target: int, draws: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """(draws, N) counts of each pooled point in a bootstrap resample of the source (its first
+    n_source points) and, apart, of the target (the rest)."""
+    counts_s = torch.zeros(draws, n_source + n_target, dtype=torch.float64)
+    counts_t = torch.zeros_like(counts_s)
+    ones = torch.ones(draws, max(n_source, n_target), dtype=torch.float64)
+    counts_s.scatter_add_(1, torch.randint(0, n_source, (draws, n_source), generator=generator), ones[:, :n_source])
+    counts_t.scatter_add_(1, n_source + torch.randint(0, n_target, (draws, n_target), generator=generator),
+                          ones[:, :n_target])
+    return counts_s, counts_t
+
+
 def weighted_mmd2(kernel: Tensor, source_weights: Tensor, target_weights: Tensor) -> Tensor:
     """MMD^2_u for many weightings of one pooled kernel matrix K (N x N, constant diagonal c).
 
@@ -105,14 +121,23 @@ def mmd_gap(source: Tensor, target: Tensor, bandwidths: Tensor, scale: float, ge
     observed = float(weighted_mmd2(kernel, observed_s, 1 - observed_s)) * scale
     member = _membership(n_s, n_t, permutations, generator)
     null = weighted_mmd2(kernel, member, 1 - member).numpy() * scale
-    counts_s = torch.zeros(bootstraps, n_s + n_t, dtype=torch.float64)
-    counts_t = torch.zeros_like(counts_s)
-    ones = torch.ones(bootstraps, max(n_s, n_t), dtype=torch.float64)
-    counts_s.scatter_add_(1, torch.randint(0, n_s, (bootstraps, n_s), generator=generator), ones[:, :n_s])
-    counts_t.scatter_add_(1, n_s + torch.randint(0, n_t, (bootstraps, n_t), generator=generator), ones[:, :n_t])
-    boot = weighted_mmd2(kernel, counts_s, counts_t).numpy() * scale
+    boot = weighted_mmd2(kernel, *_bootstrap_counts(n_s, n_t, bootstraps, generator)).numpy() * scale
     return GapEstimate(observed, float(np.quantile(null, FLOOR_QUANTILE)), permutation_p_value(observed, null),
                        *_interval(boot))
+
+
+def spectral_gap(source: Tensor, target: Tensor, generator: torch.Generator, permutations: int = 200,
+                 bootstraps: int = 200, alpha: float = 0.01) -> GapEstimate:
+    """The spectral rank of the shift (`rank/spectral.py`) against its permutation null and with a
+    bootstrap interval, every resampled pair's covariances computed in one batch."""
+    observed = float(spectral_shift_rank(source, target, alpha).rank)
+    n_s, n_t = len(source), len(target)
+    member = _membership(n_s, n_t, permutations, generator)
+    null = resampled_spectral_ranks(source, target, member, 1 - member, alpha).astype(float)
+    boot = resampled_spectral_ranks(source, target, *_bootstrap_counts(n_s, n_t, bootstraps, generator), alpha,
+                                    resampled=True)
+    return GapEstimate(observed, float(np.quantile(null, FLOOR_QUANTILE)), permutation_p_value(observed, null),
+                       *_interval(boot.astype(float)))
 
 
 def resampled_gap(distance: Callable[[Tensor, Tensor, Tensor, Tensor], float], source: Tensor,

@@ -29,6 +29,15 @@ Mean shift: Hotelling's two-sample T^2 with pooled covariance (Hotelling 1931),
 significant when its p-value < alpha. A significant shift adds one to the rank: a translation
 is one rank-1 update, however large its MMD.
 
+Resampled pairs. The permutation null and the bootstrap interval (`rank/null.py`) need the rank of
+hundreds of resampled pairs; `spectral_shift_ranks` computes them in one batch: every pair's two
+covariances as weighted sums over the pooled points, their generalised eigenvalues from one batched
+Cholesky and eigvalsh, Hotelling's T^2 from one batched solve. A bootstrap resample repeats points,
+so its covariances are noisier and its bulk wider than a sample's of the same size: read against a
+sample's cut-offs its rank would be inflated (at width 192, n = 768, a pair read 3 while its resamples read
+30-36 in one trial). Resamples are therefore read against cut-offs simulated on bootstrap resamples of null
+Gaussian samples (`null_calibration(resampled=True)`), T^2 rescaled by its simulated null mean.
+
 rank = covariance_rank (eigenvalues outside the calibrated bulk) + mean_shift. Invariant to any
 invertible affine map applied to both sets. Directions the source does not vary in (a LayerNorm's
 sum-to-zero constraint) are dropped first (`source_subspace`). Needs n_s, n_t >= 4 d (`MIN_SAMPLES_PER_DIM`).
@@ -41,6 +50,7 @@ from functools import lru_cache
 import numpy as np
 import scipy.linalg
 import scipy.stats
+import torch
 from torch import Tensor
 
 MIN_SAMPLES_PER_DIM = 4
@@ -77,6 +87,48 @@ def _covariance(x: np.ndarray) -> np.ndarray:
     return centred.T @ centred / (x.shape[0] - 1)
 
 
+def weighted_moments(x: Tensor, weights: Tensor, chunk: int = 32) -> tuple[Tensor, Tensor]:
+    """Mean (B, d) and covariance (B, d, d), divisor sum(w) - 1, of each sample that a row of
+    `weights` (B, N) draws from the points x (N, d): 0/1 rows for permutations, counts for a bootstrap.
+
+        S_b = (sum_i w_bi x_i x_i^T - n_b m_b m_b^T) / (n_b - 1),  n_b = sum_i w_bi,  m_b = sum_i w_bi x_i / n_b.
+    """
+    x = x.double() - x.double().mean(0)  # centred first, so the second moment does not cancel
+    # (the means are then relative to the points' mean, the same shift for every row)
+    weights = weights.double()
+    totals = weights.sum(1)
+    means = weights @ x / totals[:, None]
+    covariances = []
+    for w, m, n in zip(weights.split(chunk), means.split(chunk), totals.split(chunk)):
+        second = torch.einsum("bn,ni,nj->bij", w, x, x)
+        covariances.append((second - n[:, None, None] * m[:, :, None] * m[:, None, :]) / (n - 1)[:, None, None])
+    return means, torch.cat(covariances)
+
+
+def generalized_eigenvalues(target_covariance: Tensor, source_covariance: Tensor) -> Tensor:
+    """Ascending eigenvalues of S_s^(-1/2) S_t S_s^(-1/2) for a batch (..., d, d): with S_s = L L^T
+    (Cholesky), those of L^(-1) S_t L^(-T), which has the same spectrum."""
+    lower = torch.linalg.cholesky(source_covariance)
+    half = torch.linalg.solve_triangular(lower, target_covariance, upper=False)
+    whitened = torch.linalg.solve_triangular(lower, half.mT, upper=False)
+    return torch.linalg.eigvalsh((whitened + whitened.mT) / 2)
+
+
+def hotelling_statistics(source_mean: Tensor, source_covariance: Tensor, target_mean: Tensor,
+                         target_covariance: Tensor, n_s: int, n_t: int) -> np.ndarray:
+    """Hotelling's two-sample T^2 with pooled covariance, one per batch row."""
+    pooled = ((n_s - 1) * source_covariance + (n_t - 1) * target_covariance) / (n_s + n_t - 2)
+    diff = (target_mean - source_mean)[..., None]
+    solved = torch.cholesky_solve(diff, torch.linalg.cholesky(pooled))
+    return (n_s * n_t / (n_s + n_t) * (diff * solved).sum((-2, -1))).numpy()
+
+
+def hotelling_p_values(t2: np.ndarray, d: int, n_s: int, n_t: int) -> np.ndarray:
+    """p-values of T^2 under its null F law: F = (n_s + n_t - d - 1) / (d (n_s + n_t - 2)) T^2."""
+    dof = n_s + n_t - d - 1
+    return scipy.stats.f.sf(dof / (d * (n_s + n_t - 2)) * t2, d, dof)
+
+
 def null_extremes(d: int, n_s: int, n_t: int, draws: int = NULL_DRAWS,
                   seed: int = NULL_SEED) -> tuple[np.ndarray, np.ndarray]:
     """Smallest and largest F-matrix eigenvalue in `draws` seeded null draws (Gaussian data,
@@ -86,32 +138,68 @@ def null_extremes(d: int, n_s: int, n_t: int, draws: int = NULL_DRAWS,
 
 @lru_cache(maxsize=64)
 def _null_extremes(d: int, n_s: int, n_t: int, draws: int, seed: int):
-    rng = np.random.default_rng(seed)
-    smallest, largest = np.empty(draws), np.empty(draws)
-    for k in range(draws):
+    generator = torch.Generator().manual_seed(seed)
+    smallest, largest = [], []
+    for batch in torch.arange(draws).split(25):
         # n - 1 standard normal rows have the law of a centred n-sample's scatter
-        xs, xt = rng.standard_normal((n_s - 1, d)), rng.standard_normal((n_t - 1, d))
-        values = scipy.linalg.eigh(xt.T @ xt / (n_t - 1), xs.T @ xs / (n_s - 1), eigvals_only=True)
-        smallest[k], largest[k] = values[0], values[-1]
+        xs = torch.randn(len(batch), n_s - 1, d, generator=generator, dtype=torch.float64)
+        xt = torch.randn(len(batch), n_t - 1, d, generator=generator, dtype=torch.float64)
+        values = generalized_eigenvalues(xt.mT @ xt / (n_t - 1), xs.mT @ xs / (n_s - 1))
+        smallest.append(values[:, 0])
+        largest.append(values[:, -1])
+    smallest, largest = torch.cat(smallest).numpy(), torch.cat(largest).numpy()
     smallest.flags.writeable = largest.flags.writeable = False
     return smallest, largest
 
 
+@dataclass(frozen=True)
+class NullCalibration:
+    """Cut-offs for one (d, n_s, n_t): eigenvalues outside [lower, upper] count, and T^2 is read
+    after dividing by t2_scale (1 for a sample; > 1 for a bootstrap resample, whose repeated points
+    make its covariances noisier and its mean difference vary twice: as sample and as resample)."""
+
+    lower: float
+    upper: float
+    t2_scale: float
+
+
+def null_calibration(d: int, n_s: int, n_t: int, resampled: bool = False) -> NullCalibration:
+    """The cut-offs for a sample pair or, `resampled`, for a bootstrap resample of one: mean -+ TW_Z
+    sd of the simulated null extremes (`null_extremes`), and for a resample the extremes and T^2
+    simulated on bootstrap resamples of null Gaussian samples, T^2 scaled by its simulated mean over
+    the F law's mean d (N - 2) / (N - d - 3)."""
+    if not resampled:
+        smallest, largest = null_extremes(d, n_s, n_t)
+        t2_scale = 1.0
+    else:
+        smallest, largest, t2 = _resampled_null(d, n_s, n_t, NULL_DRAWS, NULL_SEED)
+        total = n_s + n_t
+        t2_scale = float(t2.mean() / (d * (total - 2) / (total - d - 3)))
+    return NullCalibration(float(smallest.mean() - TW_Z * smallest.std(ddof=1)),
+                           float(largest.mean() + TW_Z * largest.std(ddof=1)), t2_scale)
+
+
 def calibrated_thresholds(d: int, n_s: int, n_t: int) -> tuple[float, float]:
-    """(lower, upper) cut-offs: mean -+ TW_Z sd of the simulated null extremes."""
-    smallest, largest = null_extremes(d, n_s, n_t)
-    return (float(smallest.mean() - TW_Z * smallest.std(ddof=1)),
-            float(largest.mean() + TW_Z * largest.std(ddof=1)))
+    """(lower, upper) cut-offs of a sample pair: mean -+ TW_Z sd of the simulated null extremes."""
+    calibration = null_calibration(d, n_s, n_t)
+    return calibration.lower, calibration.upper
 
 
-def hotelling_p_value(source: np.ndarray, target: np.ndarray) -> float:
-    """p-value of Hotelling's two-sample T^2 (pooled covariance, F distribution)."""
-    (n_s, d), n_t = source.shape, target.shape[0]
-    pooled = ((n_s - 1) * _covariance(source) + (n_t - 1) * _covariance(target)) / (n_s + n_t - 2)
-    diff = target.mean(0) - source.mean(0)
-    t2 = n_s * n_t / (n_s + n_t) * float(diff @ scipy.linalg.solve(pooled, diff, assume_a="pos"))
-    dof = n_s + n_t - d - 1
-    return float(scipy.stats.f.sf(dof / (d * (n_s + n_t - 2)) * t2, d, dof))
+@lru_cache(maxsize=64)
+def _resampled_null(d: int, n_s: int, n_t: int, draws: int, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    is_source = torch.cat([torch.ones(n_s), torch.zeros(n_t)])
+    smallest, largest, t2 = np.empty(draws), np.empty(draws), np.empty(draws)
+    for k in range(draws):
+        points = torch.randn(n_s + n_t, d, generator=generator, dtype=torch.float64)
+        counts_s = torch.bincount(torch.randint(0, n_s, (n_s,), generator=generator), minlength=n_s + n_t)
+        counts_t = torch.bincount(n_s + torch.randint(0, n_t, (n_t,), generator=generator), minlength=n_s + n_t)
+        source_mean, source_covariance = weighted_moments(points, counts_s[None] * is_source)
+        target_mean, target_covariance = weighted_moments(points, counts_t[None] * (1 - is_source))
+        values = generalized_eigenvalues(target_covariance, source_covariance)[0]
+        smallest[k], largest[k] = float(values[0]), float(values[-1])
+        t2[k] = hotelling_statistics(source_mean, source_covariance, target_mean, target_covariance, n_s, n_t)[0]
+    return smallest, largest, t2
 
 
 def check_sample_sizes(n_s: int, n_t: int, d: int) -> None:
@@ -137,6 +225,32 @@ def source_subspace(source: np.ndarray, target: np.ndarray,
     return source @ kept, target @ kept
 
 
+def spectral_shift_ranks(points: Tensor, source_weights: Tensor, target_weights: Tensor,
+                         alpha: float = 0.01, resampled: bool = False) -> np.ndarray:
+    """`spectral_shift_rank` of many resampled pairs at once: row b of the (B, N) weights draws its
+    source and its target from the same points (N, d): 0/1 rows (a permutation) or, `resampled`,
+    bootstrap counts, read against the bootstrap's own calibration (`null_calibration`). Every pair
+    has the sizes of the first row, so one calibration serves them all."""
+    n_s, n_t = int(source_weights[0].sum()), int(target_weights[0].sum())
+    d = points.shape[1]
+    check_sample_sizes(n_s, n_t, d)
+    calibration = null_calibration(d, n_s, n_t, resampled)
+    source_mean, source_covariance = weighted_moments(points, source_weights)
+    target_mean, target_covariance = weighted_moments(points, target_weights)
+    values = generalized_eigenvalues(target_covariance, source_covariance)
+    covariance_ranks = ((values > calibration.upper).sum(1) + (values < calibration.lower).sum(1)).numpy()
+    t2 = hotelling_statistics(source_mean, source_covariance, target_mean, target_covariance, n_s, n_t)
+    return covariance_ranks + (hotelling_p_values(t2 / calibration.t2_scale, d, n_s, n_t) < alpha)
+
+
+def resampled_spectral_ranks(source: Tensor, target: Tensor, source_weights: Tensor, target_weights: Tensor,
+                             alpha: float = 0.01, resampled: bool = False) -> np.ndarray:
+    """Ranks of resampled pairs drawn from the pooled [source; target] (rows of the (B, n_s + n_t)
+    weights), all in the observed source's subspace, as the observed rank is."""
+    xs, xt = _checked_subspace(source, target, alpha)
+    return spectral_shift_ranks(torch.cat([xs, xt]), source_weights, target_weights, alpha, resampled)
+
+
 def spectral_shift_rank(source: Tensor, target: Tensor, alpha: float = 0.01) -> SpectralShift:
     """The shift's dimension between source (n_s, d) and target (n_t, d) features.
 
@@ -145,21 +259,32 @@ def spectral_shift_rank(source: Tensor, target: Tensor, alpha: float = 0.01) -> 
     Default alpha 0.01 so the whole null false-positive rate (mean test plus both edges, ~0.2%)
     stays near 1%.
     """
+    xs, xt = _checked_subspace(source, target, alpha)
+    (n_s, d), n_t = xs.shape, xt.shape[0]
+    check_sample_sizes(n_s, n_t, d)
+    is_source = torch.cat([torch.ones(n_s), torch.zeros(n_t)])[None]
+    points = torch.cat([xs, xt])  # one centring for both, so their means stay comparable
+    source_mean, source_covariance = weighted_moments(points, is_source)
+    target_mean, target_covariance = weighted_moments(points, 1 - is_source)
+    eigenvalues = generalized_eigenvalues(target_covariance, source_covariance)[0].numpy()[::-1]
+    lower_edge, upper_edge = wachter_edges(d, n_s, n_t)
+    lower, upper = calibrated_thresholds(d, n_s, n_t)
+    covariance_rank = int((eigenvalues > upper).sum() + (eigenvalues < lower).sum())
+    t2 = hotelling_statistics(source_mean, source_covariance, target_mean, target_covariance, n_s, n_t)
+    p_value = float(hotelling_p_values(t2, d, n_s, n_t)[0])
+    mean_shift = p_value < alpha
+    return SpectralShift(covariance_rank + int(mean_shift), covariance_rank, mean_shift,
+                         eigenvalues.copy(), lower_edge, upper_edge, lower, upper, p_value)
+
+
+def _checked_subspace(source: Tensor, target: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
+    """Both sets checked and in the source's non-degenerate subspace (`source_subspace`)."""
     if source.ndim != 2 or target.ndim != 2 or source.shape[1] != target.shape[1]:
         raise ValueError(f"source and target must be (n, d) with the same d, got "
                          f"{tuple(source.shape)} and {tuple(target.shape)}")
     if not 0 < alpha < 1:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-    xs, xt = source_subspace(source.detach().cpu().double().numpy(), target.detach().cpu().double().numpy())
-    (n_s, d), n_t = xs.shape, xt.shape[0]
-    check_sample_sizes(n_s, n_t, d)
-    if not (np.isfinite(xs).all() and np.isfinite(xt).all()):
+    if not (torch.isfinite(source).all() and torch.isfinite(target).all()):
         raise ValueError("spectral gap: features contain NaN or inf")
-    eigenvalues = scipy.linalg.eigh(_covariance(xt), _covariance(xs), eigvals_only=True)[::-1]
-    lower_edge, upper_edge = wachter_edges(d, n_s, n_t)
-    lower, upper = calibrated_thresholds(d, n_s, n_t)
-    covariance_rank = int((eigenvalues > upper).sum() + (eigenvalues < lower).sum())
-    p_value = hotelling_p_value(xs, xt)
-    mean_shift = p_value < alpha
-    return SpectralShift(covariance_rank + int(mean_shift), covariance_rank, mean_shift,
-                         eigenvalues.copy(), lower_edge, upper_edge, lower, upper, p_value)
+    xs, xt = source_subspace(source.detach().cpu().double().numpy(), target.detach().cpu().double().numpy())
+    return torch.from_numpy(xs), torch.from_numpy(xt)

@@ -9,15 +9,18 @@ from orca_lora.align.distances import gaussian_kernel, median_bandwidths, mmd2
 from orca_lora.align.features import squared_distances
 from orca_lora.rank.null import (
     GapEstimate,
+    _membership,
     c2st_test,
     corrected_gap,
     mmd_gap,
     otdd_gap,
     permutation_p_value,
     resampled_gap,
+    spectral_gap,
     stratified_halves,
     weighted_mmd2,
 )
+from orca_lora.rank.spectral import resampled_spectral_ranks, spectral_shift_rank
 
 
 def gaussians(n: int, width: int, shift: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,3 +155,28 @@ def test_stratified_halves_are_disjoint_and_keep_every_class():
     first, second = stratified_halves(labels, torch.Generator().manual_seed(0))
     assert sorted(torch.cat([first, second]).tolist()) == list(range(11))
     assert set(labels[first].tolist()) == set(labels[second].tolist()) == {0, 1, 2, 3}
+
+
+def test_batched_spectral_ranks_equal_one_call_per_permutation():
+    g = torch.Generator().manual_seed(3)
+    source, target = torch.randn(200, 12, generator=g, dtype=torch.float64), torch.randn(160, 12, generator=g,
+                                                                                          dtype=torch.float64)
+    target[:, :2] *= 2.5
+    member = _membership(200, 160, 6, torch.Generator().manual_seed(0))
+    batched = resampled_spectral_ranks(source, target, member, 1 - member)
+    pooled = torch.cat([source, target])
+    one_by_one = [spectral_shift_rank(pooled[row.bool()], pooled[~row.bool()]).rank for row in member]
+    np.testing.assert_array_equal(batched, one_by_one)
+
+
+def test_spectral_gap_interval_covers_a_planted_rank_and_the_null_sits_at_zero():
+    g = torch.Generator().manual_seed(4)
+    source, target = torch.randn(400, 48, generator=g, dtype=torch.float64), torch.randn(400, 48, generator=g,
+                                                                                          dtype=torch.float64)
+    target[:, :4] *= 6 ** 0.5
+    estimate = spectral_gap(source, target, torch.Generator().manual_seed(0), permutations=50, bootstraps=50)
+    assert estimate.gap == 4 and estimate.floor == 0 and estimate.ci_low <= 4 <= estimate.ci_high
+    assert estimate.p_value < 0.05
+    null = spectral_gap(source, torch.randn(400, 48, generator=g, dtype=torch.float64),
+                        torch.Generator().manual_seed(0), permutations=50, bootstraps=50)
+    assert null.gap == 0 and null.ci_high <= 1
