@@ -21,8 +21,8 @@ OTDD_INNER = ("exact", "gaussian")
 EMBEDDER_INITS = ("random", "source")  # models/embedder.py
 RANK_LINKS = ("linear", "sqrt", "log1p")  # rank/select.py
 RANK_DECISIONS = ("mean", "mode", "quantile", "sample")  # rank/select.py
-RANK_ALLOCATIONS = ("gap-relative", "gap", "flat", "uniform")  # rank/stage.py
-GAP_AWARE_ALLOCATIONS = ("gap-relative", "gap")  # the allocations whose ranks follow the gaps
+RANK_ALLOCATIONS = ("gap-relative", "gap", "flat", "law", "uniform")  # rank/stage.py
+GAP_AWARE_ALLOCATIONS = ("gap-relative", "gap", "law")  # the allocations whose ranks follow the gaps
 METHODS = ("lora", "delta-lora", "lora-plus", "dylora", "dora", "qlora", "mora", "sbora-fa", "sbora-fb",
            "houlsby", "full", "linear")  # adapters/: one module per method registers its spec
 SCHEDULES = ("cosine", "step", "constant")

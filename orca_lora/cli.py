@@ -210,6 +210,23 @@ def hypothesis_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def calibrate_arguments(parser: argparse.ArgumentParser) -> None:
+    directories_arguments(parser)
+    parser.add_argument("--output", type=Path, default=None,
+                        help="where to write the law (default: DIR/rank_law.json of the first directory)")
+
+
+@command("calibrate", "fit the rank law r ~ Poisson(c x^beta) on finished ibp-lora runs; write rank_law.json",
+         calibrate_arguments)
+def calibrate_command(args: argparse.Namespace) -> int:
+    from orca_lora.experiments.calibrate import LAW_FILE, calibrate, format_law
+
+    law_file = calibrate(args.directories, args.output)
+    print(format_law(law_file))
+    print(f"\nwritten: {args.output or args.directories[0] / LAW_FILE}")
+    return 0
+
+
 def plot_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("directory", type=Path, metavar="DIR", help="a run directory or a sweep directory")
     parser.add_argument("--tolerance", type=float, default=0.05, help="r* tolerance for the rank-vs-gap figure")

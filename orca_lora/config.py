@@ -113,6 +113,7 @@ class Stage2Config:
     # flat: alpha_0 in every block; uniform: gaps measured, stage3.rank everywhere
     allocation: str = "gap-relative"
     gap_reference: Optional[float] = None  # allocation gap: D_ref; None: each block's noise floor
+    law: Optional[str] = None  # allocation law: a rank_law.json from `orca-lora calibrate`
     distance: str = "mmd"
     otdd_inner: str = "exact"  # distance otdd: label-to-label cost, as stage1.otdd_inner
     entropic_reg: float = 0.1  # distance otdd: outer entropic regularisation
@@ -339,6 +340,16 @@ def validate(config: Config) -> None:
         raise ConfigError("stage2.allocation: 'ibp' is now called 'gap-relative' (alpha_i = alpha_0 g(D_i / mean D), "
                           "a within-task allocation); 'gap' is the absolute link alpha_0 g(D_i / D_ref)")
     _choice("stage2.allocation", s2.allocation, RANK_ALLOCATIONS)
+    if (s2.allocation == "law") != (s2.law is not None):
+        raise ConfigError("stage2.law: allocation 'law' reads its ranks from a rank_law.json (orca-lora calibrate); "
+                          "set both stage2.allocation=law and stage2.law=PATH, or neither")
+    if s2.law is not None:
+        if not Path(s2.law).is_file():
+            raise ConfigError(f"stage2.law: {s2.law} does not exist; write one with `orca-lora calibrate DIR... "
+                              f"--output {s2.law}`")
+        if s2.budget is not None or s2.match_uniform_budget:
+            raise ConfigError("stage2.law: a fitted law sets the ranks itself; drop stage2.budget and "
+                              "stage2.match_uniform_budget")
     if s2.gap_reference is not None:
         if not s2.gap_reference > 0:
             raise ConfigError(f"stage2.gap_reference: {s2.gap_reference} must be > 0 (a gap in stage2.distance's units)")

@@ -81,6 +81,8 @@ def stage_hash(config: Config, stage: str) -> str:
         digest = hashlib.sha256(f"{digest}|{config.stage2.max_samples}".encode()).hexdigest()[:12]
     if stage == "stage2":  # ranks also depend on these stage-3 values
         extra = f"{digest}|{s3.rank}|{s3.targets}|{sorted(s3.rank_map.items())}"
+        if config.stage2.law is not None:  # a law recalibrated in place changes the ranks
+            extra += "|" + hashlib.sha256(Path(config.stage2.law).read_bytes()).hexdigest()
         digest = hashlib.sha256(extra.encode()).hexdigest()[:12]
     return digest
 

@@ -9,6 +9,7 @@ from orca_lora.adapters.spec import get_method
 from orca_lora.config import Config, ConfigError, SourceConfig
 from orca_lora.models.body import build_body
 from orca_lora.rank import stage as rank_stage
+from orca_lora.rank.law_file import check_provenance, read_law_file
 from orca_lora.rank.select import trainable_params
 
 
@@ -27,6 +28,8 @@ def check_against_body(config: Config, body: nn.Module) -> None:
     the body's blocks and adapted modules."""
     s2, s3 = config.stage2, config.stage3
     rank_stage.check_gap_sample_sizes(body, s2)
+    if s2.enabled and s2.law is not None:
+        check_provenance(config, read_law_file(s2.law), s2.law)
     if s3.rank_map:
         rank_stage.check_rank_map(body, s3.targets, s3.rank_map)
     if not get_method(s3.method).uses_targets:

@@ -125,6 +125,8 @@ class RunMetrics:
     device: str
     torch: str
     allocation: Optional[str] = None  # None in runs written before it was recorded
+    posterior_ranks: Optional[dict[str, int]] = None  # ibp-lora: module -> components with q(z = 1) > 0.5
+    posterior_caps: Optional[dict[str, int]] = None  # ibp-lora: module -> its truncation r_max
 
 
 @dataclass

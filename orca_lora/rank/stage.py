@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Mapping, Sequence
 
 import torch
@@ -16,6 +16,8 @@ from orca_lora.models.body import body_blocks
 from orca_lora.models.features import labelled_target_sample, source_tokens
 from orca_lora.models.model import BODY_PREFIX
 from orca_lora.rank.gap import BlockGap, GapSettings, block_gaps
+from orca_lora.rank.law import floor_units
+from orca_lora.rank.law_file import read_law_file
 from orca_lora.rank.null import corrected_gap
 from orca_lora.rank.spectral import check_sample_sizes
 from orca_lora.rank.select import ModuleShape, RankPrior, select_ranks, trainable_params
@@ -90,12 +92,26 @@ def run(stage: Stage2Config, inputs: GapInputs, run_files: RunFiles) -> GapResul
     prior = RankPrior(link=stage.link, decision=stage.decision, quantile=stage.quantile, r_min=stage.r_min,
                       r_max=stage.r_max, alpha0=alpha0, budget=budget, seed=inputs.seed,
                       reference=gap_reference(stage, measured), flat=stage.allocation == "flat")
-    selection = select_ranks(corrected, shapes, prior)
+    rank_inputs = corrected
+    if stage.allocation == "law":
+        # the law's rates are the blocks' masses: alpha_0 = 1 on an identity link and D_ref = 1
+        rank_inputs = law_rates(stage.law, measured)
+        prior = replace(prior, link="linear", alpha0=1.0, reference=1.0)
+    selection = select_ranks(rank_inputs, shapes, prior)
     masses = {name: selection.block_alpha[shape.block] for name, shape in shapes.items()}
     result = GapResult(blocks, gaps, dict(selection.ranks), float(selection.alpha0),
                        int(selection.trainable_params), budget, stage.allocation, corrected, masses)
     write_outputs(result, measured, selection.block_ranks, run_files)
     return result
+
+
+def law_rates(path: str, measured: Sequence[BlockGap]) -> list[float]:
+    """lambda_i = c x_i^beta of a fitted rank law (`orca-lora calibrate`), x_i = 1 + corrected / floor."""
+    law = read_law_file(path).law
+    rates = [float(law.rate(floor_units(corrected_gap(block.estimate), block.estimate.floor))) for block in measured]
+    log.info("stage2: ranks from the law in %s (beta %.3g, c %.3g): block rates %s", path, law.beta, law.c,
+             ", ".join(f"{rate:.3g}" for rate in rates))
+    return rates
 
 
 def gap_reference(stage: Stage2Config, measured: Sequence[BlockGap]) -> float | list[float] | None:

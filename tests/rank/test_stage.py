@@ -234,3 +234,22 @@ def test_flat_allocation_gives_every_block_alpha0(tmp_path, body, embedder, task
     _, result = run_stage(tmp_path, body, embedder, task, source, allocation="flat", alpha0=3.0)
     assert set(result.prior_masses.values()) == {3.0}
     assert set(result.ranks.values()) == {3}
+
+
+def test_law_allocation_takes_each_blocks_rate_from_the_fitted_law(tmp_path, body, embedder, task, source):
+    from orca_lora.config import load_config
+    from orca_lora.rank.law import RankLaw, floor_units
+    from orca_lora.rank.law_file import LawFile, LawProvenance, write_law_file
+
+    law = RankLaw(c=1.5, beta=0.5, beta_low=0.2, beta_high=0.8, p_beta_0=0.01, p_beta_1=0.02, log_likelihood=-3.0,
+                  leave_one_task_out_error=1.0, n_observations=8, n_tasks=2, n_censored=0)
+    path = tmp_path / "law.json"
+    write_law_file(path, LawFile(law, LawProvenance.of(load_config()), [], []))
+    _, result = run_stage(tmp_path / "run", body, embedder, task, source, allocation="law", law=str(path),
+                          decision="mode")
+    rows = read_gaps(RunFiles(tmp_path / "run"))
+    shapes = rank_stage.adapted_module_shapes(body, DEFAULT_TARGETS)
+    rates = [law.rate(floor_units(row.corrected, row.floor)) for row in rows]
+    expected = select_ranks(rates, shapes, RankPrior(decision="mode", r_max=8, alpha0=1.0, reference=1.0)).ranks
+    assert result.ranks == expected and result.allocation == "law"
+    assert result.prior_masses == pytest.approx({name: rates[shape.block] for name, shape in shapes.items()}, rel=1e-4)
