@@ -89,18 +89,25 @@ def _covariance(x: np.ndarray) -> np.ndarray:
 
 def weighted_moments(x: Tensor, weights: Tensor, chunk: int = 32) -> tuple[Tensor, Tensor]:
     """Mean (B, d) and covariance (B, d, d), divisor sum(w) - 1, of each sample that a row of
-    `weights` (B, N) draws from the points x (N, d): 0/1 rows for permutations, counts for a bootstrap.
+    `weights` (B, N) draws from the points x (N, d), or from its own points when x is (B, N, d):
+    0/1 rows for permutations, counts for a bootstrap.
 
         S_b = (sum_i w_bi x_i x_i^T - n_b m_b m_b^T) / (n_b - 1),  n_b = sum_i w_bi,  m_b = sum_i w_bi x_i / n_b.
+
+    The second moments, the cost (B N d^2), are summed in float32 and the rest in float64: exact
+    enough for points of unit scale in every direction (`source_subspace` whitens them first, so
+    nothing ill-conditioned meets the single precision).
     """
-    x = x.double() - x.double().mean(0)  # centred first, so the second moment does not cancel
+    x = x.double()
+    x = x - x.mean(-2, keepdim=True)  # centred first, so the second moment does not cancel
     # (the means are then relative to the points' mean, the same shift for every row)
     weights = weights.double()
     totals = weights.sum(1)
-    means = weights @ x / totals[:, None]
+    means = (weights[:, None, :] @ x).squeeze(-2) / totals[:, None]
+    points = x.float() if x.ndim == 3 else x.float().expand(len(weights), -1, -1)
     covariances = []
-    for w, m, n in zip(weights.split(chunk), means.split(chunk), totals.split(chunk)):
-        second = torch.einsum("bn,ni,nj->bij", w, x, x)
+    for w, p, m, n in zip(weights.float().split(chunk), points.split(chunk), means.split(chunk), totals.split(chunk)):
+        second = ((w[:, :, None] * p).mT @ p).double()
         covariances.append((second - n[:, None, None] * m[:, :, None] * m[:, None, :]) / (n - 1)[:, None, None])
     return means, torch.cat(covariances)
 
@@ -188,18 +195,21 @@ def calibrated_thresholds(d: int, n_s: int, n_t: int) -> tuple[float, float]:
 @lru_cache(maxsize=64)
 def _resampled_null(d: int, n_s: int, n_t: int, draws: int, seed: int):
     generator = torch.Generator().manual_seed(seed)
-    is_source = torch.cat([torch.ones(n_s), torch.zeros(n_t)])
-    smallest, largest, t2 = np.empty(draws), np.empty(draws), np.empty(draws)
-    for k in range(draws):
-        points = torch.randn(n_s + n_t, d, generator=generator, dtype=torch.float64)
-        counts_s = torch.bincount(torch.randint(0, n_s, (n_s,), generator=generator), minlength=n_s + n_t)
-        counts_t = torch.bincount(n_s + torch.randint(0, n_t, (n_t,), generator=generator), minlength=n_s + n_t)
-        source_mean, source_covariance = weighted_moments(points, counts_s[None] * is_source)
-        target_mean, target_covariance = weighted_moments(points, counts_t[None] * (1 - is_source))
-        values = generalized_eigenvalues(target_covariance, source_covariance)[0]
-        smallest[k], largest[k] = float(values[0]), float(values[-1])
-        t2[k] = hotelling_statistics(source_mean, source_covariance, target_mean, target_covariance, n_s, n_t)[0]
-    return smallest, largest, t2
+    smallest, largest, t2 = [], [], []
+    for batch in torch.arange(draws).split(25):
+        points = torch.randn(len(batch), n_s + n_t, d, generator=generator, dtype=torch.float64)
+        counts_s = torch.zeros(len(batch), n_s + n_t)
+        counts_t = torch.zeros_like(counts_s)
+        counts_s.scatter_add_(1, torch.randint(0, n_s, (len(batch), n_s), generator=generator), torch.ones(len(batch), n_s))
+        counts_t.scatter_add_(1, n_s + torch.randint(0, n_t, (len(batch), n_t), generator=generator),
+                              torch.ones(len(batch), n_t))
+        source_mean, source_covariance = weighted_moments(points, counts_s)
+        target_mean, target_covariance = weighted_moments(points, counts_t)
+        values = generalized_eigenvalues(target_covariance, source_covariance)
+        smallest.append(values[:, 0])
+        largest.append(values[:, -1])
+        t2.append(hotelling_statistics(source_mean, source_covariance, target_mean, target_covariance, n_s, n_t))
+    return torch.cat(smallest).numpy(), torch.cat(largest).numpy(), np.concatenate(t2)
 
 
 def check_sample_sizes(n_s: int, n_t: int, d: int) -> None:
@@ -214,15 +224,19 @@ def check_sample_sizes(n_s: int, n_t: int, d: int) -> None:
 
 def source_subspace(source: np.ndarray, target: np.ndarray,
                     relative_floor: float = 1e-9) -> tuple[np.ndarray, np.ndarray]:
-    """Both sets in the span of the source's non-degenerate principal directions.
+    """Both sets in the source's non-degenerate principal coordinates, each scaled to unit source
+    variance (whitened by the source: an invertible map on the kept span, which leaves the F-matrix
+    eigenvalues and T^2 unchanged and lets `weighted_moments` sum in single precision).
 
     Features after a LayerNorm sum to zero across channels (the Swin's first block input is
     one), so S_s is singular and S_s^(-1/2) undefined; a direction the source does not vary in
     (variance below `relative_floor` x the largest) is dropped, and `d` is the dimension kept.
     """
     variances, directions = np.linalg.eigh(_covariance(source))
-    kept = directions[:, variances > relative_floor * variances.max()]
-    return source @ kept, target @ kept
+    kept = variances > relative_floor * variances.max()
+    whitening = directions[:, kept] / np.sqrt(variances[kept])
+    centre = source.mean(0)
+    return (source - centre) @ whitening, (target - centre) @ whitening
 
 
 def spectral_shift_ranks(points: Tensor, source_weights: Tensor, target_weights: Tensor,
