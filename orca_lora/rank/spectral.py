@@ -92,23 +92,23 @@ def weighted_moments(x: Tensor, weights: Tensor, chunk: int = 32) -> tuple[Tenso
     `weights` (B, N) draws from the points x (N, d), or from its own points when x is (B, N, d):
     0/1 rows for permutations, counts for a bootstrap.
 
-        S_b = (sum_i w_bi x_i x_i^T - n_b m_b m_b^T) / (n_b - 1),  n_b = sum_i w_bi,  m_b = sum_i w_bi x_i / n_b.
+        S_b = sum_i w_bi (x_i - m_b)(x_i - m_b)^T / (n_b - 1),  n_b = sum_i w_bi,  m_b = sum_i w_bi x_i / n_b.
 
-    The second moments, the cost (B N d^2), are summed in float32 and the rest in float64: exact
+    The means are float64; the centred products, the cost (B N d^2), are summed in float32: exact
     enough for points of unit scale in every direction (`source_subspace` whitens them first, so
-    nothing ill-conditioned meets the single precision).
+    nothing ill-conditioned meets the single precision). Each row is centred on its own mean, so a
+    large mean shift between source and target cancels nothing.
     """
     x = x.double()
-    x = x - x.mean(-2, keepdim=True)  # centred first, so the second moment does not cancel
-    # (the means are then relative to the points' mean, the same shift for every row)
     weights = weights.double()
     totals = weights.sum(1)
     means = (weights[:, None, :] @ x).squeeze(-2) / totals[:, None]
-    points = x.float() if x.ndim == 3 else x.float().expand(len(weights), -1, -1)
+    points = x if x.ndim == 3 else x.expand(len(weights), -1, -1)
     covariances = []
-    for w, p, m, n in zip(weights.float().split(chunk), points.split(chunk), means.split(chunk), totals.split(chunk)):
-        second = ((w[:, :, None] * p).mT @ p).double()
-        covariances.append((second - n[:, None, None] * m[:, :, None] * m[:, None, :]) / (n - 1)[:, None, None])
+    for w, p, m, n in zip(weights.split(chunk), points.split(chunk), means.split(chunk), totals.split(chunk)):
+        centred = (p - m[:, None, :]).float()
+        second = ((w.float()[:, :, None] * centred).mT @ centred).double()
+        covariances.append(second / (n - 1)[:, None, None])
     return means, torch.cat(covariances)
 
 

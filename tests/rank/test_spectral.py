@@ -112,3 +112,18 @@ def test_a_layernorm_constraint_is_dropped_not_inverted():
     source, target = source - source.mean(1, keepdim=True), target - target.mean(1, keepdim=True)
     result = spectral_shift_rank(source, target)
     assert len(result.eigenvalues) == 11 and result.rank == 0
+
+
+def test_weighted_moments_match_numpy_even_under_a_large_mean_shift():
+    from orca_lora.rank.spectral import weighted_moments
+    g = torch.Generator().manual_seed(0)
+    points = torch.randn(300, 6, generator=g, dtype=torch.float64)
+    points[150:] += 1e4  # a target far from the source: pooled centring would cancel in float32
+    counts = torch.zeros(2, 300, dtype=torch.float64)
+    counts[0, :150] = 1
+    counts[1].scatter_add_(0, torch.randint(0, 150, (150,), generator=g), torch.ones(150, dtype=torch.float64))
+    means, covariances = weighted_moments(points, counts)
+    for row in range(2):
+        picked = points.repeat_interleave(counts[row].long(), dim=0).numpy()
+        np.testing.assert_allclose(means[row].numpy(), picked.mean(0), rtol=1e-12)
+        np.testing.assert_allclose(covariances[row].numpy(), np.cov(picked.T), rtol=1e-5, atol=1e-6)
