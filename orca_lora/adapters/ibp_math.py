@@ -23,7 +23,12 @@ def log1mexp(x: Tensor) -> Tensor:
     """log(1 - exp(x)) for x <= 0, accurate at both ends (Maechler 2012): log(-expm1(x)) near 0,
     log1p(-exp(x)) below -log 2."""
     x = x.clamp(max=-1e-12)  # x = 0 would be log 0
-    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+    near_zero = x > -math.log(2.0)
+    # each branch sees only inputs it is accurate on: torch.where passes the unused branch's NaN
+    # gradients (log1p(-1) at x -> 0) through to x otherwise
+    near = torch.log(-torch.expm1(torch.where(near_zero, x, -1.0)))
+    far = torch.log1p(-torch.exp(torch.where(near_zero, -1.0, x)))
+    return torch.where(near_zero, near, far)
 
 
 def log_stick_products(log_v: Tensor) -> Tensor:
