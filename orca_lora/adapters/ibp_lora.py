@@ -138,7 +138,7 @@ class IBPLoRALinear(AdapterLayer):
         return lora.train(self.training)
 
     def extra_repr(self) -> str:
-        return (f"{super().extra_repr()}, prior_mass={self.prior_mass:g}, temperature={self.temperature:g}, "
+        return (f"{super().extra_repr()}, prior_mass={self.prior_mass:g}, temperature={self.temperature:.4g}, "
                 f"posterior_rank={self.posterior_rank}")
 
 
