@@ -18,6 +18,7 @@ from orca_lora.adapters.io import CONFIG_NAME, save_peft_adapter
 from orca_lora.adapters.lora import LoRALinear
 from orca_lora.adapters.spec import METHODS, get_method
 from orca_lora.config import ConfigError, Stage3Config, load_config
+from orca_lora.experiments.plots import plot_run
 from orca_lora.pipeline import run_pipeline
 from orca_lora.run_files import RunFiles, read_sample_errors
 
@@ -160,3 +161,4 @@ def test_a_tiny_flat_prior_run_reports_its_pruned_adapter(tiny_overrides):
     kept = {name: rank for name, rank in metrics.posterior_ranks.items() if rank > 0}
     assert set(config.target_modules) == set(kept)
     assert {name: config.rank_pattern.get(name.replace(".", r"\."), config.r) for name in kept} == kept
+    assert RunFiles(result.directory).plots / "posterior_ranks.png" in plot_run(result.directory)
