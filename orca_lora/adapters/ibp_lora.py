@@ -22,15 +22,19 @@ Defaults and rules (pinned here):
   stage3.rank), the hypothesis test's prior. A mass of 0 is allowed; the KL uses max(alpha_i, 1e-6).
 - temperature 2/3 (Maddison et al. 2017's suggestion for binary Concrete variables).
 - q(z_k = 1) starts at the prior's E[pi_k] = (alpha_i / (1 + alpha_i))^k (clipped to [1e-3, 1 - 1e-3]):
-  the leading components start open and learn first, which gathers the signal in them; started all
-  open, every component takes a share of it and the KL cannot close any (the planted-rank test in
-  tests/adapters/test_ibp_lora.py finds k + 1 to k + 8 then). The gates and sticks learn at stage3.lr
-  with the adapter: faster gates open before the signal has gathered, and over-count the same way.
+  the leading components start open and learn first, which gathers the signal in them. Started all
+  open (q = 0.95), every component takes a share of the signal and the KL closes none: on the
+  planted-rank setting of tests/adapters/test_ibp_lora.py (k = 2, 4; r_max = 12) every gate stayed
+  open. The gates and sticks learn at stage3.lr with the adapter: at 10 x stage3.lr they open before
+  the signal has gathered (posterior ranks 9 to 12 there); at 1 x it finds k or k + 1.
 - Validation and test use the deterministic gate z_k = q_k (the posterior probability of the gate).
 - After training (best checkpoint restored, before the test split), a module's posterior rank is the
   number of components with q_k > 0.5; the layer is pruned to a plain LoRA of that rank (the gates'
   q_k and the scale folded into B), a module of posterior rank 0 keeps no adapter. The reported test
   error, the saved weights and the PEFT export (per-module `rank_pattern`) are the pruned adapter's.
+- Records: metrics.json's `posterior_ranks` and `posterior_caps` (module -> r_max, for right-censoring);
+  `trainable_params` counts the pruned model (adapters sum r_i (d_in + d_out), plus the embedder and
+  head, as for every method), `trained_params` the one that trained (r_max components, gates, sticks).
 """
 from __future__ import annotations
 
@@ -79,12 +83,12 @@ class IBPLoRALinear(AdapterLayer):
         def vector(value: float) -> nn.Parameter:
             return nn.Parameter(torch.full((self.rank,), value, dtype=weight.dtype, device=weight.device))
 
-        # q(z_k = 1) starts at the prior's E[pi_k] = (alpha / (1 + alpha))^k, kept off 0 and 1
         mass = max(self.prior_mass, MIN_PRIOR_MASS)
+        # q(z_k = 1) starts at the prior's E[pi_k] = (alpha / (1 + alpha))^k, kept off 0 and 1
         prior_mean = (mass / (1.0 + mass)) ** torch.arange(1, self.rank + 1, dtype=torch.float64)
         self.ibp_logits = nn.Parameter(torch.logit(prior_mean.clamp(1e-3, 1 - 1e-3)).to(weight))
         # q(v) starts at Kumaraswamy(alpha, 1), which equals the prior Beta(alpha, 1)
-        self.ibp_a = vector(_softplus_inverse(max(self.prior_mass, MIN_PRIOR_MASS)))
+        self.ibp_a = vector(_softplus_inverse(mass))
         self.ibp_b = vector(_softplus_inverse(1.0))
 
     def gate_probabilities(self) -> Tensor:
