@@ -24,7 +24,7 @@ RANK_DECISIONS = ("mean", "mode", "quantile", "sample")  # rank/select.py
 RANK_ALLOCATIONS = ("gap-relative", "gap", "flat", "law", "uniform")  # rank/stage.py
 GAP_AWARE_ALLOCATIONS = ("gap-relative", "gap", "law")  # the allocations whose ranks follow the gaps
 METHODS = ("lora", "delta-lora", "lora-plus", "dylora", "dora", "qlora", "mora", "sbora-fa", "sbora-fb",
-           "houlsby", "full", "linear")  # adapters/: one module per method registers its spec
+           "houlsby", "ibp-lora", "full", "linear")  # adapters/: one module per method registers its spec
 SCHEDULES = ("cosine", "step", "constant")
 
 

@@ -155,6 +155,8 @@ class Stage3Config:
     delta_update_ratio: float = 0.5
     dylora_min_rank: int = 1
     dylora_frozen: bool = False
+    ibp_temperature: float = 2.0 / 3.0  # ibp-lora: the relaxed Bernoulli gates' temperature
+    ibp_r_max: Optional[int] = None  # ibp-lora: components per module (capped at min(d_out, d_in)); None: stage2.r_max
     early_stopping_patience: int = 0  # 0 disables early stopping
     save_merged: bool = False
 
@@ -371,6 +373,9 @@ def validate(config: Config) -> None:
         raise ConfigError("stage2.match_uniform_budget: it sets the budget from stage3.rank; "
                           "drop stage2.alpha0 and stage2.budget")
     _validate_stage3(s3)
+    from orca_lora.adapters.spec import get_method  # torch, only once every name has been checked
+
+    get_method(s3.method).validate_ranks(s2)
     if s3.rank_map and s2.enabled:
         raise ConfigError("stage3.rank_map: an explicit rank map replaces stage 2; set stage2.enabled=false")
     _validate_trainer(config.trainer)

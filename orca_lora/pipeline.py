@@ -222,7 +222,10 @@ def _run_stages(config: Config, last_stage: int, placement: finetune_stage.Proce
         model = build_orca_model(body, task.in_channels, task.head, task.num_outputs, task.output_size,
                                  seed=config.seed)
         model.embedder.load_state_dict(embedder.state_dict())
-        return finetune_stage.run(s3, config.trainer, model, gaps.ranks, task, config.seed, run_files)
+        # stage3.ibp_r_max null means stage2.r_max (only ibp-lora reads either)
+        refined_with = s3 if s3.ibp_r_max is not None else replace(s3, ibp_r_max=config.stage2.r_max)
+        return finetune_stage.run(refined_with, config.trainer, model, gaps.ranks, task, config.seed, run_files,
+                                  prior_masses=gaps.prior_masses)
 
     stage3 = _staged("stage3", config, run_files, refine, process_rank)
     metrics = _metrics(config, task.baseline_error, stage1, stage2, stage3)
@@ -255,4 +258,7 @@ def _metrics(config: Config, baseline_error: float, stage1: StageRecord, stage2:
         device=refined.device,
         torch=torch.__version__,
         allocation=gaps.allocation,
+        trained_params=refined.trained_params,
+        posterior_ranks=refined.posterior_ranks,
+        posterior_caps=refined.posterior_caps,
     )

@@ -100,9 +100,12 @@ class FinetuneResult:
 
     test_error: float
     best_val_error: float
-    trainable_params: int
+    trainable_params: int  # of the model tested: for ibp-lora the pruned adapters' sum r_i (d_in + d_out) + the rest
     best_checkpoint: str
     device: str
+    trained_params: Optional[int] = None  # of the model that trained (ibp-lora: r_max components, gates, sticks)
+    posterior_ranks: Optional[dict[str, int]] = None  # ibp-lora: module -> components with q(z = 1) > 0.5
+    posterior_caps: Optional[dict[str, int]] = None  # ibp-lora: module -> its truncation r_max (right-censoring)
 
 
 @dataclass
@@ -125,8 +128,9 @@ class RunMetrics:
     device: str
     torch: str
     allocation: Optional[str] = None  # None in runs written before it was recorded
-    posterior_ranks: Optional[dict[str, int]] = None  # ibp-lora: module -> components with q(z = 1) > 0.5
-    posterior_caps: Optional[dict[str, int]] = None  # ibp-lora: module -> its truncation r_max
+    trained_params: Optional[int] = None  # parameters that trained; trainable_params counts the model tested
+    posterior_ranks: Optional[dict[str, int]] = None  # ibp-lora: module -> posterior rank (pruned to it)
+    posterior_caps: Optional[dict[str, int]] = None  # ibp-lora: module -> truncation r_max of its posterior rank
 
 
 @dataclass

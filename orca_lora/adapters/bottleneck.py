@@ -174,7 +174,8 @@ def mark_only_bottlenecks_trainable(model: nn.Module) -> None:
 class Houlsby(MethodSpec):
     name = "houlsby"
 
-    def prepare(self, model: nn.Module, stage3: Stage3Config, ranks: Mapping[str, int], seed: int) -> None:
+    def prepare(self, model: nn.Module, stage3: Stage3Config, ranks: Mapping[str, int], seed: int,
+                prior_masses: Mapping[str, float] | None = None) -> None:
         """Wraps each block's attn / mlp holding targeted Linears, not the Linears themselves."""
         add_bottleneck_adapters(model, stage3.targets, dict(ranks), dropout=stage3.dropout, seed=seed)
         mark_only_bottlenecks_trainable(model)

@@ -20,6 +20,7 @@ class FullFineTuning(MethodSpec):
     uses_targets = False
     weight_change = WeightChange(needs=("weight",), compute=full_change)
 
-    def prepare(self, model: nn.Module, stage3: Stage3Config, ranks: Mapping[str, int], seed: int) -> None:
+    def prepare(self, model: nn.Module, stage3: Stage3Config, ranks: Mapping[str, int], seed: int,
+                prior_masses: Mapping[str, float] | None = None) -> None:
         model.requires_grad_(True)
         model.body.patch_embed.requires_grad_(False)  # replaced by the embedder; unused in forward

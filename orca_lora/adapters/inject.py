@@ -177,7 +177,8 @@ class LinearAdapterMethod(MethodSpec):
         """The layer's keyword arguments, read from stage3."""
         return {"alpha": stage3.alpha, "use_rslora": stage3.rslora, "dropout": stage3.dropout}
 
-    def prepare(self, model: nn.Module, stage3: Stage3Config, ranks: Mapping[str, int], seed: int) -> None:
+    def prepare(self, model: nn.Module, stage3: Stage3Config, ranks: Mapping[str, int], seed: int,
+                prior_masses: Mapping[str, float] | None = None) -> None:
         add_adapters(model, stage3.targets, dict(ranks), self.name, seed=seed, **self.options(stage3))
         mark_only_adapters_trainable(model)
         train_embedder_and_head(model)

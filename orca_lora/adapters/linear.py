@@ -14,6 +14,7 @@ class LinearProbe(MethodSpec):
     name = "linear"
     uses_targets = False
 
-    def prepare(self, model: nn.Module, stage3: Stage3Config, ranks: Mapping[str, int], seed: int) -> None:
+    def prepare(self, model: nn.Module, stage3: Stage3Config, ranks: Mapping[str, int], seed: int,
+                prior_masses: Mapping[str, float] | None = None) -> None:
         model.requires_grad_(False)
         model.head.requires_grad_(True)

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from orca_lora import choices
 from orca_lora.adapters.optim import adapter_param_groups
-from orca_lora.config import ConfigError, Stage3Config
+from orca_lora.config import ConfigError, Stage2Config, Stage3Config
 from orca_lora.registry import registrar
 
 
@@ -30,6 +30,15 @@ class WeightChange:
 
     needs: tuple[str, ...]
     compute: Callable[[Mapping[str, Tensor], Callable[[], Tensor], Stage3Config], Tensor]
+
+
+@dataclass(frozen=True)
+class PosteriorRanks:
+    """What a method that infers its ranks (ibp-lora) reports after training: module -> posterior
+    rank, and module -> its truncation r_max (the cap a posterior rank cannot exceed)."""
+
+    ranks: dict[str, int]
+    caps: dict[str, int]
 
 
 class StepHook(Protocol):
@@ -53,9 +62,14 @@ class MethodSpec(ABC):
             raise ConfigError(f"stage3.save_merged: {self.name} has no adapters to merge into the base weights; "
                               "set it to false")
 
+    def validate_ranks(self, stage2: Stage2Config) -> None:
+        """Raise ConfigError naming the key when stage 2 cannot give this method what it reads from it."""
+
     @abstractmethod
-    def prepare(self, model: nn.Module, stage3: Stage3Config, ranks: Mapping[str, int], seed: int) -> None:
-        """Put the method's layers into the OrcaModel (random parts drawn from `seed`) and mark what trains."""
+    def prepare(self, model: nn.Module, stage3: Stage3Config, ranks: Mapping[str, int], seed: int,
+                prior_masses: Mapping[str, float] | None = None) -> None:
+        """Put the method's layers into the OrcaModel (random parts drawn from `seed`) and mark what trains.
+        `prior_masses` (module -> stage 2's IBP mass alpha_i) is read only by methods that infer ranks."""
 
     def param_groups(self, module: nn.Module, stage3: Stage3Config) -> list[dict]:
         """AdamW groups of the trainable parameters of `module`."""
@@ -67,6 +81,16 @@ class MethodSpec(ABC):
 
     def on_train_batch_start(self, model: nn.Module, generator: torch.Generator) -> None:
         """Called before every training step, with stage 3's own seeded generator."""
+
+    def regularizer(self, model: nn.Module) -> Tensor | None:
+        """A term stage 3 adds to the training loss, divided by the training set's size (ibp-lora's
+        KL, which makes the loss a negative ELBO per sample); None for methods that add none."""
+        return None
+
+    def finalize(self, model: nn.Module) -> PosteriorRanks | None:
+        """Called once the best checkpoint is restored, before the test split is scored: turn the trained
+        layers into the ones the result reports (ibp-lora prunes to its posterior ranks)."""
+        return None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"

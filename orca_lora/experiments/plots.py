@@ -86,6 +86,42 @@ def plot_gaps_and_ranks(rows: Sequence[GapRow], stem: Path) -> list[Path]:
     return save_figure(figure, stem)
 
 
+def block_posterior_ranks(rows: Sequence[GapRow], posterior: dict[str, int]) -> list[float | None]:
+    """Per block (as `rows`), the median posterior rank over the block's adapted modules; None for a
+    block with none. A module belongs to the block whose dotted name it contains (`.layers.0.blocks.1.`)."""
+    medians: list[float | None] = []
+    for row in rows:
+        ranks = [rank for module, rank in posterior.items() if f".{row.name}." in f".{module}."]
+        medians.append(float(np.median(ranks)) if ranks else None)
+    return medians
+
+
+def plot_posterior_ranks(rows: Sequence[GapRow], posterior: dict[str, int], caps: dict[str, int],
+                         stem: Path) -> list[Path]:
+    """ibp-lora's posterior rank per block (median over its modules, with the median truncation r_max)
+    beside the block's gap: does the rank the data ask for follow the gap?"""
+    blocks = [row.block for row in rows]
+    figure, gap_axis = subplots(figsize=(6.5, 3.8))
+    gap_axis.bar(blocks, [row.gap for row in rows], color="tab:blue", alpha=0.7, label="gap D_i")
+    gap_axis.set_xlabel("Swin block (forward order)")
+    gap_axis.set_ylabel("modality gap D_i (source-anchored units)")
+    gap_axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    rank_axis = gap_axis.twinx()
+    for values, style, label in ((posterior, dict(color="tab:red", marker="o"), "posterior rank (median of modules)"),
+                                 (caps, dict(color="gray", linestyle="--"), "truncation r_max (median)")):
+        medians = block_posterior_ranks(rows, values)
+        shown = [(block, value) for block, value in zip(blocks, medians) if value is not None]
+        if shown:
+            rank_axis.plot(*zip(*shown), label=label, **style)
+    rank_axis.set_ylabel("rank (components with q(z = 1) > 0.5)")
+    rank_axis.set_ylim(bottom=0)
+    rank_axis.yaxis.set_major_locator(MaxNLocator(integer=True))
+    gap_axis.set_title("Stage 3 (ibp-lora): posterior rank and gap per block")
+    handles = gap_axis.get_legend_handles_labels()[0] + rank_axis.get_legend_handles_labels()[0]
+    gap_axis.legend(handles, [h.get_label() for h in handles], loc="upper right", fontsize=7)
+    return save_figure(figure, stem)
+
+
 def plot_training(rows: Sequence[dict[str, str]], stem: Path, baseline_error: float | None = None) -> list[Path]:
     train = [(int(r["step"]), float(r["train_loss"])) for r in rows if r.get("train_loss")]
     val = [(int(r["step"]), float(r["val_error"])) for r in rows if r.get("val_error")]
@@ -114,9 +150,13 @@ def plot_run(run_dir: Path) -> list[Path]:
     if gaps:
         written += plot_gaps_and_ranks(gaps, run.plots / "gaps_and_ranks")
     training = read_training_log(run)
+    metrics = read_metrics(run) if run.is_finished() else None
     if training:
-        baseline = read_metrics(run).baseline_error if run.is_finished() else None
+        baseline = metrics.baseline_error if metrics is not None else None
         written += plot_training(training, run.plots / "training", baseline)
+    if gaps and metrics is not None and metrics.posterior_ranks:
+        written += plot_posterior_ranks(gaps, metrics.posterior_ranks, metrics.posterior_caps or {},
+                                        run.plots / "posterior_ranks")
     return written
 
 

@@ -1,6 +1,7 @@
 """Stage 3's LightningModule: the composed model, the task's loss and error, AdamW with warm-up
 and a cosine / step / constant schedule, and the method spec's hooks (its optimizer groups, hooks
-on the optimizer, a call before each training step).
+on the optimizer, a call before each training step, a regularizer added to the training loss over
+the training set's size and logged as `train_kl`, and a call before the test split is scored).
 
 Checkpoints hold only what training changes (trainable parameters, the tensors each adapter layer
 saves, buffers outside the frozen body), so a Swin-base checkpoint is megabytes, not 350 MB, plus the
@@ -17,7 +18,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from orca_lora.adapters.inject import adapter_modules
-from orca_lora.adapters.spec import StepHook, get_method
+from orca_lora.adapters.spec import PosteriorRanks, StepHook, get_method
 from orca_lora.config import Stage3Config
 from orca_lora.data.tasks import TaskData
 from orca_lora.errors import TrainingDiverged
@@ -47,6 +48,8 @@ class FinetuneModule(L.LightningModule):
         self.loss_fn, self.error_fn = task.loss, task.error
         self.stage, self.method = stage, get_method(stage.method)
         self.step_hook: StepHook | None = None
+        self.n_train = len(task.train)  # the ELBO's KL is per training sample, as the task loss is a mean
+        self.posterior: PosteriorRanks | None = None  # what the method's finalize reported before testing
         self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
         self.rank_generator = torch.Generator().manual_seed(seed)
         self.strict_loading = False  # checkpoints leave out the frozen body
@@ -61,12 +64,18 @@ class FinetuneModule(L.LightningModule):
         inputs, targets = batch
         self.method.on_train_batch_start(self.model, self.rank_generator)
         loss = self.loss_fn(self(inputs), targets).mean()
-        if not torch.isfinite(loss):
-            raise TrainingDiverged(f"stage 3 diverged: the training loss is {loss.item()} at step "
+        objective = loss
+        regularizer = self.method.regularizer(self.model)
+        if regularizer is not None:
+            objective = loss + regularizer / self.n_train
+        if not torch.isfinite(objective):
+            raise TrainingDiverged(f"stage 3 diverged: the training loss is {objective.item()} at step "
                                    f"{self.trainer.global_step} (epoch {self.current_epoch}); lower stage3.lr "
                                    "or keep stage3.grad_clip on, then run again")
-        self.log("train_loss", loss, prog_bar=True, batch_size=len(inputs))
-        return loss
+        self.log("train_loss", loss, prog_bar=True, batch_size=len(inputs))  # the task's, as for every method
+        if regularizer is not None:
+            self.log("train_kl", regularizer, batch_size=len(inputs))
+        return objective
 
     def _evaluate(self, batch, name: str) -> None:
         inputs, targets = batch
@@ -79,6 +88,10 @@ class FinetuneModule(L.LightningModule):
 
     def test_step(self, batch, batch_index):
         self._evaluate(batch, "test_error")
+
+    def on_test_start(self) -> None:
+        # Lightning has restored the best checkpoint by now; the test split scores the finalized model
+        self.posterior = self.method.finalize(self.model)
 
     def on_train_start(self) -> None:
         if self.step_hook is not None:

@@ -1,7 +1,9 @@
 """Stage 3, refine: put adapters on the frozen body and fine-tune with Lightning (DESIGN 7).
 
 Model selection (best checkpoint, early stopping) uses the validation split carved from the
-training data; the test split is touched once, at the end, with the best checkpoint.
+training data; the test split is touched once, at the end, with the best checkpoint, once the
+method has finalized it (ibp-lora prunes to its posterior ranks first; the test error, saved weights
+and parameter count are the pruned model's).
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import DataLoader
 
-from orca_lora.adapters.inject import count_trainable, merge_adapters
+from orca_lora.adapters.inject import adapter_modules, count_trainable, merge_adapters
 from orca_lora.adapters.io import save_peft_adapter
 from orca_lora.adapters.spec import get_method
 from orca_lora.config import ConfigError, Stage3Config, TrainerConfig
@@ -37,11 +39,13 @@ from orca_lora.run_files import FinetuneResult, RunFiles, SampleErrors, training
 log = logging.getLogger("orca_lora")
 
 
-def prepare_model(model: nn.Module, stage: Stage3Config, ranks: Mapping[str, int], seed: int = 0) -> nn.Module:
+def prepare_model(model: nn.Module, stage: Stage3Config, ranks: Mapping[str, int], seed: int = 0,
+                  prior_masses: Mapping[str, float] | None = None) -> nn.Module:
     """The method's layers in `model` (their random parts drawn from `seed`) and what trains marked,
     as its spec says: adapters, embedder and head for the adapter methods; all but the unused patch
-    embedding for `full`; only the head for `linear`."""
-    get_method(stage.method).prepare(model, stage, ranks, seed)
+    embedding for `full`; only the head for `linear`. `prior_masses` (stage 2's IBP mass per module)
+    is read by ibp-lora only."""
+    get_method(stage.method).prepare(model, stage, ranks, seed, prior_masses=prior_masses)
     return model.train()
 
 
@@ -145,13 +149,16 @@ def make_trainer(trainer_config: TrainerConfig, stage: Stage3Config, directory: 
 
 
 def run(stage: Stage3Config, trainer_config: TrainerConfig, model: nn.Module, ranks: Mapping[str, int],
-        task: TaskData, seed: int, run_files: RunFiles) -> FinetuneResult:
+        task: TaskData, seed: int, run_files: RunFiles,
+        prior_masses: Mapping[str, float] | None = None) -> FinetuneResult:
     """Fine-tune `model`; resume from `checkpoints/last.ckpt` when a previous attempt was killed.
 
-    The test split is scored once, with the best checkpoint on validation; the per-sample validation
-    and test errors of that checkpoint are saved for paired comparisons between runs."""
+    The test split is scored once, with the best checkpoint on validation as the method finalizes it;
+    the per-sample validation and test errors of that model are saved for paired comparisons between
+    runs. `trainable_params` counts the finalized model, `trained_params` the one that trained."""
     L.seed_everything(seed, workers=True, verbose=False)
-    prepare_model(model, stage, ranks, seed)
+    prepare_model(model, stage, ranks, seed, prior_masses)
+    trained_params = count_trainable(model)
     trainer, checkpoint = make_trainer(trainer_config, stage, run_files.stage("stage3"))
     world_size = trainer.world_size
     check_world_size(task, world_size)
@@ -185,10 +192,13 @@ def run(stage: Stage3Config, trainer_config: TrainerConfig, model: nn.Module, ra
         write_sample_errors(run_files, SampleErrors(val=per_sample_errors(module, task.val, stage.batch_size),
                                                     test=per_sample_errors(module, task.test, stage.batch_size)))
         save_trained_weights(module, model, stage, run_files)
+    posterior = module.posterior
     return FinetuneResult(
         test_error=test_error,
         best_val_error=float(checkpoint.best_model_score if checkpoint.best_model_score is not None else math.nan),
         trainable_params=count_trainable(model), best_checkpoint=best, device=str(module.device),
+        trained_params=trained_params, posterior_ranks=None if posterior is None else posterior.ranks,
+        posterior_caps=None if posterior is None else posterior.caps,
     )
 
 
@@ -215,7 +225,10 @@ def save_trained_weights(module: FinetuneModule, model: nn.Module, stage: Stage3
     keep = module.saved_keys()
     save_tensors_atomic({k: v for k, v in module.state_dict().items() if k in keep}, run_files.trainable)
     if get_method(stage.method).peft_export:
-        save_peft_adapter(model, run_files.adapter)
+        if adapter_modules(model):
+            save_peft_adapter(model, run_files.adapter)
+        else:  # ibp-lora pruned every module to rank 0
+            log.info("stage 3: no module kept an adapter, so there is no PEFT adapter to save")
     if stage.save_merged:
         merge_adapters(model)
         save_tensors_atomic(model.state_dict(), run_files.merged)

@@ -29,7 +29,7 @@ def test_the_registry_holds_exactly_the_names_of_choices_py():
 
 def test_flags_of_the_shipped_methods():
     exported = {name for name, spec in METHODS.items() if spec.peft_export}
-    assert exported == {"lora", "lora-plus", "delta-lora", "dylora", "dora", "qlora"}
+    assert exported == {"lora", "lora-plus", "delta-lora", "dylora", "dora", "qlora", "ibp-lora"}
     assert {name for name, spec in METHODS.items() if not spec.mergeable} == {"houlsby", "full", "linear"}
     assert {name for name, spec in METHODS.items() if not spec.uses_targets} == {"full", "linear"}
 
