@@ -57,6 +57,7 @@ MIN_SAMPLES_PER_DIM = 4
 NULL_DRAWS = 100
 TW_Z = 3.5
 NULL_SEED = 0
+SINGLE_PRECISION_RANGE = 1e3  # largest / smallest variance of the points that float32 sums are trusted with
 
 
 @dataclass(frozen=True)
@@ -94,20 +95,25 @@ def weighted_moments(x: Tensor, weights: Tensor, chunk: int = 32) -> tuple[Tenso
 
         S_b = sum_i w_bi (x_i - m_b)(x_i - m_b)^T / (n_b - 1),  n_b = sum_i w_bi,  m_b = sum_i w_bi x_i / n_b.
 
-    The means are float64; the centred products, the cost (B N d^2), are summed in float32: exact
-    enough for points of unit scale in every direction (`source_subspace` whitens them first, so
-    nothing ill-conditioned meets the single precision). Each row is centred on its own mean, so a
-    large mean shift between source and target cancels nothing.
+    The means are float64; the centred products, the cost (B N d^2), are summed in float32 when the
+    points' variances span less than `SINGLE_PRECISION_RANGE` (`source_subspace` whitens them by the
+    source, so a target near the source is of unit scale everywhere), in float64 otherwise (a
+    target that varies 1e3 x more than the source in some direction would leave the small
+    eigenvalues to float32's rounding and the covariance indefinite). Each row is centred on its
+    own mean, so a large mean shift between source and target cancels nothing.
     """
     x = x.double()
     weights = weights.double()
     totals = weights.sum(1)
     means = (weights[:, None, :] @ x).squeeze(-2) / totals[:, None]
+    variances = x.var(-2)
+    single = bool((variances.amax() <= SINGLE_PRECISION_RANGE * variances.amin()).all())
+    dtype = torch.float32 if single else torch.float64
     points = x if x.ndim == 3 else x.expand(len(weights), -1, -1)
     covariances = []
     for w, p, m, n in zip(weights.split(chunk), points.split(chunk), means.split(chunk), totals.split(chunk)):
-        centred = (p - m[:, None, :]).float()
-        second = ((w.float()[:, :, None] * centred).mT @ centred).double()
+        centred = (p - m[:, None, :]).to(dtype)
+        second = ((w.to(dtype)[:, :, None] * centred).mT @ centred).double()
         covariances.append(second / (n - 1)[:, None, None])
     return means, torch.cat(covariances)
 

@@ -127,3 +127,18 @@ def test_weighted_moments_match_numpy_even_under_a_large_mean_shift():
         picked = points.repeat_interleave(counts[row].long(), dim=0).numpy()
         np.testing.assert_allclose(means[row].numpy(), picked.mean(0), rtol=1e-12)
         np.testing.assert_allclose(covariances[row].numpy(), np.cov(picked.T), rtol=1e-5, atol=1e-6)
+
+
+def test_weighted_moments_stay_positive_definite_when_the_target_dwarfs_the_source():
+    from orca_lora.rank.spectral import weighted_moments
+    g = torch.Generator().manual_seed(1)
+    points = torch.randn(400, 30, generator=g, dtype=torch.float64)
+    points[200:, :3] *= 3e3  # a target whose spread in three directions dwarfs the source's
+    member = torch.zeros(4, 400, dtype=torch.float64)
+    for row in range(4):
+        member[row, torch.randperm(400, generator=g)[:200]] = 1
+    _, covariances = weighted_moments(points, member)
+    for row in range(4):
+        picked = points[member[row].bool()].numpy()
+        np.testing.assert_allclose(covariances[row].numpy(), np.cov(picked.T), rtol=1e-6, atol=1e-6)
+    assert torch.linalg.eigvalsh(covariances).min() > 0
