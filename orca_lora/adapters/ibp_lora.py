@@ -12,7 +12,7 @@ alpha_i the module's block mass from stage 2 (`GapResult.prior_masses`). Variati
 (Kessler et al. 2021; Nalisnick & Smyth 2017): q(v_j) = Kumaraswamy(a_j, b_j), a and b softplus-
 parametrised and started at (alpha_i, 1), which is the prior itself; q(z_k) = Bernoulli(q_k), q_k =
 sigmoid(logit_k), relaxed to the binary Concrete at temperature `stage3.ibp_temperature` for training.
-Stage 3 minimises the negative ELBO, task loss + KL / n_train (ibp_math.ibp_kl, one Kumaraswamy sample
+Stage 3 minimises the negative ELBO, task loss + KL / n_train (rank/ibp.py ibp_kl, one Kumaraswamy sample
 of v per step), the KL summed over modules.
 
 Defaults and rules (pinned here):
@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from orca_lora.adapters.base import AdapterLayer, kaiming_lora_A
-from orca_lora.adapters.ibp_math import ibp_kl, relaxed_bernoulli_sample
+from orca_lora.rank.ibp import ibp_kl, relaxed_bernoulli_sample
 from orca_lora.adapters.inject import (LinearAdapterMethod, mark_only_adapters_trainable, match_targets,
                                        replace_modules)
 from orca_lora.adapters.lora import LoRALinear
@@ -111,7 +111,7 @@ class IBPLoRALinear(AdapterLayer):
         return self.gate_probabilities()
 
     def kl(self) -> Tensor:
-        """KL(q(v, z) || p(v, z)) of this module's sticks and gates (one sample of v, see ibp_math.ibp_kl)."""
+        """KL(q(v, z) || p(v, z)) of this module's sticks and gates (one sample of v, see rank/ibp.py ibp_kl)."""
         return ibp_kl(F.softplus(self.ibp_a), F.softplus(self.ibp_b), self.ibp_logits,
                       max(self.prior_mass, MIN_PRIOR_MASS))
 
