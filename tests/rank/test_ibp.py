@@ -277,3 +277,17 @@ def test_relaxed_bernoulli_becomes_bernoulli_at_low_temperature():
     assert abs((warm > 0.5).float().mean().item() - 0.3) < 0.01  # P(z > 1/2) = q at any temperature
     with pytest.raises(ValueError, match="temperature must be > 0"):
         relaxed_bernoulli_sample(logits, 0.0)
+
+
+def test_torch_stick_products_match_the_buffet_samplers_feature_count():
+    """E[sum_k pi_k] for v ~ Beta(alpha, 1) through log_stick_products equals the mean number of dishes
+    one customer takes in the numpy stick-breaking sampler, and the exact sum_k (alpha / (1 + alpha))^k."""
+    alpha, truncation = 3.0, 40
+    torch.manual_seed(0)
+    v = torch.distributions.Beta(alpha, 1.0).sample((20000, truncation))
+    torch_mean = log_stick_products(torch.log(v)).exp().sum(1).mean().item()
+    rng = np.random.default_rng(0)
+    sampler_mean = np.mean([stick_breaking_ibp(alpha, 1, truncation, rng).shape[1] for _ in range(4000)])
+    exact = sum((alpha / (1 + alpha)) ** k for k in range(1, truncation + 1))
+    assert torch_mean == pytest.approx(exact, rel=0.02)
+    assert sampler_mean == pytest.approx(exact, rel=0.05)
