@@ -10,6 +10,7 @@ import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator, NullLocator
+from omegaconf import OmegaConf
 
 from orca_lora.choices import GAP_AWARE_ALLOCATIONS
 from orca_lora.experiments.hypothesis import HypothesisResult, evaluate_hypothesis
@@ -59,7 +60,15 @@ def plot_alignment(distance: str, curve: Sequence[float], stem: Path) -> list[Pa
     return save_figure(figure, stem)
 
 
-def plot_gaps_and_ranks(rows: Sequence[GapRow], stem: Path) -> list[Path]:
+GAP_UNITS = {"spectral": "directions of the shift (spectral rank)", "c2st": "2 |accuracy - 1/2| (c2st)"}
+
+
+def gap_label(distance: str) -> str:
+    """The gap axis's label: what stage2.distance measures it in."""
+    return f"modality gap D_i, {GAP_UNITS.get(distance, f'{distance}, source-anchored units')}"
+
+
+def plot_gaps_and_ranks(rows: Sequence[GapRow], stem: Path, distance: str = "mmd") -> list[Path]:
     """Each block's gap with its 95% interval against its noise floor, and the rank it got."""
     blocks = [row.block for row in rows]
     figure, gap_axis = subplots(figsize=(6.5, 3.8))
@@ -74,7 +83,7 @@ def plot_gaps_and_ranks(rows: Sequence[GapRow], stem: Path) -> list[Path]:
             gap_axis.annotate("at floor", (row.block, max(row.ci_high, row.floor)), textcoords="offset points",
                               xytext=(0, 3), ha="center", fontsize=7)
     gap_axis.set_xlabel("Swin block (forward order; width " + ", ".join(str(row.width) for row in rows) + ")")
-    gap_axis.set_ylabel("modality gap D_i (source-anchored units)")
+    gap_axis.set_ylabel(gap_label(distance))
     gap_axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     rank_axis = gap_axis.twinx()
     rank_axis.plot(blocks, [row.rank for row in rows], color="tab:red", marker="o", label="LoRA rank r_i")
@@ -97,14 +106,14 @@ def block_posterior_ranks(rows: Sequence[GapRow], posterior: dict[str, int]) -> 
 
 
 def plot_posterior_ranks(rows: Sequence[GapRow], posterior: dict[str, int], caps: dict[str, int],
-                         stem: Path) -> list[Path]:
+                         stem: Path, distance: str = "mmd") -> list[Path]:
     """ibp-lora's posterior rank per block (median over its modules, with the median truncation r_max)
     beside the block's gap: does the rank the data ask for follow the gap?"""
     blocks = [row.block for row in rows]
     figure, gap_axis = subplots(figsize=(6.5, 3.8))
     gap_axis.bar(blocks, [row.gap for row in rows], color="tab:blue", alpha=0.7, label="gap D_i")
     gap_axis.set_xlabel("Swin block (forward order)")
-    gap_axis.set_ylabel("modality gap D_i (source-anchored units)")
+    gap_axis.set_ylabel(gap_label(distance))
     gap_axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     rank_axis = gap_axis.twinx()
     for values, style, label in ((posterior, dict(color="tab:red", marker="o"), "posterior rank (median of modules)"),
@@ -148,7 +157,8 @@ def plot_run(run_dir: Path) -> list[Path]:
         written += plot_alignment(*read_alignment(run), run.plots / "alignment")
     gaps = read_gaps(run)
     if gaps:
-        written += plot_gaps_and_ranks(gaps, run.plots / "gaps_and_ranks")
+        distance = OmegaConf.load(run.config).stage2.distance if run.config.is_file() else "mmd"
+        written += plot_gaps_and_ranks(gaps, run.plots / "gaps_and_ranks", distance)
     training = read_training_log(run)
     metrics = read_metrics(run) if run.is_finished() else None
     if training:
@@ -156,7 +166,7 @@ def plot_run(run_dir: Path) -> list[Path]:
         written += plot_training(training, run.plots / "training", baseline)
     if gaps and metrics is not None and metrics.posterior_ranks:
         written += plot_posterior_ranks(gaps, metrics.posterior_ranks, metrics.posterior_caps or {},
-                                        run.plots / "posterior_ranks")
+                                        run.plots / "posterior_ranks", distance)
     return written
 
 

@@ -170,3 +170,8 @@ def test_posterior_ranks_are_block_medians_beside_the_gaps(tmp_path):
     assert plots.block_posterior_ranks(GAPS, posterior) == [3.0, None, 0.0]
     stem = tmp_path / "posterior_ranks"
     assert_figures(plots.plot_posterior_ranks(GAPS, posterior, dict.fromkeys(posterior, 8), stem), stem)
+
+
+def test_gap_label_names_the_distance_units():
+    assert "spectral rank" in plots.gap_label("spectral")
+    assert plots.gap_label("mmd") == "modality gap D_i, mmd, source-anchored units"
