@@ -92,7 +92,7 @@ def format_law(law_file: LawFile) -> str:
              "", f"{'task':<24} {'block':<20} {'x':>8} {'rank':>5} {'cap':>4}"]
     lines += [f"{o.task:<24} {o.block:<20} {o.x:>8.3g} {o.rank:>5} {o.cap:>4}{' (censored)' if o.censored else ''}"
               for o in law_file.observations]
-    if law.n_tasks < 4:
+    if law.n_tasks < 8:
         lines.append(f"\n{law.n_tasks} tasks: blocks of one task share its embedder and data, so they are not "
                      "independent; read beta as a description, not evidence, below about 8 tasks")
     return "\n".join(lines)
