@@ -218,6 +218,13 @@ def _resampled_null(d: int, n_s: int, n_t: int, draws: int, seed: int):
     return torch.cat(smallest).numpy(), torch.cat(largest).numpy(), np.concatenate(t2)
 
 
+def clear_calibration_cache() -> None:
+    """Forget the simulated null calibrations (kept per (d, n_s, n_t) for the process's life), so a
+    timing sees what a fresh process pays."""
+    _null_extremes.cache_clear()
+    _resampled_null.cache_clear()
+
+
 def check_sample_sizes(n_s: int, n_t: int, d: int) -> None:
     low = MIN_SAMPLES_PER_DIM * d
     if n_s < low or n_t < low:
