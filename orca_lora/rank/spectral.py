@@ -57,7 +57,7 @@ MIN_SAMPLES_PER_DIM = 4
 NULL_DRAWS = 100
 TW_Z = 3.5
 NULL_SEED = 0
-SINGLE_PRECISION_RANGE = 1e3  # largest / smallest variance of the points that float32 sums are trusted with
+SMALLEST_SINGLE_VARIANCE = 1e-3  # of either side, in pooled-whitened units, for float32 sums
 
 
 @dataclass(frozen=True)
@@ -88,34 +88,32 @@ def _covariance(x: np.ndarray) -> np.ndarray:
     return centred.T @ centred / (x.shape[0] - 1)
 
 
-def weighted_moments(x: Tensor, weights: Tensor, chunk: int = 32) -> tuple[Tensor, Tensor]:
+def weighted_moments(x: Tensor, weights: Tensor, chunk: int = 32, single: bool = True) -> tuple[Tensor, Tensor]:
     """Mean (B, d) and covariance (B, d, d), divisor sum(w) - 1, of each sample that a row of
     `weights` (B, N) draws from the points x (N, d), or from its own points when x is (B, N, d):
     0/1 rows for permutations, counts for a bootstrap.
 
-        S_b = sum_i w_bi (x_i - m_b)(x_i - m_b)^T / (n_b - 1),  n_b = sum_i w_bi,  m_b = sum_i w_bi x_i / n_b.
+        S_b = (sum_i w_bi c_i c_i^T - n_b u_b u_b^T) / (n_b - 1),  c_i = x_i - mean(x),  u_b = m_b - mean(x),
+        n_b = sum_i w_bi,  m_b = sum_i w_bi x_i / n_b.
 
-    The means are float64; the centred products, the cost (B N d^2), are summed in float32 when the
-    points' variances span less than `SINGLE_PRECISION_RANGE` (`source_subspace` whitens them by the
-    source, so a target near the source is of unit scale everywhere), in float64 otherwise (a
-    target that varies 1e3 x more than the source in some direction would leave the small
-    eigenvalues to float32's rounding and the covariance indefinite). Each row is centred on its
-    own mean, so a large mean shift between source and target cancels nothing.
+    The means and the correction are float64; the weighted products, the cost (B N d^2), are summed
+    in float32 when `single`: exact enough for points of unit scale in every direction, which
+    `_checked_subspace` makes them (whitened by the pooled covariance, so no row mean u_b is far
+    from the centre and nothing cancels); `single=False` sums in float64.
     """
     x = x.double()
     weights = weights.double()
     totals = weights.sum(1)
-    means = (weights[:, None, :] @ x).squeeze(-2) / totals[:, None]
-    variances = x.var(-2)
-    single = bool((variances.amax() <= SINGLE_PRECISION_RANGE * variances.amin()).all())
+    centre = x.mean(-2, keepdim=True)
+    offsets = (weights[:, None, :] @ (x - centre)).squeeze(-2) / totals[:, None]
     dtype = torch.float32 if single else torch.float64
-    points = x if x.ndim == 3 else x.expand(len(weights), -1, -1)
+    centred = (x - centre).to(dtype)
     covariances = []
-    for w, p, m, n in zip(weights.split(chunk), points.split(chunk), means.split(chunk), totals.split(chunk)):
-        centred = (p - m[:, None, :]).to(dtype)
-        second = ((w.to(dtype)[:, :, None] * centred).mT @ centred).double()
-        covariances.append(second / (n - 1)[:, None, None])
-    return means, torch.cat(covariances)
+    for index, (w, u, n) in enumerate(zip(weights.to(dtype).split(chunk), offsets.split(chunk), totals.split(chunk))):
+        points = centred[index * chunk: index * chunk + len(w)] if centred.ndim == 3 else centred
+        second = ((w[:, :, None] * points).mT @ points).double()
+        covariances.append((second - n[:, None, None] * u[:, :, None] * u[:, None, :]) / (n - 1)[:, None, None])
+    return offsets + centre.squeeze(-2), torch.cat(covariances)
 
 
 def generalized_eigenvalues(target_covariance: Tensor, source_covariance: Tensor) -> Tensor:
@@ -155,9 +153,10 @@ def _null_extremes(d: int, n_s: int, n_t: int, draws: int, seed: int):
     smallest, largest = [], []
     for batch in torch.arange(draws).split(25):
         # n - 1 standard normal rows have the law of a centred n-sample's scatter
-        xs = torch.randn(len(batch), n_s - 1, d, generator=generator, dtype=torch.float64)
-        xt = torch.randn(len(batch), n_t - 1, d, generator=generator, dtype=torch.float64)
-        values = generalized_eigenvalues(xt.mT @ xt / (n_t - 1), xs.mT @ xs / (n_s - 1))
+        # float32 is exact enough for standard normal scatters, and twice as fast to draw and sum
+        xs = torch.randn(len(batch), n_s - 1, d, generator=generator)
+        xt = torch.randn(len(batch), n_t - 1, d, generator=generator)
+        values = generalized_eigenvalues((xt.mT @ xt).double() / (n_t - 1), (xs.mT @ xs).double() / (n_s - 1))
         smallest.append(values[:, 0])
         largest.append(values[:, -1])
     smallest, largest = torch.cat(smallest).numpy(), torch.cat(largest).numpy()
@@ -203,7 +202,7 @@ def _resampled_null(d: int, n_s: int, n_t: int, draws: int, seed: int):
     generator = torch.Generator().manual_seed(seed)
     smallest, largest, t2 = [], [], []
     for batch in torch.arange(draws).split(25):
-        points = torch.randn(len(batch), n_s + n_t, d, generator=generator, dtype=torch.float64)
+        points = torch.randn(len(batch), n_s + n_t, d, generator=generator)
         counts_s = torch.zeros(len(batch), n_s + n_t)
         counts_t = torch.zeros_like(counts_s)
         counts_s.scatter_add_(1, torch.randint(0, n_s, (len(batch), n_s), generator=generator), torch.ones(len(batch), n_s))
@@ -252,6 +251,15 @@ def source_subspace(source: np.ndarray, target: np.ndarray,
     return (source - centre) @ whitening, (target - centre) @ whitening
 
 
+def _single_precision_suffices(points: Tensor, source_weights: Tensor, target_weights: Tensor) -> bool:
+    """Whether float32 sums keep every covariance of these unit-scale points definite: each side's
+    smallest variance direction must carry >= SMALLEST_SINGLE_VARIANCE (float32's rounding of the
+    unit-scale products is ~1e-7; a side whose variance in some direction is far below the pooled
+    one, a target 1e3 x wider than the source say, goes to float64)."""
+    _, covariances = weighted_moments(points, torch.stack([source_weights, target_weights]), single=False)
+    return bool(torch.linalg.eigvalsh(covariances).amin() >= SMALLEST_SINGLE_VARIANCE)
+
+
 def spectral_shift_ranks(points: Tensor, source_weights: Tensor, target_weights: Tensor,
                          alpha: float = 0.01, resampled: bool = False) -> np.ndarray:
     """`spectral_shift_rank` of many resampled pairs at once: row b of the (B, N) weights draws its
@@ -262,8 +270,9 @@ def spectral_shift_ranks(points: Tensor, source_weights: Tensor, target_weights:
     d = points.shape[1]
     check_sample_sizes(n_s, n_t, d)
     calibration = null_calibration(d, n_s, n_t, resampled)
-    source_mean, source_covariance = weighted_moments(points, source_weights)
-    target_mean, target_covariance = weighted_moments(points, target_weights)
+    single = _single_precision_suffices(points, source_weights[0], target_weights[0])
+    source_mean, source_covariance = weighted_moments(points, source_weights, single=single)
+    target_mean, target_covariance = weighted_moments(points, target_weights, single=single)
     values = generalized_eigenvalues(target_covariance, source_covariance)
     covariance_ranks = ((values > calibration.upper).sum(1) + (values < calibration.lower).sum(1)).numpy()
     t2 = hotelling_statistics(source_mean, source_covariance, target_mean, target_covariance, n_s, n_t)
@@ -291,8 +300,8 @@ def spectral_shift_rank(source: Tensor, target: Tensor, alpha: float = 0.01) -> 
     check_sample_sizes(n_s, n_t, d)
     is_source = torch.cat([torch.ones(n_s), torch.zeros(n_t)])[None]
     points = torch.cat([xs, xt])  # one centring for both, so their means stay comparable
-    source_mean, source_covariance = weighted_moments(points, is_source)
-    target_mean, target_covariance = weighted_moments(points, 1 - is_source)
+    source_mean, source_covariance = weighted_moments(points, is_source, single=False)
+    target_mean, target_covariance = weighted_moments(points, 1 - is_source, single=False)
     eigenvalues = generalized_eigenvalues(target_covariance, source_covariance)[0].numpy()[::-1]
     lower_edge, upper_edge = wachter_edges(d, n_s, n_t)
     lower, upper = calibrated_thresholds(d, n_s, n_t)
@@ -314,4 +323,8 @@ def _checked_subspace(source: Tensor, target: Tensor, alpha: float) -> tuple[Ten
     if not (torch.isfinite(source).all() and torch.isfinite(target).all()):
         raise ValueError("spectral gap: features contain NaN or inf")
     xs, xt = source_subspace(source.detach().cpu().double().numpy(), target.detach().cpu().double().numpy())
-    return torch.from_numpy(xs), torch.from_numpy(xt)
+    # whitened by the pooled covariance too (invertible, so nothing changes but the scale): every
+    # point, source or target, is then of unit scale, which weighted_moments' float32 sums need
+    variances, directions = np.linalg.eigh(_covariance(np.concatenate([xs, xt])))
+    whitening = directions / np.sqrt(variances)
+    return torch.from_numpy(xs @ whitening), torch.from_numpy(xt @ whitening)

@@ -114,31 +114,38 @@ def test_a_layernorm_constraint_is_dropped_not_inverted():
     assert len(result.eigenvalues) == 11 and result.rank == 0
 
 
-def test_weighted_moments_match_numpy_even_under_a_large_mean_shift():
+def test_weighted_moments_match_numpy():
+    """float32 sums on unit-scale points, float64 sums (single=False) even under a mean shift of 1e4."""
     from orca_lora.rank.spectral import weighted_moments
     g = torch.Generator().manual_seed(0)
-    points = torch.randn(300, 6, generator=g, dtype=torch.float64)
-    points[150:] += 1e4  # a target far from the source: pooled centring would cancel in float32
-    counts = torch.zeros(2, 300, dtype=torch.float64)
-    counts[0, :150] = 1
-    counts[1].scatter_add_(0, torch.randint(0, 150, (150,), generator=g), torch.ones(150, dtype=torch.float64))
-    means, covariances = weighted_moments(points, counts)
-    for row in range(2):
-        picked = points.repeat_interleave(counts[row].long(), dim=0).numpy()
-        np.testing.assert_allclose(means[row].numpy(), picked.mean(0), rtol=1e-12)
-        np.testing.assert_allclose(covariances[row].numpy(), np.cov(picked.T), rtol=1e-5, atol=1e-6)
+    for shift, single, rtol in ((1.0, True, 1e-5), (1e4, False, 1e-6)):
+        points = torch.randn(300, 6, generator=g, dtype=torch.float64)
+        points[150:] += shift
+        counts = torch.zeros(2, 300, dtype=torch.float64)
+        counts[0, :150] = 1
+        counts[1].scatter_add_(0, torch.randint(0, 150, (150,), generator=g), torch.ones(150, dtype=torch.float64))
+        means, covariances = weighted_moments(points, counts, single=single)
+        for row in range(2):
+            picked = points.repeat_interleave(counts[row].long(), dim=0).numpy()
+            np.testing.assert_allclose(means[row].numpy(), picked.mean(0), rtol=1e-9, atol=1e-9)
+            np.testing.assert_allclose(covariances[row].numpy(), np.cov(picked.T), rtol=rtol, atol=rtol)
 
 
-def test_weighted_moments_stay_positive_definite_when_the_target_dwarfs_the_source():
-    from orca_lora.rank.spectral import weighted_moments
+def test_batched_ranks_hold_when_the_target_dwarfs_the_source():
+    """A target 1e5 x wider than the source in three directions (float32 sums make its bootstrap
+    covariances indefinite): the batch goes to float64 sums, its permutation ranks equal one exact
+    call per permutation and its bootstrap resamples keep the three directions."""
+    from orca_lora.rank.null import _bootstrap_counts, _membership
+    from orca_lora.rank.spectral import resampled_spectral_ranks
     g = torch.Generator().manual_seed(1)
-    points = torch.randn(400, 30, generator=g, dtype=torch.float64)
-    points[200:, :3] *= 3e3  # a target whose spread in three directions dwarfs the source's
-    member = torch.zeros(4, 400, dtype=torch.float64)
-    for row in range(4):
-        member[row, torch.randperm(400, generator=g)[:200]] = 1
-    _, covariances = weighted_moments(points, member)
-    for row in range(4):
-        picked = points[member[row].bool()].numpy()
-        np.testing.assert_allclose(covariances[row].numpy(), np.cov(picked.T), rtol=1e-6, atol=1e-6)
-    assert torch.linalg.eigvalsh(covariances).min() > 0
+    source = torch.randn(200, 20, generator=g, dtype=torch.float64)
+    target = torch.randn(200, 20, generator=g, dtype=torch.float64)
+    target[:, :3] *= 1e5
+    member = _membership(200, 200, 4, torch.Generator().manual_seed(0))
+    batched = resampled_spectral_ranks(source, target, member, 1 - member)
+    pooled = torch.cat([source, target])
+    np.testing.assert_array_equal(batched, [spectral_shift_rank(pooled[row.bool()], pooled[~row.bool()]).rank
+                                            for row in member])
+    assert spectral_shift_rank(source, target).rank >= 3
+    counts = _bootstrap_counts(200, 200, 4, torch.Generator().manual_seed(0))
+    assert (resampled_spectral_ranks(source, target, *counts, resampled=True) >= 3).all()
