@@ -132,20 +132,24 @@ def test_weighted_moments_match_numpy():
 
 
 def test_batched_ranks_hold_when_the_target_dwarfs_the_source():
-    """A target 1e5 x wider than the source in three directions (float32 sums make its bootstrap
-    covariances indefinite): the batch goes to float64 sums, its permutation ranks equal one exact
-    call per permutation and its bootstrap resamples keep the three directions."""
+    """A target far wider than the source in three directions: at 3e3 the permutation ranks equal one
+    exact call per permutation; at 1e5 (float32 sums would make its bootstrap covariances indefinite)
+    the batch goes to float64 sums and its bootstrap resamples keep the three directions."""
     from orca_lora.rank.null import _bootstrap_counts, _membership
     from orca_lora.rank.spectral import resampled_spectral_ranks
+    for scale in (3e3, 1e5):
+        g = torch.Generator().manual_seed(1)
+        source = torch.randn(200, 20, generator=g, dtype=torch.float64)
+        target = torch.randn(200, 20, generator=g, dtype=torch.float64)
+        target[:, :3] *= scale
+        counts = _bootstrap_counts(200, 200, 4, torch.Generator().manual_seed(0))
+        assert (resampled_spectral_ranks(source, target, *counts, resampled=True) >= 3).all()
+        assert spectral_shift_rank(source, target).rank >= 3
     g = torch.Generator().manual_seed(1)
     source = torch.randn(200, 20, generator=g, dtype=torch.float64)
     target = torch.randn(200, 20, generator=g, dtype=torch.float64)
-    target[:, :3] *= 1e5
+    target[:, :3] *= 3e3
     member = _membership(200, 200, 4, torch.Generator().manual_seed(0))
-    batched = resampled_spectral_ranks(source, target, member, 1 - member)
     pooled = torch.cat([source, target])
-    np.testing.assert_array_equal(batched, [spectral_shift_rank(pooled[row.bool()], pooled[~row.bool()]).rank
-                                            for row in member])
-    assert spectral_shift_rank(source, target).rank >= 3
-    counts = _bootstrap_counts(200, 200, 4, torch.Generator().manual_seed(0))
-    assert (resampled_spectral_ranks(source, target, *counts, resampled=True) >= 3).all()
+    np.testing.assert_array_equal(resampled_spectral_ranks(source, target, member, 1 - member),
+                                  [spectral_shift_rank(pooled[row.bool()], pooled[~row.bool()]).rank for row in member])
