@@ -47,7 +47,6 @@ from orca_lora.run_files import (
     FinetuneResult,
     GapResult,
     RunFiles,
-    RunLock,
     RunMetrics,
     StageRecord,
     from_dict,
@@ -57,6 +56,7 @@ from orca_lora.run_files import (
     write_marker,
     write_metrics,
 )
+from orca_lora.run_lock import RunLock
 
 log = logging.getLogger("orca_lora")
 

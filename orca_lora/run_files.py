@@ -3,13 +3,13 @@ reader of each file, and the typed records they hold. Stages, the pipeline, the 
 tests all go through this module, so a renamed file or column changes here and nowhere else.
 
     runs/<name>/
-      run.lock                         while a run owns the directory: pid, host, start time (RunLock)
+      run.lock                         while a run owns the directory: pid, host, start time (run_lock.py)
       config.yaml                      the resolved config
       stage1/stage.json                marker: config hash, finished, seconds, result (AlignResult)
       stage1/embedder.safetensors      the aligned embedder
       stage1/alignment.csv             epoch, distance (epoch 0 = before training)
       stage2/stage.json                marker, result (GapResult)
-      stage2/gaps.csv                  block, name, gap, rank
+      stage2/gaps.csv                  GAP_COLUMNS: block, name, width, gap, floor, p_value, interval, corrected, rank
       stage2/ranks.json                module -> rank, alpha0, budget, allocation (GapResult)
       stage3/stage.json                marker, result (FinetuneResult)
       stage3/checkpoints/              Lightning's best.ckpt and last.ckpt (trainable weights only)
@@ -30,9 +30,6 @@ import csv
 import io
 import json
 import logging
-import os
-import socket
-import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Optional, Sequence, TypeVar
@@ -369,79 +366,3 @@ def stage_results(run: RunFiles) -> dict[str, StageRecord]:
     """Every stage marker that exists, by stage name."""
     found = {name: read_marker(run, name) for name in STAGES}
     return {name: record for name, record in found.items() if record is not None}
-
-
-
-LOCK_FILE = "run.lock"
-
-
-class RunDirectoryBusy(OSError):
-    """Another live process holds the run directory's lock."""
-
-
-class RunLock:
-    """`run.lock` in a run directory: held by the one process that writes it, from start to exit.
-
-    Created with an exclusive hard link of a fully written temp file, so a reader never sees half a
-    lock and two starters never both win. A lock left by a dead process of this host is stale and
-    taken over; one from another host cannot be checked from here, so it is reported with its host
-    and age for the user to judge.
-    """
-
-    def __init__(self, run: RunFiles):
-        self.path = run.root / LOCK_FILE
-        self.owner = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
-
-    def __enter__(self) -> "RunLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        while not self._create():
-            holder = self._holder()
-            if holder is None:
-                continue  # released (or unreadable and removed) meanwhile: try again
-            if holder.get("host") == self.owner["host"] and not _alive(int(holder.get("pid", -1))):
-                log.warning("%s: stale lock of pid %s (no longer running) removed", self.path, holder.get("pid"))
-                self.path.unlink(missing_ok=True)
-                continue
-            age = time.time() - float(holder.get("started", time.time()))
-            raise RunDirectoryBusy(
-                f"{self.path.parent} is in use by pid {holder.get('pid')} on host {holder.get('host')} "
-                f"(started {age:.0f} s ago); wait for it to finish, or, if that process is gone, "
-                f"delete {self.path}")
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        if self._holder() == self.owner:
-            self.path.unlink(missing_ok=True)
-
-    def _create(self) -> bool:
-        temp = self.path.with_name(f".{LOCK_FILE}.{os.getpid()}.tmp")
-        temp.write_text(json.dumps(self.owner) + "\n")
-        try:
-            os.link(temp, self.path)
-            return True
-        except FileExistsError:
-            return False
-        finally:
-            temp.unlink(missing_ok=True)
-
-    def _holder(self) -> dict[str, Any] | None:
-        try:
-            return json.loads(self.path.read_text())
-        except FileNotFoundError:
-            return None
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            log.warning("%s: unreadable lock file removed", self.path)
-            self.path.unlink(missing_ok=True)
-            return None
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    return True

@@ -19,8 +19,9 @@ from orca_lora.config import load_config
 from orca_lora.errors import INTERRUPTED_EXIT_CODE
 from orca_lora.files import digest_path
 from orca_lora.pipeline import run_pipeline
-from orca_lora.run_files import (LOCK_FILE, RunFiles, read_marker, read_metrics, read_sample_errors,
+from orca_lora.run_files import (RunFiles, read_marker, read_metrics, read_sample_errors,
                                  training_log_before)
+from orca_lora.run_lock import LOCK_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
@@ -159,7 +160,7 @@ def test_a_second_launch_on_a_busy_run_directory_is_refused(tiny_overrides, tmp_
 
 
 def test_stale_and_foreign_locks(tiny_overrides, tmp_path, caplog):
-    from orca_lora.run_files import RunDirectoryBusy, RunLock
+    from orca_lora.run_lock import RunDirectoryBusy, RunLock
 
     run = RunFiles(tmp_path / "run")
     run.root.mkdir()
