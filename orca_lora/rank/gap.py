@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -81,25 +82,34 @@ class GapSettings:
     options: dict | None = None  # the distance's own options (otdd: inner, entropic_reg, ...)
 
 
+Estimator = Callable[[Tensor, Tensor, Tensor, Tensor, SourceUnits, GapSettings, torch.Generator, dict],
+                     GapEstimate]
+# distances with an estimator of their own (rank/null.py); any other registered distance gets the
+# generic permutation null and bootstrap of `resampled_gap`
+ESTIMATORS: dict[str, Estimator] = {
+    "mmd": lambda z_s, y_s, z_t, y_t, units, settings, generator, options: mmd_gap(
+        z_s, z_t, units.bandwidths, units.median_distance ** 2, generator, settings.permutations, settings.bootstraps),
+    "otdd": lambda z_s, y_s, z_t, y_t, units, settings, generator, options: otdd_gap(
+        z_s, y_s, z_t, y_t, generator, settings.otdd_draws, **options),
+    "c2st": lambda z_s, y_s, z_t, y_t, units, settings, generator, options: c2st_test(z_s, z_t, **options),
+    "spectral": lambda z_s, y_s, z_t, y_t, units, settings, generator, options: spectral_gap(
+        z_s, z_t, generator, settings.permutations, settings.bootstraps, **options),
+}
+
+
+def _resampled(z_s: Tensor, y_s: Tensor, z_t: Tensor, y_t: Tensor, units: SourceUnits, settings: GapSettings,
+               generator: torch.Generator, options: dict) -> GapEstimate:
+    distance = partial(DISTANCES[settings.distance].fn, **options)
+    return resampled_gap(distance, z_s, y_s, z_t, y_t, generator, settings.permutations, settings.bootstraps)
+
+
 def block_gap(source: Tensor, source_labels: Tensor, target: Tensor, target_labels: Tensor,
               units: SourceUnits, settings: GapSettings) -> GapEstimate:
     """D of one block with its floor, p-value and interval, both sets in the source's units."""
-    z_s, z_t = units.standardize(source), units.standardize(target)
-    generator = torch.Generator().manual_seed(settings.seed)
-    options = settings.options or {}
+    estimate = ESTIMATORS.get(settings.distance, _resampled)
     with torch.no_grad():
-        if settings.distance == "mmd":
-            return mmd_gap(z_s, z_t, units.bandwidths, units.median_distance ** 2, generator,
-                           settings.permutations, settings.bootstraps)
-        if settings.distance == "otdd":
-            return otdd_gap(z_s, source_labels, z_t, target_labels, generator, settings.otdd_draws, **options)
-        if settings.distance == "c2st":
-            return c2st_test(z_s, z_t, **options)
-        if settings.distance == "spectral":
-            return spectral_gap(z_s, z_t, generator, settings.permutations, settings.bootstraps, **options)
-        distance = DISTANCES[settings.distance].fn
-        return resampled_gap(partial(distance, **options), z_s, source_labels, z_t, target_labels, generator,
-                             settings.permutations, settings.bootstraps)
+        return estimate(units.standardize(source), source_labels, units.standardize(target), target_labels, units,
+                        settings, torch.Generator().manual_seed(settings.seed), settings.options or {})
 
 
 @dataclass(frozen=True)
