@@ -11,7 +11,7 @@ sample size (`LawProvenance`); a mix is an error naming the setting.
 from __future__ import annotations
 
 import statistics
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Sequence
 
@@ -60,9 +60,7 @@ def calibrate(directories: Sequence[Path | str], output: Path | None = None) -> 
             raise ValueError(f"{run.root} differs from the first run in {', '.join(differing)}: a law is fitted "
                              "on one body, proxy set, distance and sample size; calibrate those runs apart")
         per_task[(config.task.name, section_hash(config, "task"))].append(block_observations(run, config.task.name))
-    names = defaultdict(int)
-    for name, _ in per_task:
-        names[name] += 1
+    names = Counter(name for name, _ in per_task)
     observations = []
     for (name, task_hash), runs_of_task in sorted(per_task.items()):
         label = name if names[name] == 1 else f"{name}@{task_hash}"
