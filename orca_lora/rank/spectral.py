@@ -103,6 +103,9 @@ def weighted_moments(x: Tensor, weights: Tensor, chunk: int = 32, single: bool =
     """
     x = x.double()
     weights = weights.double()
+    drawn = (weights != 0).any(0)
+    if not drawn.all():  # a bootstrap of one side never draws the other side's points: skip them
+        x, weights = x[..., drawn, :], weights[:, drawn]
     totals = weights.sum(1)
     centre = x.mean(-2, keepdim=True)
     offsets = (weights[:, None, :] @ (x - centre)).squeeze(-2) / totals[:, None]
@@ -114,6 +117,30 @@ def weighted_moments(x: Tensor, weights: Tensor, chunk: int = 32, single: bool =
         second = ((w[:, :, None] * points).mT @ points).double()
         covariances.append((second - n[:, None, None] * u[:, :, None] * u[:, None, :]) / (n - 1)[:, None, None])
     return offsets + centre.squeeze(-2), torch.cat(covariances)
+
+
+def pair_moments(points: Tensor, source_weights: Tensor, target_weights: Tensor,
+                 single: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """`weighted_moments` of the source and the target rows of each resampled pair: (source mean,
+    source covariance, target mean, target covariance). When every row splits the points in two
+    (a permutation: target = 1 - source), the target's scatter is the total's minus the source's,
+
+        R_t = T - R_s,  R = (n - 1) S + n u u^T,  T = (N - 1) cov(points),  u = m - mean(points),
+
+    which halves the cost; otherwise both are summed."""
+    source_mean, source_covariance = weighted_moments(points, source_weights, single=single)
+    if not torch.equal(source_weights + target_weights, torch.ones_like(source_weights)):
+        return (source_mean, source_covariance, *weighted_moments(points, target_weights, single=single))
+    points = points.double()
+    centre = points.mean(0)
+    n_s = source_weights.sum(1).double()[:, None, None]
+    n_t = len(points) - n_s
+    u_s = (source_mean - centre)[:, :, None]
+    u_t = -u_s * n_s / n_t
+    total = torch.from_numpy(_covariance(points.numpy())) * (len(points) - 1)
+    source_scatter = (n_s - 1) * source_covariance + n_s * u_s @ u_s.mT
+    target_covariance = (total - source_scatter - n_t * u_t @ u_t.mT) / (n_t - 1)
+    return source_mean, source_covariance, centre + u_t[:, :, 0], target_covariance
 
 
 def generalized_eigenvalues(target_covariance: Tensor, source_covariance: Tensor) -> Tensor:
@@ -129,9 +156,9 @@ def hotelling_statistics(source_mean: Tensor, source_covariance: Tensor, target_
                          target_covariance: Tensor, n_s: int, n_t: int) -> np.ndarray:
     """Hotelling's two-sample T^2 with pooled covariance, one per batch row."""
     pooled = ((n_s - 1) * source_covariance + (n_t - 1) * target_covariance) / (n_s + n_t - 2)
-    diff = (target_mean - source_mean)[..., None]
+    diff = (target_mean - source_mean).to(pooled.dtype)[..., None]
     solved = torch.cholesky_solve(diff, torch.linalg.cholesky(pooled))
-    return (n_s * n_t / (n_s + n_t) * (diff * solved).sum((-2, -1))).numpy()
+    return (n_s * n_t / (n_s + n_t) * (diff * solved).sum((-2, -1))).double().numpy()
 
 
 def hotelling_p_values(t2: np.ndarray, d: int, n_s: int, n_t: int) -> np.ndarray:
@@ -271,8 +298,10 @@ def spectral_shift_ranks(points: Tensor, source_weights: Tensor, target_weights:
     check_sample_sizes(n_s, n_t, d)
     calibration = null_calibration(d, n_s, n_t, resampled)
     single = _single_precision_suffices(points, source_weights[0], target_weights[0])
-    source_mean, source_covariance = weighted_moments(points, source_weights, single=single)
-    target_mean, target_covariance = weighted_moments(points, target_weights, single=single)
+    source_mean, source_covariance, target_mean, target_covariance = pair_moments(points, source_weights,
+                                                                                 target_weights, single)
+    if single:  # unit-scale, well-conditioned covariances: float32 factorizations read the same ranks
+        source_covariance, target_covariance = source_covariance.float(), target_covariance.float()
     values = generalized_eigenvalues(target_covariance, source_covariance)
     covariance_ranks = ((values > calibration.upper).sum(1) + (values < calibration.lower).sum(1)).numpy()
     t2 = hotelling_statistics(source_mean, source_covariance, target_mean, target_covariance, n_s, n_t)

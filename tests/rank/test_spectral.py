@@ -153,3 +153,16 @@ def test_batched_ranks_hold_when_the_target_dwarfs_the_source():
     pooled = torch.cat([source, target])
     np.testing.assert_array_equal(resampled_spectral_ranks(source, target, member, 1 - member),
                                   [spectral_shift_rank(pooled[row.bool()], pooled[~row.bool()]).rank for row in member])
+
+
+def test_pair_moments_of_a_permutation_match_both_sides_summed():
+    """The target's moments from the total's scatter minus the source's equal summing the target's rows."""
+    from orca_lora.rank.null import _membership
+    from orca_lora.rank.spectral import pair_moments, weighted_moments
+    g = torch.Generator().manual_seed(2)
+    points = torch.randn(120, 5, generator=g, dtype=torch.float64) * torch.logspace(-1, 1, 5, dtype=torch.float64)
+    member = _membership(50, 70, 3, g)
+    _, _, target_mean, target_covariance = pair_moments(points, member, 1 - member, single=False)
+    summed_mean, summed_covariance = weighted_moments(points, 1 - member, single=False)
+    np.testing.assert_allclose(target_mean.numpy(), summed_mean.numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(target_covariance.numpy(), summed_covariance.numpy(), rtol=1e-9, atol=1e-12)
