@@ -60,6 +60,7 @@ from orca_lora.run_lock import RunLock
 
 log = logging.getLogger("orca_lora")
 
+SPECTRAL_NULL_CACHE = "cache/spectral_null"  # under data_root: the spectral gap's data-free null simulations
 STAGE_SECTIONS = {
     "stage1": ("seed", "data_root", "task", "source", "stage1"),
     "stage2": ("seed", "data_root", "task", "source", "stage1", "stage2"),
@@ -210,7 +211,8 @@ def _run_stages(config: Config, last_stage: int, placement: finetune_stage.Proce
         measured_on = replace(task, train=Subset(task.train, target_split.gap.tolist()))
         inputs = rank_stage.GapInputs(body, embedder, measured_on, source_images[source_split.gap],
                                       source_labels[source_split.gap], s3.targets, s3.rank, config.seed,
-                                      measure_seed=config.task.data_seed)
+                                      measure_seed=config.task.data_seed,
+                                      calibrations=Path(config.data_root) / SPECTRAL_NULL_CACHE)
         return rank_stage.run(config.stage2, inputs, run_files)
 
     stage2 = _staged("stage2", config, run_files, gap_and_rank, process_rank)

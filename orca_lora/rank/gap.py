@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from orca_lora.align.distances import DISTANCES, median_bandwidths
 from orca_lora.models.body import body_blocks
 from orca_lora.rank.null import GapEstimate, c2st_test, mmd_gap, otdd_gap, resampled_gap, spectral_gap
+from orca_lora.rank.spectral import CalibrationStore
 
 STD_EPS = 1e-6
 
@@ -80,6 +81,7 @@ class GapSettings:
     otdd_draws: int = 20  # subsample draws for otdd (each two OT solves)
     seed: int = 0  # draws of the null and the interval
     options: dict | None = None  # the distance's own options (otdd: inner, entropic_reg, ...)
+    calibrations: CalibrationStore | None = None  # spectral: stored null simulations (data-free)
 
 
 Estimator = Callable[[Tensor, Tensor, Tensor, Tensor, SourceUnits, GapSettings, torch.Generator, dict],
@@ -93,7 +95,7 @@ ESTIMATORS: dict[str, Estimator] = {
         z_s, y_s, z_t, y_t, generator, settings.otdd_draws, **options),
     "c2st": lambda z_s, y_s, z_t, y_t, units, settings, generator, options: c2st_test(z_s, z_t, **options),
     "spectral": lambda z_s, y_s, z_t, y_t, units, settings, generator, options: spectral_gap(
-        z_s, z_t, generator, settings.permutations, settings.bootstraps, **options),
+        z_s, z_t, generator, settings.permutations, settings.bootstraps, store=settings.calibrations, **options),
 }
 
 

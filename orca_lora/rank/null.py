@@ -39,7 +39,7 @@ from torch import Tensor
 
 from orca_lora.align.distances import c2st_gap, gaussian_kernel, otdd
 from orca_lora.align.features import squared_distances
-from orca_lora.rank.spectral import resampled_spectral_ranks, spectral_shift_rank
+from orca_lora.rank.spectral import CalibrationStore, resampled_spectral_ranks, spectral_shift_rank
 
 FLOOR_QUANTILE = 0.95
 SIGNIFICANCE = 0.05
@@ -127,15 +127,16 @@ def mmd_gap(source: Tensor, target: Tensor, bandwidths: Tensor, scale: float, ge
 
 
 def spectral_gap(source: Tensor, target: Tensor, generator: torch.Generator, permutations: int = 200,
-                 bootstraps: int = 200, alpha: float = 0.01) -> GapEstimate:
+                 bootstraps: int = 200, alpha: float = 0.01, store: CalibrationStore | None = None) -> GapEstimate:
     """The spectral rank of the shift (`rank/spectral.py`) against its permutation null and with a
-    bootstrap interval, every resampled pair's covariances computed in one batch."""
-    observed = float(spectral_shift_rank(source, target, alpha).rank)
+    bootstrap interval, every resampled pair's covariances computed in one batch; the data-free
+    null simulations that calibrate the cut-offs come from `store` when it holds them."""
+    observed = float(spectral_shift_rank(source, target, alpha, store).rank)
     n_s, n_t = len(source), len(target)
     member = _membership(n_s, n_t, permutations, generator)
-    null = resampled_spectral_ranks(source, target, member, 1 - member, alpha).astype(float)
+    null = resampled_spectral_ranks(source, target, member, 1 - member, alpha, store=store).astype(float)
     boot = resampled_spectral_ranks(source, target, *_bootstrap_counts(n_s, n_t, bootstraps, generator), alpha,
-                                    resampled=True)
+                                    resampled=True, store=store)
     return GapEstimate(observed, float(np.quantile(null, FLOOR_QUANTILE)), permutation_p_value(observed, null),
                        *_interval(boot.astype(float)))
 

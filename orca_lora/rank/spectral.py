@@ -46,6 +46,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import MutableMapping, Optional
 
 import numpy as np
 import scipy.linalg
@@ -58,6 +59,11 @@ NULL_DRAWS = 100
 TW_Z = 3.5
 NULL_SEED = 0
 SMALLEST_SINGLE_VARIANCE = 1e-3  # of either side, in pooled-whitened units, for float32 sums
+NULL_VERSION = 1  # bump when the simulations below change, so stored ones are not reused
+
+# A store of simulated nulls (key -> array) that outlives the process, e.g. a folder of files
+# (`rank/calibration_store.py`); the simulations are data-free, so every run at the same sizes reads them
+CalibrationStore = MutableMapping[str, np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -112,9 +118,17 @@ def weighted_moments(x: Tensor, weights: Tensor, chunk: int = 32, single: bool =
     dtype = torch.float32 if single else torch.float64
     centred = (x - centre).to(dtype)
     covariances = []
+    # 0/1 rows of one size (a permutation's side) gather their points instead of weighting all N by 0 or 1
+    chosen = None
+    if centred.ndim == 2 and torch.all((weights == 0) | (weights == 1)) and torch.all(totals == totals[0]):
+        chosen = torch.argsort(weights, dim=1, descending=True, stable=True)[:, :int(totals[0])]
     for index, (w, u, n) in enumerate(zip(weights.to(dtype).split(chunk), offsets.split(chunk), totals.split(chunk))):
-        points = centred[index * chunk: index * chunk + len(w)] if centred.ndim == 3 else centred
-        second = ((w[:, :, None] * points).mT @ points).double()
+        if chosen is not None:
+            points = centred[chosen[index * chunk: index * chunk + len(w)]]
+            second = (points.mT @ points).double()
+        else:
+            points = centred[index * chunk: index * chunk + len(w)] if centred.ndim == 3 else centred
+            second = ((w[:, :, None] * points).mT @ points).double()
         covariances.append((second - n[:, None, None] * u[:, :, None] * u[:, None, :]) / (n - 1)[:, None, None])
     return offsets + centre.squeeze(-2), torch.cat(covariances)
 
@@ -167,15 +181,29 @@ def hotelling_p_values(t2: np.ndarray, d: int, n_s: int, n_t: int) -> np.ndarray
     return scipy.stats.f.sf(dof / (d * (n_s + n_t - 2)) * t2, d, dof)
 
 
-def null_extremes(d: int, n_s: int, n_t: int, draws: int = NULL_DRAWS,
-                  seed: int = NULL_SEED) -> tuple[np.ndarray, np.ndarray]:
+def null_extremes(d: int, n_s: int, n_t: int, draws: int = NULL_DRAWS, seed: int = NULL_SEED,
+                  store: Optional[CalibrationStore] = None) -> tuple[np.ndarray, np.ndarray]:
     """Smallest and largest F-matrix eigenvalue in `draws` seeded null draws (Gaussian data,
     identity covariance, which loses nothing: the null law is covariance-free)."""
-    return _null_extremes(d, n_s, n_t, draws, seed)
+    smallest, largest = _stored("extremes", d, n_s, n_t, draws, seed, store)
+    return smallest, largest
+
+
+def _stored(kind: str, d: int, n_s: int, n_t: int, draws: int, seed: int,
+            store: Optional[CalibrationStore]) -> np.ndarray:
+    """A simulated null, from `store` when it holds it, else simulated (once per process) and put there."""
+    key = f"{kind}-v{NULL_VERSION}-d{d}-ns{n_s}-nt{n_t}-draws{draws}-seed{seed}"
+    if store is not None and key in store:
+        return store[key]
+    simulated = _SIMULATIONS[kind](d, n_s, n_t, draws, seed)
+    if store is not None:
+        store[key] = simulated
+    return simulated
 
 
 @lru_cache(maxsize=64)
-def _null_extremes(d: int, n_s: int, n_t: int, draws: int, seed: int):
+def _simulated_extremes(d: int, n_s: int, n_t: int, draws: int, seed: int) -> np.ndarray:
+    """(2, draws): the smallest and the largest eigenvalue of each null draw."""
     generator = torch.Generator().manual_seed(seed)
     smallest, largest = [], []
     for batch in torch.arange(draws).split(25):
@@ -186,9 +214,9 @@ def _null_extremes(d: int, n_s: int, n_t: int, draws: int, seed: int):
         values = generalized_eigenvalues((xt.mT @ xt).double() / (n_t - 1), (xs.mT @ xs).double() / (n_s - 1))
         smallest.append(values[:, 0])
         largest.append(values[:, -1])
-    smallest, largest = torch.cat(smallest).numpy(), torch.cat(largest).numpy()
-    smallest.flags.writeable = largest.flags.writeable = False
-    return smallest, largest
+    simulated = torch.stack([torch.cat(smallest), torch.cat(largest)]).numpy()
+    simulated.flags.writeable = False
+    return simulated
 
 
 @dataclass(frozen=True)
@@ -202,30 +230,33 @@ class NullCalibration:
     t2_scale: float
 
 
-def null_calibration(d: int, n_s: int, n_t: int, resampled: bool = False) -> NullCalibration:
+def null_calibration(d: int, n_s: int, n_t: int, resampled: bool = False,
+                     store: Optional[CalibrationStore] = None) -> NullCalibration:
     """The cut-offs for a sample pair or, `resampled`, for a bootstrap resample of one: mean -+ TW_Z
     sd of the simulated null extremes (`null_extremes`), and for a resample the extremes and T^2
     simulated on bootstrap resamples of null Gaussian samples, T^2 scaled by its simulated mean over
     the F law's mean d (N - 2) / (N - d - 3)."""
     if not resampled:
-        smallest, largest = null_extremes(d, n_s, n_t)
+        smallest, largest = null_extremes(d, n_s, n_t, store=store)
         t2_scale = 1.0
     else:
-        smallest, largest, t2 = _resampled_null(d, n_s, n_t, NULL_DRAWS, NULL_SEED)
+        smallest, largest, t2 = _stored("resamples", d, n_s, n_t, NULL_DRAWS, NULL_SEED, store)
         total = n_s + n_t
         t2_scale = float(t2.mean() / (d * (total - 2) / (total - d - 3)))
     return NullCalibration(float(smallest.mean() - TW_Z * smallest.std(ddof=1)),
                            float(largest.mean() + TW_Z * largest.std(ddof=1)), t2_scale)
 
 
-def calibrated_thresholds(d: int, n_s: int, n_t: int) -> tuple[float, float]:
+def calibrated_thresholds(d: int, n_s: int, n_t: int,
+                          store: Optional[CalibrationStore] = None) -> tuple[float, float]:
     """(lower, upper) cut-offs of a sample pair: mean -+ TW_Z sd of the simulated null extremes."""
-    calibration = null_calibration(d, n_s, n_t)
+    calibration = null_calibration(d, n_s, n_t, store=store)
     return calibration.lower, calibration.upper
 
 
 @lru_cache(maxsize=64)
-def _resampled_null(d: int, n_s: int, n_t: int, draws: int, seed: int):
+def _simulated_resamples(d: int, n_s: int, n_t: int, draws: int, seed: int) -> np.ndarray:
+    """(3, draws): smallest and largest eigenvalue and T^2 of bootstrap resamples of null samples."""
     generator = torch.Generator().manual_seed(seed)
     smallest, largest, t2 = [], [], []
     for batch in torch.arange(draws).split(25):
@@ -240,15 +271,21 @@ def _resampled_null(d: int, n_s: int, n_t: int, draws: int, seed: int):
         values = generalized_eigenvalues(target_covariance, source_covariance)
         smallest.append(values[:, 0])
         largest.append(values[:, -1])
-        t2.append(hotelling_statistics(source_mean, source_covariance, target_mean, target_covariance, n_s, n_t))
-    return torch.cat(smallest).numpy(), torch.cat(largest).numpy(), np.concatenate(t2)
+        t2.append(torch.from_numpy(hotelling_statistics(source_mean, source_covariance, target_mean,
+                                                        target_covariance, n_s, n_t)))
+    simulated = torch.stack([torch.cat(smallest), torch.cat(largest), torch.cat(t2)]).numpy()
+    simulated.flags.writeable = False
+    return simulated
+
+
+_SIMULATIONS = {"extremes": _simulated_extremes, "resamples": _simulated_resamples}
 
 
 def clear_calibration_cache() -> None:
-    """Forget the simulated null calibrations (kept per (d, n_s, n_t) for the process's life), so a
-    timing sees what a fresh process pays."""
-    _null_extremes.cache_clear()
-    _resampled_null.cache_clear()
+    """Forget the simulated nulls kept for the process's life (a store keeps its own), so a timing
+    sees what a fresh process pays."""
+    for simulate in _SIMULATIONS.values():
+        simulate.cache_clear()
 
 
 def check_sample_sizes(n_s: int, n_t: int, d: int) -> None:
@@ -288,7 +325,8 @@ def _single_precision_suffices(points: Tensor, source_weights: Tensor, target_we
 
 
 def spectral_shift_ranks(points: Tensor, source_weights: Tensor, target_weights: Tensor,
-                         alpha: float = 0.01, resampled: bool = False) -> np.ndarray:
+                         alpha: float = 0.01, resampled: bool = False,
+                         store: Optional[CalibrationStore] = None) -> np.ndarray:
     """`spectral_shift_rank` of many resampled pairs at once: row b of the (B, N) weights draws its
     source and its target from the same points (N, d): 0/1 rows (a permutation) or, `resampled`,
     bootstrap counts, read against the bootstrap's own calibration (`null_calibration`). Every pair
@@ -296,7 +334,7 @@ def spectral_shift_ranks(points: Tensor, source_weights: Tensor, target_weights:
     n_s, n_t = int(source_weights[0].sum()), int(target_weights[0].sum())
     d = points.shape[1]
     check_sample_sizes(n_s, n_t, d)
-    calibration = null_calibration(d, n_s, n_t, resampled)
+    calibration = null_calibration(d, n_s, n_t, resampled, store)
     single = _single_precision_suffices(points, source_weights[0], target_weights[0])
     source_mean, source_covariance, target_mean, target_covariance = pair_moments(points, source_weights,
                                                                                  target_weights, single)
@@ -309,14 +347,16 @@ def spectral_shift_ranks(points: Tensor, source_weights: Tensor, target_weights:
 
 
 def resampled_spectral_ranks(source: Tensor, target: Tensor, source_weights: Tensor, target_weights: Tensor,
-                             alpha: float = 0.01, resampled: bool = False) -> np.ndarray:
+                             alpha: float = 0.01, resampled: bool = False,
+                             store: Optional[CalibrationStore] = None) -> np.ndarray:
     """Ranks of resampled pairs drawn from the pooled [source; target] (rows of the (B, n_s + n_t)
     weights), all in the observed source's subspace, as the observed rank is."""
     xs, xt = _checked_subspace(source, target, alpha)
-    return spectral_shift_ranks(torch.cat([xs, xt]), source_weights, target_weights, alpha, resampled)
+    return spectral_shift_ranks(torch.cat([xs, xt]), source_weights, target_weights, alpha, resampled, store)
 
 
-def spectral_shift_rank(source: Tensor, target: Tensor, alpha: float = 0.01) -> SpectralShift:
+def spectral_shift_rank(source: Tensor, target: Tensor, alpha: float = 0.01,
+                        store: Optional[CalibrationStore] = None) -> SpectralShift:
     """The shift's dimension between source (n_s, d) and target (n_t, d) features.
 
     Covariance part: eigenvalues of S_s^(-1/2) S_t S_s^(-1/2) outside the null bulk calibrated
@@ -333,7 +373,7 @@ def spectral_shift_rank(source: Tensor, target: Tensor, alpha: float = 0.01) -> 
     target_mean, target_covariance = weighted_moments(points, 1 - is_source, single=False)
     eigenvalues = generalized_eigenvalues(target_covariance, source_covariance)[0].numpy()[::-1]
     lower_edge, upper_edge = wachter_edges(d, n_s, n_t)
-    lower, upper = calibrated_thresholds(d, n_s, n_t)
+    lower, upper = calibrated_thresholds(d, n_s, n_t, store)
     covariance_rank = int((eigenvalues > upper).sum() + (eigenvalues < lower).sum())
     t2 = hotelling_statistics(source_mean, source_covariance, target_mean, target_covariance, n_s, n_t)
     p_value = float(hotelling_p_values(t2, d, n_s, n_t)[0])

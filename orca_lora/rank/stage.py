@@ -4,7 +4,8 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass, replace
-from typing import Mapping, Sequence
+from pathlib import Path
+from typing import Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -15,6 +16,7 @@ from orca_lora.data.tasks import TaskData
 from orca_lora.models.body import body_blocks
 from orca_lora.models.features import labelled_target_sample, source_tokens
 from orca_lora.models.model import BODY_PREFIX
+from orca_lora.rank.calibration_store import CalibrationDirectory
 from orca_lora.rank.gap import BlockGap, GapSettings, block_gaps
 from orca_lora.rank.law import floor_units
 from orca_lora.rank.law_file import read_law_file
@@ -40,6 +42,7 @@ class GapInputs:
     uniform_rank: int
     seed: int  # the training seed: a sampled rank decision draws from it
     measure_seed: int  # the data seed: the target sample, its pseudo-labels, the null and interval draws
+    calibrations: Optional[Path] = None  # a folder for the spectral gap's data-free null simulations
 
 
 def adapted_module_shapes(body: nn.Module, targets: Sequence[str]) -> dict[str, ModuleShape]:
@@ -72,7 +75,8 @@ def run(stage: Stage2Config, inputs: GapInputs, run_files: RunFiles) -> GapResul
     options = distance_options(stage.distance, stage.otdd_inner, stage.entropic_reg, inputs.measure_seed,
                                stage.sinkhorn_tolerance, stage.sinkhorn_max_iters)
     settings = GapSettings(stage.distance, stage.permutations, stage.bootstraps, seed=inputs.measure_seed,
-                           options=options)
+                           options=options,
+                           calibrations=None if inputs.calibrations is None else CalibrationDirectory(inputs.calibrations))
     measured = block_gaps(body, source_tokens(body, inputs.source_images), target, settings,
                           inputs.source_labels, target_y)
     for block in measured:
