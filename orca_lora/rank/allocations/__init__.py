@@ -60,4 +60,5 @@ def _load() -> None:
                                             stable_rank, uniform)
 
     stage2 = [name for name, allocation in ALLOCATIONS.items() if allocation.phase == "stage2"]
-    check_registry("stage-2 allocation", stage2, [name for name in RANK_ALLOCATIONS if name not in TRAINING_ALLOCATIONS])
+    listed = [name for name in RANK_ALLOCATIONS if name not in TRAINING_ALLOCATIONS]
+    check_registry("stage-2 allocation", stage2, listed)

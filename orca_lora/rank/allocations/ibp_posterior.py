@@ -27,20 +27,23 @@ def read_posterior_ranks(run_dir: str | Path) -> dict[str, int]:
     return {name: int(rank) for name, rank in metrics.posterior_ranks.items()}
 
 
-def check_posterior_modules(posterior: Mapping[str, int], shapes: Mapping[str, ModuleShape], run_dir: str | Path) -> None:
+def check_posterior_modules(posterior: Mapping[str, int], shapes: Mapping[str, ModuleShape],
+                            run_dir: str | Path) -> None:
     """The posterior run must have adapted exactly this run's modules (same body, same stage3.targets)."""
     missing, extra = sorted(set(shapes) - set(posterior)), sorted(set(posterior) - set(shapes))
     if missing or extra:
+        parts = ([f"this run's {missing[:3]} are not in it"] if missing else []) + \
+                ([f"its {extra[:3]} are not adapted here"] if extra else [])
         raise ValueError(f"stage2.posterior_run: {run_dir} adapted other modules than this run's stage3.targets: "
-                         f"this run's {missing[:3]} are not in it, its {extra[:3]} are not adapted here; use a "
-                         "posterior run with the same source body and stage3.targets")
+                         f"{', '.join(parts)}; use a posterior run with the same source body and stage3.targets")
 
 
 @register_allocation("ibp-posterior", "stage2")
 def ibp_posterior(inputs: GapAllocationInputs) -> AllocationResult:
     stage, budget = inputs.stage, inputs.required_budget()
     if stage.posterior_run is None:
-        raise ValueError("stage2.allocation ibp-posterior needs stage2.posterior_run, a finished ibp-lora run's directory")
+        raise ValueError("stage2.allocation ibp-posterior needs stage2.posterior_run, a finished ibp-lora run's "
+                         "directory")
     posterior = read_posterior_ranks(stage.posterior_run)
     check_posterior_modules(posterior, inputs.shapes, stage.posterior_run)
     scores = {name: float(posterior[name]) for name in inputs.shapes}

@@ -62,3 +62,16 @@ def test_the_stage_2_hash_follows_the_posterior_runs_metrics(tmp_path):
     assert stage_hash(config, "stage2") == before
     write_run(tmp_path / "posterior", dict.fromkeys(shapes, 3))
     assert stage_hash(config, "stage2") != before
+
+
+def test_preflight_refuses_a_posterior_run_of_other_modules_before_stage_1(tmp_path):
+    from orca_lora.models.body import build_body
+    from orca_lora.preflight import check_against_body
+
+    body = build_body("swin_tiny_patch4_window7_224", model_kwargs={
+        "img_size": 32, "patch_size": 2, "window_size": 4, "embed_dim": 16, "depths": (2, 2), "num_heads": (2, 4)})
+    run = write_run(tmp_path / "posterior", dict.fromkeys(swin_like_shapes([16]), 2))  # block 0's modules only
+    config = load_config(None, ["stage2.allocation=ibp-posterior", f"stage2.posterior_run={run}",
+                                "stage2.match_uniform_budget=true"])
+    with pytest.raises(ValueError, match=r"this run's \['body.layers.0.blocks.1.attn.proj'.* are not in it; use"):
+        check_against_body(config, body)
