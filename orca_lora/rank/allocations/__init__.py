@@ -26,6 +26,8 @@ PHASES = ("stage2", "stage3")
 class Allocation:
     name: str
     phase: str  # "stage2" or "stage3"
+    # stage2: (context.GapAllocationInputs) -> context.AllocationResult, called by rank/stage.py's `run`;
+    # stage3: called by stage 3's setup, never by stage 2 (which writes uniform ranks and the budget)
     allocate: Callable[..., Any]
 
 
