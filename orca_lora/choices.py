@@ -21,7 +21,13 @@ OTDD_INNER = ("exact", "gaussian")
 EMBEDDER_INITS = ("random", "source")  # models/embedder.py
 RANK_LINKS = ("linear", "sqrt", "log1p")  # rank/select.py
 RANK_DECISIONS = ("mean", "mode", "quantile", "sample")  # rank/select.py
-RANK_ALLOCATIONS = ("gap-relative", "gap", "flat", "law", "uniform")  # rank/stage.py
+RANK_ALLOCATIONS = ("gap-relative", "gap", "flat", "law", "uniform", "shuffled", "depth-increasing",
+                    "depth-decreasing", "stable-rank", "ibp-posterior", "gradient", "eva",
+                    "adalora")  # rank/allocations/: one module per allocation registers it
+TRAINING_ALLOCATIONS = ("gradient", "eva", "adalora")  # phase stage3: they need the training model
+# scale per-module scores to a parameter budget (rank/budget.py), so they need stage2.budget or
+# stage2.match_uniform_budget; the stage-3 ones are handed that budget by stage 2
+BUDGETED_ALLOCATIONS = ("depth-increasing", "depth-decreasing", "stable-rank", "ibp-posterior") + TRAINING_ALLOCATIONS
 GAP_AWARE_ALLOCATIONS = ("gap-relative", "gap", "law")  # the allocations whose ranks follow the gaps
 METHODS = ("lora", "delta-lora", "lora-plus", "dylora", "dora", "qlora", "mora", "sbora-fa", "sbora-fb",
            "houlsby", "ibp-lora", "full", "linear")  # adapters/: one module per method registers its spec

@@ -23,6 +23,7 @@ from orca_lora.choices import (  # noqa: F401  (re-exported: the config's choice
     GAP_DISTANCES,
     METHODS,
     OTDD_INNER,
+    BUDGETED_ALLOCATIONS,
     RANK_ALLOCATIONS,
     RANK_DECISIONS,
     RANK_LINKS,
@@ -110,10 +111,12 @@ class Stage1Config:
 class Stage2Config:
     enabled: bool = True  # false: no gaps measured, every adapted module gets stage3.rank
     # gap-relative: IBP mass alpha_0 g(D_i / mean D); gap: alpha_0 g(D_i / gap_reference) (absolute);
-    # flat: alpha_0 in every block; uniform: gaps measured, stage3.rank everywhere
+    # flat: alpha_0 in every block; uniform: gaps measured, stage3.rank everywhere; the rest of
+    # choices.RANK_ALLOCATIONS: orca_lora/rank/allocations/ (one module each)
     allocation: str = "gap-relative"
-    gap_reference: Optional[float] = None  # allocation gap: D_ref; None: each block's noise floor
+    gap_reference: Optional[float] = None  # allocation gap / shuffled: D_ref; None: each block's noise floor
     law: Optional[str] = None  # allocation law: a rank_law.json from `orca-lora calibrate`
+    posterior_run: Optional[str] = None  # allocation ibp-posterior: a finished ibp-lora run's directory
     distance: str = "mmd"
     otdd_inner: str = "exact"  # distance otdd: label-to-label cost, as stage1.otdd_inner
     entropic_reg: float = 0.1  # distance otdd: outer entropic regularisation
@@ -352,12 +355,8 @@ def validate(config: Config) -> None:
         if s2.budget is not None or s2.match_uniform_budget:
             raise ConfigError("stage2.law: a fitted law sets the ranks itself; drop stage2.budget and "
                               "stage2.match_uniform_budget")
-    if s2.gap_reference is not None:
-        if not s2.gap_reference > 0:
-            raise ConfigError(f"stage2.gap_reference: {s2.gap_reference} must be > 0 (a gap in stage2.distance's units)")
-        if s2.allocation != "gap":
-            raise ConfigError(f"stage2.gap_reference: only allocation 'gap' divides by it, not {s2.allocation!r}; "
-                              "unset it or set stage2.allocation=gap")
+    _validate_gap_reference(s2)
+    _validate_posterior_run(s2)
     _in_range("stage2.quantile", s2.quantile, 0.0, 1.0)
     _at_least("stage2.max_samples", s2.max_samples, 4)
     _at_least("stage2.r_min", s2.r_min, 1)
@@ -372,6 +371,10 @@ def validate(config: Config) -> None:
     if s2.match_uniform_budget and (s2.alpha0 is not None or s2.budget is not None):
         raise ConfigError("stage2.match_uniform_budget: it sets the budget from stage3.rank; "
                           "drop stage2.alpha0 and stage2.budget")
+    if s2.allocation in BUDGETED_ALLOCATIONS and s2.budget is None and not s2.match_uniform_budget:
+        raise ConfigError(f"stage2.budget: allocation {s2.allocation!r} scales its per-module scores to a parameter "
+                          "budget; set stage2.budget=N (adapter parameters sum r (d_in + d_out)) or "
+                          "stage2.match_uniform_budget=true (what a uniform stage3.rank costs)")
     _validate_stage3(s3)
     from orca_lora.adapters.spec import get_method  # torch, only once every name has been checked
 
@@ -379,6 +382,46 @@ def validate(config: Config) -> None:
     if s3.rank_map and s2.enabled:
         raise ConfigError("stage3.rank_map: an explicit rank map replaces stage 2; set stage2.enabled=false")
     _validate_trainer(config.trainer)
+
+
+def _validate_gap_reference(s2: Stage2Config) -> None:
+    """D_ref of the absolute link, read by `gap` and by `shuffled` (which permutes `gap`'s gaps)."""
+    if s2.gap_reference is None:
+        return
+    if not s2.gap_reference > 0:
+        raise ConfigError(f"stage2.gap_reference: {s2.gap_reference} must be > 0 (a gap in stage2.distance's units)")
+    if s2.allocation not in ("gap", "shuffled"):
+        raise ConfigError(f"stage2.gap_reference: only allocation 'gap' (and 'shuffled', which permutes its gaps) "
+                          f"divides by it, not {s2.allocation!r}; unset it or set stage2.allocation=gap")
+    # linear and sqrt are homogeneous, g(D / c) = g(D) g(1 / c): a fitted alpha_0 absorbs the constant
+    if s2.allocation == "gap" and s2.link in ("linear", "sqrt") and (s2.budget is not None or s2.match_uniform_budget):
+        raise ConfigError(f"stage2.link: under link {s2.link!r} a constant stage2.gap_reference only rescales every "
+                          "block's mass, which the alpha_0 fitted to the budget absorbs, so allocation 'gap' would "
+                          "give exactly gap-relative's ranks; set stage2.link=log1p, or unset stage2.gap_reference "
+                          "to divide each gap by its block's noise floor")
+
+
+def _validate_posterior_run(s2: Stage2Config) -> None:
+    """ibp-posterior reads a finished ibp-lora run's metrics.json: the run must be there and have one."""
+    if (s2.allocation == "ibp-posterior") != (s2.posterior_run is not None):
+        raise ConfigError("stage2.posterior_run: allocation 'ibp-posterior' takes its ranks from a finished ibp-lora "
+                          "run's directory; set both stage2.allocation=ibp-posterior and stage2.posterior_run=DIR, "
+                          "or neither")
+    if s2.posterior_run is None:
+        return
+    from orca_lora.run_files import RunFiles, read_metrics  # no torch: the run-file readers are light
+
+    run = RunFiles(Path(s2.posterior_run))
+    if not run.is_finished():
+        raise ConfigError(f"stage2.posterior_run: {run.metrics} does not exist; point it at a finished "
+                          "stage3.method=ibp-lora run's directory (finish that run first)")
+    try:
+        metrics = read_metrics(run)
+    except ValueError as error:
+        raise ConfigError(f"stage2.posterior_run: {error}") from None
+    if metrics.posterior_ranks is None:
+        raise ConfigError(f"stage2.posterior_run: {run.root} is a {metrics.method!r} run whose metrics.json has no "
+                          "posterior_ranks; point it at a finished stage3.method=ibp-lora run")
 
 
 def _validate_dials(task: TaskConfig) -> None:

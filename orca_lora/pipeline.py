@@ -84,6 +84,8 @@ def stage_hash(config: Config, stage: str) -> str:
         extra = f"{digest}|{s3.rank}|{s3.targets}|{sorted(s3.rank_map.items())}"
         if config.stage2.law is not None:  # a law recalibrated in place changes the ranks
             extra += "|" + hashlib.sha256(Path(config.stage2.law).read_bytes()).hexdigest()
+        if config.stage2.posterior_run is not None:  # so does a posterior run finished again in place
+            extra += "|" + hashlib.sha256(RunFiles(config.stage2.posterior_run).metrics.read_bytes()).hexdigest()
         digest = hashlib.sha256(extra.encode()).hexdigest()[:12]
     return digest
 

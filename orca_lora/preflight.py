@@ -9,6 +9,7 @@ from orca_lora.adapters.spec import get_method
 from orca_lora.config import Config, ConfigError, SourceConfig
 from orca_lora.models.body import build_body
 from orca_lora.rank import stage as rank_stage
+from orca_lora.rank.allocations.ibp_posterior import check_posterior_modules, read_posterior_ranks
 from orca_lora.rank.law_file import check_provenance, read_law_file
 from orca_lora.rank.select import trainable_params
 
@@ -24,8 +25,8 @@ def body_architecture(source: SourceConfig) -> nn.Module:
 
 
 def check_against_body(config: Config, body: nn.Module) -> None:
-    """The spectral gap's sample size, targets, rank map, a uniform rank and a stage-2 budget against
-    the body's blocks and adapted modules."""
+    """The spectral gap's sample size, targets, rank map, a uniform rank, a stage-2 budget and the modules
+    of an ibp-posterior allocation's posterior run against the body's blocks and adapted modules."""
     s2, s3 = config.stage2, config.stage3
     rank_stage.check_gap_sample_sizes(body, s2)
     if s2.enabled and s2.law is not None:
@@ -35,6 +36,8 @@ def check_against_body(config: Config, body: nn.Module) -> None:
     if not get_method(s3.method).uses_targets:
         return
     shapes = rank_stage.adapted_module_shapes(body, s3.targets)  # a target typo fails here
+    if s2.enabled and s2.posterior_run is not None:
+        check_posterior_modules(read_posterior_ranks(s2.posterior_run), shapes, s2.posterior_run)
     if not s3.rank_map and (not s2.enabled or s2.allocation == "uniform"):
         name, shape = min(shapes.items(), key=lambda item: min(item[1].d_out, item[1].d_in))
         cap = min(shape.d_out, shape.d_in)

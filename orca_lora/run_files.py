@@ -78,7 +78,11 @@ class AlignResult:
 
 @dataclass
 class GapResult:
-    """Stage 2's result, also the content of `ranks.json`."""
+    """Stage 2's result, also the content of `ranks.json`.
+
+    For a stage-3 allocation (choices.TRAINING_ALLOCATIONS: it needs the training model) stage 2 still
+    measures the gaps, and `ranks` holds the uniform stage3.rank, `allocation` the stage-3 allocation's
+    name and `budget` the adapter parameters its ranks must meet; stage 3 replaces the ranks."""
 
     blocks: list[str]  # Swin block names, forward order; empty when stage 2 was off
     gaps: Optional[list[float]]  # D_i per block as measured; None when stage 2 was off

@@ -1,9 +1,10 @@
-"""Stage 2, gap and rank: D_i per block, then r_i from the IBP prior P(r | D_i) (DESIGN 6)."""
+"""Stage 2, gap and rank: D_i per block, then r_i from the registered stage2.allocation (DESIGN 6, 8;
+`rank/allocations/`)."""
 from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
@@ -16,13 +17,13 @@ from orca_lora.data.tasks import TaskData
 from orca_lora.models.body import body_blocks
 from orca_lora.models.features import labelled_target_sample, source_tokens
 from orca_lora.models.model import BODY_PREFIX
+from orca_lora.rank.allocations import get_allocation
+from orca_lora.rank.allocations.context import AllocationResult, GapAllocationInputs
 from orca_lora.rank.calibration_store import CalibrationDirectory
 from orca_lora.rank.gap import BlockGap, GapSettings, block_gaps
-from orca_lora.rank.law import floor_units
-from orca_lora.rank.law_file import read_law_file
 from orca_lora.rank.null import corrected_gap
 from orca_lora.rank.spectral import check_sample_sizes
-from orca_lora.rank.select import ModuleShape, RankPrior, select_ranks, trainable_params
+from orca_lora.rank.select import ModuleShape, trainable_params
 from orca_lora.run_files import GapResult, GapRow, RunFiles, write_gaps, write_ranks
 
 log = logging.getLogger("orca_lora")
@@ -65,9 +66,29 @@ def adapted_module_shapes(body: nn.Module, targets: Sequence[str]) -> dict[str, 
 
 
 def run(stage: Stage2Config, inputs: GapInputs, run_files: RunFiles) -> GapResult:
-    """Measure the gaps on the held-out samples, choose the ranks, write `gaps.csv` and `ranks.json`."""
-    body, rank = inputs.body, inputs.uniform_rank
-    shapes = adapted_module_shapes(body, inputs.targets)
+    """Measure the gaps on the held-out samples, choose the ranks with the registered stage2.allocation,
+    write `gaps.csv` and `ranks.json`. A stage-3 allocation (it needs the training model) gets the uniform
+    stage3.rank here and the budget it must meet (`GapResult`)."""
+    shapes = adapted_module_shapes(inputs.body, inputs.targets)
+    measured = measure_gaps(stage, inputs)
+    corrected = [corrected_gap(block.estimate) for block in measured]
+    context = GapAllocationInputs(stage, measured, corrected, shapes, inputs.uniform_rank, inputs.seed, inputs.body)
+    allocation = get_allocation(stage.allocation)
+    if allocation.phase == "stage2":
+        chosen = allocation.allocate(context)
+    else:
+        rank = inputs.uniform_rank
+        chosen = AllocationResult(dict.fromkeys(shapes, rank), [rank] * len(measured), context.budget)
+    result = GapResult([block.name for block in measured], [block.estimate.gap for block in measured], chosen.ranks,
+                       chosen.alpha0, trainable_params(chosen.ranks, shapes), chosen.budget, stage.allocation,
+                       corrected, chosen.prior_masses)
+    write_outputs(result, measured, chosen.block_ranks, run_files)
+    return result
+
+
+def measure_gaps(stage: Stage2Config, inputs: GapInputs) -> list[BlockGap]:
+    """D_i, its floor, p-value and interval at every block's input, source against aligned target."""
+    body = inputs.body
     target_x, target_y = labelled_target_sample(inputs.task, stage.max_samples, stage.n_pseudo_labels,
                                                 inputs.measure_seed)
     with torch.no_grad():
@@ -83,55 +104,7 @@ def run(stage: Stage2Config, inputs: GapInputs, run_files: RunFiles) -> GapResul
         e = block.estimate
         log.info("stage2: %s (width %d): %s %.4g, floor %.4g, p %.3g, 95%% interval [%.4g, %.4g]", block.name,
                  block.width, stage.distance, e.gap, e.floor, e.p_value, e.ci_low, e.ci_high)
-    blocks = [block.name for block in measured]
-    gaps = [block.estimate.gap for block in measured]
-    corrected = [corrected_gap(block.estimate) for block in measured]
-    if stage.allocation == "uniform":
-        ranks = dict.fromkeys(shapes, rank)
-        result = GapResult(blocks, gaps, ranks, None, trainable_params(ranks, shapes), None, "uniform", corrected)
-        write_outputs(result, measured, [rank] * len(blocks), run_files)
-        return result
-    budget = trainable_params(dict.fromkeys(shapes, rank), shapes) if stage.match_uniform_budget else stage.budget
-    alpha0 = stage.alpha0 if stage.alpha0 is not None else (None if budget else float(rank))
-    prior = RankPrior(link=stage.link, decision=stage.decision, quantile=stage.quantile, r_min=stage.r_min,
-                      r_max=stage.r_max, alpha0=alpha0, budget=budget, seed=inputs.seed,
-                      reference=gap_reference(stage, measured), flat=stage.allocation == "flat")
-    rank_inputs = corrected
-    if stage.allocation == "law":
-        # the law's rates are the blocks' masses: alpha_0 = 1 on an identity link and D_ref = 1
-        rank_inputs = law_rates(stage.law, measured)
-        prior = replace(prior, link="linear", alpha0=1.0, reference=1.0)
-    selection = select_ranks(rank_inputs, shapes, prior)
-    masses = {name: selection.block_alpha[shape.block] for name, shape in shapes.items()}
-    result = GapResult(blocks, gaps, dict(selection.ranks), float(selection.alpha0),
-                       int(selection.trainable_params), budget, stage.allocation, corrected, masses)
-    write_outputs(result, measured, selection.block_ranks, run_files)
-    return result
-
-
-def law_rates(path: str, measured: Sequence[BlockGap]) -> list[float]:
-    """lambda_i = c x_i^beta of a fitted rank law (`orca-lora calibrate`), x_i = 1 + corrected / floor."""
-    law = read_law_file(path).law
-    rates = [float(law.rate(floor_units(corrected_gap(block.estimate), block.estimate.floor))) for block in measured]
-    log.info("stage2: ranks from the law in %s (beta %.3g, c %.3g): block rates %s", path, law.beta, law.c,
-             ", ".join(f"{rate:.3g}" for rate in rates))
-    return rates
-
-
-def gap_reference(stage: Stage2Config, measured: Sequence[BlockGap]) -> float | list[float] | None:
-    """D_ref of the absolute link (`gap`): stage2.gap_reference, or each block's noise floor;
-    None (relative to the mean gap) for `gap-relative`, and for `flat`, which ignores the gaps."""
-    if stage.allocation != "gap":
-        return None
-    if stage.gap_reference is not None:
-        return stage.gap_reference
-    floors = [block.estimate.floor for block in measured]
-    if min(floors) <= 0:
-        zero = next(block.name for block in measured if block.estimate.floor <= 0)
-        raise ValueError(f"stage2.allocation gap divides each gap by its block's noise floor, but {zero}'s floor "
-                         f"under {stage.distance} is {min(floors):.3g}; set stage2.gap_reference to a constant "
-                         "in the distance's units (e.g. 1 for spectral, a rank)")
-    return floors
+    return measured
 
 
 def write_outputs(result: GapResult, measured: Sequence[BlockGap], block_ranks: Sequence[int],

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from orca_lora.choices import RANK_ALLOCATIONS, check_registry
+from orca_lora.choices import RANK_ALLOCATIONS, TRAINING_ALLOCATIONS, check_registry
 
 PHASES = ("stage2", "stage3")
 
@@ -26,6 +26,8 @@ PHASES = ("stage2", "stage3")
 class Allocation:
     name: str
     phase: str  # "stage2" or "stage3"
+    # stage2: (context.GapAllocationInputs) -> context.AllocationResult, called by rank/stage.py's `run`;
+    # stage3: called by stage 3's setup, never by stage 2 (which writes uniform ranks and the budget)
     allocate: Callable[..., Any]
 
 
@@ -52,4 +54,13 @@ def get_allocation(name: str) -> Allocation:
 
 
 def _load() -> None:
-    check_registry("allocation", ALLOCATIONS, RANK_ALLOCATIONS)
+    """Import every allocation module (each registers itself), then check the registry against choices.py.
+
+    The stage-3 allocations (TRAINING_ALLOCATIONS: gradient, eva, adalora) are not registered yet: once
+    their modules exist, import them here too and compare all of ALLOCATIONS with RANK_ALLOCATIONS."""
+    from orca_lora.rank.allocations import (depth, ibp_posterior, ibp_prior, law, shuffled,  # noqa: F401
+                                            stable_rank, uniform)
+
+    stage2 = [name for name, allocation in ALLOCATIONS.items() if allocation.phase == "stage2"]
+    listed = [name for name in RANK_ALLOCATIONS if name not in TRAINING_ALLOCATIONS]
+    check_registry("stage-2 allocation", stage2, listed)

@@ -1,0 +1,50 @@
+import pytest
+from allocation_toys import swin_like_shapes
+
+from orca_lora.config import ConfigError, load_config
+from orca_lora.run_files import RunFiles, RunMetrics, write_metrics
+
+
+@pytest.mark.parametrize("allocation", ["depth-increasing", "depth-decreasing", "stable-rank", "gradient"])
+def test_score_allocations_need_a_budget(allocation):
+    with pytest.raises(ConfigError, match=rf"stage2.budget: allocation '{allocation}' scales .* "
+                                          "stage2.match_uniform_budget=true"):
+        load_config(None, [f"stage2.allocation={allocation}"])
+    assert load_config(None, [f"stage2.allocation={allocation}", "stage2.budget=5000"]).stage2.budget == 5000
+    load_config(None, [f"stage2.allocation={allocation}", "stage2.match_uniform_budget=true"])
+
+
+@pytest.mark.parametrize("link", ["linear", "sqrt"])
+@pytest.mark.parametrize("budget", ["stage2.budget=5000", "stage2.match_uniform_budget=true"])
+def test_gap_with_a_constant_reference_under_a_homogeneous_link_at_a_budget_is_refused(link, budget):
+    settings = ["stage2.allocation=gap", "stage2.gap_reference=0.5", budget]
+    with pytest.raises(ConfigError, match=r"stage2.link: .*gap-relative's ranks; set stage2.link=log1p"):
+        load_config(None, settings + [f"stage2.link={link}"])
+    load_config(None, settings + ["stage2.link=log1p"])
+    load_config(None, ["stage2.allocation=gap", budget, f"stage2.link={link}"])  # per-block floors
+    load_config(None, ["stage2.allocation=gap", "stage2.gap_reference=0.5", f"stage2.link={link}"])  # alpha0
+
+
+def test_shuffled_takes_gaps_reference():
+    assert load_config(None, ["stage2.allocation=shuffled", "stage2.gap_reference=0.5"]).stage2.gap_reference == 0.5
+
+
+def test_posterior_run_is_required_iff_ibp_posterior_and_must_be_a_finished_ibp_lora_run(tmp_path):
+    with pytest.raises(ConfigError, match=r"stage2.posterior_run: allocation 'ibp-posterior' .* or neither"):
+        load_config(None, ["stage2.allocation=ibp-posterior", "stage2.budget=5000"])
+    with pytest.raises(ConfigError, match=r"stage2.posterior_run: .*or neither"):
+        load_config(None, [f"stage2.posterior_run={tmp_path}"])
+    settings = ["stage2.allocation=ibp-posterior", f"stage2.posterior_run={tmp_path}", "stage2.budget=5000"]
+    with pytest.raises(ConfigError, match=r"metrics.json does not exist; point it at a finished"):
+        load_config(None, settings)
+    metrics = RunMetrics(task="darcy", method="lora", rank=8, gap_aware=False, seed=0, test_error=0.1,
+                         baseline_error=1.0, best_val_error=0.1, trainable_params=100, ranks={}, mean_gap=None,
+                         alignment={}, stage_seconds={}, device="cpu", torch="2")
+    write_metrics(RunFiles(tmp_path), metrics)
+    with pytest.raises(ConfigError, match=r"a 'lora' run whose metrics.json has no posterior_ranks"):
+        load_config(None, settings)
+    metrics.method, metrics.posterior_ranks = "ibp-lora", dict.fromkeys(swin_like_shapes([16]), 2)
+    write_metrics(RunFiles(tmp_path), metrics)
+    assert load_config(None, settings).stage2.posterior_run == str(tmp_path)
+    with pytest.raises(ConfigError, match=r"stage2.budget: allocation 'ibp-posterior'"):
+        load_config(None, settings[:2])
