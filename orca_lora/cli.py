@@ -150,7 +150,8 @@ def sweep_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=1,
                         help="points run side by side as separate processes (default 1: one after another here)")
     parser.add_argument("--print-commands", action="store_true",
-                        help="print one `orca-lora run` line per point instead of running them")
+                        help="print one `orca-lora run` line per point instead of running them (a point "
+                             "after the points whose run directories it reads)")
 
 
 @command("sweep", "run every point of a sweep (skipping finished ones), then write its table and plots",
