@@ -233,6 +233,9 @@ def compare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("directory", type=Path, metavar="DIR", help="sweep directory of finished runs (searched below)")
     parser.add_argument("--paired-test", choices=PAIRED_TESTS, default="t",
                         help="paired test over test samples against uniform (default t: the mean difference)")
+    parser.add_argument("--method", default="lora",
+                        help="the stage-3 method whose allocations are compared (default lora; runs of other "
+                             "methods, such as the ibp-lora runs ibp-posterior reads, are skipped)")
 
 
 @command("compare", "allocations at equal parameter budgets: lr chosen on validation, paired differences against "
@@ -241,7 +244,7 @@ def compare_command(args: argparse.Namespace) -> int:
     from orca_lora.experiments.compare import compare_directory, compare_markdown, write_compare
     from orca_lora.experiments.compare_plots import plot_compare
 
-    result = compare_directory(args.directory, args.paired_test)
+    result = compare_directory(args.directory, args.paired_test, args.method)
     print(compare_markdown(result))  # before writing: a read-only directory still gets its table printed
     written = write_compare(result, args.directory) + plot_compare(result, args.directory)
     print(f"written: {', '.join(str(path) for path in written if path.suffix != '.pdf')}")

@@ -37,7 +37,6 @@ REFERENCE = "uniform"
 SWEPT = ("seed", "stage3.lr")  # may differ inside a (task, budget, allocation) group
 NOT_COMPARED = ("output.", "data_root")  # where a run's files live, not what it computed
 ALLOCATION_OPTIONS = "stage2."  # the allocation and its own options: differ between allocations of a table
-BASELINES = ("full", "linear")  # methods without adapters to allocate
 
 
 @dataclass(frozen=True, order=True)
@@ -125,21 +124,25 @@ def run_budget(config: dict[str, Any], path: Path) -> Budget:
                      "parameters needs stage2.match_uniform_budget=true or stage2.budget=N")
 
 
-def read_compare_runs(directories: Sequence[Path]) -> list[CompareRun]:
-    """Every finished adapter run under `directories`; diverged runs and full / linear baselines left out."""
+def read_compare_runs(directories: Sequence[Path], method: str = "lora") -> list[CompareRun]:
+    """Every finished run of stage-3 `method` under `directories`, diverged ones left out. Runs of other
+    methods (the ibp-lora runs an ibp-posterior allocation reads, full / linear baselines) are skipped:
+    allocations are compared on one method."""
     loaded = []
     for directory in find_runs(directories):
         run = RunFiles(directory)
         metrics = read_metrics(run)
-        if diverged(metrics) or metrics.method in BASELINES:
-            log.warning("%s: left out of the comparison (%s)", run.root,
-                        "diverged" if diverged(metrics) else f"method {metrics.method} has no adapters")
+        if metrics.method != method:
+            log.info("%s: method %s, not %s: not compared", run.root, metrics.method, method)
+            continue
+        if diverged(metrics):
+            log.warning("%s: diverged (test error %s); left out of the comparison", run.root, metrics.test_error)
             continue
         if not run.config.is_file():
             raise FileNotFoundError(f"{run.config} is missing; every run directory keeps its resolved config")
         loaded.append((run, metrics, OmegaConf.to_container(OmegaConf.load(run.config))))
     if not loaded:
-        raise ValueError(f"no finished adapter run to compare under {', '.join(map(str, directories))}")
+        raise ValueError(f"no finished {method} run to compare under {', '.join(map(str, directories))}")
     labels = task_labels([config["task"] for _, _, config in loaded])
     runs = []
     for (run, metrics, config), task in zip(loaded, labels):
@@ -254,8 +257,8 @@ def compare_runs(runs: Sequence[CompareRun], paired_test: str = "t") -> CompareR
     return result
 
 
-def compare_directory(directory: Path, paired_test: str = "t") -> CompareResult:
-    return compare_runs(read_compare_runs([directory]), paired_test)
+def compare_directory(directory: Path, paired_test: str = "t", method: str = "lora") -> CompareResult:
+    return compare_runs(read_compare_runs([directory], method), paired_test)
 
 
 CSV_COLUMNS = ("task", "budget", "allocation", "lr", "n_seeds", "val_error_mean", "test_error_mean", "test_error_se",

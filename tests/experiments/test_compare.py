@@ -20,19 +20,19 @@ DEFAULTS = to_yaml(load_config())
 
 
 def write_run(root: Path, allocation: str, lr: float, seed: int, val: float, test: np.ndarray,
-              ranks: tuple[int, int] = (4, 4), task: str = "darcy", **settings) -> RunFiles:
+              ranks: tuple[int, int] = (4, 4), task: str = "darcy", method: str = "lora", **settings) -> RunFiles:
     """A finished run: config, metrics, stage-2 gaps and ranks, per-sample errors (test error = their mean)."""
     run = RunFiles(root / f"{task}_{allocation}_lr{lr}_seed{seed}")
     run.root.mkdir(parents=True)
     config = OmegaConf.create(DEFAULTS)
     config.seed, config.task.name, config.stage3.lr, config.stage3.rank = seed, task, lr, 4
-    config.stage2.allocation = allocation
+    config.stage2.allocation, config.stage3.method = allocation, method
     config.stage2.match_uniform_budget = allocation != "uniform"
     for key, value in settings.items():
         OmegaConf.update(config, key, value)
     run.config.write_text(OmegaConf.to_yaml(config))
     params = sum(rank * 80 for rank in ranks)
-    write_metrics(run, RunMetrics(task=task, method="lora", rank=4, gap_aware=allocation != "uniform", seed=seed,
+    write_metrics(run, RunMetrics(task=task, method=method, rank=4, gap_aware=allocation != "uniform", seed=seed,
                                   test_error=float(np.mean(test)), baseline_error=1.0, best_val_error=val,
                                   trainable_params=params + 1000, ranks=dict(zip(MODULES, ranks)), mean_gap=0.1,
                                   alignment={}, stage_seconds={}, device="cpu", torch="x", allocation=allocation))
@@ -122,6 +122,12 @@ def test_different_test_sets_are_refused_naming_the_runs(tmp_path):
     write_run(tmp_path, "gap", 1e-3, 0, 0.1, np.full(5, 0.2))
     with pytest.raises(ValueError, match=r"gap runs \(.*darcy_gap_lr0.001_seed0.*\) have 5 test samples.* 4"):
         compare_directory(tmp_path)
+
+
+def test_runs_of_other_methods_are_not_compared(tmp_path):
+    write_run(tmp_path, "uniform", 1e-3, 0, 0.1, np.full(4, 0.2))
+    write_run(tmp_path, "flat", 1e-3, 0, 0.1, np.full(4, 0.2), method="ibp-lora")  # what ibp-posterior reads
+    assert [run.allocation for run in read_compare_runs([tmp_path])] == ["uniform"]
 
 
 def test_a_run_without_a_budget_is_refused(tmp_path):
