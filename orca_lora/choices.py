@@ -32,6 +32,7 @@ GAP_AWARE_ALLOCATIONS = ("gap-relative", "gap", "law")  # the allocations whose 
 METHODS = ("lora", "delta-lora", "lora-plus", "dylora", "dora", "qlora", "mora", "sbora-fa", "sbora-fb",
            "houlsby", "ibp-lora", "full", "linear")  # adapters/: one module per method registers its spec
 SCHEDULES = ("cosine", "step", "constant")
+PAIRED_TESTS = ("t", "wilcoxon")  # experiments/compare_stats.py: tests against uniform over test samples
 
 
 def check_registry(what: str, registered: Iterable[str], names: Sequence[str]) -> None:

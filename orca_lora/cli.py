@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from orca_lora.choices import PAIRED_TESTS
 from orca_lora.config import ConfigError, load_config, to_yaml
 from orca_lora.errors import INTERRUPTED_EXIT_CODE, RunInterrupted, TrainingDiverged
 
@@ -149,7 +150,8 @@ def sweep_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=1,
                         help="points run side by side as separate processes (default 1: one after another here)")
     parser.add_argument("--print-commands", action="store_true",
-                        help="print one `orca-lora run` line per point instead of running them")
+                        help="print one `orca-lora run` line per point instead of running them (a point "
+                             "after the points whose run directories it reads)")
 
 
 @command("sweep", "run every point of a sweep (skipping finished ones), then write its table and plots",
@@ -224,6 +226,28 @@ def calibrate_command(args: argparse.Namespace) -> int:
     law_file = calibrate(args.directories, args.output)
     print(format_law(law_file))
     print(f"\nwritten: {args.output or args.directories[0] / LAW_FILE}")
+    return 0
+
+
+def compare_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("directory", type=Path, metavar="DIR", help="sweep directory of finished runs (searched below)")
+    parser.add_argument("--paired-test", choices=PAIRED_TESTS, default="t",
+                        help="paired test over test samples against uniform (default t: the mean difference)")
+    parser.add_argument("--method", default="lora",
+                        help="the stage-3 method whose allocations are compared (default lora; runs of other "
+                             "methods, such as the ibp-lora runs ibp-posterior reads, are skipped)")
+
+
+@command("compare", "allocations at equal parameter budgets: lr chosen on validation, paired differences against "
+         "uniform (Holm-corrected); writes DIR/compare.md, compare.csv and plots", compare_arguments)
+def compare_command(args: argparse.Namespace) -> int:
+    from orca_lora.experiments.compare import compare_directory, compare_markdown, write_compare
+    from orca_lora.experiments.compare_plots import plot_compare
+
+    result = compare_directory(args.directory, args.paired_test, args.method)
+    print(compare_markdown(result))  # before writing: a read-only directory still gets its table printed
+    written = write_compare(result, args.directory) + plot_compare(result, args.directory)
+    print(f"written: {', '.join(str(path) for path in written if path.suffix != '.pdf')}")
     return 0
 
 

@@ -12,6 +12,7 @@ tests all go through this module, so a renamed file or column changes here and n
       stage2/gaps.csv                  GAP_COLUMNS: block, name, width, gap, floor, p_value, interval, corrected, rank
       stage2/ranks.json                module -> rank, alpha0, budget, allocation (GapResult)
       stage3/stage.json                marker, result (FinetuneResult)
+      stage3/ranks.json                GapResult of allocations that set ranks in stage 3's setup (wins over stage 2's)
       stage3/checkpoints/              Lightning's best.ckpt and last.ckpt (trainable weights only)
       stage3/last.ckpt.corrupt-<time>  a last.ckpt that did not load, set aside (stage 3 restarted)
       stage3/logs/version_0/metrics.csv
@@ -196,6 +197,10 @@ class RunFiles:
         return self.root / "stage2" / "ranks.json"
 
     @property
+    def stage3_ranks(self) -> Path:
+        return self.root / "stage3" / "ranks.json"
+
+    @property
     def checkpoints(self) -> Path:
         return self.root / "stage3" / "checkpoints"
 
@@ -320,6 +325,13 @@ def write_ranks(run: RunFiles, result: GapResult) -> None:
 
 def read_ranks(run: RunFiles) -> GapResult:
     return from_dict(GapResult, _read_json(run.ranks), run.ranks)
+
+
+def read_effective_ranks(run: RunFiles) -> GapResult:
+    """The ranks the run trained with: `stage3/ranks.json` when an allocation chose them in stage 3's
+    setup (it sees the model), else stage 2's `ranks.json`."""
+    path = run.stage3_ranks if run.stage3_ranks.is_file() else run.ranks
+    return from_dict(GapResult, _read_json(path), path)
 
 
 def write_metrics(run: RunFiles, metrics: RunMetrics) -> None:

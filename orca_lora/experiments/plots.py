@@ -95,13 +95,13 @@ def plot_gaps_and_ranks(rows: Sequence[GapRow], stem: Path, distance: str = "mmd
     return save_figure(figure, stem)
 
 
-def block_posterior_ranks(rows: Sequence[GapRow], posterior: dict[str, int]) -> list[float | None]:
-    """Per block (as `rows`), the median posterior rank over the block's adapted modules; None for a
-    block with none. A module belongs to the block whose dotted name it contains (`.layers.0.blocks.1.`)."""
+def block_median_ranks(rows: Sequence[GapRow], ranks: dict[str, int]) -> list[float | None]:
+    """Per block (as `rows`), the median rank (posterior or allocated) over the block's adapted modules;
+    None for a block with none. A module belongs to the block whose dotted name it contains (`.layers.0.blocks.1.`)."""
     medians: list[float | None] = []
     for row in rows:
-        ranks = [rank for module, rank in posterior.items() if f".{row.name}." in f".{module}."]
-        medians.append(float(np.median(ranks)) if ranks else None)
+        block = [rank for module, rank in ranks.items() if f".{row.name}." in f".{module}."]
+        medians.append(float(np.median(block)) if block else None)
     return medians
 
 
@@ -118,7 +118,7 @@ def plot_posterior_ranks(rows: Sequence[GapRow], posterior: dict[str, int], caps
     rank_axis = gap_axis.twinx()
     for values, style, label in ((posterior, dict(color="tab:red", marker="o"), "posterior rank (median of modules)"),
                                  (caps, dict(color="gray", linestyle="--"), "truncation r_max (median)")):
-        medians = block_posterior_ranks(rows, values)
+        medians = block_median_ranks(rows, values)
         shown = [(block, value) for block, value in zip(blocks, medians) if value is not None]
         if shown:
             rank_axis.plot(*zip(*shown), label=label, **style)

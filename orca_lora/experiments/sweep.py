@@ -12,6 +12,18 @@ axes multiply out into points:
           darcy: {task.name: darcy}
           near-source: {task.name: procedural, task.class_offset: 16}
 
+A named option's value `{point: NAME}` is the run directory of the sweep's point NAME, and the point
+runs after NAME has finished (in-process, with workers, and in the order of the printed commands);
+NAME may hold `{axis}`, this point's own label on that axis, e.g. the ibp-lora run of the same task
+and seed:
+
+      - task: {darcy: {task.name: darcy}}
+        seed: [0, 1]
+        allocation:
+          ibp-posterior: {stage2.allocation: ibp-posterior, stage2.posterior_run: {point: "{task}_flat_{seed}"}}
+
+A point whose dependency failed is not run; it fails naming the dependency.
+
 Points run in this process one after another, or as `orca-lora run` subprocesses side by side
 (`workers` > 1); `print_commands` gives the same commands for any scheduler.
 """
@@ -24,8 +36,8 @@ import os
 import shlex
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -46,6 +58,8 @@ class SweepPoint:
     name: str  # its run directory under the sweep directory, e.g. "darcy_rank8_uniform"
     labels: dict[str, str]  # axis -> its part of the name
     overrides: tuple[str, ...]  # the point's own key=value overrides
+    references: tuple[tuple[str, str], ...] = ()  # (config key, point name with {axis} fields): `{point: NAME}`
+    after: tuple[str, ...] = ()  # the points whose run directories it reads: they run first
 
 
 @dataclass
@@ -82,19 +96,35 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
-def _axis_points(where: str, key: str, label: str, values: Any) -> list[tuple[str, tuple[str, ...]]]:
-    """(name part, overrides) for each value of one axis: a named option's own label, or the axis
-    label and the value ("rank8")."""
+@dataclass(frozen=True)
+class AxisValue:
+    label: str  # its part of the point name
+    overrides: tuple[str, ...]
+    references: tuple[tuple[str, str], ...] = ()
+
+
+def _point_reference(where: str, key: str, value: dict) -> tuple[str, str]:
+    if set(value) != {"point"} or not isinstance(value["point"], str):
+        raise ConfigError(f"{where}: {key}: a mapping value must be {{point: NAME}} (the run directory of point "
+                          f"NAME), got {value}")
+    return key, value["point"]
+
+
+def _axis_points(where: str, key: str, label: str, values: Any) -> list[AxisValue]:
+    """Each value of one axis: a named option's own label, or the axis label and the value ("rank8")."""
     if isinstance(values, dict):
         options = []
         for label, settings in values.items():
             if not isinstance(settings, dict) or not settings:
                 raise ConfigError(f"{where}: named axis {key!r} option {label!r} must map config keys to values, "
                                   f"e.g. {{task.name: darcy}}")
-            options.append((str(label), tuple(f"{k}={format_value(v)}" for k, v in settings.items())))
+            options.append(AxisValue(
+                str(label), tuple(f"{k}={format_value(v)}" for k, v in settings.items() if not isinstance(v, dict)),
+                tuple(_point_reference(f"{where} {key}.{label}", k, v) for k, v in settings.items()
+                      if isinstance(v, dict))))
         return options
     if isinstance(values, list) and values:
-        return [(f"{label}{format_value(value)}", (f"{key}={format_value(value)}",)) for value in values]
+        return [AxisValue(f"{label}{format_value(value)}", (f"{key}={format_value(value)}",)) for value in values]
     raise ConfigError(f"{where}: axis {key!r} needs a non-empty list of values or a mapping of named options")
 
 
@@ -114,14 +144,54 @@ def grid_points(grids: Sequence[dict], where: str = "sweep") -> list[SweepPoint]
         labels = _axis_labels(list(grid))
         axes = [_axis_points(f"{where} grids[{index}]", key, labels[key], values) for key, values in grid.items()]
         for combination in itertools.product(*axes):
-            point_labels = {labels[key]: label for key, (label, _) in zip(grid, combination)}
+            point_labels = {labels[key]: value.label for key, value in zip(grid, combination)}
             name = "_".join(point_labels.values())
-            overrides = tuple(item for _, settings in combination for item in settings)
-            if name in points and points[name].overrides != overrides:
+            point = SweepPoint(name, point_labels, tuple(item for value in combination for item in value.overrides),
+                               tuple(item for value in combination for item in value.references))
+            known = points.get(name)
+            if known is not None and (known.overrides, known.references) != (point.overrides, point.references):
                 raise ConfigError(f"{where}: two points are both named {name!r} with different overrides; "
                                   "rename one of the named options")
-            points.setdefault(name, SweepPoint(name, point_labels, overrides))
+            points.setdefault(name, point)
     return list(points.values())
+
+
+def resolve_references(points: Sequence[SweepPoint], directory: Path, where: str) -> list[SweepPoint]:
+    """Each `{point: NAME}` turned into the override `key=<directory>/<NAME>`, NAME recorded in `after`."""
+    names = {point.name for point in points}
+    resolved = []
+    for point in points:
+        overrides, after = list(point.overrides), []
+        for key, template in point.references:
+            try:
+                name = template.format(**point.labels)
+            except (KeyError, IndexError, ValueError) as error:
+                raise ConfigError(f"{where}: point {point.name}: {key}: {{point: {template}}} is not filled by the "
+                                  f"point's axes {sorted(point.labels)} ({error!r})") from None
+            if name not in names or name == point.name:
+                raise ConfigError(f"{where}: point {point.name}: {key}: {{point: {template}}} names "
+                                  f"{name!r}, {'the point itself' if name == point.name else 'no point of the sweep'}; "
+                                  f"points are named like {sorted(names - {point.name})[:3]}")
+            overrides.append(f"{key}={directory / name}")
+            after.append(name)
+        resolved.append(replace(point, overrides=tuple(overrides), after=tuple(dict.fromkeys(after))))
+    return run_order(resolved, where)
+
+
+def run_order(points: Sequence[SweepPoint], where: str) -> list[SweepPoint]:
+    """The points in file order, except that each comes after the points it reads (a stable topological sort)."""
+    placed: list[SweepPoint] = []
+    done: set[str] = set()
+    waiting = list(points)
+    while waiting:
+        ready = next((point for point in waiting if done.issuperset(point.after)), None)
+        if ready is None:
+            raise ConfigError(f"{where}: points read each other's run directories in a cycle: "
+                              f"{', '.join(f'{p.name} after {list(p.after)}' for p in waiting)}")
+        waiting.remove(ready)
+        placed.append(ready)
+        done.add(ready.name)
+    return placed
 
 
 def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> Sweep:
@@ -149,7 +219,9 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> Sweep:
     base = path.parent / spec["base"]
     shared = tuple(spec.get("set") or ()) + tuple(overrides)
     root = Path(load_config(base, shared).output.root)
-    sweep = Sweep(str(spec["name"]), base, shared, grid_points(grids, str(path)), root / str(spec["name"]))
+    directory = root / str(spec["name"])
+    points = resolve_references(grid_points(grids, str(path)), directory, str(path))
+    sweep = Sweep(str(spec["name"]), base, shared, points, directory)
     check_points(sweep, path)
     return sweep
 
@@ -178,7 +250,7 @@ def point_command(sweep: Sweep, point: SweepPoint) -> list[str]:
 
 
 def print_commands(sweep: Sweep) -> list[str]:
-    """One shell line per point, for any scheduler."""
+    """One shell line per point, for any scheduler; a point's line comes after those of the points it reads."""
     return [shlex.join(point_command(sweep, point)) for point in sweep.points]
 
 
@@ -227,6 +299,39 @@ def build_shared_inputs(configs: Sequence[Config]) -> None:
                 build(getattr(config, section), config.data_root)
 
 
+def _failed_dependency(point: SweepPoint, done: dict[str, str | None]) -> str | None:
+    failed = [name for name in point.after if done.get(name)]
+    return f"not run: it reads point {failed[0]}, which failed" if failed else None
+
+
+def _run_parallel(sweep: Sweep, todo: Sequence[SweepPoint], workers: int) -> dict[str, str | None]:
+    """Subprocess points side by side, each started once the points it reads have finished."""
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    todo_names = {point.name for point in todo}  # the other points it may read finished earlier
+    pending, done = list(todo), {}
+    running: dict[Future, SweepPoint] = {}
+    with ThreadPoolExecutor(workers) as pool, tqdm(total=len(todo), desc="sweep points") as progress:
+        def start_ready() -> None:
+            for point in list(pending):  # in run order, so a failure reaches dependents of dependents
+                failure = _failed_dependency(point, done)
+                if failure or all(name in done or name not in todo_names for name in point.after):
+                    pending.remove(point)
+                    if failure:
+                        done[point.name] = failure
+                        progress.update()
+                    else:
+                        running[pool.submit(_run_subprocess, sweep, point, threads)] = point
+
+        start_ready()
+        while running:
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                done[running.pop(future).name] = future.result()
+                progress.update()
+            start_ready()
+    return done
+
+
 def run_sweep(sweep: Sweep, workers: int = 1) -> SweepResult:
     """Run every unfinished point; `workers` > 1 runs them as parallel processes sharing the cores."""
     if workers < 1:
@@ -243,16 +348,13 @@ def run_sweep(sweep: Sweep, workers: int = 1) -> SweepResult:
     log.info("sweep %s: %d points, %d finished earlier, %d to run with %d worker(s)", sweep.name,
              len(sweep.points), len(result.skipped), len(todo), workers)
     if workers == 1:
-        outcomes = [(point, _run_here(sweep, point)) for point in todo]
+        done: dict[str, str | None] = {}
+        for point in todo:  # already in run order: a point after the points it reads
+            done[point.name] = _failed_dependency(point, done) or _run_here(sweep, point)
     else:
         build_shared_inputs([sweep.point_config(point) for point in todo])
-        threads = max(1, (os.cpu_count() or 1) // workers)
-        with ThreadPoolExecutor(workers) as pool:
-            futures = {pool.submit(_run_subprocess, sweep, point, threads): point for point in todo}
-            done = {futures[future].name: future.result()
-                    for future in tqdm(as_completed(futures), total=len(futures), desc="sweep points")}
-        outcomes = [(point, done[point.name]) for point in todo]
-    for point, failure in outcomes:
+        done = _run_parallel(sweep, todo, workers)
+    for point, failure in ((point, done[point.name]) for point in todo):
         if failure is None:
             result.finished.append(point.name)
         else:

@@ -82,7 +82,7 @@ def read_runs(directories: Sequence[Path]) -> list[RunRecord]:
         loaded.append((run, metrics, OmegaConf.to_container(OmegaConf.load(run.config))["task"]))
     if not loaded:
         raise ValueError(f"every run found ({len(directories)}) diverged; nothing to tabulate")
-    labels = _task_labels([task for _, _, task in loaded])
+    labels = task_labels([task for _, _, task in loaded])
     records = []
     for (run, metrics, _), label in zip(loaded, labels):
         adapted = metrics.method not in ("full", "linear")
@@ -96,7 +96,7 @@ def read_runs(directories: Sequence[Path]) -> list[RunRecord]:
     return records
 
 
-def _task_labels(tasks: Sequence[dict]) -> list[str]:
+def task_labels(tasks: Sequence[dict]) -> list[str]:
     by_name: dict[str, list[dict]] = defaultdict(list)
     for task in tasks:
         by_name[task["name"]].append(task)

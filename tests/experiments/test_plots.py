@@ -167,7 +167,7 @@ def test_plot_command_draws_a_sweep_or_a_run(tiny_sweep, capsys):
 def test_posterior_ranks_are_block_medians_beside_the_gaps(tmp_path):
     posterior = {"body.layers.0.blocks.0.attn.qkv": 1, "body.layers.0.blocks.0.mlp.fc1": 3,
                  "body.layers.0.blocks.0.mlp.fc2": 4, "body.layers.1.blocks.0.attn.qkv": 0}
-    assert plots.block_posterior_ranks(GAPS, posterior) == [3.0, None, 0.0]
+    assert plots.block_median_ranks(GAPS, posterior) == [3.0, None, 0.0]
     stem = tmp_path / "posterior_ranks"
     assert_figures(plots.plot_posterior_ranks(GAPS, posterior, dict.fromkeys(posterior, 8), stem), stem)
 

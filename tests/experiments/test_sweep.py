@@ -113,3 +113,89 @@ def test_a_rerun_skips_every_finished_point(tiny_sweep, tiny_settings, monkeypat
     result = run_sweep(sweep)
     assert result.skipped == TINY_POINTS and result.finished == [] and result.failed == {}
     assert sweeps.is_finished(sweep, sweep.points[0])
+
+
+# `data_root` stands in for a key that reads another run (stage2.posterior_run): any value shows the mechanism
+READING_SWEEP = """\
+name: reading
+base: {base}
+grids:
+  - task: {{a: {{task.name: darcy}}}}
+    seed: [0, 1]
+    role: {{reader: {{stage3.rank: 2, data_root: {{point: "{{task}}_{{seed}}_flat"}}}}}}
+  - task: {{a: {{task.name: darcy}}}}
+    seed: [0, 1]
+    role: {{flat: {{stage3.rank: 1}}}}
+"""
+READING_ORDER = ["a_seed0_flat", "a_seed0_reader", "a_seed1_flat", "a_seed1_reader"]
+
+
+@pytest.fixture
+def reading_sweep(tmp_path):
+    path = tmp_path / "reading.yaml"
+    path.write_text(READING_SWEEP.format(base=REPO / "configs" / "quickstart.yaml"))
+    return load_sweep(path, [f"output.root={tmp_path / 'runs'}"])
+
+
+def test_a_point_reading_another_gets_its_run_directory_and_runs_after_it(reading_sweep):
+    assert [point.name for point in reading_sweep.points] == READING_ORDER
+    reader = reading_sweep.points[1]
+    assert reader.after == ("a_seed0_flat",)
+    assert reading_sweep.point_config(reader).data_root == str(reading_sweep.directory / "a_seed0_flat")
+    printed = [shlex.split(line) for line in print_commands(reading_sweep)]
+    assert [next(word for word in words if word.startswith("output.name=")) for words in printed] == \
+        [f"output.name={name}" for name in READING_ORDER]
+
+
+def test_a_failed_dependency_stops_its_readers_in_process(reading_sweep, tmp_path, monkeypatch):
+    ran = []
+
+    def fake_pipeline(config):
+        from orca_lora.pipeline import RunResult
+
+        ran.append(config.output.name)
+        if config.output.name == "a_seed0_flat":
+            raise RuntimeError("diverged")
+        return RunResult(tmp_path / config.output.name, None)
+
+    monkeypatch.setattr("orca_lora.pipeline.run_pipeline", fake_pipeline)
+    monkeypatch.setattr("orca_lora.experiments.plots.plot_run", lambda directory: [])
+    result = run_sweep(reading_sweep)
+    assert ran == ["a_seed0_flat", "a_seed1_flat", "a_seed1_reader"]
+    assert result.failed["a_seed0_reader"] == "not run: it reads point a_seed0_flat, which failed"
+
+
+def test_workers_start_a_reader_once_its_dependency_finished(reading_sweep, monkeypatch):
+    import threading
+    import time
+
+    events, lock = [], threading.Lock()
+
+    def fake_subprocess(sweep, point, threads):
+        with lock:
+            events.append(("start", point.name))
+        time.sleep(0.05 if point.name.endswith("flat") else 0.0)
+        with lock:
+            events.append(("end", point.name))
+        return "exit code 1" if point.name == "a_seed1_flat" else None
+
+    monkeypatch.setattr(sweeps, "build_shared_inputs", lambda configs: None)
+    monkeypatch.setattr(sweeps, "_run_subprocess", fake_subprocess)
+    result = run_sweep(reading_sweep, workers=2)
+    assert events.index(("end", "a_seed0_flat")) < events.index(("start", "a_seed0_reader"))
+    assert ("start", "a_seed1_reader") not in events
+    assert result.failed == {"a_seed1_flat": "exit code 1",
+                             "a_seed1_reader": "not run: it reads point a_seed1_flat, which failed"}
+
+
+@pytest.mark.parametrize("options, message", [
+    ('{x: {stage3.rank: 1, data_root: {point: "nope"}}}', r"names 'nope', no point of the sweep"),
+    ('{x: {stage3.rank: 1, data_root: {point: "{lr}"}}}', r"not filled by the point's axes \['role'\]"),
+    ('{x: {stage3.rank: 1, data_root: {point: y}}, y: {stage3.rank: 2, data_root: {point: x}}}', "in a cycle"),
+    ('{x: {stage3.rank: 1, data_root: {run: y}}}', r"must be \{point: NAME\}"),
+])
+def test_bad_point_references_are_refused(tmp_path, options, message):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(f"name: s\nbase: {REPO / 'configs' / 'quickstart.yaml'}\ngrid:\n  role: {options}\n")
+    with pytest.raises(ConfigError, match=message):
+        load_sweep(path, [f"output.root={tmp_path / 'runs'}"])
