@@ -22,6 +22,7 @@ EMBEDDER_INITS = ("random", "source")  # models/embedder.py
 RANK_LINKS = ("linear", "sqrt", "log1p")  # rank/select.py
 RANK_DECISIONS = ("mean", "mode", "quantile", "sample")  # rank/select.py
 RANK_ALLOCATIONS = ("gap-relative", "gap", "flat", "law", "uniform")  # rank/stage.py
+TRAINING_ALLOCATIONS = ("gradient", "eva", "adalora")  # phase "stage3": finetune/allocations/, on the training model
 GAP_AWARE_ALLOCATIONS = ("gap-relative", "gap", "law")  # the allocations whose ranks follow the gaps
 METHODS = ("lora", "delta-lora", "lora-plus", "dylora", "dora", "qlora", "mora", "sbora-fa", "sbora-fb",
            "houlsby", "ibp-lora", "full", "linear")  # adapters/: one module per method registers its spec
