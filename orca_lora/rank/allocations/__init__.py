@@ -53,6 +53,6 @@ def get_allocation(name: str) -> Allocation:
 
 def _load() -> None:
     # the phase-"stage3" allocations, which need the training model (and PEFT), live with stage 3
-    from orca_lora.finetune.allocations import eva, gradient  # noqa: F401
+    from orca_lora.finetune.allocations import adalora, eva, gradient  # noqa: F401
 
     check_registry("allocation", ALLOCATIONS, RANK_ALLOCATIONS)
