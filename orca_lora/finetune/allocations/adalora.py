@@ -25,6 +25,9 @@ For the test split, the best checkpoint is masked to the final rank pattern and 
 plain LoRA of its final rank (E and the scale alpha / init_r folded into B; a module of rank 0 keeps
 its bare base layer), so the test error, the saved PEFT adapter and `trainable_params` are those of
 the final ranks; `trained_params` counts the init_r triplets that trained.
+
+A resumed run restores the triplets and their masks from the checkpoint, but PEFT's allocator
+keeps its sensitivity averages in memory only, so they restart from the resumed step.
 """
 from __future__ import annotations
 
