@@ -30,6 +30,7 @@ from orca_lora.choices import (  # noqa: F401  (re-exported: the config's choice
     SCHEDULES,
     SOURCE_PROXIES,
     TASKS,
+    TRAINING_ALLOCATIONS,
 )
 from orca_lora.files import write_text_atomic
 
@@ -162,6 +163,17 @@ class Stage3Config:
     ibp_r_max: Optional[int] = None  # ibp-lora: components per module (capped at min(d_out, d_in)); None: stage2.r_max
     early_stopping_patience: int = 0  # 0 disables early stopping
     save_merged: bool = False
+    # stage-3 allocations (stage2.allocation gradient, eva, adalora; finetune/allocations/)
+    allocation_batches: int = 8  # gradient, eva: training batches the allocation reads before training
+    eva_rho: float = 2.0  # eva: EVA's components per module, rho x its rank (PEFT EvaConfig.rho)
+    eva_tau: float = 0.99  # eva: EVA's convergence threshold on the components' cosine similarity (EvaConfig.tau)
+    adalora_init_ratio: float = 1.5  # adalora: init_r = ceil(ratio x target_r) (the AdaLoRA paper's 1.5)
+    adalora_tinit: float = 0.1  # adalora: warm-up before pruning starts, a fraction of the training steps
+    adalora_tfinal: float = 0.2  # adalora: final fine-tuning at the target budget, a fraction of the steps
+    adalora_delta_t: int = 1  # adalora: steps between two budget allocations (PEFT deltaT)
+    adalora_beta1: float = 0.85  # adalora: EMA of the sensitivity (PEFT beta1)
+    adalora_beta2: float = 0.85  # adalora: EMA of its uncertainty (PEFT beta2)
+    adalora_orth_reg_weight: float = 0.5  # adalora: weight of the orthogonality penalty on P and Q
 
 
 @dataclass
@@ -379,6 +391,8 @@ def validate(config: Config) -> None:
     from orca_lora.adapters.spec import get_method  # torch, only once every name has been checked
 
     get_method(s3.method).validate_ranks(s2)
+    if s2.allocation in TRAINING_ALLOCATIONS:
+        _validate_training_allocation(s2.allocation, s3)
     if s3.rank_map and s2.enabled:
         raise ConfigError("stage3.rank_map: an explicit rank map replaces stage 2; set stage2.enabled=false")
     _validate_trainer(config.trainer)
@@ -466,10 +480,40 @@ def _validate_stage3(s3: Stage3Config) -> None:
     _at_least("stage3.loraplus_ratio", s3.loraplus_ratio, 0.0)
     _at_least("stage3.delta_start_step", s3.delta_start_step, 0)
     _at_least("stage3.dylora_min_rank", s3.dylora_min_rank, 1)
+    _at_least("stage3.allocation_batches", s3.allocation_batches, 1)
+    _at_least("stage3.eva_rho", s3.eva_rho, 1.0)
+    _in_range("stage3.eva_tau", s3.eva_tau, 0.01, 1.0)
+    _at_least("stage3.adalora_init_ratio", s3.adalora_init_ratio, 1.0)
+    _in_range("stage3.adalora_tinit", s3.adalora_tinit, 0.0, 0.9)
+    _in_range("stage3.adalora_tfinal", s3.adalora_tfinal, 0.0, 0.9)
+    if s3.adalora_tinit + s3.adalora_tfinal >= 1.0:
+        raise ConfigError("stage3.adalora_tfinal: adalora_tinit + adalora_tfinal must be < 1 (the budget shrinks "
+                          "between them); lower one of them")
+    _at_least("stage3.adalora_delta_t", s3.adalora_delta_t, 1)
+    _in_range("stage3.adalora_beta1", s3.adalora_beta1, 0.01, 0.999)
+    _in_range("stage3.adalora_beta2", s3.adalora_beta2, 0.01, 0.999)
+    _at_least("stage3.adalora_orth_reg_weight", s3.adalora_orth_reg_weight, 0.0)
     # the method's own rules live in its spec; the spec registry imports torch, which this module does not
     from orca_lora.adapters.spec import get_method
 
     get_method(s3.method).validate(s3)
+
+
+def _validate_training_allocation(allocation: str, s3: Stage3Config) -> None:
+    """What each stage-3 allocation needs of stage 3 (finetune/allocations/)."""
+    from orca_lora.adapters.inject import LinearAdapterMethod  # torch, once every name has been checked
+    from orca_lora.adapters.spec import get_method
+
+    if allocation in ("eva", "adalora") and s3.method != "lora":
+        what = "initialises LoRA's A" if allocation == "eva" else "trains PEFT's AdaLoRA in place of LoRA"
+        raise ConfigError(f"stage3.method: allocation {allocation} {what}; set stage3.method=lora (got {s3.method!r})")
+    if allocation == "adalora" and s3.early_stopping_patience:
+        raise ConfigError("stage3.early_stopping_patience: adalora's budget schedule runs to the last training step; "
+                          "set it to 0")
+    if allocation == "gradient" and (s3.method == "ibp-lora"
+                                     or not isinstance(get_method(s3.method), LinearAdapterMethod)):
+        raise ConfigError(f"stage3.method: allocation gradient sets the rank of a LoRA-style adapter per module; "
+                          f"{s3.method!r} takes none; use e.g. lora, dora or lora-plus")
 
 
 def _validate_trainer(trainer: TrainerConfig) -> None:

@@ -31,11 +31,12 @@ from safetensors.torch import load_file
 from torch.utils.data import Subset
 
 from orca_lora.align import stage as align_stage
-from orca_lora.choices import GAP_AWARE_ALLOCATIONS
+from orca_lora.choices import GAP_AWARE_ALLOCATIONS, TRAINING_ALLOCATIONS
 from orca_lora.config import Config, run_directory, run_path, section_hash
 from orca_lora.data.tasks import build_task
 from orca_lora.errors import RunInterrupted
 from orca_lora.finetune import stage as finetune_stage
+from orca_lora.finetune.allocations import AllocationRequest
 from orca_lora.models.embedder import Embedder
 from orca_lora.models.features import held_out_split
 from orca_lora.models.model import build_orca_model
@@ -52,6 +53,7 @@ from orca_lora.run_files import (
     from_dict,
     read_marker,
     read_marker_or_restart,
+    read_training_ranks,
     seconds_spent,
     write_marker,
     write_metrics,
@@ -229,19 +231,30 @@ def _run_stages(config: Config, last_stage: int, placement: finetune_stage.Proce
         # stage3.ibp_r_max null means stage2.r_max (only ibp-lora reads either)
         refined_with = s3 if s3.ibp_r_max is not None else replace(s3, ibp_r_max=config.stage2.r_max)
         return finetune_stage.run(refined_with, config.trainer, model, gaps.ranks, task, config.seed, run_files,
-                                  prior_masses=gaps.prior_masses)
+                                  prior_masses=gaps.prior_masses, allocation=training_allocation(config, gaps))
 
     stage3 = _staged("stage3", config, run_files, refine, process_rank)
-    metrics = _metrics(config, task.baseline_error, stage1, stage2, stage3)
+    metrics = _metrics(config, task.baseline_error, stage1, stage2, stage3, run_files)
     if process_rank == 0:
         write_metrics(run_files, metrics)
     return RunResult(run_files.root, metrics, process_rank)
 
 
+def training_allocation(config: Config, gaps: GapResult) -> AllocationRequest | None:
+    """Stage 2's hand-over to a stage-3 allocation: its name, the budget its ranks.json holds (the
+    uniform stage3.rank ranks' cost when it holds none), and stage 2's rank bounds; None otherwise."""
+    if gaps.allocation not in TRAINING_ALLOCATIONS:
+        return None
+    budget = gaps.budget if gaps.budget is not None else gaps.trainable_params
+    return AllocationRequest(gaps.allocation, budget, config.stage2.r_min, config.stage2.r_max)
+
+
 def _metrics(config: Config, baseline_error: float, stage1: StageRecord, stage2: StageRecord,
-             stage3: StageRecord) -> RunMetrics:
+             stage3: StageRecord, run_files: RunFiles) -> RunMetrics:
     alignment = from_dict(AlignResult, stage1.result, "stage1/stage.json")
     gaps = from_dict(GapResult, stage2.result, "stage2/stage.json")
+    # a stage-3 allocation's ranks are the tested model's, in stage3/ranks.json
+    ranks = read_training_ranks(run_files).ranks if gaps.allocation in TRAINING_ALLOCATIONS else gaps.ranks
     refined = from_dict(FinetuneResult, stage3.result, "stage3/stage.json")
     corrected = gaps.corrected_gaps
     return RunMetrics(
@@ -254,7 +267,7 @@ def _metrics(config: Config, baseline_error: float, stage1: StageRecord, stage2:
         baseline_error=baseline_error,
         best_val_error=refined.best_val_error,
         trainable_params=refined.trainable_params,
-        ranks=gaps.ranks,
+        ranks=ranks,
         mean_gap=sum(corrected) / len(corrected) if corrected else None,
         alignment={"distance": config.stage1.distance, "before": alignment.distance_before,
                    "after": alignment.distance_after},

@@ -12,7 +12,7 @@ tests all go through this module, so a renamed file or column changes here and n
       stage2/gaps.csv                  GAP_COLUMNS: block, name, width, gap, floor, p_value, interval, corrected, rank
       stage2/ranks.json                module -> rank, alpha0, budget, allocation (GapResult)
       stage3/stage.json                marker, result (FinetuneResult)
-      stage3/ranks.json                GapResult of allocations that set ranks in stage 3's setup (wins over stage 2's)
+      stage3/ranks.json                a stage-3 allocation's ranks of the model tested (GapResult, no gaps; wins over stage 2's)
       stage3/checkpoints/              Lightning's best.ckpt and last.ckpt (trainable weights only)
       stage3/last.ckpt.corrupt-<time>  a last.ckpt that did not load, set aside (stage 3 restarted)
       stage3/logs/version_0/metrics.csv
@@ -197,7 +197,8 @@ class RunFiles:
         return self.root / "stage2" / "ranks.json"
 
     @property
-    def stage3_ranks(self) -> Path:
+    def training_ranks(self) -> Path:
+        """A stage-3 allocation's ranks (gradient, eva, adalora), beside stage 2's untouched ones."""
         return self.root / "stage3" / "ranks.json"
 
     @property
@@ -327,11 +328,18 @@ def read_ranks(run: RunFiles) -> GapResult:
     return from_dict(GapResult, _read_json(run.ranks), run.ranks)
 
 
+def write_training_ranks(run: RunFiles, result: GapResult) -> None:
+    _write_json(run.training_ranks, asdict(result))
+
+
+def read_training_ranks(run: RunFiles) -> GapResult:
+    return from_dict(GapResult, _read_json(run.training_ranks), run.training_ranks)
+
+
 def read_effective_ranks(run: RunFiles) -> GapResult:
     """The ranks the run trained with: `stage3/ranks.json` when an allocation chose them in stage 3's
     setup (it sees the model), else stage 2's `ranks.json`."""
-    path = run.stage3_ranks if run.stage3_ranks.is_file() else run.ranks
-    return from_dict(GapResult, _read_json(path), path)
+    return read_training_ranks(run) if run.training_ranks.is_file() else read_ranks(run)
 
 
 def write_metrics(run: RunFiles, metrics: RunMetrics) -> None:

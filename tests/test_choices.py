@@ -37,3 +37,8 @@ def test_the_config_validates_names_without_importing_torch(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "task.name: 'nope' is not one of darcy" in done.stdout
+
+
+def test_every_allocation_is_registered_in_its_phase():
+    from orca_lora.rank.allocations import check_allocations
+    check_allocations()

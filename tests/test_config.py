@@ -131,3 +131,16 @@ def test_importing_the_config_leaves_torch_unimported():
     """Names are checked before any heavy import; only the method specs (validate's last step) need torch."""
     code = "import sys, orca_lora.config; assert 'torch' not in sys.modules, sorted(sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+@pytest.mark.parametrize("allocation, stage3, key", [
+    ("eva", {"method": "dora"}, "stage3.method"),
+    ("adalora", {"method": "lora-plus"}, "stage3.method"),
+    ("adalora", {"early_stopping_patience": 3}, "stage3.early_stopping_patience"),
+    ("gradient", {"method": "full"}, "stage3.method"),
+])
+def test_stage_3_allocations_refuse_what_they_cannot_train(allocation, stage3, key):
+    from orca_lora.config import ConfigError, Stage3Config, _validate_training_allocation
+
+    with pytest.raises(ConfigError, match=key):
+        _validate_training_allocation(allocation, Stage3Config(**stage3))

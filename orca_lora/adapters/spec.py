@@ -87,6 +87,11 @@ class MethodSpec(ABC):
         KL, which makes the loss a negative ELBO per sample); None for methods that add none."""
         return None
 
+    def penalty(self, model: nn.Module) -> Tensor | None:
+        """A term stage 3 adds to the training loss as it is (AdaLoRA's orthogonality penalty, which
+        PEFT adds only inside AdaLoraModel.forward, a forward our loop does not call); None for most."""
+        return None
+
     def finalize(self, model: nn.Module) -> PosteriorRanks | None:
         """Called once the best checkpoint is restored, before the test split is scored: turn the trained
         layers into the ones the result reports (ibp-lora prunes to its posterior ranks)."""

@@ -1,7 +1,8 @@
 """Stage 3's LightningModule: the composed model, the task's loss and error, AdamW with warm-up
 and a cosine / step / constant schedule, and the method spec's hooks (its optimizer groups, hooks
 on the optimizer, a call before each training step, a regularizer added to the training loss over
-the training set's size and logged as `train_kl`, and a call before the test split is scored).
+the training set's size and logged as `train_kl`, a penalty added as it is and logged as
+`train_penalty`, and a call before the test split is scored).
 
 Checkpoints hold only what training changes (trainable parameters, the tensors each adapter layer
 saves, buffers outside the frozen body), so a Swin-base checkpoint is megabytes, not 350 MB, plus the
@@ -18,7 +19,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from orca_lora.adapters.inject import adapter_modules
-from orca_lora.adapters.spec import PosteriorRanks, StepHook, get_method
+from orca_lora.adapters.spec import MethodSpec, PosteriorRanks, StepHook, get_method
 from orca_lora.config import Stage3Config
 from orca_lora.data.tasks import TaskData
 from orca_lora.errors import TrainingDiverged
@@ -41,12 +42,13 @@ def schedule_factor(step: int, total_steps: int, warmup_steps: int, schedule: st
 
 class FinetuneModule(L.LightningModule):
     def __init__(self, model: nn.Module, task: TaskData, stage: Stage3Config, total_steps: int,
-                 steps_per_epoch: int, seed: int):
+                 steps_per_epoch: int, seed: int, method: MethodSpec | None = None):
+        """`method`: the spec whose hooks run (a stage-3 allocation's, e.g. adalora's); None: stage3.method's."""
         super().__init__()
         self.model = model
         self.output_transform = task.output_transform
         self.loss_fn, self.error_fn = task.loss, task.error
-        self.stage, self.method = stage, get_method(stage.method)
+        self.stage, self.method = stage, method or get_method(stage.method)
         self.step_hook: StepHook | None = None
         self.n_train = len(task.train)  # the ELBO's KL is per training sample, as the task loss is a mean
         self.posterior: PosteriorRanks | None = None  # what the method's finalize reported before testing
@@ -68,6 +70,9 @@ class FinetuneModule(L.LightningModule):
         regularizer = self.method.regularizer(self.model)
         if regularizer is not None:
             objective = loss + regularizer / self.n_train
+        penalty = self.method.penalty(self.model)
+        if penalty is not None:
+            objective = objective + penalty
         if not torch.isfinite(objective):
             raise TrainingDiverged(f"stage 3 diverged: the training loss is {objective.item()} at step "
                                    f"{self.trainer.global_step} (epoch {self.current_epoch}); lower stage3.lr "
@@ -75,6 +80,8 @@ class FinetuneModule(L.LightningModule):
         self.log("train_loss", loss, prog_bar=True, batch_size=len(inputs))  # the task's, as for every method
         if regularizer is not None:
             self.log("train_kl", regularizer, batch_size=len(inputs))
+        if penalty is not None:
+            self.log("train_penalty", penalty, batch_size=len(inputs))
         return objective
 
     def _evaluate(self, batch, name: str) -> None:

@@ -27,26 +27,56 @@ from torch.utils.data import DataLoader
 
 from orca_lora.adapters.inject import adapter_modules, count_trainable, merge_adapters
 from orca_lora.adapters.io import save_peft_adapter
-from orca_lora.adapters.spec import get_method
+from orca_lora.adapters.spec import MethodSpec, get_method
 from orca_lora.config import ConfigError, Stage3Config, TrainerConfig
 from orca_lora.data.tasks import TaskData
 from orca_lora.errors import TrainingDiverged
 from orca_lora.files import save_tensors_atomic
+from orca_lora.finetune.allocations import (
+    AllocationRequest,
+    AllocationSetup,
+    plan_allocation,
+    ranks_record,
+    tested_ranks,
+)
 from orca_lora.finetune.checkpoints import AtomicCheckpointIO, resumable_checkpoint
 from orca_lora.finetune.module import FinetuneModule
-from orca_lora.run_files import FinetuneResult, RunFiles, SampleErrors, training_log_before, write_sample_errors
+from orca_lora.rank.select import ModuleShape
+from orca_lora.rank.stage import adapted_module_shapes
+from orca_lora.run_files import (
+    FinetuneResult,
+    RunFiles,
+    SampleErrors,
+    training_log_before,
+    write_sample_errors,
+    write_training_ranks,
+)
 
 log = logging.getLogger("orca_lora")
 
 
 def prepare_model(model: nn.Module, stage: Stage3Config, ranks: Mapping[str, int], seed: int = 0,
-                  prior_masses: Mapping[str, float] | None = None) -> nn.Module:
+                  prior_masses: Mapping[str, float] | None = None, method: MethodSpec | None = None) -> nn.Module:
     """The method's layers in `model` (their random parts drawn from `seed`) and what trains marked,
     as its spec says: adapters, embedder and head for the adapter methods; all but the unused patch
     embedding for `full`; only the head for `linear`. `prior_masses` (stage 2's IBP mass per module)
-    is read by ibp-lora only."""
-    get_method(stage.method).prepare(model, stage, ranks, seed, prior_masses=prior_masses)
+    is read by ibp-lora only. `method`: a stage-3 allocation's spec; None: stage3.method's."""
+    (method or get_method(stage.method)).prepare(model, stage, ranks, seed, prior_masses=prior_masses)
     return model.train()
+
+
+def allocate_and_prepare(model: nn.Module, stage: Stage3Config, ranks: Mapping[str, int], task: TaskData, seed: int,
+                         prior_masses: Mapping[str, float] | None, allocation: AllocationRequest | None,
+                         shapes: Mapping[str, ModuleShape], total_steps: int, device: torch.device) -> MethodSpec:
+    """Prepare `model` at stage 2's `ranks`, or, for a stage-3 allocation, at the ranks and with the
+    spec it computes on the model as it will train (before any adapter is in); returns the spec."""
+    if allocation is None:
+        method = get_method(stage.method)
+    else:
+        plan = plan_allocation(AllocationSetup(model, task, stage, shapes, allocation, seed, total_steps, device))
+        ranks, method = plan.ranks, plan.method
+    prepare_model(model, stage, ranks, seed, prior_masses, method)
+    return method
 
 
 @dataclass
@@ -149,16 +179,16 @@ def make_trainer(trainer_config: TrainerConfig, stage: Stage3Config, directory: 
 
 
 def run(stage: Stage3Config, trainer_config: TrainerConfig, model: nn.Module, ranks: Mapping[str, int],
-        task: TaskData, seed: int, run_files: RunFiles,
-        prior_masses: Mapping[str, float] | None = None) -> FinetuneResult:
+        task: TaskData, seed: int, run_files: RunFiles, prior_masses: Mapping[str, float] | None = None,
+        allocation: AllocationRequest | None = None) -> FinetuneResult:
     """Fine-tune `model`; resume from `checkpoints/last.ckpt` when a previous attempt was killed.
 
+    With a stage-3 `allocation` (gradient, eva, adalora) the ranks are its own, computed before
+    training, and the ranks of the model tested go to `stage3/ranks.json`.
     The test split is scored once, with the best checkpoint on validation as the method finalizes it;
     the per-sample validation and test errors of that model are saved for paired comparisons between
     runs. `trainable_params` counts the finalized model, `trained_params` the one that trained."""
     L.seed_everything(seed, workers=True, verbose=False)
-    prepare_model(model, stage, ranks, seed, prior_masses)
-    trained_params = count_trainable(model)
     trainer, checkpoint = make_trainer(trainer_config, stage, run_files.stage("stage3"))
     world_size = trainer.world_size
     check_world_size(task, world_size)
@@ -167,7 +197,12 @@ def run(stage: Stage3Config, trainer_config: TrainerConfig, model: nn.Module, ra
     # each process sees ceil(n / world_size) training samples per epoch (DistributedSampler pads)
     batches = math.ceil(math.ceil(len(task.train) / world_size) / stage.batch_size)
     steps_per_epoch = _steps_per_epoch(batches, trainer_config.limit_train_batches)
-    module = FinetuneModule(model, task, stage, steps_per_epoch * trainer_config.max_epochs, steps_per_epoch, seed)
+    total_steps = steps_per_epoch * trainer_config.max_epochs
+    shapes = adapted_module_shapes(model.body, stage.targets) if allocation is not None else {}
+    method = allocate_and_prepare(model, stage, ranks, task, seed, prior_masses, allocation, shapes, total_steps,
+                                  trainer.strategy.root_device)
+    trained_params = count_trainable(model)
+    module = FinetuneModule(model, task, stage, total_steps, steps_per_epoch, seed, method)
     data = TaskDataModule(task, stage.batch_size, trainer_config.num_workers, seed)
     last = run_files.last_checkpoint
     if trainer.is_global_zero:
@@ -192,6 +227,8 @@ def run(stage: Stage3Config, trainer_config: TrainerConfig, model: nn.Module, ra
         write_sample_errors(run_files, SampleErrors(val=per_sample_errors(module, task.val, stage.batch_size),
                                                     test=per_sample_errors(module, task.test, stage.batch_size)))
         save_trained_weights(module, model, stage, run_files)
+        if allocation is not None:
+            write_training_ranks(run_files, ranks_record(tested_ranks(model, shapes), shapes, allocation))
     posterior = module.posterior
     return FinetuneResult(
         test_error=test_error,

@@ -140,7 +140,7 @@ def test_stage3_ranks_win_over_stage2_ranks(tmp_path):
     run = write_run(tmp_path, "uniform", 1e-3, 0, 0.1, np.full(4, 0.2))
     stage3 = GapResult(BLOCKS, None, dict(zip(MODULES, (1, 1))), None, 160, None, "uniform")
     write_ranks(RunFiles(run.root), stage3)
-    (run.root / "stage2" / "ranks.json").rename(run.stage3_ranks)
+    (run.root / "stage2" / "ranks.json").rename(run.training_ranks)
     write_ranks(run, GapResult(BLOCKS, None, dict(zip(MODULES, (4, 4))), None, 640, None, "uniform"))
     assert read_compare_runs([tmp_path])[0].adapter_params == 160
 

@@ -153,7 +153,7 @@ def test_the_run_seed_draws_the_adapter_initialisation(tmp_path, procedural_task
     def stop(*args, **kwargs):
         raise _Stop
 
-    monkeypatch.setattr(finetune_stage, "make_trainer", stop)
+    monkeypatch.setattr(finetune_stage, "FinetuneModule", stop)
     initial = []
     for seed in (1, 2):
         model = make_model()

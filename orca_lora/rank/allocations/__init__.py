@@ -14,6 +14,7 @@ and every budgeted one meets the same unit: trainable adapter parameters sum_m r
 """
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -46,21 +47,29 @@ def register_allocation(name: str, phase: str) -> Callable[[Callable[..., Any]],
 
 
 def get_allocation(name: str) -> Allocation:
-    """The registered allocation `name` (its modules are imported on first use)."""
-    _load()
+    """The registered allocation `name`. The stage-2 modules are imported on first use; a stage-3
+    allocation's module only when it is asked for (eva and adalora import PEFT, ~7 s)."""
+    _load_stage2()
+    if name in TRAINING_ALLOCATIONS:
+        importlib.import_module(f"orca_lora.finetune.allocations.{name}")
     if name not in ALLOCATIONS:
-        raise KeyError(f"stage2.allocation: {name!r} is not one of {', '.join(sorted(ALLOCATIONS))}")
+        raise KeyError(f"stage2.allocation: {name!r} is not one of {', '.join(RANK_ALLOCATIONS)}")
     return ALLOCATIONS[name]
 
 
-def _load() -> None:
-    """Import every allocation module (each registers itself), then check the registry against choices.py.
+def check_allocations() -> None:
+    """Import every allocation module and check the registry against choices.py (the tests call it)."""
+    _load_stage2()
+    for name in TRAINING_ALLOCATIONS:
+        importlib.import_module(f"orca_lora.finetune.allocations.{name}")
+    check_registry("allocation", ALLOCATIONS, RANK_ALLOCATIONS)
+    wrong = [name for name in TRAINING_ALLOCATIONS if ALLOCATIONS[name].phase != "stage3"]
+    if wrong:
+        raise RuntimeError(f"{wrong} are listed in choices.TRAINING_ALLOCATIONS but registered for stage 2")
 
-    The stage-3 allocations (TRAINING_ALLOCATIONS: gradient, eva, adalora) are not registered yet: once
-    their modules exist, import them here too and compare all of ALLOCATIONS with RANK_ALLOCATIONS."""
+
+def _load_stage2() -> None:
     from orca_lora.rank.allocations import (depth, ibp_posterior, ibp_prior, law, shuffled,  # noqa: F401
                                             stable_rank, uniform)
-
     stage2 = [name for name, allocation in ALLOCATIONS.items() if allocation.phase == "stage2"]
-    listed = [name for name in RANK_ALLOCATIONS if name not in TRAINING_ALLOCATIONS]
-    check_registry("stage-2 allocation", stage2, listed)
+    check_registry("stage-2 allocation", stage2, [n for n in RANK_ALLOCATIONS if n not in TRAINING_ALLOCATIONS])
