@@ -416,26 +416,13 @@ def _validate_gap_reference(s2: Stage2Config) -> None:
 
 
 def _validate_posterior_run(s2: Stage2Config) -> None:
-    """ibp-posterior reads a finished ibp-lora run's metrics.json: the run must be there and have one."""
+    """ibp-posterior reads a finished ibp-lora run's metrics.json. Whether that run has finished is
+    checked before stage 1 (`preflight`), not here: a sweep validates every point before it runs the
+    ibp-lora points that the ibp-posterior ones read."""
     if (s2.allocation == "ibp-posterior") != (s2.posterior_run is not None):
         raise ConfigError("stage2.posterior_run: allocation 'ibp-posterior' takes its ranks from a finished ibp-lora "
                           "run's directory; set both stage2.allocation=ibp-posterior and stage2.posterior_run=DIR, "
                           "or neither")
-    if s2.posterior_run is None:
-        return
-    from orca_lora.run_files import RunFiles, read_metrics  # no torch: the run-file readers are light
-
-    run = RunFiles(Path(s2.posterior_run))
-    if not run.is_finished():
-        raise ConfigError(f"stage2.posterior_run: {run.metrics} does not exist; point it at a finished "
-                          "stage3.method=ibp-lora run's directory (finish that run first)")
-    try:
-        metrics = read_metrics(run)
-    except ValueError as error:
-        raise ConfigError(f"stage2.posterior_run: {error}") from None
-    if metrics.posterior_ranks is None:
-        raise ConfigError(f"stage2.posterior_run: {run.root} is a {metrics.method!r} run whose metrics.json has no "
-                          "posterior_ranks; point it at a finished stage3.method=ibp-lora run")
 
 
 def _validate_dials(task: TaskConfig) -> None:

@@ -24,9 +24,10 @@ def body_architecture(source: SourceConfig) -> nn.Module:
     return build_body(source.model, model_kwargs=dict(source.model_kwargs))
 
 
-def check_against_body(config: Config, body: nn.Module) -> None:
-    """The spectral gap's sample size, targets, rank map, a uniform rank, a stage-2 budget and the modules
-    of an ibp-posterior allocation's posterior run against the body's blocks and adapted modules."""
+def check_against_body(config: Config, body: nn.Module, read_other_runs: bool = True) -> None:
+    """The spectral gap's sample size, targets, rank map, a uniform rank, a stage-2 budget and (unless
+    `read_other_runs` is false: a sweep point whose posterior run is another point, not run yet) the
+    modules of an ibp-posterior allocation's posterior run against the body's blocks and adapted modules."""
     s2, s3 = config.stage2, config.stage3
     rank_stage.check_gap_sample_sizes(body, s2)
     if s2.enabled and s2.law is not None:
@@ -36,7 +37,7 @@ def check_against_body(config: Config, body: nn.Module) -> None:
     if not get_method(s3.method).uses_targets:
         return
     shapes = rank_stage.adapted_module_shapes(body, s3.targets)  # a target typo fails here
-    if s2.enabled and s2.posterior_run is not None:
+    if s2.enabled and s2.posterior_run is not None and read_other_runs:
         check_posterior_modules(read_posterior_ranks(s2.posterior_run), shapes, s2.posterior_run)
     if not s3.rank_map and (not s2.enabled or s2.allocation == "uniform"):
         name, shape = min(shapes.items(), key=lambda item: min(item[1].d_out, item[1].d_in))

@@ -238,7 +238,8 @@ def check_points(sweep: Sweep, path: Path) -> None:
             key = section_hash(config, "source")
             if key not in bodies:
                 bodies[key] = body_architecture(config.source)
-            check_against_body(config, bodies[key])
+            # a point reading another point's run is checked against that run when it starts
+            check_against_body(config, bodies[key], read_other_runs=not point.after)
         except (ConfigError, KeyError, ValueError) as error:
             message = error.args[0] if isinstance(error, KeyError) and error.args else error
             raise ConfigError(f"{path}: point {point.name}: {message}") from None

@@ -20,7 +20,11 @@ from orca_lora.run_files import RunFiles, read_metrics
 
 def read_posterior_ranks(run_dir: str | Path) -> dict[str, int]:
     """Module -> posterior rank of the finished ibp-lora run in `run_dir` (its metrics.json)."""
-    metrics = read_metrics(RunFiles(Path(run_dir)))
+    run = RunFiles(Path(run_dir))
+    if not run.is_finished():
+        raise ValueError(f"stage2.posterior_run: {run.metrics} does not exist; point it at a finished "
+                         "stage3.method=ibp-lora run's directory (finish that run first)")
+    metrics = read_metrics(run)
     if metrics.posterior_ranks is None:
         raise ValueError(f"stage2.posterior_run: {run_dir} is a {metrics.method!r} run with no posterior ranks in its "
                          "metrics.json; point it at a finished stage3.method=ibp-lora run")

@@ -30,21 +30,24 @@ def test_shuffled_takes_gaps_reference():
 
 
 def test_posterior_run_is_required_iff_ibp_posterior_and_must_be_a_finished_ibp_lora_run(tmp_path):
+    from orca_lora.rank.allocations.ibp_posterior import read_posterior_ranks
     with pytest.raises(ConfigError, match=r"stage2.posterior_run: allocation 'ibp-posterior' .* or neither"):
         load_config(None, ["stage2.allocation=ibp-posterior", "stage2.budget=5000"])
     with pytest.raises(ConfigError, match=r"stage2.posterior_run: .*or neither"):
         load_config(None, [f"stage2.posterior_run={tmp_path}"])
     settings = ["stage2.allocation=ibp-posterior", f"stage2.posterior_run={tmp_path}", "stage2.budget=5000"]
-    with pytest.raises(ConfigError, match=r"metrics.json does not exist; point it at a finished"):
-        load_config(None, settings)
+    # a sweep validates its points before the ibp-lora runs they read exist: the run is read before stage 1
+    assert load_config(None, settings).stage2.posterior_run == str(tmp_path)
+    with pytest.raises(ValueError, match=r"metrics.json does not exist; point it at a finished"):
+        read_posterior_ranks(tmp_path)
     metrics = RunMetrics(task="darcy", method="lora", rank=8, gap_aware=False, seed=0, test_error=0.1,
                          baseline_error=1.0, best_val_error=0.1, trainable_params=100, ranks={}, mean_gap=None,
                          alignment={}, stage_seconds={}, device="cpu", torch="2")
     write_metrics(RunFiles(tmp_path), metrics)
-    with pytest.raises(ConfigError, match=r"a 'lora' run whose metrics.json has no posterior_ranks"):
-        load_config(None, settings)
+    with pytest.raises(ValueError, match=r"a 'lora' run with no posterior ranks"):
+        read_posterior_ranks(tmp_path)
     metrics.method, metrics.posterior_ranks = "ibp-lora", dict.fromkeys(swin_like_shapes([16]), 2)
     write_metrics(RunFiles(tmp_path), metrics)
-    assert load_config(None, settings).stage2.posterior_run == str(tmp_path)
+    assert read_posterior_ranks(tmp_path) == dict.fromkeys(swin_like_shapes([16]), 2)
     with pytest.raises(ConfigError, match=r"stage2.budget: allocation 'ibp-posterior'"):
         load_config(None, settings[:2])
