@@ -25,6 +25,10 @@ from orca_lora.rank.spectral import CalibrationStore
 STD_EPS = 1e-6
 
 
+class _LastInputCaught(Exception):
+    pass
+
+
 def pooled_block_inputs(body: nn.Module, tokens: Tensor, batch_size: int = 64) -> list[Tensor]:
     """Mean-pooled NHWC input of every Swin block, in forward order: one (N, C_i) tensor per block."""
     blocks = [block for _, block in body_blocks(body)]
@@ -32,12 +36,17 @@ def pooled_block_inputs(body: nn.Module, tokens: Tensor, batch_size: int = 64) -
 
     def catch(index: int, module: nn.Module, args: tuple) -> None:
         pooled[index].append(args[0].mean(dim=(1, 2)))
+        if index == len(blocks) - 1:
+            raise _LastInputCaught  # the last block's own output is no block's input: skip computing it
 
     handles = [block.register_forward_pre_hook(partial(catch, i)) for i, block in enumerate(blocks)]
     try:
         with torch.no_grad():
             for batch in tokens.split(batch_size):
-                body.layers(batch)
+                try:
+                    body.layers(batch)
+                except _LastInputCaught:
+                    pass
     finally:
         for handle in handles:
             handle.remove()
