@@ -1,6 +1,6 @@
 """The names every registry answers to, importable without torch, timm or PEFT.
 
-`config.validate` checks a config's names against these tables, so a typo is refused before any
+`config_checks.validate` checks a config's names against these tables, so a typo is refused before any
 heavy import. Each registry (tasks, distances, links, decisions, embedder inits, stage-3 methods)
 fills itself where its code lives; `check_registry` (called by the tests, and by each registry's
 lookup) fails when a registry and its table drift apart, so a new entry is one name here plus its

@@ -5,6 +5,10 @@ from __future__ import annotations
 INTERRUPTED_EXIT_CODE = 143  # 128 + SIGTERM, what a shell reports for a process SIGTERM ended
 
 
+class ConfigError(ValueError):
+    """A configuration problem, with the dotted key and the fix in the message."""
+
+
 class RunInterrupted(Exception):
     """A signal (SLURM's time limit, preemption, `kill`) stopped the run; the same command resumes it."""
 

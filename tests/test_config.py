@@ -140,7 +140,8 @@ def test_importing_the_config_leaves_torch_unimported():
     ("gradient", {"method": "full"}, "stage3.method"),
 ])
 def test_stage_3_allocations_refuse_what_they_cannot_train(allocation, stage3, key):
-    from orca_lora.config import ConfigError, Stage3Config, _validate_training_allocation
+    from orca_lora.config import ConfigError, Stage3Config
+    from orca_lora.config_checks import _validate_training_allocation
 
     with pytest.raises(ConfigError, match=key):
         _validate_training_allocation(allocation, Stage3Config(**stage3))
