@@ -17,7 +17,7 @@ demo: $(STAMP)
 	$(VENV)/bin/orca-lora run configs/quickstart.yaml
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 bench: $(STAMP)
 	for script in bench/bench_*.py; do $(PY) $$script || exit 1; done

@@ -12,32 +12,45 @@ from orca_lora.experiments.plots import block_median_ranks, color_cycle, save_fi
 from orca_lora.run_files import GapRow, RunFiles, read_effective_ranks, read_gaps
 
 
-def _colors(result: CompareResult) -> dict[str, str]:
+MARKERS = "osD^vP*Xh<>"
+
+
+def _styles(result: CompareResult) -> dict[str, dict]:
+    """A colour and marker per allocation: the colour cycle repeats after ten, the pair does not."""
     allocations = list(dict.fromkeys(row.allocation for row in result.rows))
     cycle = color_cycle()
-    return {allocation: cycle[index % len(cycle)] for index, allocation in enumerate(allocations)}
+    return {allocation: {"color": cycle[index % len(cycle)], "marker": MARKERS[index % len(MARKERS)]}
+            for index, allocation in enumerate(allocations)}
+
+
 
 
 def plot_error_vs_budget(result: CompareResult, stem: Path) -> list[Path]:
-    """Test error (mean +- SE over seeds, at the val-chosen lr) against adapter parameters, per task."""
+    """Test error (mean +- SE over seeds, at the val-chosen lr) per allocation, per task: against the
+    adapter parameters when the task has several budgets, side by side when it has one."""
     tasks = sorted({row.task for row in result.rows})
-    figure, axes = subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
-    colors = _colors(result)
+    figure, axes = subplots(1, len(tasks), figsize=(7.5 * len(tasks), 4), squeeze=False)
+    styles = _styles(result)
     for axis, task in zip(axes[0], tasks):
         by_allocation = defaultdict(list)
         for row in result.rows:
             if row.task == task:
                 by_allocation[row.allocation].append(row)
-        for allocation, rows in by_allocation.items():
+        budgets = {str(row.budget) for rows in by_allocation.values() for row in rows}
+        for index, (allocation, rows) in enumerate(by_allocation.items()):
             rows.sort(key=lambda row: row.adapter_params)
-            axis.errorbar([row.adapter_params for row in rows], [row.test_error for row in rows],
-                          yerr=[0.0 if np.isnan(row.test_se) else row.test_se for row in rows], marker="o",
-                          capsize=3, color=colors[allocation], label=allocation,
-                          linewidth=2.5 if allocation == "uniform" else 1.2)
-        axis.set_xlabel("adapter parameters sum r_i (d_in + d_out)")
+            x = [index] if len(budgets) == 1 else [row.adapter_params for row in rows]
+            axis.errorbar(x, [row.test_error for row in rows],
+                          yerr=[0.0 if np.isnan(row.test_se) else row.test_se for row in rows], capsize=3,
+                          label=allocation, linewidth=2.5 if allocation == "uniform" else 1.2, **styles[allocation])
+        if len(budgets) == 1:
+            axis.set_xticks(range(len(by_allocation)), list(by_allocation), rotation=45, ha="right")
+            axis.set_title(f"{task}, {budgets.pop()}: allocations at equal budget")
+        else:
+            axis.set_xlabel("adapter parameters sum r_i (d_in + d_out)")
+            axis.set_title(f"{task}: allocations at equal budgets")
+            axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
         axis.set_ylabel("test error (mean ± SE over seeds)")
-        axis.set_title(f"{task}: allocations at equal budget")
-        axis.legend(fontsize=7)
     figure.tight_layout()
     return save_figure(figure, stem)
 
@@ -64,8 +77,8 @@ def plot_allocation_ranks(result: CompareResult, stem: Path) -> list[Path]:
     tables = defaultdict(list)
     for selection in result.selections:
         tables[(selection.task, str(selection.budget))].append(selection)
-    figure, axes = subplots(1, len(tables), figsize=(6.5 * len(tables), 4), squeeze=False)
-    colors = _colors(result)
+    figure, axes = subplots(1, len(tables), figsize=(8.5 * len(tables), 4), squeeze=False)
+    styles = _styles(result)
     for axis, ((task, budget), selections) in zip(axes[0], tables.items()):
         rows = _gap_rows(selections)
         if rows is None:
@@ -79,13 +92,14 @@ def plot_allocation_ranks(result: CompareResult, stem: Path) -> list[Path]:
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         rank_axis = axis.twinx()
         for selection in selections:
-            rank_axis.plot(blocks, _mean_block_ranks(selection, rows), marker="o", color=colors[selection.allocation],
-                           label=selection.allocation)
+            rank_axis.plot(blocks, _mean_block_ranks(selection, rows), label=selection.allocation,
+                           **styles[selection.allocation])
         rank_axis.set_ylabel("rank per block (median of modules, mean over seeds)")
         rank_axis.set_ylim(bottom=0)
         axis.set_title(f"{task}, {budget}: ranks per block and gap")
         handles = axis.get_legend_handles_labels()[0] + rank_axis.get_legend_handles_labels()[0]
-        axis.legend(handles, [handle.get_label() for handle in handles], fontsize=7, loc="upper left")
+        axis.legend(handles, [handle.get_label() for handle in handles], fontsize=7, loc="upper left",
+                    bbox_to_anchor=(1.12, 1.0))
     figure.tight_layout()
     return save_figure(figure, stem)
 
