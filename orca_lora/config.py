@@ -15,21 +15,6 @@ from typing import Any, Optional, Sequence
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from orca_lora.choices import (  # noqa: F401  (re-exported: the config's choice lists)
-    ALIGN_DISTANCES,
-    EMBEDDER_INITS,
-    GAP_DISTANCES,
-    METHODS,
-    OTDD_INNER,
-    BUDGETED_ALLOCATIONS,
-    RANK_ALLOCATIONS,
-    RANK_DECISIONS,
-    RANK_LINKS,
-    SCHEDULES,
-    SOURCE_PROXIES,
-    TASKS,
-    TRAINING_ALLOCATIONS,
-)
 from orca_lora.errors import ConfigError  # noqa: F401  (re-exported: raised by every config check)
 from orca_lora.files import write_text_atomic
 

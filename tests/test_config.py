@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from orca_lora.choices import METHODS
 from orca_lora.config import (
-    METHODS,
     Config,
     ConfigError,
     load_config,
