@@ -34,7 +34,9 @@ from orca_lora.run_files import RunFiles, read_effective_ranks, read_metrics, re
 log = logging.getLogger("orca_lora")
 
 REFERENCE = "uniform"
-SWEPT = ("seed", "stage3.lr")  # may differ inside a (task, budget, allocation) group
+# may differ inside a (task, budget, allocation) group: the seed, the lr, and a run another point of the
+# same seed wrote (ibp-posterior's posterior run is the ibp-lora run of its own seed)
+SWEPT = ("seed", "stage3.lr", "stage2.posterior_run")
 NOT_COMPARED = ("output.", "data_root")  # where a run's files live, not what it computed
 ALLOCATION_OPTIONS = "stage2."  # the allocation and its own options: differ between allocations of a table
 

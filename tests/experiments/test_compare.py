@@ -153,3 +153,11 @@ def test_the_command_writes_table_and_figures(tmp_path, capsys):
     for name in ("compare.csv", "compare.md", "plots/compare_error_vs_budget.png", "plots/compare_ranks.pdf"):
         assert (tmp_path / name).is_file(), name
     assert (tmp_path / "compare.csv").read_text().splitlines()[0].startswith("task,budget,allocation,lr")
+
+
+def test_each_seed_may_read_its_own_posterior_run(tmp_path):
+    write_run(tmp_path, "uniform", 1e-3, 0, 0.1, np.full(4, 0.2))
+    for seed in (0, 1):
+        write_run(tmp_path, "ibp-posterior", 1e-3, seed, 0.1, np.full(4, 0.2),
+                  **{"stage2.posterior_run": str(tmp_path / f"ibp_seed{seed}")})
+    assert [row.n_seeds for row in compare_directory(tmp_path).rows] == [1, 2]
