@@ -38,6 +38,12 @@ REFERENCE = "uniform"
 # same seed wrote (ibp-posterior's posterior run is the ibp-lora run of its own seed)
 SWEPT = ("seed", "stage3.lr", "stage2.posterior_run")
 NOT_COMPARED = ("output.", "data_root")  # where a run's files live, not what it computed
+# what a reader of the table must know about an allocation besides its ranks
+ALLOCATION_NOTES = {
+    "eva": "EVA's ranks and its initialisation (lora_A from EVA's components, B = 0), not its ranks alone.",
+    "adalora": "masks, not resizes: it trained the parameters in parentheses (init_r) and is tested at its "
+               "final ranks, whose cost (adapter params) follows PEFT's budget of rank-1 triplets, not ours.",
+}
 ALLOCATION_OPTIONS = "stage2."  # the allocation and its own options: differ between allocations of a table
 
 
@@ -309,6 +315,8 @@ def compare_markdown(result: CompareResult) -> str:
     notes = ("Learning rates chosen on the mean validation error over seeds; test errors only reported. Δ < 0: "
              f"lower test error than uniform at its own chosen lr. p: two-sided paired {result.paired_test} test over "
              "test samples (errors averaged over seeds), Holm-adjusted over the table's comparisons.")
+    shown = {row.allocation for row in result.rows}
+    notes += "".join(f" {name}: {note}" for name, note in ALLOCATION_NOTES.items() if name in shown)
     return "\n".join(lines) + "\n\n" + notes + "\n"
 
 

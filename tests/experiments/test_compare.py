@@ -161,3 +161,11 @@ def test_each_seed_may_read_its_own_posterior_run(tmp_path):
         write_run(tmp_path, "ibp-posterior", 1e-3, seed, 0.1, np.full(4, 0.2),
                   **{"stage2.posterior_run": str(tmp_path / f"ibp_seed{seed}")})
     assert [row.n_seeds for row in compare_directory(tmp_path).rows] == [1, 2]
+
+
+def test_the_table_says_what_eva_brings_only_when_eva_is_in_it(tmp_path):
+    from orca_lora.experiments.compare import compare_markdown
+    write_run(tmp_path, "uniform", 1e-3, 0, 0.1, np.full(4, 0.2))
+    assert "EVA's ranks and its initialisation" not in compare_markdown(compare_directory(tmp_path))
+    write_run(tmp_path, "eva", 1e-3, 0, 0.1, np.full(4, 0.2))
+    assert "eva: EVA's ranks and its initialisation" in compare_markdown(compare_directory(tmp_path))
