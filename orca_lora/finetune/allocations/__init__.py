@@ -12,7 +12,6 @@ sum_m r_m (d_out + d_in)); stage 3 writes the ranks of the model it tested to `s
 """
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -22,10 +21,9 @@ from torch.utils.data import DataLoader
 
 from orca_lora.adapters.inject import adapter_modules
 from orca_lora.adapters.spec import MethodSpec
-from orca_lora.choices import TRAINING_ALLOCATIONS
 from orca_lora.config import Stage3Config
 from orca_lora.data.tasks import TaskData
-from orca_lora.rank.allocations import ALLOCATIONS, Allocation
+from orca_lora.rank.allocations import get_allocation
 from orca_lora.rank.select import ModuleShape, trainable_params
 from orca_lora.run_files import GapResult
 
@@ -67,21 +65,12 @@ class AllocationPlan:
     method: MethodSpec
 
 
-def training_allocation(name: str) -> Allocation:
-    """The registered phase-"stage3" allocation `name`; its module (named as it) is imported here, so
-    PEFT is imported only by the allocations that run it."""
-    if name not in TRAINING_ALLOCATIONS:
-        raise KeyError(f"stage2.allocation: {name!r} is not a stage-3 allocation; one of {TRAINING_ALLOCATIONS}")
-    importlib.import_module(f"{__name__}.{name}")
-    allocation = ALLOCATIONS[name]
-    if allocation.phase != "stage3":
-        raise KeyError(f"stage2.allocation: {name!r} runs in {allocation.phase}, not in stage 3")
-    return allocation
-
-
 def plan_allocation(setup: AllocationSetup) -> AllocationPlan:
     """Run the requested allocation on `setup` (before any adapter is in the model)."""
-    return training_allocation(setup.request.name).allocate(setup)
+    allocation = get_allocation(setup.request.name)  # imports only that allocation's module
+    if allocation.phase != "stage3":
+        raise KeyError(f"stage2.allocation: {allocation.name!r} runs in {allocation.phase}, not in stage 3")
+    return allocation.allocate(setup)
 
 
 def tested_ranks(model: nn.Module, shapes: Mapping[str, ModuleShape]) -> dict[str, int]:
