@@ -126,6 +126,10 @@ class Stage3Config:
     dropout: float = 0.0
     targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
     rank_map: dict[str, int] = field(default_factory=dict)  # explicit {module: rank}; needs stage2.enabled false
+    # {block index: rank} in place of stage3.rank in that block's adapted modules (per-block sweeps); stage 2
+    # still measures every gap (stage2.allocation uniform, or stage 2 off)
+    block_ranks: dict[int, int] = field(default_factory=dict)
+    train_embedder: bool = True  # false: the embedder stays as stage 1 left it (only adapters and head adapt)
     batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -176,6 +180,8 @@ class TrainerConfig:
 class OutputConfig:
     root: str = "runs"
     name: Optional[str] = None  # None: the config file's stem
+    # a folder of finished stage-1/2 results by config hash, copied instead of recomputed (sweeps set it)
+    shared_stages: Optional[str] = None
 
 
 @dataclass

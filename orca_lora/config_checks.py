@@ -158,7 +158,22 @@ def validate(config: Config) -> None:
         _validate_training_allocation(s2.allocation, s3)
     if s3.rank_map and s2.enabled:
         raise ConfigError("stage3.rank_map: an explicit rank map replaces stage 2; set stage2.enabled=false")
+    _validate_block_ranks(s2, s3)
     _validate_trainer(config.trainer)
+
+
+def _validate_block_ranks(s2: Stage2Config, s3: Stage3Config) -> None:
+    if not s3.block_ranks:
+        return
+    if s3.rank_map:
+        raise ConfigError("stage3.block_ranks: set either stage3.rank_map (every module's rank) or "
+                          "stage3.block_ranks (overrides of stage3.rank per block), not both")
+    if s2.enabled and s2.allocation != "uniform":
+        raise ConfigError(f"stage3.block_ranks: overrides uniform ranks, but stage2.allocation is {s2.allocation!r}; "
+                          "set stage2.allocation=uniform")
+    for block, rank in s3.block_ranks.items():
+        if block < 0 or rank < 1:
+            raise ConfigError(f"stage3.block_ranks: {{{block}: {rank}}} needs a block index >= 0 and a rank >= 1")
 
 
 def _validate_gap_reference(s2: Stage2Config) -> None:

@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import load_file
 from torch.utils.data import Subset
 
+from orca_lora import stage_store
 from orca_lora.align import stage as align_stage
 from orca_lora.choices import GAP_AWARE_ALLOCATIONS, TRAINING_ALLOCATIONS
 from orca_lora.config import Config, run_directory, run_path, section_hash
@@ -84,6 +85,8 @@ def stage_hash(config: Config, stage: str) -> str:
         digest = hashlib.sha256(f"{digest}|{config.stage2.max_samples}".encode()).hexdigest()[:12]
     if stage == "stage2":  # ranks also depend on these stage-3 values
         extra = f"{digest}|{s3.rank}|{s3.targets}|{sorted(s3.rank_map.items())}"
+        if s3.block_ranks:  # hashes of runs without it stay as they were
+            extra += f"|{sorted(s3.block_ranks.items())}"
         if config.stage2.law is not None:  # a law recalibrated in place changes the ranks
             extra += "|" + hashlib.sha256(Path(config.stage2.law).read_bytes()).hexdigest()
         if config.stage2.posterior_run is not None:  # so does a posterior run finished again in place
@@ -122,7 +125,8 @@ def _staged(name: str, config: Config, run_files: RunFiles, work: Callable[[], o
 
     `stage.json` records the hash when a stage starts and its result when it finishes; an
     unfinished stage with the same hash keeps its files, so stage 3 resumes from its checkpoint.
-    Only global rank 0 writes markers; other ranks follow them.
+    Only global rank 0 writes markers; other ranks follow them. With `output.shared_stages`, stages 1
+    and 2 are first looked up there by their hash, and published there once finished.
     """
     if process_rank != 0:
         return _follow(name, config, run_files, work)
@@ -132,6 +136,10 @@ def _staged(name: str, config: Config, run_files: RunFiles, work: Callable[[], o
     if record is not None and record.hash == expected and record.finished:
         log.info("%s: finished earlier with the same config (hash %s), skipping", name, expected)
         return record
+    store = config.output.shared_stages
+    if store is not None and name in stage_store.SHARED_STAGES and stage_store.fetch(Path(store), name, expected,
+                                                                                    directory):
+        return read_marker(run_files, name)
     earlier = 0.0
     if directory.exists() and (record is None or record.hash != expected):
         log.info("%s: config changed since the last attempt, starting it afresh", name)
@@ -150,6 +158,8 @@ def _staged(name: str, config: Config, run_files: RunFiles, work: Callable[[], o
                          earlier_seconds=earlier)
     write_marker(run_files, name, record)
     log.info("%s: finished in %.1f s", name, record.seconds)
+    if store is not None and name in stage_store.SHARED_STAGES:
+        stage_store.publish(Path(store), name, expected, directory)
     return record
 
 
@@ -211,12 +221,13 @@ def _run_stages(config: Config, last_stage: int, placement: finetune_stage.Proce
 
     def gap_and_rank() -> GapResult:
         if not config.stage2.enabled:
-            return rank_stage.explicit_ranks(body, s3.targets, s3.rank, s3.rank_map, run_files)
+            return rank_stage.explicit_ranks(body, s3.targets, s3.rank, s3.rank_map, run_files, s3.block_ranks)
         measured_on = replace(task, train=Subset(task.train, target_split.gap.tolist()))
         inputs = rank_stage.GapInputs(body, embedder, measured_on, source_images[source_split.gap],
                                       source_labels[source_split.gap], s3.targets, s3.rank, config.seed,
                                       measure_seed=config.task.data_seed,
-                                      calibrations=Path(config.data_root) / SPECTRAL_NULL_CACHE)
+                                      calibrations=Path(config.data_root) / SPECTRAL_NULL_CACHE,
+                                      block_ranks=s3.block_ranks)
         return rank_stage.run(config.stage2, inputs, run_files)
 
     stage2 = _staged("stage2", config, run_files, gap_and_rank, process_rank)

@@ -34,6 +34,8 @@ def check_against_body(config: Config, body: nn.Module, read_other_runs: bool = 
         check_provenance(config, read_law_file(s2.law), s2.law)
     if s3.rank_map:
         rank_stage.check_rank_map(body, s3.targets, s3.rank_map)
+    if s3.block_ranks:
+        rank_stage.check_block_ranks(body, s3.targets, s3.block_ranks)
     if not get_method(s3.method).uses_targets:
         return
     shapes = rank_stage.adapted_module_shapes(body, s3.targets)  # a target typo fails here

@@ -24,24 +24,26 @@ and seed:
 
 A point whose dependency failed is not run; it fails naming the dependency.
 
-Points run in this process one after another, or as `orca-lora run` subprocesses side by side
+Points run in this process one after another, or in worker processes side by side
 (`workers` > 1); `print_commands` gives the same commands for any scheduler.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
+import multiprocessing
 import os
 import shlex
-import subprocess
 import sys
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from orca_lora.config import Config, ConfigError, load_config, section_hash, to_yaml
@@ -51,6 +53,8 @@ from orca_lora.run_files import RunFiles
 log = logging.getLogger("orca_lora")
 
 SWEEP_KEYS = ("name", "base", "set", "grid", "grids")
+POINTS_PER_WORKER = 25
+SHARED_STAGES = "_shared_stages"  # under the sweep directory: stage-1/2 results by config hash
 
 
 @dataclass(frozen=True)
@@ -71,7 +75,10 @@ class Sweep:
     directory: Path  # <base output.root>/<name>
 
     def point_overrides(self, point: SweepPoint) -> list[str]:
-        return [*self.shared, *point.overrides, f"output.root={self.directory}", f"output.name={point.name}"]
+        """Points share their finished stages 1 and 2 through `<sweep>/_shared_stages` unless the sweep's
+        `set` or the command line sets output.shared_stages (null: each point computes its own)."""
+        return [f"output.shared_stages={self.directory / SHARED_STAGES}", *self.shared, *point.overrides,
+                f"output.root={self.directory}", f"output.name={point.name}"]
 
     def point_config(self, point: SweepPoint) -> Config:
         return load_config(self.base, self.point_overrides(point))
@@ -86,14 +93,25 @@ class SweepResult:
 
 
 def format_value(value: Any) -> str:
-    """A YAML scalar or flow sequence as `--set` takes it: true, null, 0.5, [2,2]."""
+    """A YAML scalar or flow collection as `--set` takes it: true, null, 0.5, [2,2], {0: 1}."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if value is None:
         return "null"
     if isinstance(value, (list, tuple)):
         return "[" + ",".join(format_value(item) for item in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{format_value(k)}: {format_value(v)}" for k, v in value.items()) + "}"
     return str(value)
+
+
+def _is_mapping_setting(key: str) -> bool:
+    """A config key whose value is itself a mapping (stage3.rank_map, stage3.block_ranks)."""
+    return isinstance(OmegaConf.select(OmegaConf.structured(Config), key), DictConfig)
+
+
+def _is_reference(key: str, value: Any) -> bool:
+    return isinstance(value, dict) and not _is_mapping_setting(key)
 
 
 @dataclass(frozen=True)
@@ -119,9 +137,9 @@ def _axis_points(where: str, key: str, label: str, values: Any) -> list[AxisValu
                 raise ConfigError(f"{where}: named axis {key!r} option {label!r} must map config keys to values, "
                                   f"e.g. {{task.name: darcy}}")
             options.append(AxisValue(
-                str(label), tuple(f"{k}={format_value(v)}" for k, v in settings.items() if not isinstance(v, dict)),
+                str(label), tuple(f"{k}={format_value(v)}" for k, v in settings.items() if not _is_reference(k, v)),
                 tuple(_point_reference(f"{where} {key}.{label}", k, v) for k, v in settings.items()
-                      if isinstance(v, dict))))
+                      if _is_reference(k, v))))
         return options
     if isinstance(values, list) and values:
         return [AxisValue(f"{label}{format_value(value)}", (f"{key}={format_value(value)}",)) for value in values]
@@ -274,15 +292,58 @@ def _run_here(sweep: Sweep, point: SweepPoint) -> str | None:
     return None
 
 
-def _run_subprocess(sweep: Sweep, point: SweepPoint, threads: int) -> str | None:
+@contextlib.contextmanager
+def _output_to(path: Path) -> Iterator[None]:
+    """This process's stdout and stderr (Python's and the libraries' own writes) go to `path` meanwhile."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(path, "w") as stream:
+        os.dup2(stream.fileno(), 1)
+        os.dup2(stream.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+
+
+def _start_worker(threads: int) -> None:
+    """A worker process keeps torch, Lightning and the caches it loads across its points (~11 s of
+    imports a point otherwise), on `threads` threads."""
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
+    import torch
+
+    from orca_lora.cli import configure_logging
+
+    torch.set_num_threads(threads)
+    configure_logging()
+
+
+def _run_in_worker(sweep: Sweep, point: SweepPoint) -> str | None:
+    """One point in a worker process, its output in the point's run.log."""
     directory = sweep.directory / point.name
     directory.mkdir(parents=True, exist_ok=True)
-    log_path = directory / "run.log"
-    command = [sys.executable, "-m", "orca_lora.cli", *point_command(sweep, point)[1:]]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    with open(log_path, "w") as stream:
-        code = subprocess.run(command, stdout=stream, stderr=subprocess.STDOUT, env=env).returncode
-    return None if code == 0 else f"exit code {code}; see {log_path}"
+    with _output_to(directory / "run.log"):
+        return _run_here(sweep, point)
+
+
+def _worker_pool(workers: int, threads: int) -> Executor:
+    # spawn: a fresh interpreter, not a fork of one holding torch's threads; a worker is replaced after
+    # POINTS_PER_WORKER points so that nothing one run leaves behind accumulates
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
+                               initargs=(threads,), max_tasks_per_child=POINTS_PER_WORKER)
+
+
+def _outcome(future: Future, point: SweepPoint) -> str | None:
+    try:
+        return future.result()
+    except BrokenProcessPool as error:  # the worker died (killed, out of memory): the point failed
+        return f"its worker process died ({error}); see {point.name}/run.log"
 
 
 def build_shared_inputs(configs: Sequence[Config]) -> None:
@@ -306,12 +367,12 @@ def _failed_dependency(point: SweepPoint, done: dict[str, str | None]) -> str | 
 
 
 def _run_parallel(sweep: Sweep, todo: Sequence[SweepPoint], workers: int) -> dict[str, str | None]:
-    """Subprocess points side by side, each started once the points it reads have finished."""
+    """Points side by side in worker processes, each started once the points it reads have finished."""
     threads = max(1, (os.cpu_count() or 1) // workers)
     todo_names = {point.name for point in todo}  # the other points it may read finished earlier
     pending, done = list(todo), {}
     running: dict[Future, SweepPoint] = {}
-    with ThreadPoolExecutor(workers) as pool, tqdm(total=len(todo), desc="sweep points") as progress:
+    with _worker_pool(workers, threads) as pool, tqdm(total=len(todo), desc="sweep points") as progress:
         def start_ready() -> None:
             for point in list(pending):  # in run order, so a failure reaches dependents of dependents
                 failure = _failed_dependency(point, done)
@@ -321,13 +382,14 @@ def _run_parallel(sweep: Sweep, todo: Sequence[SweepPoint], workers: int) -> dic
                         done[point.name] = failure
                         progress.update()
                     else:
-                        running[pool.submit(_run_subprocess, sweep, point, threads)] = point
+                        running[pool.submit(_run_in_worker, sweep, point)] = point
 
         start_ready()
         while running:
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in finished:
-                done[running.pop(future).name] = future.result()
+                point = running.pop(future)
+                done[point.name] = _outcome(future, point)
                 progress.update()
             start_ready()
     return done

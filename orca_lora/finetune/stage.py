@@ -60,8 +60,12 @@ def prepare_model(model: nn.Module, stage: Stage3Config, ranks: Mapping[str, int
     """The method's layers in `model` (their random parts drawn from `seed`) and what trains marked,
     as its spec says: adapters, embedder and head for the adapter methods; all but the unused patch
     embedding for `full`; only the head for `linear`. `prior_masses` (stage 2's IBP mass per module)
-    is read by ibp-lora only. `method`: a stage-3 allocation's spec; None: stage3.method's."""
+    is read by ibp-lora only. `method`: a stage-3 allocation's spec; None: stage3.method's.
+    `stage3.train_embedder: false` keeps the embedder as stage 1 left it, whatever the method trains
+    (ORCA's Table 2 regime, Shen et al. 2023: only what the method adds, and the head, adapt)."""
     (method or get_method(stage.method)).prepare(model, stage, ranks, seed, prior_masses=prior_masses)
+    if not stage.train_embedder:
+        model.embedder.requires_grad_(False)
     return model.train()
 
 
@@ -251,8 +255,9 @@ def per_sample_errors(module: FinetuneModule, dataset, batch_size: int) -> np.nd
     current weights in eval mode; their mean is the error the trainer logs for the split."""
     training = module.training
     module.eval()
-    errors = [module.error_fn(module(inputs.to(module.device)), targets.to(module.device)).double().cpu()
-              for inputs, targets in DataLoader(dataset, batch_size=batch_size)]
+    with torch.no_grad():
+        errors = [module.error_fn(module(inputs.to(module.device)), targets.to(module.device)).double().cpu()
+                  for inputs, targets in DataLoader(dataset, batch_size=batch_size)]
     module.train(training)
     return torch.cat(errors).numpy() if errors else np.zeros(0)
 

@@ -349,3 +349,7 @@ def _check_int(name: str, value: object, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
+
+def block_uniform_ranks(shapes: Mapping[str, ModuleShape], rank: int, block_ranks: Mapping[int, int]) -> dict[str, int]:
+    """`rank` in every module, `block_ranks[i]` in the modules of block i."""
+    return {name: block_ranks.get(shape.block, rank) for name, shape in shapes.items()}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
@@ -23,7 +23,7 @@ from orca_lora.rank.calibration_store import CalibrationDirectory
 from orca_lora.rank.gap import BlockGap, GapSettings, block_gaps
 from orca_lora.rank.null import corrected_gap
 from orca_lora.rank.spectral import check_sample_sizes
-from orca_lora.rank.select import ModuleShape, trainable_params
+from orca_lora.rank.select import ModuleShape, block_uniform_ranks, trainable_params
 from orca_lora.run_files import GapResult, GapRow, RunFiles, write_gaps, write_ranks
 
 log = logging.getLogger("orca_lora")
@@ -44,6 +44,7 @@ class GapInputs:
     seed: int  # the training seed: a sampled rank decision draws from it
     measure_seed: int  # the data seed: the target sample, its pseudo-labels, the null and interval draws
     calibrations: Optional[Path] = None  # a folder for the spectral gap's data-free null simulations
+    block_ranks: Mapping[int, int] = field(default_factory=dict)  # stage3.block_ranks: uniform rank overrides
 
 
 def adapted_module_shapes(body: nn.Module, targets: Sequence[str]) -> dict[str, ModuleShape]:
@@ -72,7 +73,8 @@ def run(stage: Stage2Config, inputs: GapInputs, run_files: RunFiles) -> GapResul
     shapes = adapted_module_shapes(inputs.body, inputs.targets)
     measured = measure_gaps(stage, inputs)
     corrected = [corrected_gap(block.estimate) for block in measured]
-    context = GapAllocationInputs(stage, measured, corrected, shapes, inputs.uniform_rank, inputs.seed, inputs.body)
+    context = GapAllocationInputs(stage, measured, corrected, shapes, inputs.uniform_rank, inputs.seed, inputs.body,
+                                  dict(inputs.block_ranks))
     allocation = get_allocation(stage.allocation)
     if allocation.phase == "stage2":
         chosen = allocation.allocate(context)
@@ -117,11 +119,11 @@ def write_outputs(result: GapResult, measured: Sequence[BlockGap], block_ranks: 
 
 
 def explicit_ranks(body: nn.Module, targets: Sequence[str], rank: int, rank_map: Mapping[str, int],
-                   run_files: RunFiles) -> GapResult:
-    """Stage 2 switched off: `stage3.rank_map`, or `stage3.rank` for every adapted module, written to
-    `ranks.json` like measured ranks (no gaps)."""
+                   run_files: RunFiles, block_ranks: Mapping[int, int] | None = None) -> GapResult:
+    """Stage 2 switched off: `stage3.rank_map`, or `stage3.rank` for every adapted module (`block_ranks`
+    in place of it in the blocks it names), written to `ranks.json` like measured ranks (no gaps)."""
     shapes = adapted_module_shapes(body, targets)
-    ranks = dict(rank_map) or uniform_ranks(body, targets, rank)
+    ranks = dict(rank_map) or uniform_ranks(body, targets, rank, block_ranks)
     counted = trainable_params(ranks, {name: shapes[name] for name in ranks})
     result = GapResult([], None, ranks, None, counted, None, "explicit")
     write_ranks(run_files, result)
@@ -135,10 +137,26 @@ def check_gap_sample_sizes(body: nn.Module, stage: Stage2Config) -> None:
         check_sample_sizes(stage.max_samples, stage.max_samples, widest)
 
 
-def uniform_ranks(body: nn.Module, targets: Sequence[str], rank: int) -> dict[str, int]:
-    """`stage2.enabled: false`: every adapted module gets the same rank (too large a rank is
-    reported by `add_adapters`, naming the module)."""
-    return {name: rank for name in adapted_module_shapes(body, targets)}
+def uniform_ranks(body: nn.Module, targets: Sequence[str], rank: int,
+                  block_ranks: Mapping[int, int] | None = None) -> dict[str, int]:
+    """`stage2.enabled: false`: every adapted module gets the same rank, or its block's entry of
+    `block_ranks` (too large a rank is reported by `add_adapters`, naming the module)."""
+    return block_uniform_ranks(adapted_module_shapes(body, targets), rank, block_ranks or {})
+
+
+def check_block_ranks(body: nn.Module, targets: Sequence[str], block_ranks: Mapping[int, int]) -> None:
+    """Fail before any training when `stage3.block_ranks` names a block the body does not have, or a
+    rank above one of that block's adapted weights."""
+    shapes = adapted_module_shapes(body, targets)
+    n_blocks = len(body_blocks(body))
+    for block, rank in block_ranks.items():
+        if not 0 <= block < n_blocks:
+            raise ValueError(f"stage3.block_ranks: block {block} does not exist; the body has blocks 0 to "
+                             f"{n_blocks - 1} (the rows of gaps.csv)")
+        for name, shape in shapes.items():
+            if shape.block == block and rank > min(shape.d_out, shape.d_in):
+                raise ValueError(f"stage3.block_ranks: rank {rank} for block {block} is above min(d_out, d_in) = "
+                                 f"{min(shape.d_out, shape.d_in)} of {name}")
 
 
 def check_rank_map(body: nn.Module, targets: Sequence[str], rank_map: Mapping[str, int]) -> None:

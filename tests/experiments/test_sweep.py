@@ -1,5 +1,6 @@
 import json
 import shlex
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -171,7 +172,7 @@ def test_workers_start_a_reader_once_its_dependency_finished(reading_sweep, monk
 
     events, lock = [], threading.Lock()
 
-    def fake_subprocess(sweep, point, threads):
+    def fake_worker(sweep, point):
         with lock:
             events.append(("start", point.name))
         time.sleep(0.05 if point.name.endswith("flat") else 0.0)
@@ -180,7 +181,8 @@ def test_workers_start_a_reader_once_its_dependency_finished(reading_sweep, monk
         return "exit code 1" if point.name == "a_seed1_flat" else None
 
     monkeypatch.setattr(sweeps, "build_shared_inputs", lambda configs: None)
-    monkeypatch.setattr(sweeps, "_run_subprocess", fake_subprocess)
+    monkeypatch.setattr(sweeps, "_worker_pool", lambda workers, threads: ThreadPoolExecutor(workers))
+    monkeypatch.setattr(sweeps, "_run_in_worker", fake_worker)
     result = run_sweep(reading_sweep, workers=2)
     assert events.index(("end", "a_seed0_flat")) < events.index(("start", "a_seed0_reader"))
     assert ("start", "a_seed1_reader") not in events

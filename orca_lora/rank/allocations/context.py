@@ -6,7 +6,7 @@ allocation; the allocation returns an `AllocationResult`, from which stage 2 wri
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping, Optional, Sequence
 
 from torch import nn
@@ -27,6 +27,7 @@ class GapAllocationInputs:
     uniform_rank: int  # stage3.rank
     seed: int  # the run's training seed (a sampled rank decision, the shuffled permutation)
     body: nn.Module  # the frozen source body (data-free scores read its pretrained weights)
+    block_ranks: Mapping[int, int] = field(default_factory=dict)  # stage3.block_ranks (uniform only)
 
     @property
     def budget(self) -> Optional[int]:
