@@ -192,23 +192,47 @@ def table_command(args: argparse.Namespace) -> int:
 
 def hypothesis_arguments(parser: argparse.ArgumentParser) -> None:
     directories_arguments(parser)
-    parser.add_argument("--tolerance", type=float, default=0.05,
-                        help="r* is the smallest rank within this relative margin of the best error (default 0.05)")
-    parser.add_argument("--resamples", type=int, default=9999, help="bootstrap and permutation resamples")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and permutation draws")
+    parser.add_argument("--resamples", type=int, default=999, help="bootstrap replicates (default 999, the plan's)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap, permutation and power draws")
+    parser.add_argument("--power-studies", type=int, default=100,
+                        help="simulated studies per planted slope in the power check (0 skips it; default 100)")
 
 
-@command("hypothesis", "test 'the rank needed grows with the modality gap' on finished sweeps", hypothesis_arguments)
+def _evaluate(args: argparse.Namespace):
+    from orca_lora.experiments.hypothesis import evaluate_study
+    from orca_lora.experiments.study_runs import read_study
+
+    return evaluate_study(read_study(args.directories), args.resamples, args.seed, args.power_studies)
+
+
+@command("hypothesis", "test 'the rank needed grows with the modality gap' on a finished study (configs/study_gap.md): "
+         "r* on validation, the censored fit of log2 r* on log2 D, the verdict; writes DIR/hypothesis.json",
+         hypothesis_arguments)
 def hypothesis_command(args: argparse.Namespace) -> int:
-    from orca_lora.experiments.hypothesis import evaluate_hypothesis, format_hypothesis, write_hypothesis
-    from orca_lora.experiments.plots import plot_rank_vs_gap
-    from orca_lora.experiments.tables import find_runs, read_runs
+    from orca_lora.experiments.hypothesis import write_study
 
-    result = evaluate_hypothesis(read_runs(find_runs(args.directories)), args.tolerance, args.resamples, args.seed)
-    out = args.directories[0]
-    written = [write_hypothesis(result, out)] + plot_rank_vs_gap(result, out / "plots" / "rank_vs_gap")
-    print(format_hypothesis(result))
-    print(f"\nwritten: {', '.join(str(path) for path in written if path.suffix != '.pdf')}")
+    result = _evaluate(args)
+    print(result.verdict)
+    print(f"\nwritten: {write_study(result, args.directories[0])}")
+    return 0
+
+
+def report_arguments(parser: argparse.ArgumentParser) -> None:
+    hypothesis_arguments(parser)
+    parser.add_argument("--wall-time", default=None, help="the study's wall time, printed in the report")
+
+
+@command("report", "the study's Markdown report (DIR/report.md) with its figures, tables and verdict, and "
+         "DIR/hypothesis.json", report_arguments)
+def report_command(args: argparse.Namespace) -> int:
+    from orca_lora.experiments.hypothesis import write_study
+    from orca_lora.experiments.report import write_report
+
+    result = _evaluate(args)
+    directory = args.directories[0]
+    written = [write_report(result, directory, " ".join(sys.argv), args.wall_time), write_study(result, directory)]
+    print(result.verdict)
+    print(f"\nwritten: {', '.join(map(str, written))}")
     return 0
 
 
@@ -253,7 +277,6 @@ def compare_command(args: argparse.Namespace) -> int:
 
 def plot_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("directory", type=Path, metavar="DIR", help="a run directory or a sweep directory")
-    parser.add_argument("--tolerance", type=float, default=0.05, help="r* tolerance for the rank-vs-gap figure")
 
 
 @command("plot", "figures (PNG and PDF) for a run or a sweep directory, under DIR/plots/", plot_arguments)
@@ -264,7 +287,7 @@ def plot_command(args: argparse.Namespace) -> int:
     if not args.directory.is_dir():
         raise FileNotFoundError(f"{args.directory} is not a directory; give a run or sweep directory")
     is_run = RunFiles(args.directory).stage("stage1").is_dir()
-    written = plot_run(args.directory) if is_run else plot_sweep(args.directory, args.tolerance)
+    written = plot_run(args.directory) if is_run else plot_sweep(args.directory)
     print("\n".join(str(path) for path in written if path.suffix == ".png"))
     return 0
 

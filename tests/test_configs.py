@@ -14,8 +14,9 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 WITHOUT_FILES = ["task.file=null", "task.test_file=null", "task.resolution=85"]
 
 
-RUN_CONFIGS = sorted(path for path in CONFIGS.glob("*.yaml") if not path.name.startswith("sweep_"))
-SWEEPS = sorted(CONFIGS.glob("sweep_*.yaml"))
+SWEEP_PREFIXES = ("sweep_", "study_")  # sweep files: a base config and grids
+RUN_CONFIGS = sorted(path for path in CONFIGS.glob("*.yaml") if not path.name.startswith(SWEEP_PREFIXES))
+SWEEPS = sorted(path for path in CONFIGS.glob("*.yaml") if path.name.startswith(SWEEP_PREFIXES))
 
 
 @pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: p.name)

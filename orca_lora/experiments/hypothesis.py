@@ -1,277 +1,269 @@
-"""The hypothesis "the LoRA rank needed is proportional to the modality gap", tested from saved
-sweep runs (DESIGN 8).
+"""The hypothesis "the LoRA rank needed grows with the modality gap", tested from a study's saved runs
+as `configs/study_gap.md` fixes it (DESIGN 8).
 
-Per task: r* = the smallest swept rank whose error is within a tolerance of the best, and the gap
-D measured by stage 2 (mean over blocks; per block kept too). Across tasks: r* against D, as a
-slope through the origin with a bootstrap interval, Spearman's rho and a one-sided permutation
-p-value. Beside it, the allocation experiment: gap-aware (IBP) ranks against one uniform rank at
-equal trainable parameters.
+Selection is on validation errors only: r* per task comes from the validation curves (`rank_law`),
+and the test split is read for the reported numbers (the curves' test errors, the test error at the
+validation-chosen r*, the methods' shares of the linear -> full gap). Beside the primary fit: the
+per-block evidence (`block_evidence`), the rank benefit with the embedder frozen and trained, the
+minimum-of-training check (`method_shares`), and the power of this design at the noise the study
+measured (`power`).
 """
 from __future__ import annotations
 
 import json
 import math
-import statistics
-from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
-from scipy import stats
 
-from orca_lora.choices import GAP_AWARE_ALLOCATIONS
-from orca_lora.experiments.tables import RunRecord
+from orca_lora.experiments import block_evidence as blocks
+from orca_lora.experiments.method_shares import (MethodShare, RankBenefit, TrainingCheck, method_shares,
+                                                 rank_benefits, training_checks)
+from orca_lora.experiments.paired_bootstrap import seed_se
+from orca_lora.experiments.power import PowerResult, simulate_power
+from orca_lora.experiments.rank_law import RankLawFit, TaskCurve, fit_rank_law, smallest_sufficient_rank
+from orca_lora.experiments.study_runs import Regime, StudyRun, primary_regime, rank_curves, select, stacked_test_errors
 from orca_lora.files import write_text_atomic
 
-SIGNIFICANCE = 0.05
-
-
-def smallest_sufficient_rank(ranks: Sequence[int], errors: Sequence[float], tolerance: float) -> int:
-    """r* = min { r : e(r) <= (1 + tolerance) min_r' e(r') }: the smallest rank within a relative
-    tolerance of the best error (DESIGN 8)."""
-    if len(ranks) != len(errors) or not ranks:
-        raise ValueError(f"need one error per rank, got {len(ranks)} ranks and {len(errors)} errors")
-    if tolerance < 0:
-        raise ValueError(f"tolerance must be >= 0 (a relative error margin), got {tolerance}")
-    threshold = (1.0 + tolerance) * min(errors)
-    return min(rank for rank, error in zip(ranks, errors) if error <= threshold)
-
-
-def slope_through_origin(x: np.ndarray, y: np.ndarray) -> float:
-    """Least-squares b of y = b x: b = sum(x y) / sum(x^2)."""
-    x, y = np.asarray(x, float), np.asarray(y, float)
-    return float(np.dot(x, y) / np.dot(x, x))
-
-
-def bootstrap_slope_interval(x: np.ndarray, y: np.ndarray, level: float = 0.95, n_resamples: int = 9999,
-                             seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap interval of the slope through the origin, resampling (x, y) pairs
-    (scipy.stats.bootstrap, paired)."""
-    def slope(x_sample, y_sample, axis=-1):
-        return np.sum(x_sample * y_sample, axis=axis) / np.sum(x_sample * x_sample, axis=axis)
-
-    result = stats.bootstrap((np.asarray(x, float), np.asarray(y, float)), slope, paired=True, vectorized=True,
-                             confidence_level=level, n_resamples=n_resamples, method="percentile",
-                             rng=np.random.default_rng(seed))
-    return float(result.confidence_interval.low), float(result.confidence_interval.high)
-
-
-def spearman_rho(x: np.ndarray, y: np.ndarray) -> float:
-    """Spearman's rank correlation (scipy); NaN when either side is constant."""
-    if np.ptp(np.asarray(x, float)) == 0 or np.ptp(np.asarray(y, float)) == 0:
-        return math.nan
-    return float(stats.spearmanr(x, y).statistic)
-
-
-def permutation_p_value(x: np.ndarray, y: np.ndarray, n_resamples: int = 9999, seed: int = 0) -> float:
-    """One-sided p-value of Spearman's rho > 0 under random pairings of x with y (scipy's
-    permutation_test; exact when n! <= n_resamples). 1.0 when rho is undefined."""
-    if math.isnan(spearman_rho(x, y)):
-        return 1.0
-    y = np.asarray(y, float)
-    result = stats.permutation_test((np.asarray(x, float),), lambda permuted: stats.spearmanr(permuted, y).statistic,
-                                    permutation_type="pairings", alternative="greater", n_resamples=n_resamples,
-                                    rng=np.random.default_rng(seed))
-    return float(result.pvalue)
-
-
-def smallest_possible_p_value(n: int) -> float:
-    """With n tasks an exact permutation test cannot go below 1 / n!."""
-    return 1.0 / math.factorial(n)
+GAIN_FRACTION = 0.1  # the plan's tolerance: within 10% of the attainable gain above the best
 
 
 @dataclass
-class TaskRanks:
+class RankRow:
+    """One (task, rank) of the primary sweep: validation (what selects) and test (what is reported)."""
+
     task: str
-    method: str
-    ranks: list[int]  # swept uniform ranks
-    errors: list[float]  # mean test error over seeds at each rank
+    rank: int
     n_seeds: int
-    rank_star: int
-    gap: float  # mean over blocks (and over the task's runs)
-    block_gaps: list[float]
+    val_error: float
+    val_se: float
+    test_error: float
+    test_se: float
 
 
 @dataclass
-class RankGapFit:
-    method: str
+class ChosenRank:
+    """r* chosen on validation, its test error, and the r* the test split would have chosen."""
+
+    task: str
+    gap: float
+    r_star: int
+    test_error: float
+    test_se: float
+    r_star_on_test: int
+
+
+@dataclass
+class NoiseEstimate:
+    """Per task, from the primary sweep: attainable validation gain A, seed sd of the validation means
+    (median over ranks), per-sample sd (median over ranks), in units of A."""
+
+    task: str
+    gain: float
+    seed_sd: float
+    sample_sd: float
+
+
+@dataclass
+class StudyResult:
+    regime: str
+    n_runs: int
     n_tasks: int
-    slope: float  # r* per unit gap, through the origin
-    slope_interval: tuple[float, float]
-    spearman_rho: float
-    p_value: float
-    smallest_p_value: float
-
-
-@dataclass
-class AllocationComparison:
-    task: str
-    method: str
-    rank: int  # the uniform rank whose parameter count the gap-aware ranks match
-    uniform_error: float
-    gap_aware_error: float
-    uniform_params: int
-    gap_aware_params: int
-    n_seeds: int
-
-
-@dataclass
-class HypothesisResult:
-    tolerance: float
-    tasks: list[TaskRanks]
-    fits: list[RankGapFit]
-    allocation: list[AllocationComparison] = field(default_factory=list)
+    gain_fraction: float
+    fit: Optional[RankLawFit]
+    rank_rows: list[RankRow]
+    chosen: list[ChosenRank]
+    noise: list[NoiseEstimate]
+    power: list[PowerResult]  # beta = 1 and beta = 0 at the study's gaps and measured noise
+    posterior: list[blocks.BlockPoint] = field(default_factory=list)
+    one_block: list[blocks.BlockPoint] = field(default_factory=list)
+    energy: list[blocks.BlockPoint] = field(default_factory=list)
+    trends: list[blocks.BlockTrend] = field(default_factory=list)
+    shares: list[MethodShare] = field(default_factory=list)
+    benefits: list[RankBenefit] = field(default_factory=list)
+    training: list[TrainingCheck] = field(default_factory=list)
+    deviations: list[str] = field(default_factory=list)  # what the analysis had to do that the plan did not say
     verdict: str = ""
 
 
-def task_gaps(records: Sequence[RunRecord]) -> dict[str, list[float]]:
-    """Per task, the per-block gaps averaged over every run that measured them."""
-    measured: dict[str, list[list[float]]] = defaultdict(list)
-    for record in records:
-        if record.gaps is not None:
-            measured[record.task].append(record.gaps)
-    return {task: np.mean(np.array(gaps), axis=0).tolist() for task, gaps in measured.items()}
+def rank_rows(runs: Sequence[StudyRun], curves: Sequence[TaskCurve], regime: Regime) -> list[RankRow]:
+    rows = []
+    for curve in curves:
+        # the seeds the curve holds (those run at every rank): test errors over the same seeds as validation
+        seeds = set.intersection(*({run.seed for run in select(runs, curve.task, "lora", regime, int(rank), "uniform")}
+                                   for rank in curve.ranks))
+        for index, rank in enumerate(curve.ranks):
+            chosen = [run for run in select(runs, curve.task, "lora", regime, int(rank), "uniform") if run.seed in seeds]
+            per_seed_val = curve.errors[:, index].mean(axis=1)
+            tests = stacked_test_errors(chosen)
+            rows.append(RankRow(curve.task, int(rank), len(per_seed_val), float(per_seed_val.mean()),
+                                float(per_seed_val.std(ddof=1) / math.sqrt(per_seed_val.size))
+                                if per_seed_val.size > 1 else math.nan, float(tests.mean()), seed_se(tests)))
+    return rows
 
 
-def rank_sweeps(records: Sequence[RunRecord], tolerance: float) -> list[TaskRanks]:
-    """r* per (task, method) from the uniform-rank runs; each task needs its gap measured."""
-    gaps = task_gaps(records)
-    sweeps: dict[tuple[str, str], dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
-    seeds: dict[tuple[str, str], set[int]] = defaultdict(set)
-    for record in records:
-        if record.allocation == "uniform":
-            sweeps[(record.task, record.method)][record.rank].append(record.test_error)
-            seeds[(record.task, record.method)].add(record.seed)
-    result = []
-    for (task, method), by_rank in sorted(sweeps.items()):
-        if task not in gaps:
-            raise ValueError(f"no run of task {task} measured the gap; keep stage2.enabled=true "
-                             "(stage2.allocation=uniform measures the gap and still uses one rank)")
-        ranks = sorted(by_rank)
-        errors = [statistics.fmean(by_rank[rank]) for rank in ranks]
-        result.append(TaskRanks(task, method, ranks, errors, len(seeds[(task, method)]),
-                                smallest_sufficient_rank(ranks, errors, tolerance),
-                                float(np.mean(gaps[task])), gaps[task]))
-    return result
+def chosen_ranks(curves: Sequence[TaskCurve], rows: Sequence[RankRow]) -> list[ChosenRank]:
+    """r* on validation (the plan's rule) with its test error; beside it the rank the same rule picks
+    from the test errors, to show what choosing on test would have changed (it is never used)."""
+    chosen = []
+    for curve in curves:
+        by_rank = {row.rank: row for row in rows if row.task == curve.task}
+        r_star = smallest_sufficient_rank(curve.ranks, curve.errors, GAIN_FRACTION)
+        test_means = np.array([by_rank[int(rank)].test_error for rank in curve.ranks])
+        on_test = smallest_sufficient_rank(curve.ranks, test_means[None, :, None], GAIN_FRACTION)
+        chosen.append(ChosenRank(curve.task, curve.gap, r_star, by_rank[r_star].test_error, by_rank[r_star].test_se,
+                                 on_test))
+    return chosen
 
 
-def fit_rank_to_gap(tasks: Sequence[TaskRanks], n_resamples: int = 9999, seed: int = 0) -> list[RankGapFit]:
-    """One fit of r* on the mean gap per method, over the tasks swept with it (at least 2)."""
-    fits = []
-    for method in sorted({task.method for task in tasks}):
-        chosen = [task for task in tasks if task.method == method]
-        if len(chosen) < 2:
-            continue
-        gap = np.array([task.gap for task in chosen])
-        rank_star = np.array([task.rank_star for task in chosen], float)
-        fits.append(RankGapFit(method, len(chosen), slope_through_origin(gap, rank_star),
-                               bootstrap_slope_interval(gap, rank_star, n_resamples=n_resamples, seed=seed),
-                               spearman_rho(gap, rank_star), permutation_p_value(gap, rank_star, n_resamples, seed),
-                               smallest_possible_p_value(len(chosen))))
-    return fits
+def noise_estimates(curves: Sequence[TaskCurve]) -> list[NoiseEstimate]:
+    """The two noise terms of `power.synthetic_curves`, in units of the task's attainable gain A:
+    per-sample sd = the sd of errors[s, r, n] after removing each sample's own difficulty (its mean over
+    seeds and ranks, shared by every run and so cancelled by the paired r* rule) and each run's mean;
+    seed sd = the seed-to-seed sd of the run means less what that residual contributes (/ sqrt N)."""
+    estimates = []
+    for curve in curves:
+        errors = curve.errors
+        means = errors.mean(axis=(0, 2))
+        gain = float(means[0] - means.min())
+        residual = errors - errors.mean(axis=(0, 1), keepdims=True) - errors.mean(axis=2, keepdims=True) \
+            + errors.mean()
+        sample_sd = float(residual.std(ddof=1))
+        if errors.shape[0] > 1:
+            run_variance = float(np.median(errors.mean(axis=2).var(axis=0, ddof=1)))
+            seed_sd = math.sqrt(max(run_variance - sample_sd ** 2 / errors.shape[2], 0.0))
+        else:
+            seed_sd = math.nan
+        scale = gain if gain > 0 else math.nan
+        estimates.append(NoiseEstimate(curve.task, gain, seed_sd / scale, sample_sd / scale))
+    return estimates
 
 
-def compare_allocations(records: Sequence[RunRecord]) -> list[AllocationComparison]:
-    """Gap-aware runs (`gap-relative` or `gap` ranks) against the uniform runs of the same task,
-    method and rank."""
-    groups: dict[tuple, dict[str, list[RunRecord]]] = defaultdict(lambda: defaultdict(list))
-    for record in records:
-        if record.allocation in GAP_AWARE_ALLOCATIONS:
-            groups[(record.task, record.method, record.rank)]["gap"].append(record)
-        elif record.allocation == "uniform":
-            groups[(record.task, record.method, record.rank)]["uniform"].append(record)
-    comparisons = []
-    for (task, method, rank), pair in sorted(groups.items()):
-        if pair["gap"] and pair["uniform"]:
-            comparisons.append(AllocationComparison(
-                task, method, rank, statistics.fmean(r.test_error for r in pair["uniform"]),
-                statistics.fmean(r.test_error for r in pair["gap"]),
-                round(statistics.fmean(r.trainable_params for r in pair["uniform"])),
-                round(statistics.fmean(r.trainable_params for r in pair["gap"])),
-                min(len(pair["gap"]), len(pair["uniform"]))))
-    return comparisons
+def measured_power(curves: Sequence[TaskCurve], noise: Sequence[NoiseEstimate], n_studies: int = 100,
+                   seed: int = 0) -> list[PowerResult]:
+    """The power simulation at this study's gaps, grid, seeds and validation size, with the median
+    measured noise relative to the gain (the r* rule is invariant to the errors' scale)."""
+    usable = [n for n in noise if math.isfinite(n.seed_sd) and math.isfinite(n.sample_sd)]
+    shapes = {(tuple(curve.ranks), curve.errors.shape) for curve in curves}
+    if not usable or len(curves) < 3 or len(shapes) > 1:  # one simulated design needs one grid and size
+        return []
+    design = dict(gaps=np.array([curve.gap for curve in curves]), ranks=tuple(int(r) for r in curves[0].ranks),
+                  e_inf=1.0, gain=1.0, seed_sd=float(np.median([n.seed_sd for n in usable])),
+                  sample_sd=float(np.median([n.sample_sd for n in usable])),
+                  n_samples=int(curves[0].errors.shape[2]), n_seeds=int(curves[0].errors.shape[0]))
+    return [simulate_power(beta, n_studies, seed + index, **design) for index, beta in enumerate((1.0, 0.0))]
 
 
-def evaluate_hypothesis(records: Sequence[RunRecord], tolerance: float = 0.05, n_resamples: int = 9999,
-                        seed: int = 0) -> HypothesisResult:
-    tasks = rank_sweeps(records, tolerance)
-    if not tasks:
-        raise ValueError("no uniform-rank runs to find r* from; sweep stage3.rank with stage2.allocation=uniform")
-    result = HypothesisResult(tolerance, tasks, fit_rank_to_gap(tasks, n_resamples, seed), compare_allocations(records))
+def evaluate_study(runs: Sequence[StudyRun], n_resamples: int = 999, seed: int = 0,
+                   power_studies: int = 100) -> StudyResult:
+    """Every analysis of the plan on the runs of one study (read with `study_runs.read_study`)."""
+    regime = primary_regime(runs)
+    swept = rank_curves(runs, regime)
+    curves = [curve for curve in swept if curve.gap > 0]
+    rows = rank_rows(runs, curves, regime)
+    fit = fit_rank_law(curves, GAIN_FRACTION, n_resamples, seed) if len(curves) >= 3 else None
+    noise = noise_estimates(curves)
+    result = StudyResult(str(regime), len(runs), len(curves), GAIN_FRACTION, fit, rows, chosen_ranks(curves, rows),
+                         noise, measured_power(curves, noise, power_studies, seed) if power_studies else [])
+    result.deviations = [f"{curve.task}: its floor-corrected gap is 0 at every block (at its null), so log2 D is "
+                         "undefined and the task is left out of the fit" for curve in swept if curve.gap <= 0]
+    result.deviations += incomplete_curves(runs, swept, regime)
+    result.posterior = blocks.posterior_points(runs, regime)
+    result.one_block = blocks.one_block_points(runs, regime)
+    result.energy = blocks.energy_points(runs, regime) if select_any(runs, "full", regime) else []
+    posterior_trend = blocks.mixed_model_trend(result.posterior, "ibp-lora posterior rank")
+    result.trends = ([posterior_trend] if posterior_trend else []) \
+        + blocks.within_task_trends(result.one_block, "one block at rank 1: validation error change") \
+        + blocks.within_task_trends(result.energy, "full fine-tuning: energy rank of W - W0")
+    result.shares = method_shares(runs, regime, n_resamples, seed)
+    regimes = sorted({run.regime for run in runs if run.regime.epochs == regime.epochs}, key=str)
+    result.benefits = rank_benefits(runs, regimes, n_resamples, seed) if len(regimes) > 1 else []
+    result.training = training_checks(runs, regime)
     result.verdict = verdict(result)
     return result
 
 
-def _fit_sentence(fit: RankGapFit, tasks: Sequence[TaskRanks]) -> str:
-    chosen = sorted((task for task in tasks if task.method == fit.method), key=lambda task: task.gap)
-    listing = ", ".join(f"{task.task} r*={task.rank_star} at gap {task.gap:.3g}" for task in chosen)
-    if math.isnan(fit.spearman_rho):
-        constant = "r*" if len({task.rank_star for task in chosen}) == 1 else "the gap"
-        return (f"{fit.method}: {constant} is the same on all {fit.n_tasks} tasks ({listing}), so these runs say "
-                "nothing about how the rank needed follows the gap.")
-    direction = "rises" if fit.spearman_rho > 0 else "falls" if fit.spearman_rho < 0 else "does not move"
+def incomplete_curves(runs: Sequence[StudyRun], curves: Sequence[TaskCurve], regime: Regime) -> list[str]:
+    """Seeds a task ran at some ranks but not all: the curve leaves them out."""
+    notes = []
+    for curve in curves:
+        ran = {run.seed for run in select(runs, curve.task, "lora", regime, allocation="uniform") if run.rank}
+        missing = sorted(seed for seed in ran if not _seed_in_curve(runs, curve, regime, seed))
+        if missing:
+            notes.append(f"{curve.task}: seed(s) {missing} lack a rank of the grid and are left out of its curve")
+    return notes
+
+
+def _seed_in_curve(runs: Sequence[StudyRun], curve: TaskCurve, regime: Regime, seed: int) -> bool:
+    return all(any(run.seed == seed for run in select(runs, curve.task, "lora", regime, int(rank), "uniform"))
+               for rank in curve.ranks)
+
+
+def select_any(runs: Sequence[StudyRun], method: str, regime: Regime) -> bool:
+    return any(run.method == method and run.regime == regime for run in runs)
+
+
+def _rho(value: float) -> str:
+    return "undefined (r* is the same on every task)" if math.isnan(value) else f"{value:+.2f}"
+
+
+def _fit_sentence(fit: RankLawFit, n_tasks: int) -> str:
     low, high = fit.slope_interval
-    sentence = (f"{fit.method}: r* {direction} with the gap over {fit.n_tasks} tasks ({listing}; Spearman rho "
-                f"{fit.spearman_rho:+.2f}; slope through the origin {fit.slope:.3g} ranks per unit gap, 95% "
-                f"bootstrap interval [{low:.3g}, {high:.3g}]).")
-    if fit.smallest_p_value > SIGNIFICANCE:
-        return sentence + (f" With {fit.n_tasks} tasks no ordering can reach p < {SIGNIFICANCE} (the exact "
-                           f"permutation floor is 1/{fit.n_tasks}! = {fit.smallest_p_value:.3g}; p = "
-                           f"{fit.p_value:.3g}), so this is a direction, not evidence: a test needs at least 4 tasks.")
-    if fit.p_value < SIGNIFICANCE and fit.spearman_rho > 0:
-        return sentence + (f" The permutation test rejects 'no relation' (one-sided p = {fit.p_value:.3g}): the runs "
-                           "support the hypothesis that the rank needed grows with the gap.")
-    return sentence + (f" The permutation test does not reject 'no relation' (one-sided p = {fit.p_value:.3g}): "
-                       "the runs do not support the hypothesis.")
+    listing = ", ".join(f"{task.task} r*={task.r_star} (D {task.gap:.3g})" for task in sorted(fit.tasks,
+                                                                                           key=lambda t: t.gap))
+    meaning = {"proportional": "the rank needed grows with the gap, and proportionality (beta = 1) is not rejected",
+               "grows": "the rank needed grows with the gap, but not proportionally (beta = 1 is outside the interval)",
+               "falls": "the rank needed falls as the gap grows",
+               "flat": "the rank needed does not follow the gap (the interval lies inside [-0.5, 0.5])",
+               "no evidence": "these runs cannot tell whether the rank needed follows the gap"}[fit.verdict]
+    return (f"Verdict: **{fit.verdict}**: {meaning}. Over {n_tasks} tasks, r* chosen on validation ({listing}) "
+            f"against the gap gives beta = {fit.slope:.2f}, 95% bootstrap interval [{low:.2f}, {high:.2f}] "
+            f"(p = {fit.p_slope_zero:.3g} for beta = 0, p = {fit.p_slope_one:.3g} for beta = 1); Spearman's rho "
+            f"{_rho(fit.spearman_rho)} (one-sided permutation p = {fit.spearman_p:.3g}); leaving one task out, the "
+            f"gap predicts log2 r* to within {fit.loto_error_gap:.2f} against {fit.loto_error_no_gap:.2f} without it.")
 
 
-def verdict(result: HypothesisResult) -> str:
-    """What the numbers support and what they cannot, in sentences."""
-    sentences = [_fit_sentence(fit, result.tasks) for fit in result.fits]
-    if not result.fits:
-        sentences.append("Only one task was swept per method: relating rank to gap needs at least two tasks "
-                         "(four for a permutation test at 0.05).")
-    seeds = min(task.n_seeds for task in result.tasks)
-    sentences.append(f"r* is the smallest swept rank within {result.tolerance:.0%} of the best error; "
-                     + ("each error comes from one seed, so r* can move by a rank step between seeds (sweep "
-                        "`seed` to measure that spread)." if seeds == 1 else f"errors are means over {seeds} seeds."))
-    if result.allocation:
-        wins = sum(c.gap_aware_error < c.uniform_error for c in result.allocation)
-        mean_difference = statistics.fmean(c.gap_aware_error - c.uniform_error for c in result.allocation)
-        sentences.append(f"At equal trainable parameters, gap-aware ranks gave a lower test error than one uniform "
-                         f"rank in {wins} of {len(result.allocation)} comparisons (mean difference "
-                         f"{mean_difference:+.4f})"
-                         + ("; with one seed each, differences this small are within run-to-run noise."
-                            if min(c.n_seeds for c in result.allocation) == 1 else "."))
+def verdict(result: StudyResult) -> str:
+    """The verdict sentence, computed from the statistics, with what limits it."""
+    if result.fit is None:
+        return (f"No verdict: {result.n_tasks} task(s) with a complete rank sweep; the censored fit needs at least 3 "
+                "(the plan asks for 8).")
+    sentences = [_fit_sentence(result.fit, result.n_tasks)]
+    at_one = next((p for p in result.power if p.beta == 1.0), None)
+    at_zero = next((p for p in result.power if p.beta == 0.0), None)
+    if at_one and at_zero:
+        sentences.append(f"At the noise this study measured, the design declares growth in "
+                         f"{at_one.declared_growth:.0%} of simulated studies with a proportional law and in "
+                         f"{at_zero.declared_growth:.0%} with none (interval coverage {at_one.coverage:.0%}).")
+    flat = [task.task for task in result.fit.tasks if task.rank_benefit_interval[0] <= 0]
+    if flat:
+        sentences.append(f"On {len(flat)} of {result.n_tasks} tasks the rank benefit G is not above 0 on validation "
+                         f"({', '.join(flat)}): there, r* reads noise, not need.")
+    slow = [check for check in result.training if check.ratio > 1.15]
+    if slow:
+        sentences.append("The minimum of training is not met ("
+                         + ", ".join(f"{c.task} r={c.rank}: {c.study_epochs} epochs {c.study_test:.4f} against "
+                                     f"{c.long_epochs} epochs {c.long_test:.4f}" for c in slow)
+                         + "): rank here partly measures how fast a rank trains, not what it can hold.")
     return " ".join(sentences)
 
 
-def format_hypothesis(result: HypothesisResult) -> str:
-    """Plain-text report: r* per task, the fits, the allocation comparisons and the verdict."""
-    lines = [f"r* = smallest rank within {result.tolerance:.0%} of the best test error (mean over seeds)", "",
-             f"{'task':<28} {'method':<10} {'mean gap':>9} {'r*':>4}  errors by rank"]
-    for task in result.tasks:
-        errors = "  ".join(f"r{rank}:{error:.4f}" for rank, error in zip(task.ranks, task.errors))
-        lines.append(f"{task.task:<28} {task.method:<10} {task.gap:>9.4f} {task.rank_star:>4}  {errors}")
-    lines += ["", "gap per block:"]
-    lines += [f"  {task.task:<26} " + " ".join(f"{gap:.3f}" for gap in task.block_gaps)
-              for task in {task.task: task for task in result.tasks}.values()]
-    for fit in result.fits:
-        low, high = fit.slope_interval
-        lines += ["", f"fit r* ~ b * gap ({fit.method}, {fit.n_tasks} tasks): b = {fit.slope:.4g} "
-                      f"[{low:.4g}, {high:.4g}] 95% bootstrap; Spearman rho = {fit.spearman_rho:+.3f}; "
-                      f"one-sided permutation p = {fit.p_value:.4g} (floor {fit.smallest_p_value:.3g})"]
-    if result.allocation:
-        lines += ["", f"{'allocation at equal params':<28} {'rank':>4} {'uniform':>9} {'gap-aware':>9} "
-                      f"{'params uniform':>15} {'params gap-aware':>17}"]
-        lines += [f"{c.task + ' ' + c.method:<28} {c.rank:>4} {c.uniform_error:>9.4f} {c.gap_aware_error:>9.4f} "
-                  f"{c.uniform_params:>15,} {c.gap_aware_params:>17,}" for c in result.allocation]
-    return "\n".join(lines + ["", "verdict: " + result.verdict])
+def _plain(value):
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    return value
 
 
-def write_hypothesis(result: HypothesisResult, directory: Path) -> Path:
-    """`hypothesis.json` in `directory`: every number above, and the verdict."""
-    path = directory / "hypothesis.json"
-    write_text_atomic(path, json.dumps(asdict(result), indent=2) + "\n")
+def write_study(result: StudyResult, directory: Path) -> Path:
+    """`hypothesis.json` in `directory`: every number of the result, and the verdict."""
+    path = Path(directory) / "hypothesis.json"
+    write_text_atomic(path, json.dumps(_plain(asdict(result)), indent=2) + "\n")
     return path

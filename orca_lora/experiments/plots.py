@@ -13,7 +13,6 @@ from matplotlib.ticker import FuncFormatter, MaxNLocator, NullLocator
 from omegaconf import OmegaConf
 
 from orca_lora.choices import GAP_AWARE_ALLOCATIONS
-from orca_lora.experiments.hypothesis import HypothesisResult, evaluate_hypothesis
 from orca_lora.experiments.tables import RunRecord, find_runs, read_runs, summarize
 from orca_lora.files import save_figure_atomic
 from orca_lora.run_files import GapRow, RunFiles, read_alignment, read_gaps, read_metrics, read_training_log
@@ -263,33 +262,6 @@ def plot_gaps_by_block(records: Sequence[RunRecord], stem: Path) -> list[Path]:
     return save_figure(figure, stem)
 
 
-def plot_rank_vs_gap(result: HypothesisResult, stem: Path) -> list[Path]:
-    """r* against the mean gap per task, with the slope through the origin and its bootstrap band."""
-    figure, axis = subplots(figsize=(6, 4.2))
-    for method in sorted({task.method for task in result.tasks}):
-        chosen = [task for task in result.tasks if task.method == method]
-        points = axis.scatter([t.gap for t in chosen], [t.rank_star for t in chosen], s=50, label=f"{method}: r*")
-        for task in chosen:
-            axis.annotate(task.task, (task.gap, task.rank_star), textcoords="offset points", xytext=(5, 5), fontsize=8)
-        fit = next((fit for fit in result.fits if fit.method == method), None)
-        if fit is not None:
-            line = np.linspace(0, max(t.gap for t in chosen) * 1.1, 50)
-            color = points.get_facecolor()[0]
-            axis.plot(line, fit.slope * line, color=color,
-                      label=f"{method}: r* = {fit.slope:.3g} D (Spearman rho "
-                            f"{'undefined' if np.isnan(fit.spearman_rho) else f'{fit.spearman_rho:+.2f}'}, "
-                            f"p {fit.p_value:.2g})")
-            axis.fill_between(line, fit.slope_interval[0] * line, fit.slope_interval[1] * line, color=color,
-                              alpha=0.15, label="95% bootstrap band")
-    axis.set_xlabel("mean floor-corrected gap D over blocks (source-anchored units)")
-    axis.set_ylabel(f"r*: smallest rank within {result.tolerance:.0%} of the best error")
-    axis.set_xlim(left=0)
-    axis.set_ylim(bottom=0)
-    axis.set_title("Rank needed against modality gap")
-    axis.legend(fontsize=7)
-    return save_figure(figure, stem)
-
-
 def plot_alignment_curves(records: Sequence[RunRecord], stem: Path) -> list[Path]:
     """Stage 1's distance per epoch, one curve per task (its first run; runs of one seed share stage 1)."""
     figure, axis = subplots(figsize=(6, 4))
@@ -310,13 +282,12 @@ def plot_alignment_curves(records: Sequence[RunRecord], stem: Path) -> list[Path
     return save_figure(figure, stem)
 
 
-def plot_sweep(directory: Path, tolerance: float = 0.05) -> list[Path]:
-    """The sweep figures under `directory/plots/`, from the finished runs below `directory`."""
+def plot_sweep(directory: Path) -> list[Path]:
+    """The sweep figures under `directory/plots/`, from the finished runs below `directory` (a study's
+    r* against the gap is drawn by `orca-lora report`, which chooses r* on validation)."""
     records = read_runs(find_runs([directory]))
     out = directory / "plots"
     written = plot_error_vs_rank(records, out / "error_vs_rank")
     written += plot_gaps_by_block(records, out / "gaps_by_block")
     written += plot_alignment_curves(records, out / "alignment")
-    if any(record.allocation == "uniform" for record in records) and any(r.gaps for r in records):
-        written += plot_rank_vs_gap(evaluate_hypothesis(records, tolerance), out / "rank_vs_gap")
     return written

@@ -1,132 +1,150 @@
-import itertools
+"""hypothesis: the rank-vs-gap study's analysis (configs/study_gap.md) on synthetic run directories.
+(The energy ranks need trained weights, so energy_points is stubbed out; the CLI is tested elsewhere.)"""
+import dataclasses
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
-from scipy import stats
 
-from orca_lora.cli import main
+from study_toys import RANKS, planted_curve, write_study, write_study_run
+
 from orca_lora.experiments import hypothesis as hyp
-from orca_lora.experiments.tables import RunRecord
+from orca_lora.experiments.method_shares import TrainingCheck
+from orca_lora.experiments.rank_law import VERDICTS
+from orca_lora.experiments.study_runs import read_study
 
-RANKS = [1, 2, 4, 8, 16, 32]
-
-
-def planted_records(rank_stars, gaps, seeds=(0,), noise=0.0, rng_seed=0):
-    """Uniform-rank sweeps whose error is flat from r*_t on and 20% higher per halving below it."""
-    rng = np.random.default_rng(rng_seed)
-    records = []
-    for index, (rank_star, gap) in enumerate(zip(rank_stars, gaps)):
-        for seed, rank in itertools.product(seeds, RANKS):
-            error = 0.1 * (1 + 0.2 * max(0.0, math.log2(rank_star / rank))) * (1 - 0.001 * math.log2(rank))
-            error *= 1 + noise * rng.standard_normal()
-            records.append(RunRecord(Path(f"t{index}/r{rank}/s{seed}"), f"task{index}", "lora", "uniform", rank, seed,
-                                     error, error, 0.5, 1000 * rank, [gap * 1.2, gap * 0.8], [rank, rank]))
-    return records
+PLANTED = (("procedural", 0.02, 1), ("darcy", 0.1, 4), ("spectrogram", 0.4, 8), ("grf-texture", 1.0, 32))
 
 
-def test_smallest_sufficient_rank_matches_a_brute_force_scan():
-    rng = np.random.default_rng(0)
-    for _ in range(50):
-        errors = rng.uniform(0.05, 0.2, size=len(RANKS)).tolist()
-        tolerance = rng.uniform(0, 0.3)
-        best = min(errors)
-        expected = next(r for r, e in sorted(zip(RANKS, errors)) if e <= best * (1 + tolerance))
-        assert hyp.smallest_sufficient_rank(RANKS, errors, tolerance) == expected
-    assert hyp.smallest_sufficient_rank([4, 1, 2], [0.1, 0.1, 0.3], 0.0) == 1
-    with pytest.raises(ValueError, match="tolerance must be >= 0"):
-        hyp.smallest_sufficient_rank(RANKS, [0.1] * 6, -0.1)
-    with pytest.raises(ValueError, match="one error per rank"):
-        hyp.smallest_sufficient_rank(RANKS, [0.1], 0.05)
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    root = tmp_path_factory.mktemp("study")
+    written = write_study(root, seed=0, tasks=PLANTED)
+    runs = read_study([root])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(hyp.blocks, "energy_points", lambda runs, regime: [])
+        result = hyp.evaluate_study(runs, n_resamples=199, seed=0, power_studies=10)
+    return written, runs, result
 
 
-def test_slope_through_origin_is_least_squares_without_intercept():
-    rng = np.random.default_rng(1)
-    x, y = rng.uniform(0.1, 2, 9), rng.uniform(0, 10, 9)
-    expected = np.linalg.lstsq(x[:, None], y, rcond=None)[0][0]
-    assert hyp.slope_through_origin(x, y) == pytest.approx(expected)
+def test_evaluate_study_end_to_end_on_a_planted_study(study):
+    written, runs, result = study
+    assert result.regime == "frozen embedder, 6 epochs" and result.n_runs == len(runs) == len(written.errors)
+    assert result.n_tasks == 4 and result.gain_fraction == 0.1
+    planted = {task: r_star for task, _, r_star in PLANTED}
+    assert {c.task: c.r_star for c in result.chosen} == planted
+    assert {t.task: t.r_star for t in result.fit.tasks} == planted
+    for chosen in result.chosen:
+        gap = next(gap for task, gap, _ in PLANTED if task == chosen.task)
+        assert chosen.gap == pytest.approx(gap, rel=0.02)  # block gaps planted around the task's mean gap
+    fit = result.fit
+    assert fit.n_resamples == 199 and fit.slope > 0 and fit.spearman_rho == pytest.approx(1.0)
+    assert fit.slope_interval[0] < fit.slope < fit.slope_interval[1]
+    assert fit.verdict in VERDICTS and fit.verdict in ("proportional", "grows")
+    # one row per task and rank, over both seeds; validation and test both as planted
+    assert len(result.rank_rows) == 4 * len(RANKS)
+    for row in result.rank_rows:
+        expected = planted_curve(RANKS, planted[row.task])[RANKS.index(row.rank)]
+        assert row.n_seeds == 2
+        assert row.val_error == pytest.approx(expected, abs=0.002)
+        assert row.test_error == pytest.approx(expected + 0.01, abs=0.002)
+    for chosen in result.chosen:
+        at_r_star = next(row for row in result.rank_rows if row.task == chosen.task and row.rank == chosen.r_star)
+        assert chosen.test_error == at_r_star.test_error and chosen.test_se == at_r_star.test_se
+    noise = {n.task: n for n in result.noise}
+    assert noise["darcy"].gain == pytest.approx(0.05, abs=0.002) and noise["procedural"].gain == 0
+    assert math.isnan(noise["procedural"].seed_sd)
+    assert [p.beta for p in result.power] == [1.0, 0.0] and all(p.n_studies == 10 for p in result.power)
+    # secondary analyses
+    assert len(result.posterior) == 4 * 6 and len(result.one_block) == 6 and result.energy == []
+    assert [t.what for t in result.trends] == ["ibp-lora posterior rank", "one block at rank 1: validation error change"]
+    assert result.trends[0].statistic > 0 and result.trends[1].statistic == pytest.approx(1.0)
+    assert len(result.shares) == 4 * (len(RANKS) + 1)
+    lora_darcy_1 = next(s for s in result.shares if (s.task, s.method, s.rank) == ("darcy", "lora", 1))
+    assert lora_darcy_1.share == pytest.approx((0.31 - 0.16) / (0.31 - 0.09), abs=0.01)
+    assert sorted(b.regime for b in result.benefits) == ["frozen embedder, 6 epochs", "trained embedder, 6 epochs"]
+    check, = result.training
+    assert (check.task, check.rank, check.long_epochs) == ("darcy", 8, 30) and check.ratio < 1.15
 
 
-def test_permutation_p_value_is_exact_over_all_pairings_for_few_tasks():
-    x, y = np.array([0.1, 0.5, 0.3, 0.9, 0.7]), np.array([1.0, 4.0, 4.0, 16.0, 8.0])
-    observed = stats.spearmanr(x, y).statistic
-    null = [stats.spearmanr(x, np.array(p)).statistic for p in itertools.permutations(y)]
-    brute = np.mean([value >= observed - 1e-12 for value in null])
-    assert hyp.permutation_p_value(x, y) == pytest.approx(brute)
-    assert hyp.smallest_possible_p_value(5) == pytest.approx(1 / 120)
-    assert hyp.permutation_p_value(x, np.ones(5)) == 1.0 and math.isnan(hyp.spearman_rho(x, np.ones(5)))
+def test_the_verdict_sentence_names_the_verdict_label(study):
+    _, _, result = study
+    assert result.verdict.startswith(f"Verdict: **{result.fit.verdict}**")
+    assert "procedural r*=1" in result.verdict and "grf-texture r*=32" in result.verdict
+    assert "On 1 of 4 tasks the rank benefit G is not above 0" in result.verdict  # procedural's flat curve
+    assert "minimum of training is not met" not in result.verdict
+    for label in VERDICTS:
+        changed = dataclasses.replace(result, fit=dataclasses.replace(result.fit, verdict=label))
+        sentence = hyp.verdict(changed)
+        assert sentence.startswith(f"Verdict: **{label}**")
+        assert all(f"**{other}**" not in sentence for other in VERDICTS if other != label)
+    slow = dataclasses.replace(result, training=[TrainingCheck("darcy", 8, [0], 6, 30, 0.2, 0.1, 0.2, 0.1)])
+    assert "minimum of training is not met (darcy r=8" in hyp.verdict(slow)
+    assert hyp.verdict(dataclasses.replace(result, fit=None, n_tasks=2)).startswith("No verdict: 2 task(s)")
 
 
-def test_bootstrap_interval_brackets_the_slope_and_collapses_on_an_exact_line():
-    x = np.array([0.2, 0.5, 0.9, 1.4, 2.0, 2.5])
-    assert hyp.bootstrap_slope_interval(x, 3 * x) == pytest.approx((3.0, 3.0))
-    y = 3 * x + np.array([0.3, -0.2, 0.1, -0.4, 0.2, 0.1])
-    low, high = hyp.bootstrap_slope_interval(x, y)
-    assert low < hyp.slope_through_origin(x, y) < high and high - low < 1.0
+def test_write_study_writes_json_that_loads(study, tmp_path):
+    _, _, result = study
+    path = hyp.write_study(result, tmp_path)
+    assert path == tmp_path / "hypothesis.json"
+    loaded = json.loads(path.read_text())
+    assert loaded["verdict"] == result.verdict and loaded["n_tasks"] == 4
+    assert [t["r_star"] for t in loaded["fit"]["tasks"]] == [t.r_star for t in result.fit.tasks]
+    assert loaded["fit"]["slope_interval"] == pytest.approx(list(result.fit.slope_interval))
+    assert len(loaded["rank_rows"]) == len(result.rank_rows) and len(loaded["shares"]) == len(result.shares)
+    assert loaded["fit"]["tasks"][0]["mean_errors"] == pytest.approx(result.fit.tasks[0].mean_errors.tolist())
 
 
-def test_a_planted_proportional_relation_is_found():
-    rank_stars = [1, 2, 2, 4, 8, 8, 16, 32]
-    gaps = [r / 10 * f for r, f in zip(rank_stars, [1.1, 0.9, 1.05, 1.0, 0.95, 1.08, 1.0, 0.97])]
-    result = hyp.evaluate_hypothesis(planted_records(rank_stars, gaps, seeds=(0, 1), noise=0.01), seed=0)
-    assert [task.rank_star for task in result.tasks] == rank_stars
-    assert [task.gap for task in result.tasks] == pytest.approx(gaps)
-    fit, = result.fits
-    assert fit.n_tasks == 8 and fit.spearman_rho > 0.95 and fit.p_value < 0.001
-    assert fit.slope_interval[0] < 10 < fit.slope_interval[1]
-    assert "support the hypothesis that the rank needed grows" in result.verdict
-    assert "means over 2 seeds" in result.verdict
+def write_curve(root, task, gap, val_curve, test_curve, seeds=(0, 1), n=20):
+    ranks = (1, 2, 4, 8)
+    for seed in seeds:
+        for rank, val, test in zip(ranks, val_curve, test_curve):
+            wiggle = 0.001 * np.sin(np.arange(n) + seed + rank)
+            write_study_run(root, f"{task}_r{rank}_s{seed}", task=task, rank=rank, seed=seed, val_errors=val + wiggle,
+                            test_errors=test + wiggle, block_gaps=np.full(6, gap))
 
 
-def test_a_planted_null_is_not_found():
-    gaps = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
-    rank_stars = [8, 2, 32, 1, 16, 4, 2, 8]  # no monotone relation to the gap
-    result = hyp.evaluate_hypothesis(planted_records(rank_stars, gaps))
-    assert [task.rank_star for task in result.tasks] == rank_stars
-    fit, = result.fits
-    assert abs(fit.spearman_rho) < 0.3 and fit.p_value > 0.2
-    assert "does not reject 'no relation'" in result.verdict and "do not support" in result.verdict
+def test_r_star_is_chosen_on_validation_even_where_test_would_choose_another(tmp_path):
+    """darcy: validation reaches its best at r = 2, test only at r = 8; procedural the other way round."""
+    write_curve(tmp_path, "darcy", 0.1, val_curve=(0.30, 0.10, 0.10, 0.10), test_curve=(0.30, 0.25, 0.20, 0.10))
+    write_curve(tmp_path, "procedural", 0.5, val_curve=(0.30, 0.25, 0.20, 0.10), test_curve=(0.30, 0.10, 0.10, 0.10))
+    write_curve(tmp_path, "spectrogram", 2.0, val_curve=(0.30, 0.20, 0.10, 0.10), test_curve=(0.30, 0.20, 0.10, 0.10))
+    result = hyp.evaluate_study(read_study([tmp_path]), n_resamples=99, power_studies=0)
+    chosen = {c.task: c for c in result.chosen}
+    assert (chosen["darcy"].r_star, chosen["darcy"].r_star_on_test) == (2, 8)
+    assert (chosen["procedural"].r_star, chosen["procedural"].r_star_on_test) == (8, 2)
+    assert (chosen["spectrogram"].r_star, chosen["spectrogram"].r_star_on_test) == (4, 4)
+    assert chosen["darcy"].test_error == pytest.approx(0.25, abs=1e-3)  # the test error at the validation r*
+    assert chosen["procedural"].test_error == pytest.approx(0.10, abs=1e-3)
+    fitted = {t.task: t for t in result.fit.tasks}
+    assert fitted["darcy"].r_star == 2 and fitted["procedural"].r_star == 8 and fitted["spectrogram"].r_star == 4
+    assert fitted["darcy"].log2_interval == (0.0, 1.0) and fitted["procedural"].log2_interval == (2.0, math.inf)
+    assert "darcy r*=2" in result.verdict and "procedural r*=8" in result.verdict
+    assert result.power == [] and result.shares == [] and result.posterior == []
+    rows = {(r.task, r.rank): r for r in result.rank_rows}
+    assert rows["darcy", 2].val_error == pytest.approx(0.10, abs=1e-3)
+    assert rows["darcy", 2].test_error == pytest.approx(0.25, abs=1e-3)
 
 
-def test_two_tasks_give_a_direction_but_the_verdict_says_they_cannot_be_evidence():
-    result = hyp.evaluate_hypothesis(planted_records([2, 16], [0.2, 1.5]))
-    fit, = result.fits
-    assert fit.spearman_rho == pytest.approx(1.0) and fit.p_value == pytest.approx(0.5)
-    assert "r* rises with the gap over 2 tasks" in result.verdict
-    assert "no ordering can reach p < 0.05" in result.verdict and "at least 4 tasks" in result.verdict
-    assert "one seed" in result.verdict
+def test_fewer_than_three_tasks_give_no_fit(tmp_path):
+    write_curve(tmp_path, "darcy", 0.1, (0.3, 0.1, 0.1, 0.1), (0.3, 0.1, 0.1, 0.1), seeds=(0,))
+    write_curve(tmp_path, "procedural", 0.5, (0.3, 0.2, 0.1, 0.1), (0.3, 0.2, 0.1, 0.1), seeds=(0,))
+    result = hyp.evaluate_study(read_study([tmp_path]), n_resamples=19, power_studies=5)
+    assert result.fit is None and result.n_tasks == 2 and result.power == []
+    assert [c.r_star for c in result.chosen] == [2, 4]
+    assert result.verdict.startswith("No verdict: 2 task(s)")
 
 
-def test_allocation_compares_gap_aware_and_uniform_runs_of_one_rank():
-    records = planted_records([4, 4], [0.5, 1.0])
-    records.append(RunRecord(Path("ibp"), "task0", "lora", "gap-relative", 4, 0, 0.05, 0.05, 0.5, 3990, [0.6, 0.4], [6, 2]))
-    result = hyp.evaluate_hypothesis(records)
-    comparison, = result.allocation
-    uniform = next(r for r in records if r.task == "task0" and r.rank == 4 and r.allocation == "uniform")
-    assert (comparison.task, comparison.rank, comparison.gap_aware_error) == ("task0", 4, 0.05)
-    assert comparison.uniform_error == uniform.test_error and comparison.uniform_params == 4000
-    assert "lower test error than one uniform rank in 1 of 1" in result.verdict
-    assert "within run-to-run noise" in result.verdict
-
-
-def test_a_task_without_a_measured_gap_is_named():
-    records = planted_records([2, 4], [0.2, 0.4])
-    for record in records:
-        if record.task == "task1":
-            record.gaps = None
-    with pytest.raises(ValueError, match="no run of task task1 measured the gap.*stage2.allocation=uniform"):
-        hyp.evaluate_hypothesis(records)
-
-
-@pytest.mark.slow
-def test_hypothesis_command_on_a_finished_sweep(tiny_sweep, capsys):
-    assert main(["hypothesis", str(tiny_sweep), "--resamples", "999"]) == 0
-    out = capsys.readouterr().out
-    assert "darcy" in out and "procedural" in out and "verdict:" in out
-    saved = json.loads((tiny_sweep / "hypothesis.json").read_text())
-    assert {task["task"] for task in saved["tasks"]} == {"darcy", "procedural"}
-    assert saved["fits"][0]["n_tasks"] == 2 and saved["fits"][0]["smallest_p_value"] == 0.5
-    assert saved["allocation"][0]["task"] == "darcy" and saved["allocation"][0]["rank"] == 2
-    assert (tiny_sweep / "plots" / "rank_vs_gap.png").is_file()
+def test_test_errors_are_reported_over_the_seeds_of_the_validation_curve(tmp_path):
+    """Seed 2 ran rank 1 only: the curve (validation) leaves it out, and so must the test errors."""
+    write_curve(tmp_path, "darcy", 0.1, (0.3, 0.1, 0.1, 0.1), (0.3, 0.1, 0.1, 0.1))
+    write_curve(tmp_path, "procedural", 0.5, (0.3, 0.2, 0.1, 0.1), (0.3, 0.2, 0.1, 0.1))
+    write_curve(tmp_path, "spectrogram", 2.0, (0.3, 0.3, 0.2, 0.1), (0.3, 0.3, 0.2, 0.1))
+    write_study_run(tmp_path, "darcy_r1_s2", task="darcy", rank=1, seed=2, val_errors=np.full(20, 0.9),
+                    test_errors=np.full(20, 0.9), block_gaps=np.full(6, 0.1))
+    result = hyp.evaluate_study(read_study([tmp_path]), n_resamples=19, power_studies=0)
+    row = next(r for r in result.rank_rows if (r.task, r.rank) == ("darcy", 1))
+    assert row.n_seeds == 2 and row.val_error == pytest.approx(0.3, abs=1e-3)
+    assert row.test_error == pytest.approx(0.3, abs=1e-3)
+    assert next(c for c in result.chosen if c.task == "darcy").r_star_on_test == 2

@@ -163,3 +163,13 @@ def test_the_run_seed_draws_the_adapter_initialisation(tmp_path, procedural_task
                                RunFiles(tmp_path / str(seed)))
         initial.append(model.get_submodule("body.layers.0.blocks.0.attn.qkv").lora_A.detach().clone())
     assert not torch.equal(*initial)
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_a_frozen_embedder_stays_as_stage_1_left_it(method):
+    trained, frozen = make_model(), make_model()
+    finetune_stage.prepare_model(trained, Stage3Config(method=method), ranks_for(trained))
+    finetune_stage.prepare_model(frozen, Stage3Config(method=method, train_embedder=False), ranks_for(frozen))
+    embedder = {f"embedder.{n}" for n, _ in frozen.embedder.named_parameters()}
+    assert embedder <= trainable_names(trained)
+    assert trainable_names(frozen) == trainable_names(trained) - embedder

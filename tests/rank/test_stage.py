@@ -253,3 +253,23 @@ def test_law_allocation_takes_each_blocks_rate_from_the_fitted_law(tmp_path, bod
     expected = select_ranks(rates, shapes, RankPrior(decision="mode", r_max=8, alpha0=1.0, reference=1.0)).ranks
     assert result.ranks == expected and result.allocation == "law"
     assert result.prior_masses == pytest.approx({name: rates[shape.block] for name, shape in shapes.items()}, rel=1e-4)
+
+
+def test_block_ranks_override_the_uniform_rank_in_their_block_only(tmp_path, body, embedder, task, source):
+    shapes = rank_stage.adapted_module_shapes(body, DEFAULT_TARGETS)
+    inputs = rank_stage.GapInputs(body, embedder, task, *source, list(DEFAULT_TARGETS), uniform_rank=4, seed=0,
+                                  measure_seed=0, block_ranks={1: 2})
+    result = rank_stage.run(Stage2Config(max_samples=16, allocation="uniform"), inputs, RunFiles(tmp_path))
+    assert result.ranks == {name: 2 if shape.block == 1 else 4 for name, shape in shapes.items()}
+    assert [row.rank for row in read_gaps(RunFiles(tmp_path))] == [4, 2, 4, 4]
+    assert len(result.gaps) == 4  # the gap of every block is still measured
+    explicit = rank_stage.explicit_ranks(body, DEFAULT_TARGETS, 4, {}, RunFiles(tmp_path / "off"), {3: 1})
+    assert explicit.ranks == {name: 1 if shape.block == 3 else 4 for name, shape in shapes.items()}
+
+
+def test_check_block_ranks_names_a_missing_block_and_a_rank_too_large(body):
+    rank_stage.check_block_ranks(body, DEFAULT_TARGETS, {0: 16, 3: 1})
+    with pytest.raises(ValueError, match=r"block 4 does not exist; the body has blocks 0 to 3"):
+        rank_stage.check_block_ranks(body, DEFAULT_TARGETS, {4: 1})
+    with pytest.raises(ValueError, match=r"rank 17 for block 0 is above min\(d_out, d_in\) = 16"):
+        rank_stage.check_block_ranks(body, DEFAULT_TARGETS, {0: 17})

@@ -51,3 +51,15 @@ def test_posterior_run_is_required_iff_ibp_posterior_and_must_be_a_finished_ibp_
     assert read_posterior_ranks(tmp_path) == dict.fromkeys(swin_like_shapes([16]), 2)
     with pytest.raises(ConfigError, match=r"stage2.budget: allocation 'ibp-posterior'"):
         load_config(None, settings[:2])
+
+
+def test_block_ranks_need_uniform_ranks_and_no_rank_map():
+    assert load_config(None, ["stage2.allocation=uniform", "stage3.block_ranks={2: 1}"]).stage3.block_ranks == {2: 1}
+    with pytest.raises(ConfigError, match="stage3.block_ranks: overrides uniform ranks, but stage2.allocation is "
+                                          "'gap-relative'"):
+        load_config(None, ["stage3.block_ranks={2: 1}"])
+    with pytest.raises(ConfigError, match="either stage3.rank_map .* or stage3.block_ranks"):
+        load_config(None, ["stage2.enabled=false", "stage3.block_ranks={2: 1}",
+                           "stage3.rank_map={body.layers.0.blocks.0.attn.qkv: 2}"])
+    with pytest.raises(ConfigError, match=r"\{2: 0\} needs a block index >= 0 and a rank >= 1"):
+        load_config(None, ["stage2.allocation=uniform", "stage3.block_ranks={2: 0}"])

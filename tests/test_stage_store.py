@@ -1,0 +1,37 @@
+import json
+
+from orca_lora import stage_store
+
+
+def finished_stage(directory, digest="abc", payload="weights"):
+    directory.mkdir(parents=True)
+    (directory / "stage.json").write_text(json.dumps({"hash": digest, "finished": True}))
+    (directory / "embedder.safetensors").write_text(payload)
+    return directory
+
+
+def test_a_published_stage_is_fetched_whole_and_replaces_what_was_there(tmp_path):
+    store = tmp_path / "store"
+    stage_store.publish(store, "stage1", "abc", finished_stage(tmp_path / "first" / "stage1"))
+    destination = tmp_path / "second" / "stage1"
+    destination.mkdir(parents=True)
+    (destination / "stale.txt").write_text("from a changed config")
+    assert stage_store.fetch(store, "stage1", "abc", destination)
+    assert sorted(p.name for p in destination.iterdir()) == ["embedder.safetensors", "stage.json"]
+    assert (destination / "embedder.safetensors").read_text() == "weights"
+    assert not [p for p in destination.parent.iterdir() if p.name.startswith(".")]  # no partial copy left
+
+
+def test_an_unknown_hash_is_not_fetched_and_the_first_publication_is_kept(tmp_path):
+    store = tmp_path / "store"
+    assert not stage_store.fetch(store, "stage1", "abc", tmp_path / "run" / "stage1")
+    stage_store.publish(store, "stage2", "abc", finished_stage(tmp_path / "a" / "stage2", payload="first"))
+    stage_store.publish(store, "stage2", "abc", finished_stage(tmp_path / "b" / "stage2", payload="second"))
+    assert (stage_store.entry(store, "stage2", "abc") / "embedder.safetensors").read_text() == "first"
+    assert [p.name for p in (store / "stage2").iterdir()] == ["abc"]
+
+
+def test_an_entry_without_its_marker_is_not_a_result(tmp_path):
+    store = tmp_path / "store"
+    (stage_store.entry(store, "stage1", "abc")).mkdir(parents=True)
+    assert not stage_store.fetch(store, "stage1", "abc", tmp_path / "run" / "stage1")
