@@ -46,14 +46,13 @@ from typing import Any, Iterator, Sequence
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from orca_lora.config import Config, ConfigError, load_config, section_hash, to_yaml
+from orca_lora.config import Config, ConfigError, config_schema, load_config, section_hash, to_yaml
 from orca_lora.files import write_text_atomic
 from orca_lora.run_files import RunFiles
 
 log = logging.getLogger("orca_lora")
 
 SWEEP_KEYS = ("name", "base", "set", "grid", "grids")
-POINTS_PER_WORKER = 25
 SHARED_STAGES = "_shared_stages"  # under the sweep directory: stage-1/2 results by config hash
 
 
@@ -107,7 +106,7 @@ def format_value(value: Any) -> str:
 
 def _is_mapping_setting(key: str) -> bool:
     """A config key whose value is itself a mapping (stage3.rank_map, stage3.block_ranks)."""
-    return isinstance(OmegaConf.select(OmegaConf.structured(Config), key), DictConfig)
+    return isinstance(OmegaConf.select(config_schema(), key), DictConfig)
 
 
 def _is_reference(key: str, value: Any) -> bool:
@@ -333,10 +332,11 @@ def _run_in_worker(sweep: Sweep, point: SweepPoint) -> str | None:
 
 
 def _worker_pool(workers: int, threads: int) -> Executor:
-    # spawn: a fresh interpreter, not a fork of one holding torch's threads; a worker is replaced after
-    # POINTS_PER_WORKER points so that nothing one run leaves behind accumulates
+    # spawn: a fresh interpreter, not a fork of one holding torch's threads. Workers live for the whole
+    # sweep: with max_tasks_per_child, Python 3.11's executor stopped handing out points once the first
+    # workers retired (a 228-point sweep hung at point 50 with no worker left)
     return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
-                               initargs=(threads,), max_tasks_per_child=POINTS_PER_WORKER)
+                               initargs=(threads,))
 
 
 def _outcome(future: Future, point: SweepPoint) -> str | None:
