@@ -6,13 +6,14 @@ choices. Every check runs before any expensive work.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from orca_lora.errors import ConfigError  # noqa: F401  (re-exported: raised by every config check)
@@ -197,13 +198,19 @@ class Config:
     output: OutputConfig = field(default_factory=OutputConfig)
 
 
+@functools.lru_cache(maxsize=1)
+def config_schema() -> DictConfig:
+    """The typed schema every config is merged onto; built once (about 0.1 s each time, and a sweep
+    loads one config per point). `OmegaConf.merge` copies it, so the cached one is never changed."""
+    return OmegaConf.structured(Config)
+
+
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), allow_empty: bool = False) -> Config:
     """Read a YAML file (or the defaults) plus `a.b=c` overrides into a validated `Config`.
 
     A file with no sections is refused unless `allow_empty` (the CLI's --defaults): an empty file
     would otherwise run the whole default pipeline without a word."""
-    schema = OmegaConf.structured(Config)
-    layers = [schema]
+    layers = [config_schema()]
     where = "defaults" if path is None else str(path)
     if path is not None:
         path = Path(path)
