@@ -205,26 +205,26 @@ def config_schema() -> DictConfig:
     return OmegaConf.structured(Config)
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), allow_empty: bool = False) -> Config:
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), allow_empty: bool = False,
+                shared: Sequence[str] = ()) -> Config:
     """Read a YAML file (or the defaults) plus `a.b=c` overrides into a validated `Config`.
 
-    A file with no sections is refused unless `allow_empty` (the CLI's --defaults): an empty file
-    would otherwise run the whole default pipeline without a word."""
-    layers = [config_schema()]
-    where = "defaults" if path is None else str(path)
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        layers.append(_load_yaml(path, allow_empty))
-    for item in overrides:
+    `shared` are overrides applied before `overrides` that many calls have in common (a sweep's `set`):
+    the file and they are merged once and reused. A file with no sections is refused unless
+    `allow_empty` (the CLI's --defaults): an empty file would otherwise run the whole default
+    pipeline without a word."""
+    path = None if path is None else Path(path)
+    if path is not None and not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    everything = [*shared, *overrides]
+    for item in everything:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. stage3.rank=8)")
-    if overrides:
-        where += " with --set " + " ".join(overrides)
+    where = ("defaults" if path is None else str(path)) + (" with --set " + " ".join(everything) if everything else "")
+    stamp = None if path is None else path.stat().st_mtime_ns
     try:
-        layers.append(OmegaConf.from_dotlist(list(overrides)))
-        merged = OmegaConf.merge(*layers)
+        merged = OmegaConf.merge(_base_layer(path, stamp, tuple(shared), allow_empty),
+                                 OmegaConf.from_dotlist(list(overrides)))
         config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as error:
         raise ConfigError(f"{where}: {_describe(error)}") from None
@@ -234,6 +234,16 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), a
 
     validate(config)
     return config
+
+
+@functools.lru_cache(maxsize=16)
+def _base_layer(path: Path | None, stamp: int | None, shared: tuple[str, ...], allow_empty: bool) -> DictConfig:
+    """The schema, the file (as of its modification time `stamp`) and the shared overrides, merged."""
+    layers = [config_schema()]
+    if path is not None:
+        layers.append(_load_yaml(path, allow_empty))
+    layers.append(OmegaConf.from_dotlist(list(shared)))
+    return OmegaConf.merge(*layers)
 
 
 SECTIONS = tuple(Config.__dataclass_fields__)

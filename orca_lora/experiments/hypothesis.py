@@ -85,6 +85,7 @@ class StudyResult:
     benefits: list[RankBenefit] = field(default_factory=list)
     training: list[TrainingCheck] = field(default_factory=list)
     deviations: list[str] = field(default_factory=list)  # what the analysis had to do that the plan did not say
+    validation_samples: int = 0  # per task (the smallest, if they differ)
     verdict: str = ""
 
 
@@ -170,6 +171,7 @@ def evaluate_study(runs: Sequence[StudyRun], n_resamples: int = 999, seed: int =
     result.deviations = [f"{curve.task}: its floor-corrected gap is 0 at every block (at its null), so log2 D is "
                          "undefined and the task is left out of the fit" for curve in swept if curve.gap <= 0]
     result.deviations += incomplete_curves(runs, swept, regime)
+    result.validation_samples = min((curve.errors.shape[2] for curve in curves), default=0)
     result.posterior = blocks.posterior_points(runs, regime)
     result.one_block = blocks.one_block_points(runs, regime)
     result.energy = blocks.energy_points(runs, regime) if select_any(runs, "full", regime) else []

@@ -171,10 +171,10 @@ def _blocks_section(result: StudyResult, figures: dict[str, str]) -> list[str]:
     lines = ["## Per block", ""]
     lines += _figure(figures, "study_blocks", "one block at a time, and energy ranks per block")
     missing = [message for part, message in (
-        (result.posterior, "No ibp-lora posterior ranks: run ibp-lora (flat prior, alpha_0 = 8) on every task and "
-                           "seed."),
-        (result.one_block, "No one-block runs: run one block at rank 1 with the others at 8 (darcy, "
-                           "procedural-noise; seeds 0, 1; all 6 blocks)."),
+        (result.posterior, "No ibp-lora posterior ranks: run ibp-lora with a flat prior (the `ibp-flat` grid of "
+                           "`configs/study_gap.yaml`)."),
+        (result.one_block, "No one-block runs: run one block at rank 1 with the others at 8 (the `block` grid of "
+                           "`configs/study_gap.yaml`: `stage3.block_ranks`)."),
         (result.energy, "No energy ranks: they need `full` fine-tuning runs in the primary regime."))
         if not part]
     lines += [f"- {message}" for message in missing] + ([""] if missing else [])
@@ -190,8 +190,7 @@ def _methods_section(result: StudyResult, figures: dict[str, str]) -> list[str]:
     lines += _figure(figures, "study_method_shares", "each method's share of the linear to full gap")
     if not result.shares:
         return lines + ["No methods-vs-full comparison: it needs `linear` and `full` runs of a task beside its "
-                        "adapter runs (delta-lora, dora, lora-plus, dylora at rank 8; darcy, procedural-noise; "
-                        "seeds 0, 1)."]
+                        "adapter runs (the `linear` / `full` and other-method grids of `configs/study_gap.yaml`)."]
     rows = [[s.task, method_label(s), "-" if s.rank is None else str(s.rank), ", ".join(map(str, s.seeds)),
              _plus_minus(s.test_error, s.test_se), f"{_fixed(s.share)} {_bracket(s.share_interval, 3)}",
              _number(s.linear_error), _number(s.full_error)] for s in result.shares]
@@ -206,7 +205,8 @@ def _benefits_section(result: StudyResult, figures: dict[str, str]) -> list[str]
     lines += _figure(figures, "study_rank_benefits", "rank benefit by embedder regime")
     if not result.benefits:
         return lines + ["No frozen-vs-trained comparison: it needs the trained-embedder slice "
-                        "(`stage3.train_embedder=true`; darcy, procedural-noise; ranks 1 and 32; seeds 0, 1)."]
+                        "(`stage3.train_embedder=true` at the study's lowest and highest rank: the `embedder` grid of "
+                        "`configs/study_gap.yaml`)."]
     rows = [[b.task, b.regime, ", ".join(map(str, b.seeds)), f"{b.low_rank} -> {b.high_rank}",
              _number(b.low_error), _number(b.high_error),
              f"{_number(b.benefit, 3)} {_bracket(b.benefit_interval, 3)}"] for b in result.benefits]
@@ -241,7 +241,7 @@ def _limits_section(result: StudyResult) -> list[str]:
     lines = ["## Limits", "",
              f"- {result.n_tasks} task(s) with a complete rank sweep (the plan asks for 8).",
              f"- Seeds per (task, rank): {seed_text}.",
-             "- Validation samples per task: not recorded in the analysis result (the plan's design has 100)."]
+             f"- Validation samples per task: {result.validation_samples or 'none read'}."]
     if result.fit is not None:
         flat = [task.task for task in result.fit.tasks if task.rank_benefit_interval[0] <= 0
                 <= task.rank_benefit_interval[1]]

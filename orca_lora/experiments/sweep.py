@@ -80,7 +80,8 @@ class Sweep:
                 f"output.root={self.directory}", f"output.name={point.name}"]
 
     def point_config(self, point: SweepPoint) -> Config:
-        return load_config(self.base, self.point_overrides(point))
+        every = self.point_overrides(point)  # the shared part first, merged once for every point
+        return load_config(self.base, every[len(self.shared) + 1:], shared=every[:len(self.shared) + 1])
 
 
 @dataclass

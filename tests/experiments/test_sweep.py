@@ -100,6 +100,8 @@ def test_the_sweep_writes_every_point_its_table_and_plots(tiny_sweep):
                  "plots/alignment.png"):
         assert (tiny_sweep / name).is_file(), name
     assert "exit code" not in (tiny_sweep / "darcy_rank1_uniform" / "run.log").read_text()
+    # one stage-1 result per task (its points share seed, task and stage 1), each copied or computed once
+    assert len(list((tiny_sweep / sweeps.SHARED_STAGES / "stage1").iterdir())) == 2
     gap_aware = json.loads((tiny_sweep / "darcy_rank2_gap-aware" / "metrics.json").read_text())
     uniform = json.loads((tiny_sweep / "darcy_rank2_uniform" / "metrics.json").read_text())
     assert gap_aware["gap_aware"] and not uniform["gap_aware"]
