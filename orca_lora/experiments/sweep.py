@@ -24,29 +24,26 @@ and seed:
 
 A point whose dependency failed is not run; it fails naming the dependency.
 
-Points run in this process one after another, or in worker processes side by side
+Points run in this process one after another, or in worker processes side by side (`sweep_workers`)
 (`workers` > 1); `print_commands` gives the same commands for any scheduler.
 """
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import logging
-import multiprocessing
 import os
 import shlex
-import sys
-from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from orca_lora.config import Config, ConfigError, config_schema, load_config, section_hash, to_yaml
+from orca_lora.experiments import sweep_workers
 from orca_lora.files import write_text_atomic
 from orca_lora.run_files import RunFiles
 
@@ -280,73 +277,6 @@ def is_finished(sweep: Sweep, point: SweepPoint) -> bool:
             and run.config.read_text() == to_yaml(sweep.point_config(point)))
 
 
-def _run_here(sweep: Sweep, point: SweepPoint) -> str | None:
-    from orca_lora.experiments.plots import plot_run
-    from orca_lora.pipeline import run_pipeline
-
-    try:
-        plot_run(run_pipeline(sweep.point_config(point)).directory)
-    except Exception as error:  # one failed point must not stop the others
-        log.exception("sweep point %s failed", point.name)
-        return f"{type(error).__name__}: {error}"
-    return None
-
-
-@contextlib.contextmanager
-def _output_to(path: Path) -> Iterator[None]:
-    """This process's stdout and stderr (Python's and the libraries' own writes) go to `path` meanwhile."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = os.dup(1), os.dup(2)
-    with open(path, "w") as stream:
-        os.dup2(stream.fileno(), 1)
-        os.dup2(stream.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            os.close(saved[0])
-            os.close(saved[1])
-
-
-def _start_worker(threads: int) -> None:
-    """A worker process keeps torch, Lightning and the caches it loads across its points (~11 s of
-    imports a point otherwise), on `threads` threads."""
-    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
-    import torch
-
-    from orca_lora.cli import configure_logging
-
-    torch.set_num_threads(threads)
-    configure_logging()
-
-
-def _run_in_worker(sweep: Sweep, point: SweepPoint) -> str | None:
-    """One point in a worker process, its output in the point's run.log."""
-    directory = sweep.directory / point.name
-    directory.mkdir(parents=True, exist_ok=True)
-    with _output_to(directory / "run.log"):
-        return _run_here(sweep, point)
-
-
-def _worker_pool(workers: int, threads: int) -> Executor:
-    # spawn: a fresh interpreter, not a fork of one holding torch's threads. Workers live for the whole
-    # sweep: with max_tasks_per_child, Python 3.11's executor stopped handing out points once the first
-    # workers retired (a 228-point sweep hung at point 50 with no worker left)
-    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
-                               initargs=(threads,))
-
-
-def _outcome(future: Future, point: SweepPoint) -> str | None:
-    try:
-        return future.result()
-    except BrokenProcessPool as error:  # the worker died (killed, out of memory): the point failed
-        return f"its worker process died ({error}); see {point.name}/run.log"
-
-
 def build_shared_inputs(configs: Sequence[Config]) -> None:
     """Pretrain the offline body and generate the datasets once, before parallel workers would race
     to build the same cached files."""
@@ -373,7 +303,7 @@ def _run_parallel(sweep: Sweep, todo: Sequence[SweepPoint], workers: int) -> dic
     todo_names = {point.name for point in todo}  # the other points it may read finished earlier
     pending, done = list(todo), {}
     running: dict[Future, SweepPoint] = {}
-    with _worker_pool(workers, threads) as pool, tqdm(total=len(todo), desc="sweep points") as progress:
+    with sweep_workers.worker_pool(workers, threads) as pool, tqdm(total=len(todo), desc="sweep points") as progress:
         def start_ready() -> None:
             for point in list(pending):  # in run order, so a failure reaches dependents of dependents
                 failure = _failed_dependency(point, done)
@@ -383,14 +313,14 @@ def _run_parallel(sweep: Sweep, todo: Sequence[SweepPoint], workers: int) -> dic
                         done[point.name] = failure
                         progress.update()
                     else:
-                        running[pool.submit(_run_in_worker, sweep, point)] = point
+                        running[pool.submit(sweep_workers.run_in_worker, sweep, point)] = point
 
         start_ready()
         while running:
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in finished:
                 point = running.pop(future)
-                done[point.name] = _outcome(future, point)
+                done[point.name] = sweep_workers.outcome(future, point)
                 progress.update()
             start_ready()
     return done
@@ -414,7 +344,7 @@ def run_sweep(sweep: Sweep, workers: int = 1) -> SweepResult:
     if workers == 1:
         done: dict[str, str | None] = {}
         for point in todo:  # already in run order: a point after the points it reads
-            done[point.name] = _failed_dependency(point, done) or _run_here(sweep, point)
+            done[point.name] = _failed_dependency(point, done) or sweep_workers.run_point(sweep, point)
     else:
         build_shared_inputs([sweep.point_config(point) for point in todo])
         done = _run_parallel(sweep, todo, workers)

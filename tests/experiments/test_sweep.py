@@ -7,6 +7,7 @@ import pytest
 
 from orca_lora.config import ConfigError, load_config
 from orca_lora.experiments import sweep as sweeps
+from orca_lora.experiments import sweep_workers
 from orca_lora.experiments.sweep import format_value, grid_points, load_sweep, print_commands, run_sweep
 
 REPO = Path(__file__).resolve().parents[2]
@@ -183,8 +184,8 @@ def test_workers_start_a_reader_once_its_dependency_finished(reading_sweep, monk
         return "exit code 1" if point.name == "a_seed1_flat" else None
 
     monkeypatch.setattr(sweeps, "build_shared_inputs", lambda configs: None)
-    monkeypatch.setattr(sweeps, "_worker_pool", lambda workers, threads: ThreadPoolExecutor(workers))
-    monkeypatch.setattr(sweeps, "_run_in_worker", fake_worker)
+    monkeypatch.setattr(sweep_workers, "worker_pool", lambda workers, threads: ThreadPoolExecutor(workers))
+    monkeypatch.setattr(sweep_workers, "run_in_worker", fake_worker)
     result = run_sweep(reading_sweep, workers=2)
     assert events.index(("end", "a_seed0_flat")) < events.index(("start", "a_seed0_reader"))
     assert ("start", "a_seed1_reader") not in events
