@@ -165,18 +165,26 @@ def read_compare_runs(directories: Sequence[Path], method: str = "lora") -> list
     return runs
 
 
-def check_same_settings(runs: Sequence[CompareRun], where: str, exempt: str | None = None) -> None:
-    """Raise naming the first setting whose value differs between `runs` (keys under `exempt` may)."""
+def first_difference(runs: Sequence[Any], exempt: Sequence[str] = ()) -> Optional[tuple[str, Any, Any]]:
+    """The first setting (in key order) whose value differs between the first of `runs` and another,
+    with those two runs; keys starting with an `exempt` prefix may differ. Runs have `.settings`."""
     first = runs[0]
     for run in runs[1:]:
         for key in sorted(set(first.settings) | set(run.settings)):
-            if exempt is not None and key.startswith(exempt):
-                continue
-            if first.settings.get(key) != run.settings.get(key):
-                raise ValueError(
-                    f"{where}: setting {key} differs ({first.settings.get(key)!r} in {first.directory}, "
-                    f"{run.settings.get(key)!r} in {run.directory}); a comparison sweeps only the allocation, "
-                    f"stage3.lr, seed and the budget: make {key} equal or compare the runs in separate directories")
+            if not key.startswith(tuple(exempt)) and first.settings.get(key) != run.settings.get(key):
+                return key, first, run
+    return None
+
+
+def check_same_settings(runs: Sequence[CompareRun], where: str, exempt: str | None = None) -> None:
+    """Raise naming the first setting whose value differs between `runs` (keys under `exempt` may)."""
+    found = first_difference(runs, () if exempt is None else (exempt,))
+    if found is not None:
+        key, first, run = found
+        raise ValueError(
+            f"{where}: setting {key} differs ({first.settings.get(key)!r} in {first.directory}, "
+            f"{run.settings.get(key)!r} in {run.directory}); a comparison sweeps only the allocation, "
+            f"stage3.lr, seed and the budget: make {key} equal or compare the runs in separate directories")
 
 
 def select_lr(runs: Sequence[CompareRun]) -> Selection:

@@ -24,7 +24,8 @@ from orca_lora.experiments.method_shares import (MethodShare, RankBenefit, Train
 from orca_lora.experiments.paired_bootstrap import seed_se
 from orca_lora.experiments.power import PowerResult, simulate_power
 from orca_lora.experiments.rank_law import RankLawFit, TaskCurve, fit_rank_law, smallest_sufficient_rank
-from orca_lora.experiments.study_runs import Regime, StudyRun, primary_regime, rank_curves, select, stacked_test_errors
+from orca_lora.experiments.study_runs import (Regime, StudyRun, primary_regime, rank_curves, rank_sweep,
+                                             seeds_at_every_rank, stacked_test_errors)
 from orca_lora.files import write_text_atomic
 
 GAIN_FRACTION = 0.1  # the plan's tolerance: within 10% of the attainable gain above the best
@@ -93,10 +94,10 @@ def rank_rows(runs: Sequence[StudyRun], curves: Sequence[TaskCurve], regime: Reg
     rows = []
     for curve in curves:
         # the seeds the curve holds (those run at every rank): test errors over the same seeds as validation
-        seeds = set.intersection(*({run.seed for run in select(runs, curve.task, "lora", regime, int(rank), "uniform")}
-                                   for rank in curve.ranks))
+        sweep = rank_sweep(runs, curve.task, regime)
+        seeds = seeds_at_every_rank(sweep)
         for index, rank in enumerate(curve.ranks):
-            chosen = [run for run in select(runs, curve.task, "lora", regime, int(rank), "uniform") if run.seed in seeds]
+            chosen = sorted((run for run in sweep if run.rank == rank and run.seed in seeds), key=lambda run: run.seed)
             per_seed_val = curve.errors[:, index].mean(axis=1)
             tests = stacked_test_errors(chosen)
             rows.append(RankRow(curve.task, int(rank), len(per_seed_val), float(per_seed_val.mean()),
@@ -191,16 +192,11 @@ def incomplete_curves(runs: Sequence[StudyRun], curves: Sequence[TaskCurve], reg
     """Seeds a task ran at some ranks but not all: the curve leaves them out."""
     notes = []
     for curve in curves:
-        ran = {run.seed for run in select(runs, curve.task, "lora", regime, allocation="uniform") if run.rank}
-        missing = sorted(seed for seed in ran if not _seed_in_curve(runs, curve, regime, seed))
+        sweep = rank_sweep(runs, curve.task, regime)
+        missing = sorted({run.seed for run in sweep} - set(seeds_at_every_rank(sweep)))
         if missing:
             notes.append(f"{curve.task}: seed(s) {missing} lack a rank of the grid and are left out of its curve")
     return notes
-
-
-def _seed_in_curve(runs: Sequence[StudyRun], curve: TaskCurve, regime: Regime, seed: int) -> bool:
-    return all(any(run.seed == seed for run in select(runs, curve.task, "lora", regime, int(rank), "uniform"))
-               for rank in curve.ranks)
 
 
 def select_any(runs: Sequence[StudyRun], method: str, regime: Regime) -> bool:

@@ -20,7 +20,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 from omegaconf import OmegaConf
 
-from orca_lora.experiments.compare import NOT_COMPARED, flatten
+from orca_lora.experiments.compare import NOT_COMPARED, first_difference, flatten
 from orca_lora.experiments.rank_law import TaskCurve
 from orca_lora.experiments.tables import diverged, find_runs, task_labels
 from orca_lora.run_files import RunFiles, read_gaps, read_metrics, read_sample_errors
@@ -117,17 +117,6 @@ def read_study(directories: Sequence[Path]) -> list[StudyRun]:
     return runs
 
 
-def _first_difference(runs: Sequence[StudyRun], exempt: Sequence[str]) -> Optional[tuple[str, StudyRun, StudyRun]]:
-    first = runs[0]
-    for other in runs[1:]:
-        for key in sorted(set(first.settings) | set(other.settings)):
-            if key.startswith(tuple(exempt)):
-                continue
-            if first.settings.get(key) != other.settings.get(key):
-                return key, first, other
-    return None
-
-
 def check_groups(runs: Sequence[StudyRun]) -> None:
     """Raise naming the first setting that differs inside a curve, or inside a task outside the design's axes."""
     checks = ((lambda run: run.curve, CURVE_SWEPT, "inside one curve only seed and stage3.rank may differ"),
@@ -140,7 +129,7 @@ def check_groups(runs: Sequence[StudyRun]) -> None:
         for run in runs:
             groups[key_of(run)].append(run)
         for group in groups.values():
-            found = _first_difference(group, exempt)
+            found = first_difference(group, exempt)
             if found is not None:
                 key, a, b = found
                 raise ValueError(f"setting {key} differs ({a.settings.get(key)!r} in {a.directory}, "
@@ -168,6 +157,17 @@ def select(runs: Sequence[StudyRun], task: str, method: str, regime: Regime, ran
     return sorted(chosen, key=lambda run: run.seed)
 
 
+def rank_sweep(runs: Sequence[StudyRun], task: str, regime: Regime, method: str = "lora") -> list[StudyRun]:
+    """The uniform-rank runs of `method` (rank > 0) of one task in `regime`."""
+    return [run for run in select(runs, task, method, regime, allocation="uniform") if run.rank]
+
+
+def seeds_at_every_rank(sweep: Sequence[StudyRun]) -> list[int]:
+    """The seeds a rank sweep ran at every one of its ranks: the ones its curve holds."""
+    ranks = {run.rank for run in sweep}
+    return sorted(set.intersection(*({run.seed for run in sweep if run.rank == r} for r in ranks))) if ranks else []
+
+
 def rank_curves(runs: Sequence[StudyRun], regime: Regime, method: str = "lora",
                 seeds: Optional[Sequence[int]] = None) -> list[TaskCurve]:
     """Per task, the uniform `method` runs of `regime` as a TaskCurve: validation errors (S, R, N) over
@@ -175,11 +175,10 @@ def rank_curves(runs: Sequence[StudyRun], regime: Regime, method: str = "lora",
     runs of the block-mean floor-corrected gap. Tasks with fewer than 2 ranks are left out."""
     curves = []
     for task in sorted({run.task for run in runs}):
-        sweep = [run for run in select(runs, task, method, regime, allocation="uniform") if run.rank]
+        sweep = rank_sweep(runs, task, regime, method)
         ranks = sorted({run.rank for run in sweep})
         by_key = {(run.seed, run.rank): run for run in sweep}
-        common = sorted(set.intersection(*({run.seed for run in sweep if run.rank == r} for r in ranks))) \
-            if ranks else []
+        common = seeds_at_every_rank(sweep)
         if seeds is not None:
             common = [seed for seed in common if seed in seeds]
         if len(ranks) < 2 or not common:
