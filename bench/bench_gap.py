@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from orca_lora.config import load_config
+from orca_lora.config_load import load_config
 from orca_lora.data.tasks import build_task
 from orca_lora.files import write_text_atomic
 from orca_lora.finetune.stage import prepare_model

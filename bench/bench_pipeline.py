@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from orca_lora.config import load_config
+from orca_lora.config_load import load_config
 from orca_lora.files import write_text_atomic
 from orca_lora.pipeline import run_pipeline
 

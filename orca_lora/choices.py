@@ -1,6 +1,6 @@
 """The names every registry answers to, importable without torch, timm or PEFT.
 
-`config_checks.validate` checks a config's names against these tables, so a typo is refused before any
+`config_load.validate` checks a config's names against these tables, so a typo is refused before any
 heavy import. Each registry (tasks, distances, links, decisions, embedder inits, stage-3 methods)
 fills itself where its code lives; `check_registry` (called by the tests, and by each registry's
 lookup) fails when a registry and its table drift apart, so a new entry is one name here plus its
@@ -32,7 +32,7 @@ GAP_AWARE_ALLOCATIONS = ("gap-relative", "gap", "law")  # the allocations whose 
 METHODS = ("lora", "delta-lora", "lora-plus", "dylora", "dora", "qlora", "mora", "sbora-fa", "sbora-fb",
            "houlsby", "ibp-lora", "full", "linear")  # adapters/: one module per method registers its spec
 SCHEDULES = ("cosine", "step", "constant")
-PAIRED_TESTS = ("t", "wilcoxon")  # experiments/compare_stats.py: tests against uniform over test samples
+PAIRED_TESTS = ("t", "wilcoxon")  # studies/stats/paired.py: tests against uniform over test samples
 
 
 def check_registry(what: str, registered: Iterable[str], names: Sequence[str]) -> None:

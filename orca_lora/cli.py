@@ -2,15 +2,15 @@
 from __future__ import annotations
 
 import argparse
-import logging
-import warnings
 import sys
 from pathlib import Path
 from typing import Callable
 
 from orca_lora.choices import PAIRED_TESTS
-from orca_lora.config import ConfigError, load_config, to_yaml
+from orca_lora.config import ConfigError, to_yaml
+from orca_lora.config_load import load_config
 from orca_lora.errors import INTERRUPTED_EXIT_CODE, RunInterrupted, TrainingDiverged
+from orca_lora.logs import configure_logging
 
 Arguments = Callable[[argparse.ArgumentParser], None]
 COMMANDS: dict[str, tuple[str, Arguments, Callable[[argparse.Namespace], int]]] = {}
@@ -60,7 +60,7 @@ def check_command(args: argparse.Namespace) -> int:
 @command("run", "run the pipeline (align, gap and rank, refine) into runs/<name>/")
 def run_command(args: argparse.Namespace) -> int:
     config = _config(args)  # a bad value fails before the training stack's imports
-    from orca_lora.experiments.plots import plot_run
+    from orca_lora.reports.run_plots import plot_run
     from orca_lora.pipeline import run_pipeline
 
     result = run_pipeline(config)
@@ -79,7 +79,7 @@ def run_command(args: argparse.Namespace) -> int:
 
 @command("gap", "run stages 1-2 only and print the per-block gap and rank table")
 def gap_command(args: argparse.Namespace) -> int:
-    from orca_lora.experiments.plots import plot_run
+    from orca_lora.reports.run_plots import plot_run
     from orca_lora.pipeline import run_pipeline
     from orca_lora.run_files import RunFiles, read_gaps
 
@@ -157,9 +157,9 @@ def sweep_arguments(parser: argparse.ArgumentParser) -> None:
 @command("sweep", "run every point of a sweep (skipping finished ones), then write its table and plots",
          sweep_arguments)
 def sweep_command(args: argparse.Namespace) -> int:
-    from orca_lora.experiments import sweep as sweeps
-    from orca_lora.experiments.plots import plot_sweep
-    from orca_lora.experiments.tables import find_runs, read_runs, summarize, table_markdown, write_tables
+    from orca_lora.sweeps import sweep as sweeps
+    from orca_lora.reports.sweep_plots import plot_sweep
+    from orca_lora.studies.seed_table import find_runs, read_runs, summarize, table_markdown, write_tables
 
     sweep = sweeps.load_sweep(args.sweep, args.set)
     if args.print_commands:
@@ -181,7 +181,7 @@ def sweep_command(args: argparse.Namespace) -> int:
 @command("table", "the seeds' table (method, rank, trainable params, error; mean +/- std over seeds) as CSV and "
          "Markdown", directories_arguments)
 def table_command(args: argparse.Namespace) -> int:
-    from orca_lora.experiments.tables import find_runs, read_runs, summarize, table_markdown, write_tables
+    from orca_lora.studies.seed_table import find_runs, read_runs, summarize, table_markdown, write_tables
 
     rows = summarize(read_runs(find_runs(args.directories)))
     print(table_markdown(rows))  # before writing: a read-only directory still gets its table printed
@@ -199,8 +199,8 @@ def hypothesis_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _evaluate(args: argparse.Namespace):
-    from orca_lora.experiments.hypothesis import evaluate_study
-    from orca_lora.experiments.study_runs import read_study
+    from orca_lora.studies.hypothesis import evaluate_study
+    from orca_lora.studies.study_runs import read_study
 
     return evaluate_study(read_study(args.directories), args.resamples, args.seed, args.power_studies)
 
@@ -209,7 +209,7 @@ def _evaluate(args: argparse.Namespace):
          "r* on validation, the censored fit of log2 r* on log2 D, the verdict; writes DIR/hypothesis.json",
          hypothesis_arguments)
 def hypothesis_command(args: argparse.Namespace) -> int:
-    from orca_lora.experiments.hypothesis import write_study
+    from orca_lora.studies.hypothesis import write_study
 
     result = _evaluate(args)
     print(result.verdict)
@@ -225,8 +225,8 @@ def report_arguments(parser: argparse.ArgumentParser) -> None:
 @command("report", "the study's Markdown report (DIR/report.md) with its figures, tables and verdict, and "
          "DIR/hypothesis.json", report_arguments)
 def report_command(args: argparse.Namespace) -> int:
-    from orca_lora.experiments.hypothesis import write_study
-    from orca_lora.experiments.report import write_report
+    from orca_lora.studies.hypothesis import write_study
+    from orca_lora.reports.study_report import write_report
 
     result = _evaluate(args)
     directory = args.directories[0]
@@ -245,7 +245,7 @@ def calibrate_arguments(parser: argparse.ArgumentParser) -> None:
 @command("calibrate", "fit the rank law r ~ Poisson(c x^beta) on finished ibp-lora runs; write rank_law.json",
          calibrate_arguments)
 def calibrate_command(args: argparse.Namespace) -> int:
-    from orca_lora.experiments.calibrate import LAW_FILE, calibrate, format_law
+    from orca_lora.rank.calibrate import LAW_FILE, calibrate, format_law
 
     law_file = calibrate(args.directories, args.output)
     print(format_law(law_file))
@@ -265,8 +265,8 @@ def compare_arguments(parser: argparse.ArgumentParser) -> None:
 @command("compare", "allocations at equal parameter budgets: lr chosen on validation, paired differences against "
          "uniform (Holm-corrected); writes DIR/compare.md, compare.csv and plots", compare_arguments)
 def compare_command(args: argparse.Namespace) -> int:
-    from orca_lora.experiments.compare import compare_directory, compare_markdown, write_compare
-    from orca_lora.experiments.compare_plots import plot_compare
+    from orca_lora.studies.compare import compare_directory, compare_markdown, write_compare
+    from orca_lora.reports.compare_plots import plot_compare
 
     result = compare_directory(args.directory, args.paired_test, args.method)
     print(compare_markdown(result))  # before writing: a read-only directory still gets its table printed
@@ -281,7 +281,8 @@ def plot_arguments(parser: argparse.ArgumentParser) -> None:
 
 @command("plot", "figures (PNG and PDF) for a run or a sweep directory, under DIR/plots/", plot_arguments)
 def plot_command(args: argparse.Namespace) -> int:
-    from orca_lora.experiments.plots import plot_run, plot_sweep
+    from orca_lora.reports.run_plots import plot_run
+    from orca_lora.reports.sweep_plots import plot_sweep
     from orca_lora.run_files import RunFiles
 
     if not args.directory.is_dir():
@@ -303,24 +304,11 @@ def analyze_arguments(parser: argparse.ArgumentParser) -> None:
 @command("analyze", "spectra and minimal ranks of the weight changes of runs, and LoRA subspace similarity "
          "between runs", analyze_arguments)
 def analyze_command(args: argparse.Namespace) -> int:
-    from orca_lora.experiments.analysis import analyze_runs, format_analysis
+    from orca_lora.weights.analysis import analyze_runs, format_analysis
 
     result = analyze_runs(args.runs, args.out or args.runs[0] / "analysis", energy_fraction=args.energy)
     print(format_analysis(result))
     return 0
-
-
-def configure_logging() -> None:
-    """`orca_lora` log lines with a timestamp (grep-able); Lightning keeps its own handler."""
-    logger = logging.getLogger("orca_lora")
-    if not logger.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s orca_lora %(levelname)s %(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-        logger.propagate = False
-    # Lightning 2.6 against torch 2.14 warns about its own use of a deprecated pytree API
-    warnings.filterwarnings("ignore", message=r".*LeafSpec.*is deprecated")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,8 +1,8 @@
 """Typed configuration: one YAML file per experiment, validated into dataclasses.
 
-Structure and type checks (unknown keys, wrong types) come from OmegaConf structured configs;
-choices and ranges are checked by `validate`, which names the key, the bad value and the valid
-choices. Every check runs before any expensive work.
+The schema and the run's paths; reading, merging and checking a file is `config_load.py`'s
+(`load_config`), so this module imports nothing above it. A finished run's saved config is read back
+unchecked by `read_saved`: its files may have moved since it ran.
 """
 from __future__ import annotations
 
@@ -11,10 +11,9 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from orca_lora.errors import ConfigError  # noqa: F401  (re-exported: raised by every config check)
 from orca_lora.files import write_text_atomic
@@ -205,70 +204,10 @@ def config_schema() -> DictConfig:
     return OmegaConf.structured(Config)
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), allow_empty: bool = False,
-                shared: Sequence[str] = ()) -> Config:
-    """Read a YAML file (or the defaults) plus `a.b=c` overrides into a validated `Config`.
-
-    `shared` are overrides applied before `overrides` that many calls have in common (a sweep's `set`):
-    the file and they are merged once and reused. A file with no sections is refused unless
-    `allow_empty` (the CLI's --defaults): an empty file would otherwise run the whole default
-    pipeline without a word."""
-    path = None if path is None else Path(path)
-    if path is not None and not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    everything = [*shared, *overrides]
-    for item in everything:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. stage3.rank=8)")
-    where = ("defaults" if path is None else str(path)) + (" with --set " + " ".join(everything) if everything else "")
-    stamp = None if path is None else path.stat().st_mtime_ns
-    try:
-        merged = OmegaConf.merge(_base_layer(path, stamp, tuple(shared), allow_empty),
-                                 OmegaConf.from_dotlist(list(overrides)))
-        config = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as error:
-        raise ConfigError(f"{where}: {_describe(error)}") from None
-    if config.output.name is None and path is not None:
-        config.output.name = path.stem
-    from orca_lora.config_checks import validate  # it reads the dataclasses above
-
-    validate(config)
-    return config
-
-
-@functools.lru_cache(maxsize=16)
-def _base_layer(path: Path | None, stamp: int | None, shared: tuple[str, ...], allow_empty: bool) -> DictConfig:
-    """The schema, the file (as of its modification time `stamp`) and the shared overrides, merged."""
-    layers = [config_schema()]
-    if path is not None:
-        layers.append(_load_yaml(path, allow_empty))
-    layers.append(OmegaConf.from_dotlist(list(shared)))
-    return OmegaConf.merge(*layers)
-
-
-SECTIONS = tuple(Config.__dataclass_fields__)
-
-
-def _load_yaml(path: Path, allow_empty: bool = False):
-    try:
-        loaded = OmegaConf.load(path)
-    except Exception as error:  # yaml's scanner errors have no common base worth naming
-        raise ConfigError(f"{path}: not valid YAML ({error})") from None
-    if not OmegaConf.is_dict(loaded):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    if not loaded and not allow_empty:
-        raise ConfigError(f"{path}: the config is empty; a config sets some of the sections "
-                          f"{', '.join(SECTIONS)} (task.name at least; see configs/quickstart.yaml), "
-                          "or pass --defaults to run every default")
-    return loaded
-
-
-def _describe(error: OmegaConfBaseException) -> str:
-    key = getattr(error, "full_key", None)
-    message = str(error).splitlines()[0]
-    if "not in" in message and key:
-        return f"unknown key '{key}' ({message}); see the sections of orca_lora/config.py"
-    return f"key '{key}': {message}" if key else message
+def read_saved(path: Path) -> Config:
+    """A finished run's `config.yaml` as a `Config`, without the load-time checks (the data files it
+    names may have moved since it ran; the run has already passed them)."""
+    return OmegaConf.to_object(OmegaConf.merge(config_schema(), OmegaConf.load(path)))
 
 
 def to_yaml(config: Config) -> str:

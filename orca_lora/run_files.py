@@ -292,7 +292,7 @@ def write_alignment(run: RunFiles, distance: str, curve: Sequence[float]) -> Non
 
 def read_alignment(run: RunFiles) -> tuple[str, list[float]]:
     """(distance name, curve) from `alignment.csv`."""
-    rows = _read_csv(run.alignment)
+    rows = read_csv(run.alignment)
     distance = [key for key in rows[0] if key != "epoch"][0]
     return distance, [float(row[distance]) for row in rows]
 
@@ -310,7 +310,7 @@ def read_gaps(run: RunFiles) -> list[GapRow] | None:
     """Per-block gaps and ranks, or None when stage 2 measured no gap."""
     if not run.gaps.is_file():
         return None
-    rows = _read_csv(run.gaps)
+    rows = read_csv(run.gaps)
     missing = [column for column in GAP_COLUMNS if column not in rows[0]]
     if missing:
         raise ValueError(f"{run.gaps}: no column(s) {missing}; it was written by an older version, so re-run "
@@ -365,7 +365,7 @@ def read_sample_errors(run: RunFiles) -> SampleErrors:
 
 
 def read_training_log(run: RunFiles) -> list[dict[str, str]]:
-    return _read_csv(run.training_log) if run.training_log.is_file() else []
+    return read_csv(run.training_log) if run.training_log.is_file() else []
 
 
 def training_log_before(run: RunFiles, step: int) -> list[dict[str, str]]:
@@ -378,7 +378,7 @@ def training_log_before(run: RunFiles, step: int) -> list[dict[str, str]]:
                 if int(row["step"]) < step]
 
 
-def _read_csv(path: Path) -> list[dict[str, str]]:
+def read_csv(path: Path) -> list[dict[str, str]]:
     with open(path, newline="") as stream:
         rows = list(csv.DictReader(stream))
     if not rows:

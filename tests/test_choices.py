@@ -31,7 +31,7 @@ def test_check_registry_names_both_sides_of_a_drift():
 
 
 def test_the_config_validates_names_without_importing_torch(tmp_path):
-    code = ("import sys; from orca_lora.config import load_config, ConfigError\n"
+    code = ("import sys; from orca_lora.config_load import load_config, ConfigError\n"
             "try:\n    load_config(None, ['task.name=nope'])\nexcept ConfigError as error:\n    print(error)\n"
             "assert 'torch' not in sys.modules, 'config pulled in torch'")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from orca_lora import cli
-from orca_lora.config import load_config
+from orca_lora.config_load import load_config
 from orca_lora.models.pretrain import PretrainResult
 from orca_lora.run_files import GapRow, RunFiles, RunMetrics, write_gaps
 

@@ -7,14 +7,8 @@ import pytest
 import yaml
 
 from orca_lora.choices import METHODS
-from orca_lora.config import (
-    Config,
-    ConfigError,
-    load_config,
-    run_directory,
-    section_hash,
-    to_yaml,
-)
+from orca_lora.config import Config, ConfigError, run_directory, section_hash, to_yaml
+from orca_lora.config_load import load_config
 
 
 def write_yaml(tmp_path: Path, data: dict) -> Path:
@@ -141,7 +135,7 @@ def test_importing_the_config_leaves_torch_unimported():
 ])
 def test_stage_3_allocations_refuse_what_they_cannot_train(allocation, stage3, key):
     from orca_lora.config import ConfigError, Stage3Config
-    from orca_lora.config_checks import _validate_training_allocation
+    from orca_lora.config_load import _validate_training_allocation
 
     with pytest.raises(ConfigError, match=key):
         _validate_training_allocation(allocation, Stage3Config(**stage3))

@@ -4,8 +4,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from orca_lora.config import load_config
-from orca_lora.experiments.sweep import load_sweep
+from orca_lora.config_load import load_config
+from orca_lora.sweeps.sweep import load_sweep
 from orca_lora.models.body import build_body
 from orca_lora.models.model import build_orca_model
 

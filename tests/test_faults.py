@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from orca_lora import cli
-from orca_lora.config import load_config
+from orca_lora.config_load import load_config
 from orca_lora.errors import INTERRUPTED_EXIT_CODE
 from orca_lora.files import digest_path
 from orca_lora.pipeline import run_pipeline

@@ -5,8 +5,9 @@ from pathlib import Path
 import pytest
 
 from orca_lora import cli
-from orca_lora.config import ConfigError, load_config
-from orca_lora.experiments.sweep import load_sweep
+from orca_lora.config import ConfigError
+from orca_lora.config_load import load_config
+from orca_lora.sweeps.sweep import load_sweep
 from orca_lora.preflight import body_architecture, check_against_body
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"

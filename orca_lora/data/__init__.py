@@ -1,0 +1,4 @@
+"""Data families, one module each, and the task registry (`tasks.py`). The generated family
+(`task_builders.py`) registers itself on import, so it is imported here, with the package, rather
+than from the registry's own module."""
+from orca_lora.data import task_builders  # noqa: F401

@@ -213,6 +213,3 @@ def cifar10_task(config: TaskConfig, data_root: Path) -> TaskData:
 def cifar100_task(config: TaskConfig, data_root: Path) -> TaskData:
     return _cifar_task("cifar100", config, data_root)
 
-
-# The generated family registers itself on import; below every name it uses from this module.
-from orca_lora.data import task_builders  # noqa: E402,F401

@@ -18,7 +18,8 @@ from orca_lora.adapters.bottleneck import (
     mark_only_bottlenecks_trainable,
 )
 from orca_lora.adapters.inject import count_trainable
-from orca_lora.config import DEFAULT_TARGETS, ConfigError, load_config
+from orca_lora.config import DEFAULT_TARGETS, ConfigError
+from orca_lora.config_load import load_config
 from orca_lora.finetune.stage import prepare_model
 from orca_lora.pipeline import run_pipeline
 

@@ -17,8 +17,9 @@ from orca_lora.adapters.inject import match_targets, replace_modules
 from orca_lora.adapters.io import CONFIG_NAME, save_peft_adapter
 from orca_lora.adapters.lora import LoRALinear
 from orca_lora.adapters.spec import METHODS, get_method
-from orca_lora.config import ConfigError, Stage3Config, load_config
-from orca_lora.experiments.plots import plot_run
+from orca_lora.config import ConfigError, Stage3Config
+from orca_lora.config_load import load_config
+from orca_lora.reports.run_plots import plot_run
 from orca_lora.pipeline import run_pipeline
 from orca_lora.run_files import RunFiles, read_sample_errors
 

@@ -22,7 +22,8 @@ from orca_lora.adapters.inject import (
 )
 from orca_lora.adapters.mora import MoRALinear, cyclic_extend, mora_compress, mora_decompress, mora_rank
 from orca_lora.adapters.spec import get_method
-from orca_lora.config import ConfigError, load_config
+from orca_lora.config import ConfigError
+from orca_lora.config_load import load_config
 from orca_lora.finetune.stage import prepare_model
 from orca_lora.pipeline import run_pipeline
 

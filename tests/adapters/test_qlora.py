@@ -36,7 +36,7 @@ from orca_lora.adapters.qlora import (
     unpack_codes,
 )
 from orca_lora.adapters.spec import get_method
-from orca_lora.config import load_config
+from orca_lora.config_load import load_config
 from orca_lora.finetune.stage import prepare_model
 from orca_lora.pipeline import run_pipeline
 

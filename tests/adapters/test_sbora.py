@@ -21,7 +21,7 @@ from orca_lora.adapters.inject import (
 from orca_lora.adapters.lora import LoRALinear
 from orca_lora.adapters.sbora import SBoRAFALinear, SBoRAFBLinear, standard_basis_indices, standard_basis_rows
 from orca_lora.adapters.spec import get_method
-from orca_lora.config import load_config
+from orca_lora.config_load import load_config
 from orca_lora.finetune.stage import prepare_model
 from orca_lora.pipeline import run_pipeline
 

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from orca_lora.config import ConfigError, TaskConfig, load_config
+from orca_lora.config import ConfigError, TaskConfig
+from orca_lora.config_load import load_config
 from orca_lora.data import procedural
 from orca_lora.data.task_builders import ARRAY_KEYS, cache_path
 from orca_lora.data.tasks import build_task, procedural_arrays

@@ -17,7 +17,8 @@ from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from orca_lora import pipeline, run_files
-from orca_lora.config import ConfigError, TrainerConfig, load_config
+from orca_lora.config import ConfigError, TrainerConfig
+from orca_lora.config_load import load_config
 from orca_lora.data.tasks import build_task
 from orca_lora.finetune.module import FinetuneModule
 from orca_lora.finetune.stage import TaskDataModule, check_world_size, prepare_model, process_placement

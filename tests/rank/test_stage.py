@@ -237,7 +237,7 @@ def test_flat_allocation_gives_every_block_alpha0(tmp_path, body, embedder, task
 
 
 def test_law_allocation_takes_each_blocks_rate_from_the_fitted_law(tmp_path, body, embedder, task, source):
-    from orca_lora.config import load_config
+    from orca_lora.config_load import load_config
     from orca_lora.rank.law import RankLaw, floor_units
     from orca_lora.rank.law_file import LawFile, LawProvenance, write_law_file
 

@@ -46,7 +46,7 @@ from orca_lora.adapters.lora import LoRALinear
 from orca_lora.adapters.spec import MethodSpec, train_embedder_and_head
 from orca_lora.config import Stage3Config
 from orca_lora.finetune.allocations import AllocationPlan, AllocationSetup
-from orca_lora.rank.allocations import register_allocation
+from orca_lora.rank.allocations.registry import register_allocation
 from orca_lora.rank.select import ModuleShape
 
 log = logging.getLogger("orca_lora")

@@ -34,7 +34,7 @@ from orca_lora.adapters.lora import LoRA
 from orca_lora.adapters.spec import train_embedder_and_head
 from orca_lora.config import Stage3Config
 from orca_lora.finetune.allocations import AllocationPlan, AllocationSetup, sample_batches
-from orca_lora.rank.allocations import register_allocation
+from orca_lora.rank.allocations.registry import register_allocation
 from orca_lora.rank.budget import rank_caps
 from orca_lora.rank.select import ModuleShape, trainable_params
 

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from orca_lora.adapters.spec import get_method
 from orca_lora.finetune.allocations import AllocationPlan, AllocationSetup, sample_batches
-from orca_lora.rank.allocations import register_allocation
+from orca_lora.rank.allocations.registry import register_allocation
 from orca_lora.rank.budget import proportional_ranks
 from orca_lora.rank.select import trainable_params
 

@@ -15,35 +15,9 @@ and every budgeted one meets the same unit: trainable adapter parameters sum_m r
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
-from typing import Any, Callable
 
 from orca_lora.choices import RANK_ALLOCATIONS, TRAINING_ALLOCATIONS, check_registry
-
-PHASES = ("stage2", "stage3")
-
-
-@dataclass(frozen=True)
-class Allocation:
-    name: str
-    phase: str  # "stage2" or "stage3"
-    # stage2: (context.GapAllocationInputs) -> context.AllocationResult, called by rank/stage.py's `run`;
-    # stage3: called by stage 3's setup, never by stage 2 (which writes uniform ranks and the budget)
-    allocate: Callable[..., Any]
-
-
-ALLOCATIONS: dict[str, Allocation] = {}
-
-
-def register_allocation(name: str, phase: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """File the decorated function under `name`, to run in `phase`."""
-    if phase not in PHASES:
-        raise ValueError(f"allocation phase must be one of {PHASES}, got {phase!r}")
-
-    def add(allocate: Callable[..., Any]) -> Callable[..., Any]:
-        ALLOCATIONS[name] = Allocation(name, phase, allocate)
-        return allocate
-    return add
+from orca_lora.rank.allocations.registry import ALLOCATIONS, Allocation, register_allocation  # noqa: F401
 
 
 def get_allocation(name: str) -> Allocation:

@@ -38,7 +38,7 @@ class GapAllocationInputs:
         return self.stage.budget
 
     def required_budget(self) -> int:
-        """The budget of an allocation that scales scores to it; config_checks.validate refuses such a config
+        """The budget of an allocation that scales scores to it; config_load.validate refuses such a config
         without one, so this only fails for inputs built by hand."""
         if self.budget is None:
             raise ValueError(f"stage2.allocation {self.stage.allocation!r} scales its scores to a parameter budget; "

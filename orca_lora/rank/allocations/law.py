@@ -10,7 +10,7 @@ import logging
 from dataclasses import replace
 from typing import Sequence
 
-from orca_lora.rank.allocations import register_allocation
+from orca_lora.rank.allocations.registry import register_allocation
 from orca_lora.rank.allocations.context import AllocationResult, GapAllocationInputs
 from orca_lora.rank.allocations.ibp_prior import prior_ranks, stage_prior
 from orca_lora.rank.gap import BlockGap

@@ -1,7 +1,8 @@
 import pytest
 from allocation_toys import swin_like_shapes
 
-from orca_lora.config import ConfigError, load_config
+from orca_lora.config import ConfigError
+from orca_lora.config_load import load_config
 from orca_lora.run_files import RunFiles, RunMetrics, write_metrics
 
 

@@ -1,7 +1,7 @@
 import pytest
 from allocation_toys import assert_meets_budget, make_inputs, swin_like_shapes
 
-from orca_lora.config import load_config
+from orca_lora.config_load import load_config
 from orca_lora.pipeline import stage_hash
 from orca_lora.rank.allocations import get_allocation
 from orca_lora.rank.allocations.ibp_posterior import check_posterior_modules, read_posterior_ranks

@@ -1,0 +1,267 @@
+"""The hypothesis "the LoRA rank needed grows with the modality gap", tested from a study's saved runs
+as `configs/study_gap.md` fixes it (DESIGN 8).
+
+Selection is on validation errors only: r* per task comes from the validation curves (`rank_law`),
+and the test split is read for the reported numbers (the curves' test errors, the test error at the
+validation-chosen r*, the methods' shares of the linear -> full gap). Beside the primary fit: the
+per-block evidence (`block_evidence`), the rank benefit with the embedder frozen and trained, the
+minimum-of-training check (`method_shares`), and the power of this design at the noise the study
+measured (`power`).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from orca_lora.studies import block_evidence as blocks
+from orca_lora.studies.method_shares import (method_shares, MethodShare, rank_benefits, RankBenefit,
+                                             training_checks, TrainingCheck)
+from orca_lora.studies.stats.bootstrap import seed_se
+from orca_lora.studies.power import PowerResult, simulate_power
+from orca_lora.studies.rank_threshold import fit_rank_law, RankLawFit, smallest_sufficient_rank, TaskCurve
+from orca_lora.studies.study_runs import (primary_regime, rank_curves, rank_sweep, Regime,
+                                          seeds_at_every_rank, stacked_test_errors, StudyRun)
+from orca_lora.files import write_text_atomic
+
+GAIN_FRACTION = 0.1  # the plan's tolerance: within 10% of the attainable gain above the best
+
+
+@dataclass
+class RankRow:
+    """One (task, rank) of the primary sweep: validation (what selects) and test (what is reported)."""
+
+    task: str
+    rank: int
+    n_seeds: int
+    val_error: float
+    val_se: float
+    test_error: float
+    test_se: float
+
+
+@dataclass
+class ChosenRank:
+    """r* chosen on validation, its test error, and the r* the test split would have chosen."""
+
+    task: str
+    gap: float
+    r_star: int
+    test_error: float
+    test_se: float
+    r_star_on_test: int
+
+
+@dataclass
+class NoiseEstimate:
+    """Per task, from the primary sweep: attainable validation gain A, seed sd of the validation means
+    (median over ranks), per-sample sd (median over ranks), in units of A."""
+
+    task: str
+    gain: float
+    seed_sd: float
+    sample_sd: float
+
+
+@dataclass
+class StudyResult:
+    regime: str
+    n_runs: int
+    n_tasks: int
+    gain_fraction: float
+    fit: Optional[RankLawFit]
+    rank_rows: list[RankRow]
+    chosen: list[ChosenRank]
+    noise: list[NoiseEstimate]
+    power: list[PowerResult]  # beta = 1 and beta = 0 at the study's gaps and measured noise
+    posterior: list[blocks.BlockPoint] = field(default_factory=list)
+    one_block: list[blocks.BlockPoint] = field(default_factory=list)
+    energy: list[blocks.BlockPoint] = field(default_factory=list)
+    trends: list[blocks.BlockTrend] = field(default_factory=list)
+    shares: list[MethodShare] = field(default_factory=list)
+    benefits: list[RankBenefit] = field(default_factory=list)
+    training: list[TrainingCheck] = field(default_factory=list)
+    deviations: list[str] = field(default_factory=list)  # what the analysis had to do that the plan did not say
+    validation_samples: int = 0  # per task (the smallest, if they differ)
+    verdict: str = ""
+
+
+def rank_rows(runs: Sequence[StudyRun], curves: Sequence[TaskCurve], regime: Regime) -> list[RankRow]:
+    rows = []
+    for curve in curves:
+        # the seeds the curve holds (those run at every rank): test errors over the same seeds as validation
+        sweep = rank_sweep(runs, curve.task, regime)
+        seeds = seeds_at_every_rank(sweep)
+        for index, rank in enumerate(curve.ranks):
+            chosen = sorted((run for run in sweep if run.rank == rank and run.seed in seeds), key=lambda run: run.seed)
+            per_seed_val = curve.errors[:, index].mean(axis=1)
+            tests = stacked_test_errors(chosen)
+            rows.append(RankRow(curve.task, int(rank), len(per_seed_val), float(per_seed_val.mean()),
+                                float(per_seed_val.std(ddof=1) / math.sqrt(per_seed_val.size))
+                                if per_seed_val.size > 1 else math.nan, float(tests.mean()), seed_se(tests)))
+    return rows
+
+
+def chosen_ranks(curves: Sequence[TaskCurve], rows: Sequence[RankRow]) -> list[ChosenRank]:
+    """r* on validation (the plan's rule) with its test error; beside it the rank the same rule picks
+    from the test errors, to show what choosing on test would have changed (it is never used)."""
+    chosen = []
+    for curve in curves:
+        by_rank = {row.rank: row for row in rows if row.task == curve.task}
+        r_star = smallest_sufficient_rank(curve.ranks, curve.errors, GAIN_FRACTION)
+        test_means = np.array([by_rank[int(rank)].test_error for rank in curve.ranks])
+        on_test = smallest_sufficient_rank(curve.ranks, test_means[None, :, None], GAIN_FRACTION)
+        chosen.append(ChosenRank(curve.task, curve.gap, r_star, by_rank[r_star].test_error, by_rank[r_star].test_se,
+                                 on_test))
+    return chosen
+
+
+def noise_estimates(curves: Sequence[TaskCurve]) -> list[NoiseEstimate]:
+    """The two noise terms of `power.synthetic_curves`, in units of the task's attainable gain A:
+    per-sample sd = the sd of errors[s, r, n] after removing each sample's own difficulty (its mean over
+    seeds and ranks, shared by every run and so cancelled by the paired r* rule) and each run's mean;
+    seed sd = the seed-to-seed sd of the run means less what that residual contributes (/ sqrt N)."""
+    estimates = []
+    for curve in curves:
+        errors = curve.errors
+        means = errors.mean(axis=(0, 2))
+        gain = float(means[0] - means.min())
+        residual = errors - errors.mean(axis=(0, 1), keepdims=True) - errors.mean(axis=2, keepdims=True) \
+            + errors.mean()
+        sample_sd = float(residual.std(ddof=1))
+        if errors.shape[0] > 1:
+            run_variance = float(np.median(errors.mean(axis=2).var(axis=0, ddof=1)))
+            seed_sd = math.sqrt(max(run_variance - sample_sd ** 2 / errors.shape[2], 0.0))
+        else:
+            seed_sd = math.nan
+        scale = gain if gain > 0 else math.nan
+        estimates.append(NoiseEstimate(curve.task, gain, seed_sd / scale, sample_sd / scale))
+    return estimates
+
+
+def measured_power(curves: Sequence[TaskCurve], noise: Sequence[NoiseEstimate], n_studies: int = 100,
+                   seed: int = 0) -> list[PowerResult]:
+    """The power simulation at this study's gaps, grid, seeds and validation size, with the median
+    measured noise relative to the gain (the r* rule is invariant to the errors' scale)."""
+    usable = [n for n in noise if math.isfinite(n.seed_sd) and math.isfinite(n.sample_sd)]
+    shapes = {(tuple(curve.ranks), curve.errors.shape) for curve in curves}
+    if not usable or len(curves) < 3 or len(shapes) > 1:  # one simulated design needs one grid and size
+        return []
+    design = dict(gaps=np.array([curve.gap for curve in curves]), ranks=tuple(int(r) for r in curves[0].ranks),
+                  e_inf=1.0, gain=1.0, seed_sd=float(np.median([n.seed_sd for n in usable])),
+                  sample_sd=float(np.median([n.sample_sd for n in usable])),
+                  n_samples=int(curves[0].errors.shape[2]), n_seeds=int(curves[0].errors.shape[0]))
+    return [simulate_power(beta, n_studies, seed + index, **design) for index, beta in enumerate((1.0, 0.0))]
+
+
+def evaluate_study(runs: Sequence[StudyRun], n_resamples: int = 999, seed: int = 0,
+                   power_studies: int = 100) -> StudyResult:
+    """Every analysis of the plan on the runs of one study (read with `study_runs.read_study`)."""
+    regime = primary_regime(runs)
+    swept = rank_curves(runs, regime)
+    curves = [curve for curve in swept if curve.gap > 0]
+    rows = rank_rows(runs, curves, regime)
+    fit = fit_rank_law(curves, GAIN_FRACTION, n_resamples, seed) if len(curves) >= 3 else None
+    noise = noise_estimates(curves)
+    result = StudyResult(str(regime), len(runs), len(curves), GAIN_FRACTION, fit, rows, chosen_ranks(curves, rows),
+                         noise, measured_power(curves, noise, power_studies, seed) if power_studies else [])
+    result.deviations = [f"{curve.task}: its floor-corrected gap is 0 at every block (at its null), so log2 D is "
+                         "undefined and the task is left out of the fit" for curve in swept if curve.gap <= 0]
+    result.deviations += incomplete_curves(runs, swept, regime)
+    result.validation_samples = min((curve.errors.shape[2] for curve in curves), default=0)
+    result.posterior = blocks.posterior_points(runs, regime)
+    result.one_block = blocks.one_block_points(runs, regime)
+    result.energy = blocks.energy_points(runs, regime) if select_any(runs, "full", regime) else []
+    posterior_trend = blocks.mixed_model_trend(result.posterior, "ibp-lora posterior rank")
+    result.trends = ([posterior_trend] if posterior_trend else []) \
+        + blocks.within_task_trends(result.one_block, "one block at rank 1: validation error change") \
+        + blocks.within_task_trends(result.energy, "full fine-tuning: energy rank of W - W0")
+    result.shares = method_shares(runs, regime, n_resamples, seed)
+    regimes = sorted({run.regime for run in runs if run.regime.epochs == regime.epochs}, key=str)
+    result.benefits = rank_benefits(runs, regimes, n_resamples, seed) if len(regimes) > 1 else []
+    result.training = training_checks(runs, regime)
+    result.verdict = verdict(result)
+    return result
+
+
+def incomplete_curves(runs: Sequence[StudyRun], curves: Sequence[TaskCurve], regime: Regime) -> list[str]:
+    """Seeds a task ran at some ranks but not all: the curve leaves them out."""
+    notes = []
+    for curve in curves:
+        sweep = rank_sweep(runs, curve.task, regime)
+        missing = sorted({run.seed for run in sweep} - set(seeds_at_every_rank(sweep)))
+        if missing:
+            notes.append(f"{curve.task}: seed(s) {missing} lack a rank of the grid and are left out of its curve")
+    return notes
+
+
+def select_any(runs: Sequence[StudyRun], method: str, regime: Regime) -> bool:
+    return any(run.method == method and run.regime == regime for run in runs)
+
+
+def _rho(value: float) -> str:
+    return "undefined (r* is the same on every task)" if math.isnan(value) else f"{value:+.2f}"
+
+
+def _fit_sentence(fit: RankLawFit, n_tasks: int) -> str:
+    low, high = fit.slope_interval
+    listing = ", ".join(f"{task.task} r*={task.r_star} (D {task.gap:.3g})" for task in sorted(fit.tasks,
+                                                                                           key=lambda t: t.gap))
+    meaning = {"proportional": "the rank needed grows with the gap, and proportionality (beta = 1) is not rejected",
+               "grows": "the rank needed grows with the gap, but not proportionally (beta = 1 is outside the interval)",
+               "falls": "the rank needed falls as the gap grows",
+               "flat": "the rank needed does not follow the gap (the interval lies inside [-0.5, 0.5])",
+               "no evidence": "these runs cannot tell whether the rank needed follows the gap"}[fit.verdict]
+    return (f"Verdict: **{fit.verdict}**: {meaning}. Over {n_tasks} tasks, r* chosen on validation ({listing}) "
+            f"against the gap gives beta = {fit.slope:.2f}, 95% bootstrap interval [{low:.2f}, {high:.2f}] "
+            f"(p = {fit.p_slope_zero:.3g} for beta = 0, p = {fit.p_slope_one:.3g} for beta = 1); Spearman's rho "
+            f"{_rho(fit.spearman_rho)} (one-sided permutation p = {fit.spearman_p:.3g}); leaving one task out, the "
+            f"gap predicts log2 r* to within {fit.loto_error_gap:.2f} against {fit.loto_error_no_gap:.2f} without it.")
+
+
+def verdict(result: StudyResult) -> str:
+    """The verdict sentence, computed from the statistics, with what limits it."""
+    if result.fit is None:
+        return (f"No verdict: {result.n_tasks} task(s) with a complete rank sweep; the censored fit needs at least 3 "
+                "(the plan asks for 8).")
+    sentences = [_fit_sentence(result.fit, result.n_tasks)]
+    at_one = next((p for p in result.power if p.beta == 1.0), None)
+    at_zero = next((p for p in result.power if p.beta == 0.0), None)
+    if at_one and at_zero:
+        sentences.append(f"At the noise this study measured, the design declares growth in "
+                         f"{at_one.declared_growth:.0%} of simulated studies with a proportional law and in "
+                         f"{at_zero.declared_growth:.0%} with none (interval coverage {at_one.coverage:.0%}).")
+    flat = [task.task for task in result.fit.tasks if task.rank_benefit_interval[0] <= 0]
+    if flat:
+        sentences.append(f"On {len(flat)} of {result.n_tasks} tasks the rank benefit G is not above 0 on validation "
+                         f"({', '.join(flat)}): there, r* reads noise, not need.")
+    slow = [check for check in result.training if check.ratio > 1.15]
+    if slow:
+        sentences.append("The minimum of training is not met ("
+                         + ", ".join(f"{c.task} r={c.rank}: {c.study_epochs} epochs {c.study_test:.4f} against "
+                                     f"{c.long_epochs} epochs {c.long_test:.4f}" for c in slow)
+                         + "): rank here partly measures how fast a rank trains, not what it can hold.")
+    return " ".join(sentences)
+
+
+def _plain(value):
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    return value
+
+
+def write_study(result: StudyResult, directory: Path) -> Path:
+    """`hypothesis.json` in `directory`: every number of the result, and the verdict."""
+    path = Path(directory) / "hypothesis.json"
+    write_text_atomic(path, json.dumps(_plain(asdict(result)), indent=2) + "\n")
+    return path

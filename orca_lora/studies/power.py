@@ -1,0 +1,111 @@
+"""Power and coverage of the rank-law analysis (`rank_law`) by simulating studies with a planted law.
+
+A synthetic task t has a gap D_t and a true continuous threshold rank rho_t = c D_t^beta, c chosen per
+beta so that the geometric mean of the rho_t is 2^center_log2_rank (default 2^2.5 ~ 5.7, the middle
+of the grid 1..32; with beta = 0 every task gets that rho). Its noiseless error curve is
+e_t(r) = e_inf + A q(u), u = log2(r / r_min), U = log2(r_max / r_min), u_rho = log2(rho_t / r_min):
+- r_min < rho < r_max: q is piecewise linear in u through (0, 1), (u_rho, f), (U, 0): q(r_min) = 1,
+  decreasing, 0 at r_max, and q(u) > f exactly for r < rho, so the plan's r* (e_best = e(r_max) =
+  e_inf, gain A) is the smallest grid rank >= rho: the noiseless crossing is at rho exactly.
+- rho >= r_max: q = 1 - (1 - f) u / u_rho (the line through (0, 1) and (u_rho, f)): still falling at
+  r_max, r* = r_max (right-censored) provided the grid's last log2 step exceeds f U (checked).
+- rho <= r_min: q = 0 (flat): all the gain was had below the grid, r* = r_min (left-censored). With
+  noise a flat curve's r* is wherever the noise puts the minimum, which is what the plan's r* does.
+Noise: errors[s, r, n] = e_t(r) + run[s, r] + sample[s, r, n], run ~ N(0, seed_sd^2) per (seed, rank),
+sample ~ N(0, sample_sd^2) independent per (seed, rank, validation sample).
+
+Defaults: e_inf = 0.10 and seed_sd = 0.0007 are measured: Darcy flow, LoRA rank 4, 3 seeds, test
+error 0.1052 +- 0.0004 (SE over seeds, so sd 0.0004 sqrt(3) = 0.0007) in the allocation comparison
+(README, `configs/sweep_compare_allocations.yaml`). A = 0.03, sample_sd = 0.03, N = 128, S = 3 are
+the design's working values (not measured here); pass what the study measures.
+The bootstrap inside the simulation uses n_resamples = 199 replicates (the analysis itself 999): part
+of the design, since it sets the Monte Carlo error of each study's interval ends.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from orca_lora.studies.stats.censored_regression import fit_censored_line
+from orca_lora.studies.rank_threshold import (VERDICTS, bootstrap_draws, declares_growth, observed_intervals,
+                                              percentile_interval, TaskCurve, verdict_label)
+
+RANKS = (1, 2, 4, 8, 16, 32)
+
+
+@dataclass
+class PowerResult:
+    n_studies: int
+    beta: float
+    coverage: float  # fraction of studies whose interval holds the planted beta
+    verdict_rates: dict[str, float]  # fraction of studies given each verdict label
+    declared_growth: float  # fraction declared to grow (declares_growth)
+    median_interval_width: float
+    n_resamples: int
+
+
+def threshold_ranks(gaps: np.ndarray, beta: float, center_log2_rank: float = 2.5) -> np.ndarray:
+    """rho_t = c D_t^beta with log2 c set so that mean_t log2 rho_t = center_log2_rank."""
+    log_gaps = np.log2(np.asarray(gaps, float))
+    return 2.0 ** (center_log2_rank + beta * (log_gaps - log_gaps.mean()))
+
+
+def gain_shape(ranks: np.ndarray, rho: float, gain_fraction: float = 0.1) -> np.ndarray:
+    """q(r) on the grid (module docstring): q(r_min) = 1, noiseless plan's r* = the first rank >= rho."""
+    ranks = np.asarray(ranks, float)
+    u, total = np.log2(ranks / ranks[0]), np.log2(ranks[-1] / ranks[0])
+    if rho <= ranks[0]:
+        return np.zeros_like(u)
+    u_rho = np.log2(rho / ranks[0])
+    first = 1 - (1 - gain_fraction) * u / u_rho
+    if rho >= ranks[-1]:
+        if total - u[-2] <= gain_fraction * total:
+            raise ValueError("the grid's last log2 step must exceed gain_fraction * log2(r_max / r_min) "
+                             "for a synthetic curve to be right-censored")
+        return first
+    second = gain_fraction * (total - u) / (total - u_rho)
+    return np.where(u <= u_rho, first, second)
+
+
+def synthetic_curves(beta: float, rng: np.random.Generator, gaps: np.ndarray | None = None,
+                     ranks: tuple[int, ...] = RANKS, gain_fraction: float = 0.1, e_inf: float = 0.10,
+                     gain: float = 0.03, seed_sd: float = 0.0007, sample_sd: float = 0.03,
+                     n_samples: int = 128, n_seeds: int = 3,
+                     center_log2_rank: float = 2.5) -> list[TaskCurve]:
+    """One simulated study: per task errors (S, R, N) around e_inf + A q(r; rho_t)."""
+    gaps = np.geomspace(20, 900, 8) if gaps is None else np.asarray(gaps, float)
+    ranks_array = np.asarray(ranks)
+    curves = []
+    for t, (gap, rho) in enumerate(zip(gaps, threshold_ranks(gaps, beta, center_log2_rank))):
+        curve = e_inf + gain * gain_shape(ranks_array, rho, gain_fraction)
+        run = rng.normal(0, seed_sd, (n_seeds, len(ranks), 1))
+        sample = rng.normal(0, sample_sd, (n_seeds, len(ranks), n_samples))
+        curves.append(TaskCurve(f"synthetic-{t}", float(gap), ranks_array, curve[None, :, None] + run + sample))
+    return curves
+
+
+def simulate_power(beta: float, n_studies: int = 100, seed: int = 0, n_resamples: int = 199,
+                   level: float = 0.95, gain_fraction: float = 0.1, **design) -> PowerResult:
+    """Simulate n_studies studies with the planted beta, analyse each as `fit_rank_law` does (its
+    two-stage percentile bootstrap of beta, n_resamples replicates) and report the interval's coverage
+    of beta, the verdict rates and the median interval width. `design` goes to `synthetic_curves`
+    (gaps, ranks, e_inf, gain, seed_sd, sample_sd, n_samples, n_seeds, center_log2_rank).
+    Deterministic in `seed`. All studies' replicates are fitted in one batched call."""
+    rng = np.random.default_rng(seed)
+    xs, lows, highs = [], [], []
+    for _ in range(n_studies):
+        curves = synthetic_curves(beta, rng, gain_fraction=gain_fraction, **design)
+        draws = bootstrap_draws(curves, n_resamples, rng, gain_fraction)
+        xs.append(draws.x)
+        lows.append(draws.low)
+        highs.append(draws.high)
+    slopes = fit_censored_line(np.concatenate(xs), np.concatenate(lows), np.concatenate(highs)).slope
+    bounds = percentile_interval(slopes.reshape(n_studies, n_resamples), level, axis=1)
+    labels = [verdict_label(low, high) for low, high in bounds.T]
+    return PowerResult(
+        n_studies=n_studies, beta=beta,
+        coverage=float(np.mean((bounds[0] <= beta) & (beta <= bounds[1]))),
+        verdict_rates={label: labels.count(label) / n_studies for label in VERDICTS},
+        declared_growth=float(np.mean([declares_growth(label) for label in labels])),
+        median_interval_width=float(np.median(bounds[1] - bounds[0])), n_resamples=n_resamples)

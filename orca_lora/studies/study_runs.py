@@ -1,0 +1,228 @@
+"""A study's finished runs, read from saved run files only (metrics.json, config.yaml, gaps.csv,
+stage3/sample_errors.npz), and grouped into the curves the rank-vs-gap analysis reads (DESIGN 8).
+
+A curve is one (task, method, allocation, regime, block ranks): its runs may differ only in `seed`
+and `stage3.rank`; every other setting must agree, or reading fails naming the setting. Within a
+task, every run must agree on everything but the design's own axes (the stage-3 settings, the
+allocation and its options, the epochs and the seed), so that linear, LoRA and full runs of a task
+share their data, source and stage 1.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+from omegaconf import OmegaConf
+
+from orca_lora.studies.compare import NOT_COMPARED, first_difference, flatten
+from orca_lora.studies.rank_threshold import TaskCurve
+from orca_lora.studies.seed_table import diverged, find_runs, task_labels
+from orca_lora.run_files import RunFiles, read_gaps, read_metrics, read_sample_errors
+
+log = logging.getLogger("orca_lora")
+
+CURVE_SWEPT = ("seed", "stage3.rank")  # what may differ inside a curve
+# may differ inside a task: the allocations' own options (stage2.*) too; the gap is read from the primary
+# curve, whose runs share their stage-2 settings
+DESIGN_PREFIXES = ("seed", "stage3.", "stage2.", "trainer.max_epochs")
+NO_RANK_METHODS = ("linear", "full")
+
+
+@dataclass(frozen=True)
+class Regime:
+    train_embedder: bool
+    epochs: int
+
+    def __str__(self) -> str:
+        return f"{'trained' if self.train_embedder else 'frozen'} embedder, {self.epochs} epochs"
+
+
+@dataclass
+class StudyRun:
+    directory: Path
+    task: str
+    method: str
+    allocation: str
+    rank: Optional[int]  # stage3.rank; 0 for linear (rank 0: head only), None for full
+    seed: int
+    regime: Regime
+    block_ranks: tuple[tuple[int, int], ...]  # stage3.block_ranks, sorted
+    val_errors: np.ndarray  # per validation sample, of the checkpoint chosen on validation
+    test_errors: np.ndarray  # per test sample, of that checkpoint
+    block_gaps: Optional[np.ndarray]  # floor-corrected gap per block (None: stage 2 off)
+    block_names: tuple[str, ...]
+    posterior_ranks: Optional[dict[str, int]]  # ibp-lora: module -> posterior rank
+    trainable_params: int
+    settings: dict[str, Any]  # flattened config without where-its-files-live keys
+
+    @property
+    def curve(self) -> tuple:
+        return self.task, self.method, self.allocation, self.regime, self.block_ranks
+
+    @property
+    def val_error(self) -> float:
+        return float(self.val_errors.mean())
+
+    @property
+    def test_error(self) -> float:
+        return float(self.test_errors.mean())
+
+    @property
+    def mean_gap(self) -> float:
+        return float(np.mean(self.block_gaps))
+
+
+def _read_one(run: RunFiles, task: str, config: dict[str, Any]) -> StudyRun:
+    metrics = read_metrics(run)
+    samples = read_sample_errors(run)
+    rows = read_gaps(run)
+    stage3 = config["stage3"]
+    rank = 0 if metrics.method == "linear" else None if metrics.method == "full" else int(stage3["rank"])
+    return StudyRun(
+        run.root, task, metrics.method, config["stage2"]["allocation"], rank, int(config["seed"]),
+        Regime(bool(stage3["train_embedder"]), int(config["trainer"]["max_epochs"])),
+        tuple(sorted((int(k), int(v)) for k, v in (stage3.get("block_ranks") or {}).items())),
+        np.asarray(samples.val, float), np.asarray(samples.test, float),
+        np.array([row.corrected for row in rows]) if rows else None,
+        tuple(row.name for row in rows) if rows else (), metrics.posterior_ranks, int(metrics.trainable_params),
+        {key: value for key, value in flatten(config).items() if not key.startswith(NOT_COMPARED)})
+
+
+def read_study(directories: Sequence[Path]) -> list[StudyRun]:
+    """Every finished run under `directories` (diverged ones left out, each named), checked for
+    settings that differ where they must not."""
+    loaded = []
+    for directory in find_runs(directories):
+        run = RunFiles(directory)
+        if not run.config.is_file():
+            raise FileNotFoundError(f"{run.config} is missing; every run directory keeps its resolved config")
+        if not run.sample_errors.is_file():
+            raise FileNotFoundError(f"{run.sample_errors} is missing: the run was written by a version that did not "
+                                    "save per-sample errors; delete its stage3/ folder and run it again")
+        if diverged(read_metrics(run)):
+            log.warning("%s: non-finite errors, the run diverged; left out of the study", run.root)
+            continue
+        loaded.append((run, OmegaConf.to_container(OmegaConf.load(run.config))))
+    if not loaded:
+        raise ValueError(f"every run under {', '.join(map(str, directories))} diverged; nothing to analyse")
+    labels = task_labels([config["task"] for _, config in loaded])
+    runs = [_read_one(run, label, config) for (run, config), label in zip(loaded, labels)]
+    check_groups(runs)
+    return runs
+
+
+def check_groups(runs: Sequence[StudyRun]) -> None:
+    """Raise naming the first setting that differs inside a curve, or inside a task outside the design's axes."""
+    checks = ((lambda run: run.curve, CURVE_SWEPT, "inside one curve only seed and stage3.rank may differ"),
+              # by task name, not label: a label splits a name by its task.* settings (task_labels), which
+              # would hide e.g. linear runs with another task.n_train than the LoRA runs of the same task
+              (lambda run: run.settings.get("task.name", run.task), DESIGN_PREFIXES,
+               "inside one task only seed, stage3.*, stage2.* and trainer.max_epochs may differ"))
+    for key_of, exempt, rule in checks:
+        groups: dict[Any, list[StudyRun]] = defaultdict(list)
+        for run in runs:
+            groups[key_of(run)].append(run)
+        for group in groups.values():
+            found = first_difference(group, exempt)
+            if found is not None:
+                key, a, b = found
+                raise ValueError(f"setting {key} differs ({a.settings.get(key)!r} in {a.directory}, "
+                                 f"{b.settings.get(key)!r} in {b.directory}): {rule}; make {key} equal, or "
+                                 "analyse the runs in separate directories")
+
+
+def primary_regime(runs: Sequence[StudyRun]) -> Regime:
+    """The regime of the main rank sweep: the one with the most uniform LoRA runs."""
+    counts: dict[Regime, int] = defaultdict(int)
+    for run in runs:
+        if run.method == "lora" and run.allocation == "uniform" and not run.block_ranks:
+            counts[run.regime] += 1
+    if not counts:
+        raise ValueError("no uniform LoRA runs (stage3.method=lora, stage2.allocation=uniform) to sweep ranks from")
+    return max(counts, key=lambda regime: (counts[regime], not regime.train_embedder))
+
+
+def select(runs: Sequence[StudyRun], task: str, method: str, regime: Regime, rank: Optional[int] = None,
+           allocation: Optional[str] = None, block_ranks: tuple = ()) -> list[StudyRun]:
+    """The runs of one curve (at one rank if given), sorted by seed."""
+    chosen = [run for run in runs if run.task == task and run.method == method and run.regime == regime
+              and run.block_ranks == block_ranks and (rank is None or run.rank == rank)
+              and (allocation is None or run.allocation == allocation)]
+    return sorted(chosen, key=lambda run: run.seed)
+
+
+def rank_sweep(runs: Sequence[StudyRun], task: str, regime: Regime, method: str = "lora") -> list[StudyRun]:
+    """The uniform-rank runs of `method` (rank > 0) of one task in `regime`."""
+    return [run for run in select(runs, task, method, regime, allocation="uniform") if run.rank]
+
+
+def seeds_at_every_rank(sweep: Sequence[StudyRun]) -> list[int]:
+    """The seeds a rank sweep ran at every one of its ranks: the ones its curve holds."""
+    ranks = {run.rank for run in sweep}
+    return sorted(set.intersection(*({run.seed for run in sweep if run.rank == r} for r in ranks))) if ranks else []
+
+
+def rank_curves(runs: Sequence[StudyRun], regime: Regime, method: str = "lora",
+                seeds: Optional[Sequence[int]] = None) -> list[TaskCurve]:
+    """Per task, the uniform `method` runs of `regime` as a TaskCurve: validation errors (S, R, N) over
+    the seeds present at every rank (restricted to `seeds` if given); the gap is the mean over those
+    runs of the block-mean floor-corrected gap. Tasks with fewer than 2 ranks are left out."""
+    curves = []
+    for task in sorted({run.task for run in runs}):
+        sweep = rank_sweep(runs, task, regime, method)
+        ranks = sorted({run.rank for run in sweep})
+        by_key = {(run.seed, run.rank): run for run in sweep}
+        common = seeds_at_every_rank(sweep)
+        if seeds is not None:
+            common = [seed for seed in common if seed in seeds]
+        if len(ranks) < 2 or not common:
+            continue
+        chosen = [by_key[(seed, rank)] for seed in common for rank in ranks]
+        if any(run.block_gaps is None for run in chosen):
+            raise ValueError(f"task {task}: a run has no gaps.csv; keep stage2.enabled=true (allocation uniform)")
+        errors = np.stack([np.stack([by_key[(seed, rank)].val_errors for rank in ranks]) for seed in common])
+        curves.append(TaskCurve(task, float(np.mean([run.mean_gap for run in chosen])), np.array(ranks), errors))
+    return curves
+
+
+def stacked_test_errors(runs: Sequence[StudyRun]) -> np.ndarray:
+    """(S, N_test) per-sample test errors of the runs, one row per run."""
+    return np.stack([run.test_errors for run in runs])
+
+
+def module_block(module: str, block_names: Sequence[str]) -> int:
+    """The index of the block (a gaps.csv name, e.g. layers.1.blocks.0) that holds `module`."""
+    for index, name in enumerate(block_names):
+        if re.search(rf"(^|\.){re.escape(name)}\.", module):
+            return index
+    raise ValueError(f"module {module} lies in none of the blocks {list(block_names)} of gaps.csv")
+
+
+def block_mean_posterior_ranks(run: StudyRun) -> np.ndarray:
+    """Per block, the mean over its modules of an ibp-lora run's posterior rank."""
+    if not run.posterior_ranks:
+        raise ValueError(f"{run.directory}: no posterior ranks in metrics.json (not an ibp-lora run)")
+    per_block: dict[int, list[int]] = defaultdict(list)
+    for module, rank in run.posterior_ranks.items():
+        per_block[module_block(module, run.block_names)].append(rank)
+    return np.array([np.mean(per_block[index]) for index in range(len(run.block_names))])
+
+
+def describe(runs: Sequence[StudyRun]) -> str:
+    """One line per curve: the seeds and ranks it holds (for the report's inventory)."""
+    groups: dict[tuple, list[StudyRun]] = defaultdict(list)
+    for run in runs:
+        groups[run.curve].append(run)
+    lines = []
+    for (task, method, allocation, regime, blocks), group in sorted(groups.items(), key=lambda item: str(item[0])):
+        ranks = sorted({run.rank for run in group if run.rank is not None})
+        lines.append(f"{task} {method} {allocation} ({regime}{', blocks ' + json.dumps(dict(blocks)) if blocks else ''}): "
+                     f"{len(group)} runs, seeds {sorted({run.seed for run in group})}"
+                     + (f", ranks {ranks}" if ranks else ""))
+    return "\n".join(lines)

@@ -1,0 +1,150 @@
+"""hypothesis: the rank-vs-gap study's analysis (configs/study_gap.md) on synthetic run directories.
+(The energy ranks need trained weights, so energy_points is stubbed out; the CLI is tested elsewhere.)"""
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+
+from study_toys import RANKS, planted_curve, write_study, write_study_run
+
+from orca_lora.studies import hypothesis as hyp
+from orca_lora.studies.method_shares import TrainingCheck
+from orca_lora.studies.rank_threshold import VERDICTS
+from orca_lora.studies.study_runs import read_study
+
+PLANTED = (("procedural", 0.02, 1), ("darcy", 0.1, 4), ("spectrogram", 0.4, 8), ("grf-texture", 1.0, 32))
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    root = tmp_path_factory.mktemp("study")
+    written = write_study(root, seed=0, tasks=PLANTED)
+    runs = read_study([root])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(hyp.blocks, "energy_points", lambda runs, regime: [])
+        result = hyp.evaluate_study(runs, n_resamples=199, seed=0, power_studies=10)
+    return written, runs, result
+
+
+def test_evaluate_study_end_to_end_on_a_planted_study(study):
+    written, runs, result = study
+    assert result.regime == "frozen embedder, 6 epochs" and result.n_runs == len(runs) == len(written.errors)
+    assert result.n_tasks == 4 and result.gain_fraction == 0.1
+    planted = {task: r_star for task, _, r_star in PLANTED}
+    assert {c.task: c.r_star for c in result.chosen} == planted
+    assert {t.task: t.r_star for t in result.fit.tasks} == planted
+    for chosen in result.chosen:
+        gap = next(gap for task, gap, _ in PLANTED if task == chosen.task)
+        assert chosen.gap == pytest.approx(gap, rel=0.02)  # block gaps planted around the task's mean gap
+    fit = result.fit
+    assert fit.n_resamples == 199 and fit.slope > 0 and fit.spearman_rho == pytest.approx(1.0)
+    assert fit.slope_interval[0] < fit.slope < fit.slope_interval[1]
+    assert fit.verdict in VERDICTS and fit.verdict in ("proportional", "grows")
+    # one row per task and rank, over both seeds; validation and test both as planted
+    assert len(result.rank_rows) == 4 * len(RANKS)
+    for row in result.rank_rows:
+        expected = planted_curve(RANKS, planted[row.task])[RANKS.index(row.rank)]
+        assert row.n_seeds == 2
+        assert row.val_error == pytest.approx(expected, abs=0.002)
+        assert row.test_error == pytest.approx(expected + 0.01, abs=0.002)
+    for chosen in result.chosen:
+        at_r_star = next(row for row in result.rank_rows if row.task == chosen.task and row.rank == chosen.r_star)
+        assert chosen.test_error == at_r_star.test_error and chosen.test_se == at_r_star.test_se
+    noise = {n.task: n for n in result.noise}
+    assert noise["darcy"].gain == pytest.approx(0.05, abs=0.002) and noise["procedural"].gain == 0
+    assert math.isnan(noise["procedural"].seed_sd)
+    assert [p.beta for p in result.power] == [1.0, 0.0] and all(p.n_studies == 10 for p in result.power)
+    # secondary analyses
+    assert len(result.posterior) == 4 * 6 and len(result.one_block) == 6 and result.energy == []
+    assert [t.what for t in result.trends] == ["ibp-lora posterior rank", "one block at rank 1: validation error change"]
+    assert result.trends[0].statistic > 0 and result.trends[1].statistic == pytest.approx(1.0)
+    assert len(result.shares) == 4 * (len(RANKS) + 1)
+    lora_darcy_1 = next(s for s in result.shares if (s.task, s.method, s.rank) == ("darcy", "lora", 1))
+    assert lora_darcy_1.share == pytest.approx((0.31 - 0.16) / (0.31 - 0.09), abs=0.01)
+    assert sorted(b.regime for b in result.benefits) == ["frozen embedder, 6 epochs", "trained embedder, 6 epochs"]
+    check, = result.training
+    assert (check.task, check.rank, check.long_epochs) == ("darcy", 8, 30) and check.ratio < 1.15
+
+
+def test_the_verdict_sentence_names_the_verdict_label(study):
+    _, _, result = study
+    assert result.verdict.startswith(f"Verdict: **{result.fit.verdict}**")
+    assert "procedural r*=1" in result.verdict and "grf-texture r*=32" in result.verdict
+    assert "On 1 of 4 tasks the rank benefit G is not above 0" in result.verdict  # procedural's flat curve
+    assert "minimum of training is not met" not in result.verdict
+    for label in VERDICTS:
+        changed = dataclasses.replace(result, fit=dataclasses.replace(result.fit, verdict=label))
+        sentence = hyp.verdict(changed)
+        assert sentence.startswith(f"Verdict: **{label}**")
+        assert all(f"**{other}**" not in sentence for other in VERDICTS if other != label)
+    slow = dataclasses.replace(result, training=[TrainingCheck("darcy", 8, [0], 6, 30, 0.2, 0.1, 0.2, 0.1)])
+    assert "minimum of training is not met (darcy r=8" in hyp.verdict(slow)
+    assert hyp.verdict(dataclasses.replace(result, fit=None, n_tasks=2)).startswith("No verdict: 2 task(s)")
+
+
+def test_write_study_writes_json_that_loads(study, tmp_path):
+    _, _, result = study
+    path = hyp.write_study(result, tmp_path)
+    assert path == tmp_path / "hypothesis.json"
+    loaded = json.loads(path.read_text())
+    assert loaded["verdict"] == result.verdict and loaded["n_tasks"] == 4
+    assert [t["r_star"] for t in loaded["fit"]["tasks"]] == [t.r_star for t in result.fit.tasks]
+    assert loaded["fit"]["slope_interval"] == pytest.approx(list(result.fit.slope_interval))
+    assert len(loaded["rank_rows"]) == len(result.rank_rows) and len(loaded["shares"]) == len(result.shares)
+    assert loaded["fit"]["tasks"][0]["mean_errors"] == pytest.approx(result.fit.tasks[0].mean_errors.tolist())
+
+
+def write_curve(root, task, gap, val_curve, test_curve, seeds=(0, 1), n=20):
+    ranks = (1, 2, 4, 8)
+    for seed in seeds:
+        for rank, val, test in zip(ranks, val_curve, test_curve):
+            wiggle = 0.001 * np.sin(np.arange(n) + seed + rank)
+            write_study_run(root, f"{task}_r{rank}_s{seed}", task=task, rank=rank, seed=seed, val_errors=val + wiggle,
+                            test_errors=test + wiggle, block_gaps=np.full(6, gap))
+
+
+def test_r_star_is_chosen_on_validation_even_where_test_would_choose_another(tmp_path):
+    """darcy: validation reaches its best at r = 2, test only at r = 8; procedural the other way round."""
+    write_curve(tmp_path, "darcy", 0.1, val_curve=(0.30, 0.10, 0.10, 0.10), test_curve=(0.30, 0.25, 0.20, 0.10))
+    write_curve(tmp_path, "procedural", 0.5, val_curve=(0.30, 0.25, 0.20, 0.10), test_curve=(0.30, 0.10, 0.10, 0.10))
+    write_curve(tmp_path, "spectrogram", 2.0, val_curve=(0.30, 0.20, 0.10, 0.10), test_curve=(0.30, 0.20, 0.10, 0.10))
+    result = hyp.evaluate_study(read_study([tmp_path]), n_resamples=99, power_studies=0)
+    chosen = {c.task: c for c in result.chosen}
+    assert (chosen["darcy"].r_star, chosen["darcy"].r_star_on_test) == (2, 8)
+    assert (chosen["procedural"].r_star, chosen["procedural"].r_star_on_test) == (8, 2)
+    assert (chosen["spectrogram"].r_star, chosen["spectrogram"].r_star_on_test) == (4, 4)
+    assert chosen["darcy"].test_error == pytest.approx(0.25, abs=1e-3)  # the test error at the validation r*
+    assert chosen["procedural"].test_error == pytest.approx(0.10, abs=1e-3)
+    fitted = {t.task: t for t in result.fit.tasks}
+    assert fitted["darcy"].r_star == 2 and fitted["procedural"].r_star == 8 and fitted["spectrogram"].r_star == 4
+    assert fitted["darcy"].log2_interval == (0.0, 1.0) and fitted["procedural"].log2_interval == (2.0, math.inf)
+    assert "darcy r*=2" in result.verdict and "procedural r*=8" in result.verdict
+    assert result.power == [] and result.shares == [] and result.posterior == []
+    rows = {(r.task, r.rank): r for r in result.rank_rows}
+    assert rows["darcy", 2].val_error == pytest.approx(0.10, abs=1e-3)
+    assert rows["darcy", 2].test_error == pytest.approx(0.25, abs=1e-3)
+
+
+def test_fewer_than_three_tasks_give_no_fit(tmp_path):
+    write_curve(tmp_path, "darcy", 0.1, (0.3, 0.1, 0.1, 0.1), (0.3, 0.1, 0.1, 0.1), seeds=(0,))
+    write_curve(tmp_path, "procedural", 0.5, (0.3, 0.2, 0.1, 0.1), (0.3, 0.2, 0.1, 0.1), seeds=(0,))
+    result = hyp.evaluate_study(read_study([tmp_path]), n_resamples=19, power_studies=5)
+    assert result.fit is None and result.n_tasks == 2 and result.power == []
+    assert [c.r_star for c in result.chosen] == [2, 4]
+    assert result.verdict.startswith("No verdict: 2 task(s)")
+
+
+def test_test_errors_are_reported_over_the_seeds_of_the_validation_curve(tmp_path):
+    """Seed 2 ran rank 1 only: the curve (validation) leaves it out, and so must the test errors."""
+    write_curve(tmp_path, "darcy", 0.1, (0.3, 0.1, 0.1, 0.1), (0.3, 0.1, 0.1, 0.1))
+    write_curve(tmp_path, "procedural", 0.5, (0.3, 0.2, 0.1, 0.1), (0.3, 0.2, 0.1, 0.1))
+    write_curve(tmp_path, "spectrogram", 2.0, (0.3, 0.3, 0.2, 0.1), (0.3, 0.3, 0.2, 0.1))
+    write_study_run(tmp_path, "darcy_r1_s2", task="darcy", rank=1, seed=2, val_errors=np.full(20, 0.9),
+                    test_errors=np.full(20, 0.9), block_gaps=np.full(6, 0.1))
+    result = hyp.evaluate_study(read_study([tmp_path]), n_resamples=19, power_studies=0)
+    row = next(r for r in result.rank_rows if (r.task, r.rank) == ("darcy", 1))
+    assert row.n_seeds == 2 and row.val_error == pytest.approx(0.3, abs=1e-3)
+    assert row.test_error == pytest.approx(0.3, abs=1e-3)
+    assert next(c for c in result.chosen if c.task == "darcy").r_star_on_test == 2
