@@ -60,8 +60,8 @@ def check_command(args: argparse.Namespace) -> int:
 @command("run", "run the pipeline (align, gap and rank, refine) into runs/<name>/")
 def run_command(args: argparse.Namespace) -> int:
     config = _config(args)  # a bad value fails before the training stack's imports
-    from orca_lora.reports.run_plots import plot_run
     from orca_lora.pipeline import run_pipeline
+    from orca_lora.reports.run_plots import plot_run
 
     result = run_pipeline(config)
     if result.process_rank != 0:  # under DDP the other processes ran stage 3 with rank 0; it reports
@@ -79,8 +79,8 @@ def run_command(args: argparse.Namespace) -> int:
 
 @command("gap", "run stages 1-2 only and print the per-block gap and rank table")
 def gap_command(args: argparse.Namespace) -> int:
-    from orca_lora.reports.run_plots import plot_run
     from orca_lora.pipeline import run_pipeline
+    from orca_lora.reports.run_plots import plot_run
     from orca_lora.run_files import RunFiles, read_gaps
 
     config = _config(args)
@@ -157,9 +157,10 @@ def sweep_arguments(parser: argparse.ArgumentParser) -> None:
 @command("sweep", "run every point of a sweep (skipping finished ones), then write its table and plots",
          sweep_arguments)
 def sweep_command(args: argparse.Namespace) -> int:
-    from orca_lora.sweeps import sweep as sweeps
     from orca_lora.reports.sweep_plots import plot_sweep
-    from orca_lora.studies.seed_table import find_runs, read_runs, summarize, table_markdown, write_tables
+    from orca_lora.reports.tables import table_markdown, write_tables
+    from orca_lora.studies.seed_table import read_runs, summarize
+    from orca_lora.sweeps import sweep as sweeps
 
     sweep = sweeps.load_sweep(args.sweep, args.set)
     if args.print_commands:
@@ -171,7 +172,7 @@ def sweep_command(args: argparse.Namespace) -> int:
     for name, reason in result.failed.items():
         print(f"  failed: {name}: {reason}")
     if len(result.failed) < len(sweep.points):
-        rows = summarize(read_runs(find_runs([sweep.directory])))
+        rows = summarize(read_runs([sweep.directory]))
         written = write_tables(rows, sweep.directory) + plot_sweep(sweep.directory)
         print("\n" + table_markdown(rows))
         print(f"written: {', '.join(str(path) for path in written if path.suffix != '.pdf')}")
@@ -181,9 +182,10 @@ def sweep_command(args: argparse.Namespace) -> int:
 @command("table", "the seeds' table (method, rank, trainable params, error; mean +/- std over seeds) as CSV and "
          "Markdown", directories_arguments)
 def table_command(args: argparse.Namespace) -> int:
-    from orca_lora.studies.seed_table import find_runs, read_runs, summarize, table_markdown, write_tables
+    from orca_lora.reports.tables import table_markdown, write_tables
+    from orca_lora.studies.seed_table import read_runs, summarize
 
-    rows = summarize(read_runs(find_runs(args.directories)))
+    rows = summarize(read_runs(args.directories))
     print(table_markdown(rows))  # before writing: a read-only directory still gets its table printed
     written = write_tables(rows, args.directories[0])
     print(f"written: {written[0]}, {written[1]}")
@@ -225,8 +227,8 @@ def report_arguments(parser: argparse.ArgumentParser) -> None:
 @command("report", "the study's Markdown report (DIR/report.md) with its figures, tables and verdict, and "
          "DIR/hypothesis.json", report_arguments)
 def report_command(args: argparse.Namespace) -> int:
-    from orca_lora.studies.hypothesis import write_study
     from orca_lora.reports.study_report import write_report
+    from orca_lora.studies.hypothesis import write_study
 
     result = _evaluate(args)
     directory = args.directories[0]
@@ -265,8 +267,9 @@ def compare_arguments(parser: argparse.ArgumentParser) -> None:
 @command("compare", "allocations at equal parameter budgets: lr chosen on validation, paired differences against "
          "uniform (Holm-corrected); writes DIR/compare.md, compare.csv and plots", compare_arguments)
 def compare_command(args: argparse.Namespace) -> int:
-    from orca_lora.studies.compare import compare_directory, compare_markdown, write_compare
     from orca_lora.reports.compare_plots import plot_compare
+    from orca_lora.reports.compare_tables import compare_markdown, write_compare
+    from orca_lora.studies.compare import compare_directory
 
     result = compare_directory(args.directory, args.paired_test, args.method)
     print(compare_markdown(result))  # before writing: a read-only directory still gets its table printed
@@ -304,7 +307,7 @@ def analyze_arguments(parser: argparse.ArgumentParser) -> None:
 @command("analyze", "spectra and minimal ranks of the weight changes of runs, and LoRA subspace similarity "
          "between runs", analyze_arguments)
 def analyze_command(args: argparse.Namespace) -> int:
-    from orca_lora.weights.analysis import analyze_runs, format_analysis
+    from orca_lora.reports.weight_report import analyze_runs, format_analysis
 
     result = analyze_runs(args.runs, args.out or args.runs[0] / "analysis", energy_fraction=args.energy)
     print(format_analysis(result))

@@ -144,7 +144,9 @@ class Stage3Config:
     dylora_min_rank: int = 1
     dylora_frozen: bool = False
     ibp_temperature: float = 2.0 / 3.0  # ibp-lora: the relaxed Bernoulli gates' temperature
-    ibp_r_max: Optional[int] = None  # ibp-lora: components per module (capped at min(d_out, d_in)); None: stage2.r_max
+    # ibp-lora: components per module (capped at min(d_out, d_in)); None: stage2.r_max, filled in by
+    # load_config, so the Config and the saved config.yaml hold the number
+    ibp_r_max: Optional[int] = None
     early_stopping_patience: int = 0  # 0 disables early stopping
     save_merged: bool = False
     # stage-3 allocations (stage2.allocation gradient, eva, adalora; finetune/allocations/)

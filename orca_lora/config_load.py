@@ -34,7 +34,8 @@ from orca_lora.errors import ConfigError
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), allow_empty: bool = False,
                 shared: Sequence[str] = ()) -> Config:
-    """Read a YAML file (or the defaults) plus `a.b=c` overrides into a validated `Config`.
+    """Read a YAML file (or the defaults) plus `a.b=c` overrides into a validated `Config`, with a
+    null that stands for another key's value filled in (`_resolve`).
 
     `shared` are overrides applied before `overrides` that many calls have in common (a sweep's `set`):
     the file and they are merged once and reused. A file with no sections is refused unless
@@ -58,7 +59,16 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), a
     if config.output.name is None and path is not None:
         config.output.name = path.stem
     validate(config)
+    _resolve(config)
     return config
+
+
+def _resolve(config: Config) -> None:
+    """Fill in the values a null stands for, so the `Config` (and the run's saved config.yaml) holds
+    what runs: ibp-lora's stage3.ibp_r_max null is stage2.r_max. Only ibp-lora reads it, so other
+    methods keep the null and their stage-3 hash."""
+    if config.stage3.method == "ibp-lora" and config.stage3.ibp_r_max is None:
+        config.stage3.ibp_r_max = config.stage2.r_max
 
 
 @functools.lru_cache(maxsize=16)

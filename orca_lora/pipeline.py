@@ -1,8 +1,9 @@
-"""Run stage 1 -> 2 -> 3 for one config into one run directory (DESIGN 3).
+"""Run stage 1 -> 2 -> 3 for one config into one run directory (README, "Architecture").
 
 Each stage records in `stageN/stage.json` the hash of the config it depends on; a re-run skips a
 finished stage whose hash matches and redoes it (and, through the hashes, what follows) otherwise. A run killed during
-stage 3 resumes from `stage3/checkpoints/last.ckpt`.
+stage 3 resumes from `stage3/checkpoints/last.ckpt`. Stage 2's marker holds no result: its result is
+`stage2/ranks.json`, which stage 3 reads through `run_files.read_ranks`.
 
 With several training processes (`trainer.strategy: ddp`: Lightning's launcher re-runs the command line
 once per extra device; torchrun and srun start every process themselves), every process runs this
@@ -54,6 +55,7 @@ from orca_lora.run_files import (
     from_dict,
     read_marker,
     read_marker_or_restart,
+    read_ranks,
     read_training_ranks,
     seconds_spent,
     write_marker,
@@ -107,7 +109,12 @@ def _await_marker(run_files: RunFiles, name: str, expected: str, finished: bool,
         time.sleep(poll_seconds)
 
 
-def _follow(name: str, config: Config, run_files: RunFiles, work: Callable[[], object]) -> StageRecord:
+def _record(result: object | None) -> dict | None:
+    """A stage's result as its marker keeps it; None for a stage whose result is a file of its own."""
+    return None if result is None else asdict(result)
+
+
+def _follow(name: str, config: Config, run_files: RunFiles, work: Callable[[], object | None]) -> StageRecord:
     """A non-zero rank's stage: rank 0's finished record, or, for stage 3 (which every rank trains),
     its own result once rank 0 has prepared the directory. Writes no marker."""
     record = _await_marker(run_files, name, stage_hash(config, name), finished=name != "stage3")
@@ -115,10 +122,10 @@ def _follow(name: str, config: Config, run_files: RunFiles, work: Callable[[], o
         return record
     started = time.perf_counter()
     result = work()
-    return StageRecord(record.hash, True, time.perf_counter() - started, asdict(result))
+    return StageRecord(record.hash, True, time.perf_counter() - started, _record(result))
 
 
-def _staged(name: str, config: Config, run_files: RunFiles, work: Callable[[], object],
+def _staged(name: str, config: Config, run_files: RunFiles, work: Callable[[], object | None],
             process_rank: int) -> StageRecord:
     """Run `work` (which writes into `run_files.stage(name)`) unless a finished copy with the same
     config hash is there.
@@ -154,7 +161,7 @@ def _staged(name: str, config: Config, run_files: RunFiles, work: Callable[[], o
         result = work()
     except RunInterrupted as interrupted:
         raise interrupted.during(name) from None
-    record = StageRecord(expected, True, earlier + time.perf_counter() - started, asdict(result),
+    record = StageRecord(expected, True, earlier + time.perf_counter() - started, _record(result),
                          earlier_seconds=earlier)
     write_marker(run_files, name, record)
     log.info("%s: finished in %.1f s", name, record.seconds)
@@ -219,19 +226,20 @@ def _run_stages(config: Config, last_stage: int, placement: finetune_stage.Proce
     stage1 = _staged("stage1", config, run_files, align, process_rank)
     embedder.load_state_dict(load_file(str(run_files.embedder)))
 
-    def gap_and_rank() -> GapResult:
+    def gap_and_rank() -> None:  # writes ranks.json, stage 2's one result file; the marker keeps none
         if not config.stage2.enabled:
-            return rank_stage.explicit_ranks(body, s3.targets, s3.rank, s3.rank_map, run_files, s3.block_ranks)
+            rank_stage.explicit_ranks(body, s3.targets, s3.rank, s3.rank_map, run_files, s3.block_ranks)
+            return
         measured_on = replace(task, train=Subset(task.train, target_split.gap.tolist()))
         inputs = rank_stage.GapInputs(body, embedder, measured_on, source_images[source_split.gap],
                                       source_labels[source_split.gap], s3.targets, s3.rank, config.seed,
                                       measure_seed=config.task.data_seed,
                                       calibrations=Path(config.data_root) / SPECTRAL_NULL_CACHE,
                                       block_ranks=s3.block_ranks)
-        return rank_stage.run(config.stage2, inputs, run_files)
+        rank_stage.run(config.stage2, inputs, run_files)
 
     stage2 = _staged("stage2", config, run_files, gap_and_rank, process_rank)
-    gaps = from_dict(GapResult, stage2.result, run_files.marker("stage2"))
+    gaps = read_ranks(run_files)
     if last_stage == 2:
         return RunResult(run_files.root, None, process_rank)
 
@@ -239,13 +247,11 @@ def _run_stages(config: Config, last_stage: int, placement: finetune_stage.Proce
         model = build_orca_model(body, task.in_channels, task.head, task.num_outputs, task.output_size,
                                  seed=config.seed)
         model.embedder.load_state_dict(embedder.state_dict())
-        # stage3.ibp_r_max null means stage2.r_max (only ibp-lora reads either)
-        refined_with = s3 if s3.ibp_r_max is not None else replace(s3, ibp_r_max=config.stage2.r_max)
-        return finetune_stage.run(refined_with, config.trainer, model, gaps.ranks, task, config.seed, run_files,
+        return finetune_stage.run(s3, config.trainer, model, gaps.ranks, task, config.seed, run_files,
                                   prior_masses=gaps.prior_masses, allocation=training_allocation(config, gaps))
 
     stage3 = _staged("stage3", config, run_files, refine, process_rank)
-    metrics = _metrics(config, task.baseline_error, stage1, stage2, stage3, run_files)
+    metrics = _metrics(config, task.baseline_error, stage1, stage2, gaps, stage3, run_files)
     if process_rank == 0:
         write_metrics(run_files, metrics)
     return RunResult(run_files.root, metrics, process_rank)
@@ -260,13 +266,14 @@ def training_allocation(config: Config, gaps: GapResult) -> AllocationRequest | 
     return AllocationRequest(gaps.allocation, budget, config.stage2.r_min, config.stage2.r_max)
 
 
-def _metrics(config: Config, baseline_error: float, stage1: StageRecord, stage2: StageRecord,
+def _metrics(config: Config, baseline_error: float, stage1: StageRecord, stage2: StageRecord, gaps: GapResult,
              stage3: StageRecord, run_files: RunFiles) -> RunMetrics:
-    alignment = from_dict(AlignResult, stage1.result, "stage1/stage.json")
-    gaps = from_dict(GapResult, stage2.result, "stage2/stage.json")
+    """metrics.json's record: stage 2's `gaps` as `ranks.json` holds them, stage 1 and 3's results from
+    their markers."""
+    alignment = from_dict(AlignResult, stage1.result, run_files.marker("stage1"))
     # a stage-3 allocation's ranks are the tested model's, in stage3/ranks.json
     ranks = read_training_ranks(run_files).ranks if gaps.allocation in TRAINING_ALLOCATIONS else gaps.ranks
-    refined = from_dict(FinetuneResult, stage3.result, "stage3/stage.json")
+    refined = from_dict(FinetuneResult, stage3.result, run_files.marker("stage3"))
     corrected = gaps.corrected_gaps
     return RunMetrics(
         task=config.task.name,

@@ -1,4 +1,5 @@
-"""What a config and the source body's shapes show before any training (DESIGN 3): the checks that
+"""What a config and the source body's shapes show before any training
+(README, "Interruptions and failures"): the checks that
 `check`, `run` and `sweep` share, so a rank no module can hold or a budget no allocation can meet
 fails in seconds, not after stage 1."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The run directory's contract (DESIGN 3): every path of a run directory, the one writer and the one
+"""The run directory's contract (README, "Run directory"): every path of a run directory, the one writer and the one
 reader of each file, and the typed records they hold. Stages, the pipeline, the experiments and the
 tests all go through this module, so a renamed file or column changes here and nowhere else.
 
@@ -8,9 +8,10 @@ tests all go through this module, so a renamed file or column changes here and n
       stage1/stage.json                marker: config hash, finished, seconds, result (AlignResult)
       stage1/embedder.safetensors      the aligned embedder
       stage1/alignment.csv             epoch, distance (epoch 0 = before training)
-      stage2/stage.json                marker, result (GapResult)
+      stage2/stage.json                marker only (result null: stage 2's result is ranks.json)
       stage2/gaps.csv                  GAP_COLUMNS: block, name, width, gap, floor, p_value, interval, corrected, rank
-      stage2/ranks.json                module -> rank, alpha0, budget, allocation (GapResult)
+      stage2/ranks.json                stage 2's result, the one file of its ranks: module -> rank, gaps, alpha0,
+                                       budget, allocation, prior masses (GapResult)
       stage3/stage.json                marker, result (FinetuneResult)
       stage3/ranks.json                a stage-3 allocation's ranks of the model tested (GapResult, no gaps; wins over stage 2's)
       stage3/checkpoints/              Lightning's best.ckpt and last.ckpt (trainable weights only)
@@ -31,9 +32,13 @@ import csv
 import io
 import json
 import logging
+import math
+from collections import defaultdict
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Optional, Sequence, TypeVar
+
+from omegaconf import OmegaConf
 
 from orca_lora.files import save_npz_atomic, write_text_atomic
 
@@ -79,7 +84,8 @@ class AlignResult:
 
 @dataclass
 class GapResult:
-    """Stage 2's result, also the content of `ranks.json`.
+    """Stage 2's result: the content of `ranks.json`, the one file that holds stage 2's ranks (its
+    `stage.json` is the marker alone).
 
     For a stage-3 allocation (choices.TRAINING_ALLOCATIONS: it needs the training model) stage 2 still
     measures the gaps, and `ranks` holds the uniform stage3.rank, `allocation` the stage-3 allocation's
@@ -325,6 +331,11 @@ def write_ranks(run: RunFiles, result: GapResult) -> None:
 
 
 def read_ranks(run: RunFiles) -> GapResult:
+    """Stage 2's ranks, the one reader of `ranks.json` (the pipeline hands them to stage 3 from here)."""
+    if not run.ranks.is_file():
+        raise FileNotFoundError(f"{run.ranks} not found; stage 2 writes it: finish the run (`orca-lora run` on its "
+                                "config), or, if its stage 2 finished without it, re-run stage 2 (delete the "
+                                "run's stage2/ folder and run the same command)")
     return from_dict(GapResult, _read_json(run.ranks), run.ranks)
 
 
@@ -390,3 +401,101 @@ def stage_results(run: RunFiles) -> dict[str, StageRecord]:
     """Every stage marker that exists, by stage name."""
     found = {name: read_marker(run, name) for name in STAGES}
     return {name: record for name, record in found.items() if record is not None}
+
+
+NOT_COMPARED = ("output.", "data_root")  # where a run's files live, not what it computed
+
+
+@dataclass(frozen=True)
+class FinishedRun:
+    """A finished run as the analyses read it: its files, metrics.json and its saved config.yaml."""
+    files: RunFiles
+    metrics: RunMetrics
+    config: dict[str, Any]  # config.yaml as plain dicts and lists
+    task: str  # task.name, plus the task.* settings that tell it apart from another task of that name
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The flattened config (`stage3.rank`: 8), without the keys that say where its files live."""
+        return {key: value for key, value in flatten(self.config).items() if not key.startswith(NOT_COMPARED)}
+
+
+def find_runs(paths: Sequence[str | Path]) -> list[Path]:
+    """Every finished run directory (one holding metrics.json) at or below the given paths."""
+    found = []
+    for path in map(Path, paths):
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path} is not a directory; give run or sweep directories")
+        found += [metrics.parent for metrics in sorted(path.rglob(METRICS_FILE))]
+    if not found:
+        raise FileNotFoundError(f"no finished run (metrics.json) under {', '.join(map(str, paths))}; "
+                                "run the sweep first (orca-lora sweep SWEEP.yaml)")
+    return found
+
+
+def diverged(metrics: RunMetrics) -> bool:
+    """Non-finite errors: written by versions that let a diverged run finish."""
+    return not (math.isfinite(metrics.test_error) and math.isfinite(metrics.best_val_error))
+
+
+def read_finished_runs(paths: Sequence[str | Path], method: str | None = None) -> list[FinishedRun]:
+    """Every finished run at or below `paths` (of stage-3 `method` only, when given), the one reader the
+    analyses share. Runs with non-finite errors are left out, each named in a warning; a run without
+    its config.yaml is an error."""
+    loaded, n_diverged = [], 0
+    for directory in find_runs(paths):
+        run = RunFiles(directory)
+        metrics = read_metrics(run)
+        if method is not None and metrics.method != method:
+            log.info("%s: method %s, not %s: left out", run.root, metrics.method, method)
+            continue
+        if not run.config.is_file():
+            raise FileNotFoundError(f"{run.config} is missing; every run directory keeps its resolved config")
+        if diverged(metrics):
+            log.warning("%s: test error %s, best validation error %s: the run diverged; left out (re-run it with "
+                        "a lower stage3.lr)", run.metrics, metrics.test_error, metrics.best_val_error)
+            n_diverged += 1
+            continue
+        loaded.append((run, metrics, _read_yaml(run.config)))
+    if not loaded:
+        kind, where = f"{method} run" if method else "run", ", ".join(map(str, paths))
+        found = f"every {kind} under {where} ({n_diverged}) diverged" if n_diverged else f"no {kind} under {where}"
+        raise ValueError(f"{found}; nothing to tabulate or analyse")
+    labels = task_labels([config["task"] for _, _, config in loaded])
+    return [FinishedRun(run, metrics, config, label) for (run, metrics, config), label in zip(loaded, labels)]
+
+
+def task_labels(tasks: Sequence[dict]) -> list[str]:
+    """Each task's name, plus `(key=value,...)` for the task.* settings in which tasks of that name differ."""
+    by_name: dict[str, list[dict]] = defaultdict(list)
+    for task in tasks:
+        by_name[task["name"]].append(task)
+    differing = {name: sorted(key for key in group[0] if len({json.dumps(t[key]) for t in group}) > 1)
+                 for name, group in by_name.items()}
+    return [task["name"] + ("(" + ",".join(f"{k}={task[k]}" for k in differing[task["name"]]) + ")"
+                            if differing[task["name"]] else "") for task in tasks]
+
+
+def flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; an empty mapping stays a value."""
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.load(path))
+
+
+def module_block(module: str, block_names: Sequence[str]) -> int | None:
+    """The index of the block (a gaps.csv name, e.g. `layers.1.blocks.0`) that holds `module` (e.g.
+    `body.layers.1.blocks.0.attn.qkv`): the block whose dotted name stands in the module's as whole
+    components. The one rule for it: ranks.json, metrics.json and gaps.csv name modules and blocks so."""
+    for index, name in enumerate(block_names):
+        if f".{name}." in f".{module}.":
+            return index
+    return None

@@ -1,8 +1,9 @@
 """Finished stage-1 and stage-2 directories kept by config hash, so that the points of a sweep that
 share them (same seed, task, source, stage 1 and, for stage 2, rank) copy one result instead of
-computing it again (DESIGN 8). A store entry is `<store>/<stage>/<hash>/`, the stage directory as
-the run that computed it left it, marker included; it is published by an atomic rename, so a reader
-never sees half of one, and two runs computing the same entry side by side keep the first."""
+computing it again (README, "Sweeps"). A store entry is `<store>/<stage>/<hash>/`, the stage directory as
+the run that computed it left it, marker included (and stage 2's result, its ranks.json); it is
+published by an atomic rename, so a reader never sees half of one, and two runs computing the same
+entry side by side keep the first."""
 from __future__ import annotations
 
 import logging

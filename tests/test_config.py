@@ -100,6 +100,17 @@ def test_run_directory_holds_resolved_config(tmp_path):
     assert load_config(directory / "config.yaml").stage3.rank == 2
 
 
+def test_ibp_r_max_null_is_stage2_r_max_in_the_loaded_and_saved_config():
+    ibp = ["stage3.method=ibp-lora", "stage2.allocation=flat", "stage2.r_max=12"]
+    resolved = load_config(None, ibp)
+    assert resolved.stage3.ibp_r_max == 12
+    assert yaml.safe_load(to_yaml(resolved))["stage3"]["ibp_r_max"] == 12
+    explicit = load_config(None, [*ibp, "stage3.ibp_r_max=12"])
+    assert section_hash(resolved, "stage3") == section_hash(explicit, "stage3")  # the same stage 3 runs
+    assert load_config(None, [*ibp, "stage3.ibp_r_max=5"]).stage3.ibp_r_max == 5
+    assert load_config(None).stage3.ibp_r_max is None, "other methods keep the null, and their stage-3 hash"
+
+
 def test_allocation_and_matched_budget_are_checked():
     assert load_config(None, ["stage2.allocation=uniform"]).stage2.allocation == "uniform"
     with pytest.raises(ConfigError, match=r"stage2.allocation.*gap-relative.*uniform"):

@@ -42,6 +42,12 @@ def test_pipeline_writes_a_complete_run_directory_and_skips_finished_stages(tiny
     assert metrics["test_error"] == result.metrics.test_error and np.isfinite(metrics["test_error"])
     run = RunFiles(directory)
     assert read_metrics(run) == result.metrics
+    # stage 2's ranks live in ranks.json alone, and stage 3 trained at them
+    assert json.loads(run.marker("stage2").read_text())["result"] is None
+    with safe_open(str(run.trainable), "pt") as saved:
+        trained = {key.removeprefix("model.").removesuffix(".lora_A"): saved.get_slice(key).get_shape()[0]
+                   for key in saved.keys() if key.endswith(".lora_A")}
+    assert trained == read_ranks(run).ranks == result.metrics.ranks
     errors = read_sample_errors(run)
     assert len(errors.test) == 32 and len(errors.val) == round(0.1 * 96)
     assert errors.test.mean() == pytest.approx(result.metrics.test_error, abs=1e-6)

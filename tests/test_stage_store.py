@@ -1,6 +1,7 @@
 import json
 
 from orca_lora import stage_store
+from orca_lora.run_files import GapResult, RunFiles, StageRecord, read_marker, read_ranks, write_marker, write_ranks
 
 
 def finished_stage(directory, digest="abc", payload="weights"):
@@ -35,3 +36,16 @@ def test_an_entry_without_its_marker_is_not_a_result(tmp_path):
     store = tmp_path / "store"
     (stage_store.entry(store, "stage1", "abc")).mkdir(parents=True)
     assert not stage_store.fetch(store, "stage1", "abc", tmp_path / "run" / "stage1")
+
+
+def test_a_fetched_stage_2_brings_its_ranks(tmp_path):
+    """Stage 2's result is its ranks.json (the marker holds none): a copy from the store carries it."""
+    computed = RunFiles(tmp_path / "first")
+    ranks = GapResult(["layers.0.blocks.0"], [0.2], {"body.layers.0.blocks.0.attn.qkv": 3}, 4.0, 192, None)
+    write_ranks(computed, ranks)
+    write_marker(computed, "stage2", StageRecord("abc", True, 1.0))
+    stage_store.publish(tmp_path / "store", "stage2", "abc", computed.stage("stage2"))
+    fetched = RunFiles(tmp_path / "second")
+    fetched.root.mkdir()
+    assert stage_store.fetch(tmp_path / "store", "stage2", "abc", fetched.stage("stage2"))
+    assert read_ranks(fetched) == ranks and read_marker(fetched, "stage2").result is None

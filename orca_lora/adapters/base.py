@@ -1,4 +1,5 @@
-"""What every adapter layer shares (DESIGN.md 7): a frozen `base_layer`, and an update dW that
+"""What every adapter layer shares (LoRA: Hu et al. 2021; README, "Stage 3: refine"):
+a frozen `base_layer`, and an update dW that
 merges into it and back.
 
     h = W0 x + b + dW x,    dW = s B A  (a rank-r product, possibly with a fixed or structured factor)

@@ -1,4 +1,4 @@
-"""Full fine-tuning, the `full` baseline every method is reported against (DESIGN.md 7): every
+"""Full fine-tuning, the `full` baseline every method is reported against (README, "Stage 3: refine"): every
 weight of the model trains, and `analyze` reads each Linear's change W_full - W0."""
 
 from collections.abc import Callable, Mapping

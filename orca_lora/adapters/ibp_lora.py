@@ -1,5 +1,5 @@
-"""IBP-LoRA: LoRA whose rank is inferred, per module, under an Indian buffet process prior (DESIGN.md 6,
-item 2); the `ibp-lora` method spec.
+"""IBP-LoRA: LoRA whose rank is inferred, per module, under an Indian buffet process prior (Griffiths &
+Ghahramani 2005/2011; README, "Stage 3: refine"); the `ibp-lora` method spec.
 
 Each adapted nn.Linear carries r_max rank-1 components, each behind a gate z_k in [0, 1]:
 
@@ -17,7 +17,7 @@ of v per step), the KL summed over modules.
 
 Defaults and rules (pinned here):
 - r_max per module = min(stage3.ibp_r_max, d_out, d_in); stage3.ibp_r_max None means stage2.r_max (64),
-  which the pipeline fills in. Stage 2's own rank for the module is not used: its mass alpha_i is.
+  which `load_config` fills in. Stage 2's own rank for the module is not used: its mass alpha_i is.
 - alpha_i: stage 2's `prior_masses`; with stage2.allocation flat every block gets stage2.alpha0 (None:
   stage3.rank), the hypothesis test's prior. A mass of 0 is allowed; the KL uses max(alpha_i, 1e-6).
 - temperature 2/3 (Maddison et al. 2017's suggestion for binary Concrete variables).
@@ -200,7 +200,7 @@ class IBPLoRA(LinearAdapterMethod):
         if prior_masses is None:
             raise ValueError(f"ibp-lora needs stage 2's prior masses (GapResult.prior_masses); use {_MASS_SOURCES}")
         if stage3.ibp_r_max is None:
-            raise ValueError("stage3.ibp_r_max is null: the pipeline sets it to stage2.r_max; give it when "
+            raise ValueError("stage3.ibp_r_max is null: load_config sets it to stage2.r_max; give it when "
                              "preparing a model by hand")
         matched = match_targets(model, stage3.targets)
         missing = sorted(set(matched) - set(prior_masses))

@@ -1,4 +1,4 @@
-"""Linear probing, the `linear` baseline (DESIGN.md 7): only the head trains, so the body's weights
+"""Linear probing, the `linear` baseline (README, "Stage 3: refine"): only the head trains, so the body's weights
 do not change and `analyze` has nothing to read."""
 
 from collections.abc import Mapping

@@ -1,6 +1,7 @@
 """LoRA (Hu et al. 2021) on a frozen nn.Linear, and the `lora` method spec.
 
-Convention (DESIGN.md 7): the wrapped layer's weight W0 (d_out x d_in) stays frozen and
+Convention (LoRA: Hu et al. 2021;
+README, "Stage 3: refine"): the wrapped layer's weight W0 (d_out x d_in) stays frozen and
 
     h = W0 x + b + s * B A x,    A (r x d_in) Kaiming-uniform (a = sqrt(5), as PEFT),
                                  B (d_out x r) zeros,  s = alpha / r  (rsLoRA: alpha / sqrt(r)),

@@ -1,4 +1,5 @@
-"""Stage-3 methods as specs (PEFT's `LoraVariant` idea, DESIGN.md 2): one object per method owns
+"""Stage-3 methods as specs (PEFT's `LoraVariant` idea;
+README, "Adding a method, task, allocation or distance"): one object per method owns
 what stage 3, saving and `analyze` need to know about it: how it goes into the model and what
 trains, its validation, its optimizer hooks, whether it exports to PEFT or merges, and its
 weight-change rule.

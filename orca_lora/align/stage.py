@@ -1,4 +1,5 @@
-"""Stage 1, align: train the target embedder f_t so its features match the source's (ORCA, DESIGN 5).
+"""Stage 1, align: train the target embedder f_t so its features match the source's
+(ORCA: Shen et al. 2023; README, "Stage 1: align").
 
 Source features are the pretrained body's own patch embedding of the source proxy images,
 mean-pooled over tokens, computed once. Target features are the embedder's, mean-pooled. The

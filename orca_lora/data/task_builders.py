@@ -1,4 +1,4 @@
-"""The generated target family (DESIGN 4): tasks whose modality gap to the procedural source differs.
+"""The generated target family (README, "Target tasks"): tasks whose modality gap to the procedural source differs.
 
 Every task here is generated offline, deterministic in `task.data_seed` (never the training
 `seed`), and cached at `<data_root>/<task>/<task>_<key>.npz`, the key hashing every setting that

@@ -1,4 +1,4 @@
-"""Stage 3, refine: put adapters on the frozen body and fine-tune with Lightning (DESIGN 7).
+"""Stage 3, refine: put adapters on the frozen body and fine-tune with Lightning (README, "Stage 3: refine").
 
 Model selection (best checkpoint, early stopping) uses the validation split carved from the
 training data; the test split is touched once, at the end, with the best checkpoint, once the

@@ -1,4 +1,4 @@
-"""The target embedder f_t (DESIGN 5): a patch embedding shaped like the body's own.
+"""The target embedder f_t (README, "Stage 1: align"): a patch embedding shaped like the body's own.
 
 ORCA (Shen et al. 2023) maps target inputs onto the source token grid with resize ->
 Conv2d(kernel = stride = patch) -> LayerNorm, so the frozen body sees tokens of the shape its

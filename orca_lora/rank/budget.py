@@ -1,4 +1,4 @@
-"""Ranks proportional to per-module scores under a parameter budget (DESIGN 8).
+"""Ranks proportional to per-module scores under a parameter budget (README, "Allocations against the field").
 
 The one budget unit every allocation meets: trainable adapter parameters sum_m r_m (d_out + d_in)
 (LoRA's A and B). Given a score s_m >= 0 per adapted module (a stable rank, a gradient importance,

@@ -1,4 +1,4 @@
-"""`orca-lora calibrate DIR...`: the rank law P(r | D) fitted on finished IBP-LoRA runs (DESIGN 6).
+"""`orca-lora calibrate DIR...`: the rank law P(r | D) fitted on finished IBP-LoRA runs (README, "P(r | D)").
 
 Reads each run's files only (config.yaml, stage2/gaps.csv, metrics.json). One observation per
 (task, block): the block's rank is the median (the lower one for an even count) of its modules'
@@ -15,13 +15,10 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Sequence
 
-from orca_lora.config_load import load_config
-from orca_lora.config import section_hash
-from orca_lora.studies.seed_table import find_runs
-from orca_lora.models.model import BODY_PREFIX
+from orca_lora.config import read_saved, section_hash
 from orca_lora.rank.law import RankObservation, fit_rank_law, floor_units
 from orca_lora.rank.law_file import LawFile, LawProvenance, write_law_file
-from orca_lora.run_files import RunFiles, read_gaps, read_metrics
+from orca_lora.run_files import RunFiles, find_runs, module_block, read_gaps, read_metrics
 
 LAW_FILE = "rank_law.json"
 
@@ -35,9 +32,10 @@ def block_observations(run: RunFiles, task: str) -> list[RankObservation]:
     rows = read_gaps(run)
     if not rows:
         raise ValueError(f"{run.gaps} is missing or empty: calibrate needs stage 2's gaps (stage2.enabled true)")
+    names = [row.name for row in rows]
     observations = []
-    for row in rows:
-        modules = [name for name in metrics.posterior_ranks if name.startswith(f"{BODY_PREFIX}{row.name}.")]
+    for index, row in enumerate(rows):
+        modules = [name for name in metrics.posterior_ranks if module_block(name, names) == index]
         if not modules:
             continue
         rank = statistics.median_low(metrics.posterior_ranks[name] for name in modules)
@@ -52,7 +50,7 @@ def calibrate(directories: Sequence[Path | str], output: Path | None = None) -> 
     runs = [RunFiles(path) for path in find_runs(directories)]
     provenance, per_task = None, defaultdict(list)
     for run in runs:
-        config = load_config(run.config)
+        config = read_saved(run.config)
         here = LawProvenance.of(config)
         if provenance is None:
             provenance = here

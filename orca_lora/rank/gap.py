@@ -1,4 +1,4 @@
-"""Per-block modality gap D_i of the frozen body, in units anchored to the source (DESIGN 6).
+"""Per-block modality gap D_i of the frozen body, in units anchored to the source (README, "The gap").
 
 Source tokens (held-out source proxy images through the body's own patch embedding) and target
 tokens (held-out target data through the trained embedder) go through the body once, with forward

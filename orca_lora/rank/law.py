@@ -1,4 +1,4 @@
-"""A fitted rank law P(r | D): r ~ Poisson(c x^beta), x the gap in units of its noise floor (DESIGN 6).
+"""A fitted rank law P(r | D): r ~ Poisson(c x^beta), x the gap in units of its noise floor (README, "P(r | D)").
 
 Observations are (task, block, x, r, cap): r a rank the data asked for (IBP-LoRA's posterior rank,
 its block's median over modules), cap the largest rank the run could report (its truncation r_max);

@@ -1,6 +1,7 @@
 """P(r | D_i): a LoRA rank per block from the modality gap, under the IBP row marginal.
 
-DESIGN.md section 6. Block i is an IBP customer with mass alpha_i = alpha_0 * g(D_i / D_ref),
+README, "P(r | D)".
+Block i is an IBP customer with mass alpha_i = alpha_0 * g(D_i / D_ref),
 g a link function and D_ref either the mean gap over the blocks (`gap-relative`: a within-task
 allocation, blind to the gap's overall scale) or an absolute reference, a constant or each block's
 noise floor (`gap`: ten times the gap gives more rank); `flat` gives every block alpha_0. In the IBP every customer's dish count is Poisson(alpha) (Griffiths & Ghahramani 2005),

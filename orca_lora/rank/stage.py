@@ -1,4 +1,4 @@
-"""Stage 2, gap and rank: D_i per block, then r_i from the registered stage2.allocation (DESIGN 6, 8;
+"""Stage 2, gap and rank: D_i per block, then r_i from the registered stage2.allocation (README, "Stage 2: gap and rank";
 `rank/allocations/`)."""
 from __future__ import annotations
 

@@ -8,8 +8,16 @@ import numpy as np
 from matplotlib.ticker import MaxNLocator
 from omegaconf import OmegaConf
 
-from orca_lora.reports.figures import save_figure, subplots
-from orca_lora.run_files import GapRow, RunFiles, read_alignment, read_gaps, read_metrics, read_training_log
+from orca_lora.reports.figures import integer_rank_axis, legend_below, save_figure, subplots
+from orca_lora.run_files import (
+    GapRow,
+    RunFiles,
+    module_block,
+    read_alignment,
+    read_gaps,
+    read_metrics,
+    read_training_log,
+)
 
 
 def plot_alignment(distance: str, curve: Sequence[float], stem: Path) -> list[Path]:
@@ -51,21 +59,22 @@ def plot_gaps_and_ranks(rows: Sequence[GapRow], stem: Path, distance: str = "mmd
     rank_axis = gap_axis.twinx()
     rank_axis.plot(blocks, [row.rank for row in rows], color="tab:red", marker="o", label="LoRA rank r_i")
     rank_axis.set_ylabel("LoRA rank r_i")
-    rank_axis.yaxis.set_major_locator(MaxNLocator(integer=True))
+    integer_rank_axis(rank_axis, [row.rank for row in rows])
     gap_axis.set_title("Stage 2: gap and rank per block")
-    handles = gap_axis.get_legend_handles_labels()[0] + rank_axis.get_legend_handles_labels()[0]
-    gap_axis.legend(handles, [h.get_label() for h in handles], loc="upper right", fontsize=7)
+    legend_below(gap_axis, rank_axis)
     return save_figure(figure, stem)
 
 
 def block_median_ranks(rows: Sequence[GapRow], ranks: dict[str, int]) -> list[float | None]:
     """Per block (as `rows`), the median rank (posterior or allocated) over the block's adapted modules;
-    None for a block with none. A module belongs to the block whose dotted name it contains (`.layers.0.blocks.1.`)."""
-    medians: list[float | None] = []
-    for row in rows:
-        block = [rank for module, rank in ranks.items() if f".{row.name}." in f".{module}."]
-        medians.append(float(np.median(block)) if block else None)
-    return medians
+    None for a block with none (`run_files.module_block` says which block holds a module)."""
+    names = [row.name for row in rows]
+    per_block: list[list[int]] = [[] for _ in rows]
+    for module, rank in ranks.items():
+        index = module_block(module, names)
+        if index is not None:
+            per_block[index].append(rank)
+    return [float(np.median(block)) if block else None for block in per_block]
 
 
 def plot_posterior_ranks(rows: Sequence[GapRow], posterior: dict[str, int], caps: dict[str, int],
@@ -86,11 +95,9 @@ def plot_posterior_ranks(rows: Sequence[GapRow], posterior: dict[str, int], caps
         if shown:
             rank_axis.plot(*zip(*shown), label=label, **style)
     rank_axis.set_ylabel("rank (components with q(z = 1) > 0.5)")
-    rank_axis.set_ylim(bottom=0)
-    rank_axis.yaxis.set_major_locator(MaxNLocator(integer=True))
+    integer_rank_axis(rank_axis, [*posterior.values(), *caps.values()])
     gap_axis.set_title("Stage 3 (ibp-lora): posterior rank and gap per block")
-    handles = gap_axis.get_legend_handles_labels()[0] + rank_axis.get_legend_handles_labels()[0]
-    gap_axis.legend(handles, [h.get_label() for h in handles], loc="upper right", fontsize=7)
+    legend_below(gap_axis, rank_axis)
     return save_figure(figure, stem)
 
 

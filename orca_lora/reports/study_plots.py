@@ -10,7 +10,7 @@ from typing import Sequence
 import numpy as np
 from matplotlib.ticker import FuncFormatter, NullLocator
 
-from orca_lora.reports.figures import color_cycle, rank_axis, save_figure, subplots
+from orca_lora.reports.figures import color_cycle, log2_rank_axis, save_figure, subplots
 from orca_lora.studies.block_evidence import BlockPoint, BlockTrend
 from orca_lora.studies.hypothesis import StudyResult
 from orca_lora.studies.method_shares import MethodShare
@@ -74,13 +74,6 @@ def _empty_panel(axis, message: str) -> None:
     axis.text(0.5, 0.5, message, ha="center", va="center", wrap=True, fontsize=8, transform=axis.transAxes)
 
 
-def _log2_y(axis) -> None:
-    """Log-2 y axis labelled 1, 2, 4, ... (as `plots._rank_axis` does for x)."""
-    axis.set_yscale("log", base=2)
-    axis.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
-    axis.yaxis.set_minor_locator(NullLocator())
-
-
 def _band(axis, ranks: list[int], means: list[float], ses: list[float], color: str, label: str) -> None:
     means_array, half = np.array(means), Z95 * np.nan_to_num(np.array(ses, float))
     axis.plot(ranks, means_array, marker="o", markersize=3, color=color, label=label)
@@ -101,7 +94,7 @@ def _rank_curve_panel(axis, result: StudyResult, task: str) -> None:
     if share is not None:
         axis.axhline(share.linear_error, color="gray", linestyle=":", label="linear (rank 0, head only), test")
         axis.axhline(share.full_error, color="gray", linestyle="-.", label="full fine-tuning, test")
-    rank_axis(axis)
+    log2_rank_axis(axis)
     axis.set_title(f"{task} (gap D {chosen.gap:.3g})" if chosen else task, fontsize=9)
     axis.set_xlabel("LoRA rank r (log2 scale)", fontsize=8)
     axis.set_ylabel("error (task metric)", fontsize=8)
@@ -175,7 +168,7 @@ def _law_panel(axis, result: StudyResult, colors: dict[str, str]) -> None:
     else:
         axis.set_title(f"r* against gap: no fit ({result.n_tasks} task(s); the fit needs 3)", fontsize=9)
     axis.set_xscale("log")
-    _log2_y(axis)
+    log2_rank_axis(axis, "y")
     axis.set_xlabel("gap D (mean floor-corrected MMD^2 over blocks, log scale)")
     axis.set_ylabel("r* on validation (log2; bars: censoring interval)")
 

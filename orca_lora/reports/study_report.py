@@ -10,10 +10,10 @@ from typing import Iterable, Optional, Sequence
 from orca_lora.files import write_text_atomic
 from orca_lora.reports.study_plots import log2_intervals, method_label, plot_study, task_order
 from orca_lora.studies.block_evidence import BlockTrend
-from orca_lora.studies.hypothesis import StudyResult
+from orca_lora.studies.hypothesis import StudyResult, flat_tasks
+from orca_lora.studies.plan import TRAINING_RATIO, training_met
 
 PLAN = "configs/study_gap.md"
-TRAINING_RATIO = 1.15  # the plan: 6 epochs within 15% of 30 epochs' test error
 PRIMARY_SWEEP = ("the primary sweep of `configs/study_gap.yaml` (uniform LoRA at ranks 1, 2, 4, 8, 16, 32, "
                  "seeds 0, 1, 2, on every task)")
 
@@ -221,7 +221,7 @@ def _training_section(result: StudyResult) -> list[str]:
                         "(darcy, r = 8, 30 epochs, seed 0)."]
     rows = [[c.task, str(c.rank), ", ".join(map(str, c.seeds)), f"{c.study_epochs} / {c.long_epochs}",
              f"{_number(c.study_val)} / {_number(c.long_val)}", f"{_number(c.study_test)} / {_number(c.long_test)}",
-             _fixed(c.ratio, 3), "met" if c.ratio <= TRAINING_RATIO else "not met"] for c in result.training]
+             _fixed(c.ratio, 3), "met" if training_met(c.ratio) else "not met"] for c in result.training]
     header = ["task", "rank", "seeds", "epochs (study / long)", "validation (study / long)", "test (study / long)",
               "test ratio", f"ratio <= {TRAINING_RATIO}"]
     return lines + _table(header, rows)
@@ -243,10 +243,9 @@ def _limits_section(result: StudyResult) -> list[str]:
              f"- Seeds per (task, rank): {seed_text}.",
              f"- Validation samples per task: {result.validation_samples or 'none read'}."]
     if result.fit is not None:
-        flat = [task.task for task in result.fit.tasks if task.rank_benefit_interval[0] <= 0
-                <= task.rank_benefit_interval[1]]
-        lines.append(f"- Tasks whose G interval includes 0 (r* there reads noise, not need): {', '.join(flat)}."
-                     if flat else "- Every task's G interval excludes 0.")
+        flat = flat_tasks(result.fit)
+        lines.append(f"- Tasks whose rank benefit G is not above 0 on validation (r* there reads noise, not need): "
+                     f"{', '.join(flat)}." if flat else "- Every task's G interval lies above 0.")
     censored = [task for task, (low, high) in log2_intervals(result).items() if math.isinf(low) or math.isinf(high)]
     if censored:
         lines.append(f"- r* at an end of the grid (censored): {', '.join(censored)}.")

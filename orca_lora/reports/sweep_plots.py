@@ -9,9 +9,9 @@ import numpy as np
 from matplotlib.ticker import MaxNLocator
 
 from orca_lora.choices import GAP_AWARE_ALLOCATIONS
-from orca_lora.reports.figures import color_cycle, rank_axis, save_figure, subplots
+from orca_lora.reports.figures import color_cycle, integer_rank_axis, log2_rank_axis, save_figure, subplots
 from orca_lora.run_files import RunFiles, read_alignment, read_csv
-from orca_lora.studies.seed_table import RunRecord, find_runs, read_runs, summarize
+from orca_lora.studies.seed_table import RunRecord, read_runs, summarize
 
 SEED_TABLES = Path(__file__).with_name("seed_tables.csv")  # copy of the seeds' published sweep tables
 
@@ -33,7 +33,7 @@ def _published_panel(axis, rows: list[dict[str, str]]) -> None:
                          label=f"{label}, all {row['trainable_params_M']}M params")
     for label, points in curves.items():
         axis.plot(*zip(*sorted(points)), marker="o", label=label)
-    rank_axis(axis)
+    log2_rank_axis(axis)
     axis.set_xlabel("LoRA rank r (log scale)")
     axis.set_ylabel("prediction error (relative L2)")
     axis.set_title(f"published: {rows[0]['task']}, {rows[0]['source']} Swin-base")
@@ -61,7 +61,7 @@ def plot_error_vs_rank(records: Sequence[RunRecord], stem: Path, reference: Path
                           linestyle="-" if allocation == "uniform" else "none", capsize=3, label=label)
         # the trivial predictor's error is named, not drawn: a line far above would flatten the curves
         baseline = next(record.baseline_error for record in records if record.task == task)
-        rank_axis(ours)
+        log2_rank_axis(ours)
         ours.set_xlabel("LoRA rank r (log scale; gap-aware: the uniform rank matched)")
         ours.set_ylabel("test error (task metric)")
         ours.set_title(f"this sweep: {task} (trivial predictor: {baseline:.3g})")
@@ -96,7 +96,7 @@ def plot_gaps_by_block(records: Sequence[RunRecord], stem: Path) -> list[Path]:
     rank_axis.set_xlabel("Swin block (forward order)")
     rank_axis.set_ylabel("LoRA rank r_i")
     rank_axis.set_title("gap-aware ranks per block")
-    rank_axis.yaxis.set_major_locator(MaxNLocator(integer=True))
+    integer_rank_axis(rank_axis, [rank for record in records if record.block_ranks for rank in record.block_ranks])
     for axis in (gap_axis, rank_axis):
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         if axis.get_legend_handles_labels()[0]:
@@ -128,7 +128,7 @@ def plot_alignment_curves(records: Sequence[RunRecord], stem: Path) -> list[Path
 def plot_sweep(directory: Path) -> list[Path]:
     """The sweep figures under `directory/plots/`, from the finished runs below `directory` (a study's
     r* against the gap is drawn by `orca-lora report`, which chooses r* on validation)."""
-    records = read_runs(find_runs([directory]))
+    records = read_runs([directory])
     out = directory / "plots"
     written = plot_error_vs_rank(records, out / "error_vs_rank")
     written += plot_gaps_by_block(records, out / "gaps_by_block")

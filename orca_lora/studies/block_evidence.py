@@ -1,4 +1,4 @@
-"""Per-block evidence on rank against the block's gap D_i (DESIGN 8; plan: configs/study_gap.md):
+"""Per-block evidence on rank against the block's gap D_i (README, "The rank-vs-gap study"; plan: configs/study_gap.md):
 
 - IBP-LoRA posterior ranks (flat prior) per block: log2(1 + rank) on log2 D_i with a random intercept
   per task (a linear mixed model, statsmodels MixedLM; Laird & Ware 1982);
@@ -18,7 +18,9 @@ from typing import Optional, Sequence
 import numpy as np
 from scipy import stats
 
-from orca_lora.studies.study_runs import block_mean_posterior_ranks, module_block, Regime, select, StudyRun
+from orca_lora.run_files import RunFiles
+from orca_lora.studies.stats.bootstrap import seed_standard_error
+from orca_lora.studies.study_runs import Regime, StudyRun, block_index, block_mean_posterior_ranks, select
 
 
 @dataclass
@@ -44,10 +46,9 @@ class BlockTrend:
 
 def _points(task: str, names: Sequence[str], gaps: np.ndarray, values: np.ndarray) -> list[BlockPoint]:
     """gaps, values: (seeds, blocks)."""
-    n = values.shape[0]
-    se = values.std(axis=0, ddof=1) / math.sqrt(n) if n > 1 else np.full(values.shape[1], math.nan)
+    se = seed_standard_error(values, axis=0)
     return [BlockPoint(task, block, names[block], float(gaps[:, block].mean()), float(values[:, block].mean()),
-                       float(se[block]), n) for block in range(values.shape[1])]
+                       float(se[block]), values.shape[0]) for block in range(values.shape[1])]
 
 
 def posterior_points(runs: Sequence[StudyRun], regime: Regime) -> list[BlockPoint]:
@@ -99,16 +100,15 @@ def one_block_points(runs: Sequence[StudyRun], regime: Regime) -> list[BlockPoin
                 names[block] = run.block_names[block]
         for block in sorted(by_block):
             values = np.array(by_block[block])
-            n = values.size
             points.append(BlockPoint(task, block, names[block], float(np.mean(gaps[block])), float(values.mean()),
-                                     float(values.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan, n))
+                                     float(seed_standard_error(values)), values.size))
     return points
 
 
 def energy_points(runs: Sequence[StudyRun], regime: Regime, energy_fraction: float = 0.9) -> list[BlockPoint]:
     """Per task and block, the mean energy rank of the `full` runs' weight changes (orca-lora analyze's
     rank_diagnostic) over the block's modules, then over seeds."""
-    from orca_lora.config_load import load_config
+    from orca_lora.config import read_saved
     from orca_lora.weights.analysis import FrozenWeights, read_run
     from orca_lora.weights.subspace import rank_diagnostic
 
@@ -119,11 +119,11 @@ def energy_points(runs: Sequence[StudyRun], regime: Regime, energy_fraction: flo
             continue
         values = []
         for run in chosen:
-            weights = read_run(run.directory, run.directory.name, load_config(run.directory / "config.yaml"), frozen)
+            weights = read_run(run.directory, run.directory.name, read_saved(RunFiles(run.directory).config), frozen)
             per_block: dict[int, list[int]] = defaultdict(list)
             for module, change in weights.changes.items():
                 rank = rank_diagnostic(change, 1, energy_fraction).energy_rank
-                per_block[module_block(module, run.block_names)].append(rank)
+                per_block[block_index(module, run.block_names)].append(rank)
             values.append([np.mean(per_block[block]) for block in range(len(run.block_names))])
         points += _points(task, chosen[0].block_names, np.stack([run.block_gaps for run in chosen]),
                           np.array(values, float))

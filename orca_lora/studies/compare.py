@@ -1,4 +1,5 @@
-"""Allocations at equal parameter budgets (DESIGN 8), from saved run files only (through run_files.py).
+"""Allocations at equal parameter budgets
+(README, "Allocations against the field"), from saved run files only (through run_files.py).
 
 Runs are grouped by task, budget and allocation (`stage2.allocation` of the saved config). The budget
 is the one the config asked for, not the parameter count a run reached: `stage3.rank` r for uniform
@@ -14,8 +15,6 @@ comparison of the table, and the spread of seed-paired differences.
 """
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import math
 from collections import defaultdict
@@ -24,12 +23,9 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
-from omegaconf import OmegaConf
 
+from orca_lora.run_files import RunFiles, read_effective_ranks, read_finished_runs, read_sample_errors
 from orca_lora.studies.stats.paired import holm, mean_and_se, paired_sample_test, seed_paired_difference
-from orca_lora.studies.seed_table import diverged, find_runs, task_labels
-from orca_lora.files import write_text_atomic
-from orca_lora.run_files import RunFiles, read_effective_ranks, read_metrics, read_sample_errors
 
 log = logging.getLogger("orca_lora")
 
@@ -37,13 +33,6 @@ REFERENCE = "uniform"
 # may differ inside a (task, budget, allocation) group: the seed, the lr, and a run another point of the
 # same seed wrote (ibp-posterior's posterior run is the ibp-lora run of its own seed)
 SWEPT = ("seed", "stage3.lr", "stage2.posterior_run")
-NOT_COMPARED = ("output.", "data_root")  # where a run's files live, not what it computed
-# what a reader of the table must know about an allocation besides its ranks
-ALLOCATION_NOTES = {
-    "eva": "EVA's ranks and its initialisation (lora_A from EVA's components, B = 0), not its ranks alone.",
-    "adalora": "masks, not resizes: it trained the parameters in parentheses (init_r) and is tested at its "
-               "final ranks, whose cost (adapter params) follows PEFT's budget of rank-1 triplets, not ours.",
-}
 ALLOCATION_OPTIONS = "stage2."  # the allocation and its own options: differ between allocations of a table
 
 
@@ -112,16 +101,6 @@ class CompareResult:
     selections: list[Selection] = field(default_factory=list)
 
 
-def flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in mapping.items():
-        if isinstance(value, dict) and value:
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def run_budget(config: dict[str, Any], path: Path) -> Budget:
     stage2, stage3 = config["stage2"], config["stage3"]
     if stage2["allocation"] == REFERENCE or stage2["match_uniform_budget"]:
@@ -136,31 +115,14 @@ def read_compare_runs(directories: Sequence[Path], method: str = "lora") -> list
     """Every finished run of stage-3 `method` under `directories`, diverged ones left out. Runs of other
     methods (the ibp-lora runs an ibp-posterior allocation reads, full / linear baselines) are skipped:
     allocations are compared on one method."""
-    loaded = []
-    for directory in find_runs(directories):
-        run = RunFiles(directory)
-        metrics = read_metrics(run)
-        if metrics.method != method:
-            log.info("%s: method %s, not %s: not compared", run.root, metrics.method, method)
-            continue
-        if diverged(metrics):
-            log.warning("%s: diverged (test error %s); left out of the comparison", run.root, metrics.test_error)
-            continue
-        if not run.config.is_file():
-            raise FileNotFoundError(f"{run.config} is missing; every run directory keeps its resolved config")
-        loaded.append((run, metrics, OmegaConf.to_container(OmegaConf.load(run.config))))
-    if not loaded:
-        raise ValueError(f"no finished {method} run to compare under {', '.join(map(str, directories))}")
-    labels = task_labels([config["task"] for _, _, config in loaded])
     runs = []
-    for (run, metrics, config), task in zip(loaded, labels):
-        flat = flatten(config)
-        settings = {key: value for key, value in flat.items()
-                    if key not in SWEPT and not key.startswith(NOT_COMPARED)}
+    for run in read_finished_runs(directories, method):
+        config, metrics = run.config, run.metrics
+        settings = {key: value for key, value in run.settings.items() if key not in SWEPT}
         runs.append(CompareRun(
-            run.root, task, run_budget(config, run.config), config["stage2"]["allocation"],
+            run.files.root, run.task, run_budget(config, run.files.config), config["stage2"]["allocation"],
             float(config["stage3"]["lr"]), int(config["seed"]), float(metrics.best_val_error),
-            float(metrics.test_error), read_effective_ranks(run).trainable_params, int(metrics.trainable_params),
+            float(metrics.test_error), read_effective_ranks(run.files).trainable_params, int(metrics.trainable_params),
             metrics.trained_params, settings))
     return runs
 
@@ -275,62 +237,3 @@ def compare_runs(runs: Sequence[CompareRun], paired_test: str = "t") -> CompareR
 
 def compare_directory(directory: Path, paired_test: str = "t", method: str = "lora") -> CompareResult:
     return compare_runs(read_compare_runs([directory], method), paired_test)
-
-
-CSV_COLUMNS = ("task", "budget", "allocation", "lr", "n_seeds", "val_error_mean", "test_error_mean", "test_error_se",
-               "adapter_params", "trainable_params", "trained_params", "n_test", "difference_vs_uniform",
-               "p_value", "p_holm", "seed_difference", "seed_difference_se")
-
-
-def _cell(value: Any, digits: int = 6) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return ""
-    return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
-
-
-def compare_csv(result: CompareResult) -> str:
-    stream = io.StringIO()
-    writer = csv.writer(stream, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
-    for row in result.rows:
-        writer.writerow([_cell(getattr(row, name)) for name in (
-            "task", "budget", "allocation", "lr", "n_seeds", "val_error", "test_error", "test_se", "adapter_params",
-            "trainable_params", "trained_params", "n_test", "difference", "p_value", "p_holm", "seed_difference",
-            "seed_difference_se")])
-    return stream.getvalue()
-
-
-def _plus_minus(mean: Optional[float], se: Optional[float], signed: bool = False) -> str:
-    if mean is None:
-        return ""
-    text = f"{mean:+.4f}" if signed else f"{mean:.4f}"
-    return text if se is None or math.isnan(se) else f"{text} ± {se:.4f}"
-
-
-def compare_markdown(result: CompareResult) -> str:
-    lines = ["| task | budget | allocation | lr (val) | seeds | val error | test error ± SE | Δ vs uniform "
-             f"(test samples) | p ({result.paired_test}) | p Holm | Δ over seeds ± SE | adapter params | "
-             "trainable (trained) params |",
-             "| --- | --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | --- | ---: | ---: |"]
-    for row in result.rows:
-        params = f"{row.trainable_params:,}" + ("" if row.trained_params in (None, row.trainable_params)
-                                                 else f" ({row.trained_params:,})")
-        lines.append(f"| {row.task} | {row.budget} | {row.allocation} | {row.lr:g} | {row.n_seeds} | "
-                     f"{row.val_error:.4f} | {_plus_minus(row.test_error, row.test_se)} | "
-                     f"{_plus_minus(row.difference, None, signed=True)} | {_cell(row.p_value, 3)} | "
-                     f"{_cell(row.p_holm, 3)} | {_plus_minus(row.seed_difference, row.seed_difference_se, True)} | "
-                     f"{row.adapter_params:,} | {params} |")
-    notes = ("Learning rates chosen on the mean validation error over seeds; test errors only reported. Δ < 0: "
-             f"lower test error than uniform at its own chosen lr. p: two-sided paired {result.paired_test} test over "
-             "test samples (errors averaged over seeds), Holm-adjusted over the table's comparisons.")
-    shown = {row.allocation for row in result.rows}
-    notes += "".join(f" {name}: {note}" for name, note in ALLOCATION_NOTES.items() if name in shown)
-    return "\n".join(lines) + "\n\n" + notes + "\n"
-
-
-def write_compare(result: CompareResult, directory: Path) -> list[Path]:
-    """`compare.csv` and `compare.md` in `directory`."""
-    written = [directory / "compare.csv", directory / "compare.md"]
-    write_text_atomic(written[0], compare_csv(result))
-    write_text_atomic(written[1], compare_markdown(result))
-    return written

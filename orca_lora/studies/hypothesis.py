@@ -1,7 +1,7 @@
 """The hypothesis "the LoRA rank needed grows with the modality gap", tested from a study's saved runs
-as `configs/study_gap.md` fixes it (DESIGN 8).
+as `configs/study_gap.md` fixes it (README, "The rank-vs-gap study").
 
-Selection is on validation errors only: r* per task comes from the validation curves (`rank_law`),
+Selection is on validation errors only: r* per task comes from the validation curves (`rank_threshold`),
 and the test split is read for the reported numbers (the curves' test errors, the test error at the
 validation-chosen r*, the methods' shares of the linear -> full gap). Beside the primary fit: the
 per-block evidence (`block_evidence`), the rank benefit with the embedder frozen and trained, the
@@ -18,17 +18,29 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from orca_lora.studies import block_evidence as blocks
-from orca_lora.studies.method_shares import (method_shares, MethodShare, rank_benefits, RankBenefit,
-                                             training_checks, TrainingCheck)
-from orca_lora.studies.stats.bootstrap import seed_se
-from orca_lora.studies.power import PowerResult, simulate_power
-from orca_lora.studies.rank_threshold import fit_rank_law, RankLawFit, smallest_sufficient_rank, TaskCurve
-from orca_lora.studies.study_runs import (primary_regime, rank_curves, rank_sweep, Regime,
-                                          seeds_at_every_rank, stacked_test_errors, StudyRun)
 from orca_lora.files import write_text_atomic
-
-GAIN_FRACTION = 0.1  # the plan's tolerance: within 10% of the attainable gain above the best
+from orca_lora.studies import block_evidence as blocks
+from orca_lora.studies.method_shares import (
+    MethodShare,
+    RankBenefit,
+    TrainingCheck,
+    method_shares,
+    rank_benefits,
+    training_checks,
+)
+from orca_lora.studies.plan import GAIN_FRACTION, rank_benefit_shown, training_met
+from orca_lora.studies.power import PowerResult, simulate_power
+from orca_lora.studies.rank_threshold import RankLawFit, TaskCurve, fit_threshold_law, smallest_sufficient_rank
+from orca_lora.studies.stats.bootstrap import seed_se, seed_standard_error
+from orca_lora.studies.study_runs import (
+    Regime,
+    StudyRun,
+    primary_regime,
+    rank_curves,
+    rank_sweep,
+    seeds_at_every_rank,
+    stacked_test_errors,
+)
 
 
 @dataclass
@@ -101,8 +113,7 @@ def rank_rows(runs: Sequence[StudyRun], curves: Sequence[TaskCurve], regime: Reg
             per_seed_val = curve.errors[:, index].mean(axis=1)
             tests = stacked_test_errors(chosen)
             rows.append(RankRow(curve.task, int(rank), len(per_seed_val), float(per_seed_val.mean()),
-                                float(per_seed_val.std(ddof=1) / math.sqrt(per_seed_val.size))
-                                if per_seed_val.size > 1 else math.nan, float(tests.mean()), seed_se(tests)))
+                                float(seed_standard_error(per_seed_val)), float(tests.mean()), seed_se(tests)))
     return rows
 
 
@@ -165,7 +176,7 @@ def evaluate_study(runs: Sequence[StudyRun], n_resamples: int = 999, seed: int =
     swept = rank_curves(runs, regime)
     curves = [curve for curve in swept if curve.gap > 0]
     rows = rank_rows(runs, curves, regime)
-    fit = fit_rank_law(curves, GAIN_FRACTION, n_resamples, seed) if len(curves) >= 3 else None
+    fit = fit_threshold_law(curves, GAIN_FRACTION, n_resamples, seed) if len(curves) >= 3 else None
     noise = noise_estimates(curves)
     result = StudyResult(str(regime), len(runs), len(curves), GAIN_FRACTION, fit, rows, chosen_ranks(curves, rows),
                          noise, measured_power(curves, noise, power_studies, seed) if power_studies else [])
@@ -223,6 +234,11 @@ def _fit_sentence(fit: RankLawFit, n_tasks: int) -> str:
             f"gap predicts log2 r* to within {fit.loto_error_gap:.2f} against {fit.loto_error_no_gap:.2f} without it.")
 
 
+def flat_tasks(fit: RankLawFit) -> list[str]:
+    """The tasks whose rank benefit G is not shown above 0 (the plan's rule, `plan.rank_benefit_shown`)."""
+    return [task.task for task in fit.tasks if not rank_benefit_shown(task.rank_benefit_interval)]
+
+
 def verdict(result: StudyResult) -> str:
     """The verdict sentence, computed from the statistics, with what limits it."""
     if result.fit is None:
@@ -235,11 +251,11 @@ def verdict(result: StudyResult) -> str:
         sentences.append(f"At the noise this study measured, the design declares growth in "
                          f"{at_one.declared_growth:.0%} of simulated studies with a proportional law and in "
                          f"{at_zero.declared_growth:.0%} with none (interval coverage {at_one.coverage:.0%}).")
-    flat = [task.task for task in result.fit.tasks if task.rank_benefit_interval[0] <= 0]
+    flat = flat_tasks(result.fit)
     if flat:
         sentences.append(f"On {len(flat)} of {result.n_tasks} tasks the rank benefit G is not above 0 on validation "
                          f"({', '.join(flat)}): there, r* reads noise, not need.")
-    slow = [check for check in result.training if check.ratio > 1.15]
+    slow = [check for check in result.training if not training_met(check.ratio)]
     if slow:
         sentences.append("The minimum of training is not met ("
                          + ", ".join(f"{c.task} r={c.rank}: {c.study_epochs} epochs {c.study_test:.4f} against "

@@ -1,4 +1,4 @@
-"""Test-split summaries of a study beside full fine-tuning (DESIGN 8; plan: configs/study_gap.md):
+"""Test-split summaries of a study beside full fine-tuning (README, "The rank-vs-gap study"; plan: configs/study_gap.md):
 each method's share of the `linear` -> `full` gap, the rank benefit in each embedder regime, and the
 minimum-of-training check. Test errors are only reported here; nothing is chosen on them.
 
@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from orca_lora.studies.stats.bootstrap import bootstrap_interval, seed_se
-from orca_lora.studies.study_runs import Regime, select, stacked_test_errors, StudyRun
+from orca_lora.studies.study_runs import Regime, StudyRun, select, stacked_test_errors
 
 
 @dataclass
@@ -60,7 +60,7 @@ class TrainingCheck:
 
     @property
     def ratio(self) -> float:
-        """The study's test error over the long run's: the plan asks for <= 1.15."""
+        """The study's test error over the long run's (the plan's check: `plan.training_met`)."""
         return self.study_test / self.long_test if self.long_test > 0 else math.inf
 
 

@@ -1,4 +1,4 @@
-"""Power and coverage of the rank-law analysis (`rank_law`) by simulating studies with a planted law.
+"""Power and coverage of the rank-law analysis (`rank_threshold`) by simulating studies with a planted law.
 
 A synthetic task t has a gap D_t and a true continuous threshold rank rho_t = c D_t^beta, c chosen per
 beta so that the geometric mean of the rho_t is 2^center_log2_rank (default 2^2.5 ~ 5.7, the middle
@@ -27,9 +27,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from orca_lora.studies.rank_threshold import VERDICTS, TaskCurve, bootstrap_draws, declares_growth, verdict_label
+from orca_lora.studies.stats.bootstrap import percentile_interval
 from orca_lora.studies.stats.censored_regression import fit_censored_line
-from orca_lora.studies.rank_threshold import (VERDICTS, bootstrap_draws, declares_growth, observed_intervals,
-                                              percentile_interval, TaskCurve, verdict_label)
 
 RANKS = (1, 2, 4, 8, 16, 32)
 
@@ -87,7 +87,7 @@ def synthetic_curves(beta: float, rng: np.random.Generator, gaps: np.ndarray | N
 
 def simulate_power(beta: float, n_studies: int = 100, seed: int = 0, n_resamples: int = 199,
                    level: float = 0.95, gain_fraction: float = 0.1, **design) -> PowerResult:
-    """Simulate n_studies studies with the planted beta, analyse each as `fit_rank_law` does (its
+    """Simulate n_studies studies with the planted beta, analyse each as `fit_threshold_law` does (its
     two-stage percentile bootstrap of beta, n_resamples replicates) and report the interval's coverage
     of beta, the verdict rates and the median interval width. `design` goes to `synthetic_curves`
     (gaps, ranks, e_inf, gain, seed_sd, sample_sd, n_samples, n_seeds, center_log2_rank).

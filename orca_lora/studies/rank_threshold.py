@@ -24,6 +24,12 @@ from typing import Sequence
 import numpy as np
 from scipy import stats
 
+from orca_lora.studies.stats.bootstrap import (
+    percentile_interval,
+    resampled_means,
+    resampling_counts,
+    seed_standard_error,
+)
 from orca_lora.studies.stats.censored_regression import CensoredLine, fit_censored_line, fit_censored_mean
 
 EQUIVALENCE = 0.5  # |beta| below which r* is declared not to follow the gap ("flat")
@@ -171,21 +177,6 @@ def check_curves(curves: Sequence[TaskCurve]) -> None:
                          "with other gaps")
 
 
-def resampled_mean_errors(errors: np.ndarray, n_draws: int, rng: np.random.Generator) -> np.ndarray:
-    """e*(r) for n_draws within-task bootstrap draws, (n_draws, R): seeds resampled with replacement,
-    and one draw of sample indices applied to every seed and rank (the pairing kept)."""
-    n_seeds, _, n_samples = errors.shape
-    seed_draw = rng.integers(0, n_seeds, (n_draws, n_seeds))
-    sample_draw = rng.integers(0, n_samples, (n_draws, n_samples))
-    offsets = np.arange(n_draws)[:, None]
-    seed_counts = np.bincount((seed_draw + offsets * n_seeds).ravel(),
-                              minlength=n_draws * n_seeds).reshape(n_draws, n_seeds)
-    sample_counts = np.bincount((sample_draw + offsets * n_samples).ravel(),
-                                minlength=n_draws * n_samples).reshape(n_draws, n_samples)
-    per_seed = np.einsum("srn,bn->bsr", errors, sample_counts)
-    return np.einsum("bs,bsr->br", seed_counts, per_seed) / (n_seeds * n_samples)
-
-
 def draw_tasks(gaps: np.ndarray, n_resamples: int, rng: np.random.Generator) -> np.ndarray:
     """(n_resamples, T) task indices drawn with replacement; a replicate with fewer than 3 distinct
     gaps is redrawn (its line would not be identified)."""
@@ -221,16 +212,13 @@ def bootstrap_draws(curves: Sequence[TaskCurve], n_resamples: int, rng: np.rando
     r_star, benefit = np.empty(task_index.shape, int), np.empty(task_index.shape)
     for t, curve in enumerate(curves):
         slots = task_index == t
-        means = resampled_mean_errors(np.asarray(curve.errors, float), int(slots.sum()), rng)
+        errors = np.asarray(curve.errors, float)
+        counts = resampling_counts(errors.shape[0], errors.shape[2], int(slots.sum()), rng)
+        means = resampled_means(errors, counts)
         index = threshold_index(means, gain_fraction)
         low[slots], high[slots] = index_interval(curve.ranks, index)
         r_star[slots], benefit[slots] = np.asarray(curve.ranks)[index], benefit_from_means(means)
     return BootstrapDraws(np.log2(gaps)[task_index], low, high, task_index, r_star, benefit)
-
-
-def percentile_interval(values: np.ndarray, level: float = 0.95, axis: int = -1) -> np.ndarray:
-    """The percentile interval (Efron & Tibshirani 1993, sec. 13.3): the (1 -+ level) / 2 quantiles."""
-    return np.quantile(values, [(1 - level) / 2, (1 + level) / 2], axis=axis)
 
 
 def bootstrap_p_value(replicates: np.ndarray, null: float) -> float:
@@ -284,9 +272,7 @@ def _task_summary(curve: TaskCurve, gain_fraction: float, draws: BootstrapDraws,
                   level: float) -> TaskRank:
     ranks, errors = _check_curve(curve.ranks, curve.errors)
     means = errors.mean(axis=(0, 2))
-    n_seeds = errors.shape[0]
-    seed_se = (errors.mean(axis=2).std(axis=0, ddof=1) / np.sqrt(n_seeds) if n_seeds > 1
-               else np.full(len(ranks), np.nan))
+    seed_se = seed_standard_error(errors.mean(axis=2), axis=0)
     slots = draws.task_index == t
     r_boot, g_boot = draws.r_star[slots], draws.rank_benefit[slots]
     if r_boot.size == 0:  # never drawn (possible only with very few replicates)
@@ -306,7 +292,7 @@ def observed_intervals(curves: Sequence[TaskCurve], gain_fraction: float):
     return x, bounds[:, 0], bounds[:, 1]
 
 
-def fit_rank_law(curves: Sequence[TaskCurve], gain_fraction: float = 0.1, n_resamples: int = 999,
+def fit_threshold_law(curves: Sequence[TaskCurve], gain_fraction: float = 0.1, n_resamples: int = 999,
                  seed: int = 0, level: float = 0.95) -> RankLawFit:
     """Fit log2 r* = a + beta log2 D + N(0, sigma^2) to the tasks' censored r*, with beta's two-stage
     percentile bootstrap interval and p-values (beta = 0, beta = 1), the verdict, Spearman's rho with

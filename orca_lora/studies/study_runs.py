@@ -1,5 +1,5 @@
 """A study's finished runs, read from saved run files only (metrics.json, config.yaml, gaps.csv,
-stage3/sample_errors.npz), and grouped into the curves the rank-vs-gap analysis reads (DESIGN 8).
+stage3/sample_errors.npz), and grouped into the curves the rank-vs-gap analysis reads (README, "The rank-vs-gap study").
 
 A curve is one (task, method, allocation, regime, block ranks): its runs may differ only in `seed`
 and `stage3.rank`; every other setting must agree, or reading fails naming the setting. Within a
@@ -11,19 +11,16 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
-from omegaconf import OmegaConf
 
-from orca_lora.studies.compare import NOT_COMPARED, first_difference, flatten
+from orca_lora.run_files import FinishedRun, module_block, read_finished_runs, read_gaps, read_sample_errors
+from orca_lora.studies.compare import first_difference
 from orca_lora.studies.rank_threshold import TaskCurve
-from orca_lora.studies.seed_table import diverged, find_runs, task_labels
-from orca_lora.run_files import RunFiles, read_gaps, read_metrics, read_sample_errors
 
 log = logging.getLogger("orca_lora")
 
@@ -78,41 +75,31 @@ class StudyRun:
         return float(np.mean(self.block_gaps))
 
 
-def _read_one(run: RunFiles, task: str, config: dict[str, Any]) -> StudyRun:
-    metrics = read_metrics(run)
-    samples = read_sample_errors(run)
-    rows = read_gaps(run)
+def _read_one(run: FinishedRun) -> StudyRun:
+    config, metrics = run.config, run.metrics
+    samples = read_sample_errors(run.files)
+    rows = read_gaps(run.files)
     stage3 = config["stage3"]
     rank = 0 if metrics.method == "linear" else None if metrics.method == "full" else int(stage3["rank"])
     return StudyRun(
-        run.root, task, metrics.method, config["stage2"]["allocation"], rank, int(config["seed"]),
+        run.files.root, run.task, metrics.method, config["stage2"]["allocation"], rank, int(config["seed"]),
         Regime(bool(stage3["train_embedder"]), int(config["trainer"]["max_epochs"])),
         tuple(sorted((int(k), int(v)) for k, v in (stage3.get("block_ranks") or {}).items())),
         np.asarray(samples.val, float), np.asarray(samples.test, float),
         np.array([row.corrected for row in rows]) if rows else None,
         tuple(row.name for row in rows) if rows else (), metrics.posterior_ranks, int(metrics.trainable_params),
-        {key: value for key, value in flatten(config).items() if not key.startswith(NOT_COMPARED)})
+        run.settings)
 
 
 def read_study(directories: Sequence[Path]) -> list[StudyRun]:
     """Every finished run under `directories` (diverged ones left out, each named), checked for
     settings that differ where they must not."""
-    loaded = []
-    for directory in find_runs(directories):
-        run = RunFiles(directory)
-        if not run.config.is_file():
-            raise FileNotFoundError(f"{run.config} is missing; every run directory keeps its resolved config")
-        if not run.sample_errors.is_file():
-            raise FileNotFoundError(f"{run.sample_errors} is missing: the run was written by a version that did not "
-                                    "save per-sample errors; delete its stage3/ folder and run it again")
-        if diverged(read_metrics(run)):
-            log.warning("%s: non-finite errors, the run diverged; left out of the study", run.root)
-            continue
-        loaded.append((run, OmegaConf.to_container(OmegaConf.load(run.config))))
-    if not loaded:
-        raise ValueError(f"every run under {', '.join(map(str, directories))} diverged; nothing to analyse")
-    labels = task_labels([config["task"] for _, config in loaded])
-    runs = [_read_one(run, label, config) for (run, config), label in zip(loaded, labels)]
+    finished = read_finished_runs(directories)
+    for run in finished:
+        if not run.files.sample_errors.is_file():
+            raise FileNotFoundError(f"{run.files.sample_errors} is missing: the run was written by a version that did "
+                                    "not save per-sample errors; delete its stage3/ folder and run it again")
+    runs = [_read_one(run) for run in finished]
     check_groups(runs)
     return runs
 
@@ -196,12 +183,12 @@ def stacked_test_errors(runs: Sequence[StudyRun]) -> np.ndarray:
     return np.stack([run.test_errors for run in runs])
 
 
-def module_block(module: str, block_names: Sequence[str]) -> int:
-    """The index of the block (a gaps.csv name, e.g. layers.1.blocks.0) that holds `module`."""
-    for index, name in enumerate(block_names):
-        if re.search(rf"(^|\.){re.escape(name)}\.", module):
-            return index
-    raise ValueError(f"module {module} lies in none of the blocks {list(block_names)} of gaps.csv")
+def block_index(module: str, block_names: Sequence[str]) -> int:
+    """`run_files.module_block`, an error naming the module when no block holds it."""
+    index = module_block(module, block_names)
+    if index is None:
+        raise ValueError(f"module {module} lies in none of the blocks {list(block_names)} of gaps.csv")
+    return index
 
 
 def block_mean_posterior_ranks(run: StudyRun) -> np.ndarray:
@@ -210,7 +197,7 @@ def block_mean_posterior_ranks(run: StudyRun) -> np.ndarray:
         raise ValueError(f"{run.directory}: no posterior ranks in metrics.json (not an ibp-lora run)")
     per_block: dict[int, list[int]] = defaultdict(list)
     for module, rank in run.posterior_ranks.items():
-        per_block[module_block(module, run.block_names)].append(rank)
+        per_block[block_index(module, run.block_names)].append(rank)
     return np.array([np.mean(per_block[index]) for index in range(len(run.block_names))])
 
 

@@ -1,4 +1,4 @@
-"""Sweeps: one base config times a grid of overrides; each point an ordinary run directory (DESIGN 8).
+"""Sweeps: one base config times a grid of overrides; each point an ordinary run directory (README, "Sweeps").
 
 A sweep file names a base config, overrides shared by every point, and one or more grids whose
 axes multiply out into points:

@@ -150,6 +150,7 @@ def test_a_tiny_flat_prior_run_reports_its_pruned_adapter(tiny_overrides):
     metrics = result.metrics
     assert set(metrics.posterior_ranks) == set(metrics.posterior_caps) == set(metrics.ranks)
     assert set(metrics.posterior_caps.values()) == {4}
+    assert "\n  ibp_r_max: 4\n" in RunFiles(result.directory).config.read_text()  # the saved config says what ran
     assert all(0 <= rank <= 4 for rank in metrics.posterior_ranks.values())
     assert metrics.trained_params > metrics.trainable_params
     saved = json.loads((result.directory / "metrics.json").read_text())

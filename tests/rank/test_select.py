@@ -239,7 +239,7 @@ def test_select_ranks_bad_input(gaps, modules, prior, match):
 
 
 def test_absolute_link_grows_with_the_gap_scale_where_the_relative_one_cannot():
-    """DESIGN 6: `gap` (D_i / D_ref) gives a 10x larger gap more rank; `gap-relative` (D_i / mean D) is
+    """README, "P(r | D)": `gap` (D_i / D_ref) gives a 10x larger gap more rank; `gap-relative` (D_i / mean D) is
     blind to the scale; both on the same alpha_0."""
     modules = swin_like_modules()
     gaps = np.clip(SWIN_GAPS, 0, None)

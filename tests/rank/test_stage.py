@@ -125,6 +125,7 @@ def test_run_writes_gaps_and_ranks_that_agree(tmp_path, body, embedder, task, so
     run = RunFiles(tmp_path)
     assert read_ranks(run) == result
     assert json.loads(run.ranks.read_text())["ranks"] == result.ranks
+    assert sorted(path.name for path in run.stage("stage2").iterdir()) == ["gaps.csv", "ranks.json"]
     assert [row.gap for row in read_gaps(run)] == pytest.approx(result.gaps, rel=1e-5)
 
     with open(run.gaps, newline="") as stream:
@@ -210,6 +211,8 @@ def test_explicit_ranks_write_the_map_or_the_uniform_rank_without_gaps(tmp_path,
     chosen = {"body.layers.0.blocks.1.attn.qkv": 5}
     mapped = rank_stage.explicit_ranks(body, [r"\.attn\.qkv$"], 3, chosen, RunFiles(tmp_path / "map"))
     assert mapped.ranks == chosen and mapped.trainable_params == 5 * (48 + 16)
+    with pytest.raises(FileNotFoundError, match=r"ranks.json not found.*re-run stage 2 \(delete the run's stage2/"):
+        read_ranks(RunFiles(tmp_path / "none"))
 
 
 def test_the_spectral_gap_sample_size_is_checked_before_stage_1(body):

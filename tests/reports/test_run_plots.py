@@ -1,6 +1,8 @@
 """Tests of one run's figures (orca_lora/reports/run_plots.py)."""
 from __future__ import annotations
 
+import dataclasses
+
 from reports.figure_checks import ALIGNMENT, assert_figures, write
 
 from orca_lora.reports import run_plots as plots
@@ -39,6 +41,21 @@ def test_plot_gaps_and_ranks_draws_bars_and_ranks(tmp_path, captured):
     [lines] = captured
     assert ("LoRA rank r_i", [0, 1, 2], [2, 6, 4]) in lines
     assert ("bars", [0, 1, 2], [0.5, 1.5, 1.0]) in lines
+
+
+def test_a_constant_rank_gets_an_integer_axis_from_zero_and_the_legend_covers_no_data(tmp_path, monkeypatch):
+    """Every block at rank 2 once drew an axis from 1.900 to 2.100, under a legend on the bars."""
+    kept = []
+    monkeypatch.setattr(plots, "save_figure", lambda figure, stem: kept.append(figure) or [])
+    plots.plot_gaps_and_ranks([dataclasses.replace(row, rank=2) for row in GAPS], tmp_path / "constant")
+    [figure] = kept
+    gap_axis, rank_axis = figure.axes
+    assert rank_axis.get_ylim()[0] == 0 and rank_axis.get_ylim()[1] >= 3
+    figure.canvas.draw()
+    ticks = [tick for tick in rank_axis.get_yticks() if rank_axis.get_ylim()[0] <= tick <= rank_axis.get_ylim()[1]]
+    assert ticks and all(float(tick).is_integer() for tick in ticks)
+    legend = gap_axis.get_legend().get_window_extent()
+    assert not legend.overlaps(gap_axis.get_window_extent()), "the legend sits on the plotted data"
 
 
 def test_plot_training_draws_loss_and_validation_error_by_step(tmp_path, captured):

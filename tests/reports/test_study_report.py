@@ -1,5 +1,6 @@
 """The study report from `StudyResult`s built by hand (`test_study_plots`' fixtures): the verdict verbatim,
 the tables' rows, the never-used test-chosen r*, and plain statements for every absent part."""
+import dataclasses
 import re
 from pathlib import Path
 
@@ -8,7 +9,7 @@ from reports.test_study_plots import bare_result, study_result
 
 from orca_lora.reports import study_plots
 from orca_lora.reports import study_report as report
-from orca_lora.studies.hypothesis import StudyResult
+from orca_lora.studies.hypothesis import StudyResult, verdict
 
 SECTIONS = ["# Does the LoRA rank", "## Analysis plan", "## Tasks", "## Primary fit", "## Error against rank",
             "## Power at the measured noise", "## Per block", "## Methods against full fine-tuning",
@@ -105,9 +106,24 @@ def test_limits_are_computed_from_the_data(full):
     limits = full[1][full[1].index("## Limits"):]
     assert "- 4 task(s) with a complete rank sweep (the plan asks for 8)." in limits
     assert "- Seeds per (task, rank): 3." in limits
-    assert "G interval includes 0 (r* there reads noise, not need): near." in limits
+    assert "G is not above 0 on validation (r* there reads noise, not need): near." in limits
     assert "(censored): near, far." in limits and "another r* on: mid." in limits
     assert "- Every part of the plan has data." in limits
+
+
+def test_the_verdict_and_the_limits_name_the_same_flat_tasks():
+    """One rule: a G interval below 0 (the larger rank no better) is as flat as one holding 0, in the
+    verdict sentence and in the Limits alike (they once applied `low <= 0` and `low <= 0 <= high`)."""
+    result = study_result()
+    below = {"control": (-0.3, -0.1)}
+    tasks = [dataclasses.replace(task, rank_benefit_interval=below.get(task.task, task.rank_benefit_interval))
+             for task in result.fit.tasks]
+    result = dataclasses.replace(result, fit=dataclasses.replace(result.fit, tasks=tasks))
+    sentence = verdict(result)
+    named_in_verdict = re.search(r"G is not above 0 on validation \(([^)]*)\)", sentence).group(1).split(", ")
+    limits = "\n".join(report._limits_section(result))
+    named_in_limits = re.search(r"not need\): (.*)\.", limits).group(1).split(", ")
+    assert named_in_verdict == named_in_limits == ["near", "control"]
 
 
 def test_absent_parts_are_said_plainly(bare):

@@ -165,7 +165,7 @@ def test_each_seed_may_read_its_own_posterior_run(tmp_path):
 
 
 def test_the_table_says_what_eva_brings_only_when_eva_is_in_it(tmp_path):
-    from orca_lora.studies.compare import compare_markdown
+    from orca_lora.reports.compare_tables import compare_markdown
     write_run(tmp_path, "uniform", 1e-3, 0, 0.1, np.full(4, 0.2))
     assert "EVA's ranks and its initialisation" not in compare_markdown(compare_directory(tmp_path))
     write_run(tmp_path, "eva", 1e-3, 0, 0.1, np.full(4, 0.2))

@@ -5,7 +5,7 @@ from scipy import stats
 from scipy.optimize import minimize
 
 from orca_lora.studies.stats.censored_regression import fit_censored_line, truncated_normal_moments
-from orca_lora.studies.rank_threshold import (declares_growth, fit_rank_law, rank_benefit, rank_interval,
+from orca_lora.studies.rank_threshold import (declares_growth, fit_threshold_law, rank_benefit, rank_interval,
                                               smallest_sufficient_rank, TaskCurve, verdict_label)
 
 RANKS = np.array([1, 2, 4, 8, 16, 32])
@@ -110,9 +110,9 @@ def noisy_study(seed=0, n_tasks=5):
 
 
 def test_fit_rank_law_reports_and_is_deterministic_in_seed():
-    first = fit_rank_law(noisy_study(), n_resamples=99, seed=1)
-    again = fit_rank_law(noisy_study(), n_resamples=99, seed=1)
-    other = fit_rank_law(noisy_study(), n_resamples=99, seed=2)
+    first = fit_threshold_law(noisy_study(), n_resamples=99, seed=1)
+    again = fit_threshold_law(noisy_study(), n_resamples=99, seed=1)
+    other = fit_threshold_law(noisy_study(), n_resamples=99, seed=2)
     assert first.slope_interval == again.slope_interval and first.p_slope_zero == again.p_slope_zero
     assert first.slope_interval != other.slope_interval
     assert first.slope == other.slope  # the point estimate does not depend on the bootstrap
@@ -136,14 +136,14 @@ def test_verdict_boundaries(low, high, label):
 def test_bad_input_names_the_problem():
     curves = noisy_study()
     with pytest.raises(ValueError, match="at least 3 tasks"):
-        fit_rank_law(curves[:2])
+        fit_threshold_law(curves[:2])
     with pytest.raises(ValueError, match="positive"):
-        fit_rank_law([TaskCurve("x", -1.0, RANKS, curves[0].errors)] + curves[1:])
+        fit_threshold_law([TaskCurve("x", -1.0, RANKS, curves[0].errors)] + curves[1:])
     with pytest.raises(ValueError, match="shape"):
-        fit_rank_law([TaskCurve("x", 5.0, RANKS, curves[0].errors[:, :4])] + curves[1:])
+        fit_threshold_law([TaskCurve("x", 5.0, RANKS, curves[0].errors[:, :4])] + curves[1:])
     with pytest.raises(ValueError, match="sorted"):
         smallest_sufficient_rank(RANKS[::-1], curves[0].errors)
     with pytest.raises(ValueError, match="at least 2 ranks"):
         smallest_sufficient_rank(RANKS[:1], curves[0].errors[:, :1])
     with pytest.raises(ValueError, match="distinct gaps"):
-        fit_rank_law([TaskCurve(c.task, 7.0, c.ranks, c.errors) for c in curves])
+        fit_threshold_law([TaskCurve(c.task, 7.0, c.ranks, c.errors) for c in curves])

@@ -4,7 +4,7 @@ import pytest
 
 from study_toys import BLOCKS, modules, write_study_run
 
-from orca_lora.studies.study_runs import (block_mean_posterior_ranks, describe, module_block, primary_regime,
+from orca_lora.studies.study_runs import (block_mean_posterior_ranks, block_index, describe, primary_regime,
                                           rank_curves, read_study, Regime)
 
 GAPS = np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
@@ -147,17 +147,17 @@ def test_rank_curves_need_the_gaps(tmp_path):
         rank_curves(read_study([tmp_path]), Regime(False, 6))
 
 
-def test_module_block_finds_the_block_holding_a_module():
-    assert module_block("body.layers.0.blocks.0.attn.qkv", BLOCKS) == 0
-    assert module_block("body.layers.1.blocks.1.mlp.fc2", BLOCKS) == 3
-    assert module_block("body.layers.2.blocks.1.attn.proj", BLOCKS) == 5
+def test_block_index_finds_the_block_holding_a_module_or_names_it():
+    assert block_index("body.layers.0.blocks.0.attn.qkv", BLOCKS) == 0
+    assert block_index("body.layers.1.blocks.1.mlp.fc2", BLOCKS) == 3
+    assert block_index("body.layers.2.blocks.1.attn.proj", BLOCKS) == 5
     names = ("layers.0.blocks.1", "layers.0.blocks.10")
-    assert module_block("body.layers.0.blocks.10.mlp.fc1", names) == 1  # not the prefix-sharing block 1
-    assert module_block("layers.0.blocks.1.mlp.fc1", names) == 0
+    assert block_index("body.layers.0.blocks.10.mlp.fc1", names) == 1  # not the prefix-sharing block 1
+    assert block_index("layers.0.blocks.1.mlp.fc1", names) == 0
     with pytest.raises(ValueError, match="lies in none of the blocks"):
-        module_block("body.layers.3.blocks.0.attn.qkv", BLOCKS)
+        block_index("body.layers.3.blocks.0.attn.qkv", BLOCKS)
     with pytest.raises(ValueError, match="lies in none"):
-        module_block("body.xlayers.0.blocks.0.attn.qkv", BLOCKS)
+        block_index("body.xlayers.0.blocks.0.attn.qkv", BLOCKS)
 
 
 def test_block_mean_posterior_ranks_average_each_blocks_modules(tmp_path):

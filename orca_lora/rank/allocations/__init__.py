@@ -1,4 +1,5 @@
-"""Rank allocations: how `stage2.allocation` gives every adapted module its LoRA rank (DESIGN 8).
+"""Rank allocations: how `stage2.allocation` gives every adapted module its LoRA rank
+(README, "Allocations against the field").
 
 One registry for all of them (timm's `register_model` pattern); each allocation lives in its own
 module and registers itself with the phase it runs in:

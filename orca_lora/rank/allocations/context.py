@@ -1,4 +1,4 @@
-"""What a stage-2 allocation receives and returns (DESIGN 6 and 8).
+"""What a stage-2 allocation receives and returns (README, "P(r | D)" and "Allocations against the field").
 
 `rank/stage.py` measures the gaps, builds one `GapAllocationInputs` and calls the registered
 allocation; the allocation returns an `AllocationResult`, from which stage 2 writes `ranks.json`

@@ -1,5 +1,5 @@
 """`depth-increasing` / `depth-decreasing`: rank proportional to a block's depth, a gap-free baseline
-for the shape of a gap profile (DESIGN 8).
+for the shape of a gap profile (README, "Allocations against the field").
 
 Score of every adapted module in block i (0-based, of n blocks): i + 1 (increasing) or n - i
 (decreasing); ranks ~ scores at the budget by `proportional_ranks` (`rank/budget.py`).

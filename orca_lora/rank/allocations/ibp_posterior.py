@@ -1,4 +1,4 @@
-"""`ibp-posterior`: ranks from the posterior of a finished ibp-lora run (DESIGN 6, P(r | D_i) way 2), scaled
+"""`ibp-posterior`: ranks from the posterior of a finished ibp-lora run (README, "Allocations against the field"), scaled
 to this run's budget: what the data asked for, per module, reused as an allocation.
 
 Score of adapted module m: its posterior rank in stage2.posterior_run's `metrics.json` (components with

@@ -1,4 +1,5 @@
-"""The IBP-prior allocations (DESIGN 6, P(r | D_i) way 1): block i's mass alpha_i = alpha_0 g(x_i), its rank
+"""The IBP-prior allocations (IBP: Griffiths & Ghahramani 2005/2011; README, "P(r | D)"):
+block i's mass alpha_i = alpha_0 g(x_i), its rank
 the decision on Poisson(alpha_i) truncated to [r_min, min(r_max, d_out, d_in)] (`rank/select.py`).
 
 - `gap-relative`: x_i = D_i / mean_j D_j, a within-task allocation, blind to the gaps' overall scale;

@@ -1,4 +1,4 @@
-"""`law`: block masses from a fitted rank law (DESIGN 6, P(r | D_i) way 3; `orca-lora calibrate`).
+"""`law`: block masses from a fitted rank law (README, "P(r | D)"; `orca-lora calibrate`).
 
 Block i's rate lambda_i = c x_i^beta, x_i = 1 + corrected_i / floor_i, is its IBP mass directly
 (alpha_0 = 1 on the identity link with D_ref = 1); its rank is the stage2.decision on Poisson(lambda_i)

@@ -1,4 +1,5 @@
-"""`shuffled`: does the placement of rank by gap matter, or only its non-uniformity? (DESIGN 8)
+"""`shuffled`: does the placement of rank by gap matter, or only its non-uniformity?
+(README, "Allocations against the field")
 
 The `gap` rule applied to the blocks' gaps in a seeded random order: block i takes the gap of block
 pi(i), pi a permutation drawn from the run's training seed, and then everything `gap` does follows

@@ -1,4 +1,5 @@
-"""The statistics of an allocation comparison (DESIGN 8): standard errors over seeds, paired tests over
+"""The statistics of an allocation comparison
+(README, "Allocations against the field"): standard errors over seeds, paired tests over
 test samples, seed-paired differences, and Holm's step-down correction across a table's comparisons."""
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import numpy as np
 from scipy import stats
 
 from orca_lora.choices import PAIRED_TESTS
+from orca_lora.studies.stats.bootstrap import seed_standard_error
 
 
 @dataclass
@@ -23,8 +25,7 @@ def mean_and_se(values: Sequence[float]) -> MeanSpread:
     values = np.asarray(values, float)
     if values.size == 0:
         raise ValueError("no values to average")
-    se = float(values.std(ddof=1) / math.sqrt(values.size)) if values.size > 1 else math.nan
-    return MeanSpread(float(values.mean()), se, int(values.size))
+    return MeanSpread(float(values.mean()), float(seed_standard_error(values)), int(values.size))
 
 
 @dataclass
