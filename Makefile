@@ -16,8 +16,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/orca-lora run configs/quickstart.yaml
 
+# on pytest-xdist workers, one per core (4 at most); `make test TEST_PARALLEL=` runs the suite in one process
+TEST_PARALLEL ?= -n auto --maxprocesses 4 --dist worksteal
+
 test: $(STAMP)
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q $(TEST_PARALLEL) --durations=15
 
 bench: $(STAMP)
 	for script in bench/bench_*.py; do $(PY) $$script || exit 1; done

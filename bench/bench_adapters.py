@@ -35,7 +35,7 @@ from torch import nn
 
 from orca_lora.adapters.inject import add_adapters, mark_only_adapters_trainable, merge_adapters
 from orca_lora.config import DEFAULT_TARGETS
-from orca_lora.files import write_text_atomic
+from orca_lora.files import strict_json_text, write_text_atomic
 
 RESULTS = Path(__file__).parent / "results" / "adapters.json"
 PEFT_TARGETS = r".*\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)"
@@ -241,7 +241,7 @@ def main() -> None:
         results[name] = bench_model(spec, args.rank, args.rounds or spec.rounds, device)
         print_table(name, results[name])
     record = {"versions": versions, "setting": setting, "models": results}
-    write_text_atomic(args.output, json.dumps(record, indent=2))
+    write_text_atomic(args.output, strict_json_text(record))
 
 
 if __name__ == "__main__":

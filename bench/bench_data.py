@@ -17,7 +17,6 @@ Prints one table with the ratio old / new and the 0.5 s target check, and writes
 """
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -30,7 +29,7 @@ import scipy
 import scipy.sparse.linalg
 
 from orca_lora.data import darcy, darcy_solver
-from orca_lora.files import write_text_atomic
+from orca_lora.files import strict_json_text, write_text_atomic
 
 RESULTS = Path(__file__).parent / "results" / "data.json"
 SAMPLES = {64: 48, 85: 32, 141: 12, 421: 3}  # per round: about 0.5 s of the old path at each size
@@ -150,7 +149,7 @@ def main() -> None:
     record = {"setting": {"rounds": args.rounds, "seed": args.seed, "rtol": darcy_solver.PCG_RTOL},
               "per_sample": {str(k): v for k, v in rows.items()}, "stages_at_421": stages,
               "target_met": rows[TARGET_RESOLUTION]["new_s"] <= TARGET_SECONDS, "environment": env}
-    write_text_atomic(args.output, json.dumps(record, indent=2) + "\n")
+    write_text_atomic(args.output, strict_json_text(record))
 
 
 if __name__ == "__main__":

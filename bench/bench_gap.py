@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Subset
 
 from orca_lora.config_load import load_config
 from orca_lora.data.tasks import build_task
-from orca_lora.files import write_text_atomic
+from orca_lora.files import strict_json_text, write_text_atomic
 from orca_lora.finetune.stage import prepare_model
 from orca_lora.models.embedder import Embedder
 from orca_lora.models.features import held_out_split
@@ -105,7 +105,9 @@ def main() -> None:
     median = {name: statistics.median(values) for name, values in times.items()}
     ratio = median["stage2"] / median["stage3_epoch"]
     first_ratio = median["stage2_first"] / median["stage3_epoch"]
-    setting = {"config": str(args.config.relative_to(ROOT)) if args.config.is_relative_to(ROOT) else str(args.config),
+    config_path = args.config.resolve()  # named relative to the repository: the same on any machine
+    in_repository = config_path.is_relative_to(ROOT)
+    setting = {"config": config_path.relative_to(ROOT).as_posix() if in_repository else str(config_path),
                "stage2_samples": config.stage2.max_samples, "stage2_distance": config.stage2.distance,
                "permutations": config.stage2.permutations, "bootstraps": config.stage2.bootstraps,
                "train_samples": len(task.train), "batch_size": s3.batch_size, "repeats": args.repeats,
@@ -120,7 +122,7 @@ def main() -> None:
           "width and sample sizes)")
     record = {"environment": environment, "setting": setting, "seconds": times, "median_s": median,
               "ratios": {"stage2 / stage3_epoch": ratio, "first stage2 / stage3_epoch": first_ratio}}
-    write_text_atomic(args.output, json.dumps(record, indent=2) + "\n")
+    write_text_atomic(args.output, strict_json_text(record))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ draw, and the autograd path (LoRA's forward has its own fused backward, lora.LoR
 Prints the times and their ratio (ibp-lora / lora) and writes bench/results/ibp_lora.json.
 """
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -26,7 +25,7 @@ from torch import nn
 
 from orca_lora.adapters.ibp_lora import IBPLoRALinear, total_kl
 from orca_lora.adapters.inject import add_adapters, mark_only_adapters_trainable, match_targets, replace_modules
-from orca_lora.files import write_text_atomic
+from orca_lora.files import strict_json_text, write_text_atomic
 
 RESULTS = Path(__file__).parent / "results" / "ibp_lora.json"
 BATCH, IMAGE_SIZE, N_TRAIN, WARMUP_ROUNDS = 64, 32, 1000, 2
@@ -107,7 +106,7 @@ def main() -> None:
         "ratio_ibp_lora_over_lora": ratio,
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(RESULTS, json.dumps(result, indent=2) + "\n")
+    write_text_atomic(RESULTS, strict_json_text(result))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ share of the pipeline, and writes bench/results/pipeline.json.
     .venv/bin/python bench/bench_pipeline.py [--config configs/quickstart.yaml] [--set KEY=VALUE ...]
 """
 import argparse
-import json
 import os
 import platform
 import tempfile
@@ -17,11 +16,17 @@ from pathlib import Path
 import torch
 
 from orca_lora.config_load import load_config
-from orca_lora.files import write_text_atomic
+from orca_lora.files import strict_json_text, write_text_atomic
 from orca_lora.pipeline import run_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results" / "pipeline.json"
+
+
+def repository_path(path: Path) -> str:
+    """`path` relative to the repository when it lies inside it: results then read the same on any machine."""
+    path = path.resolve()
+    return path.relative_to(ROOT).as_posix() if path.is_relative_to(ROOT) else str(path)
 
 
 def main() -> None:
@@ -48,10 +53,10 @@ def main() -> None:
     for name, seconds in stages.items():
         print(f"{name:<16}{seconds:>10.1f}{seconds / wall:>8.1%}")
     print(f"{'pipeline':<16}{wall:>10.1f}{1:>8.0%}   test error {metrics.test_error:.4f}")
-    record = {"environment": environment, "config": str(args.config), "set": args.set, "wall_s": wall,
+    record = {"environment": environment, "config": repository_path(args.config), "set": args.set, "wall_s": wall,
               "seconds": stages, "shares": {name: seconds / wall for name, seconds in stages.items()},
               "test_error": metrics.test_error}
-    write_text_atomic(args.output, json.dumps(record, indent=2) + "\n")
+    write_text_atomic(args.output, strict_json_text(record))
 
 
 if __name__ == "__main__":

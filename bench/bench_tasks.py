@@ -11,7 +11,6 @@ Prints one table and writes bench/results/tasks.json.
 """
 
 import argparse
-import json
 import platform
 import statistics
 import tempfile
@@ -21,7 +20,7 @@ from pathlib import Path
 from orca_lora.choices import TASKS
 from orca_lora.config import TaskConfig
 from orca_lora.data.tasks import build_task
-from orca_lora.files import write_text_atomic
+from orca_lora.files import strict_json_text, write_text_atomic
 
 RESULTS = Path(__file__).parent / "results" / "tasks.json"
 NOT_GENERATED = ("cifar10", "cifar100")
@@ -48,8 +47,9 @@ def main() -> None:
         samples = min(args.samples, 1797) if name == "digits" else args.samples
         results[name] = seconds_per_thousand(name, samples, args.rounds)
         print(f"{name:<20} {results[name]:8.2f} s / 1,000 samples")
-    write_text_atomic(RESULTS, json.dumps({"setting": vars(args), "machine": platform.processor() or platform.machine(),
-                                           "seconds_per_1000": results}, indent=2) + "\n")
+    machine = platform.processor() or platform.machine()
+    write_text_atomic(RESULTS, strict_json_text({"setting": vars(args), "machine": machine,
+                                                "seconds_per_1000": results}))
     print(f"written: {RESULTS}")
 
 

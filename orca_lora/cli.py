@@ -152,23 +152,68 @@ def sweep_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--print-commands", action="store_true",
                         help="print one `orca-lora run` line per point instead of running them (a point "
                              "after the points whose run directories it reads)")
+    parser.add_argument("--status", action="store_true",
+                        help="print where each point stands (finished, running, failed, interrupted, not "
+                             "started), read from the run directories; runs nothing")
+    parser.add_argument("--launcher", choices=("local", "slurm"), default="local",
+                        help="local: this machine (default); slurm: one SLURM job array per dependency level, "
+                             "through submitit (README, 'Sweeps on a cluster')")
+    slurm = parser.add_argument_group("slurm launcher", "each flag replaces the sweep file's `slurm:` setting")
+    slurm.add_argument("--partition")
+    slurm.add_argument("--time", help="per job: minutes, or [days-]hours:minutes[:seconds]")
+    slurm.add_argument("--gpus-per-job", type=int)
+    slurm.add_argument("--cpus-per-job", type=int)
+    slurm.add_argument("--array-parallelism", type=int, help="jobs of one array running at once")
+    slurm.add_argument("--max-array-size", type=int,
+                       help="the cluster's MaxArraySize (default 1000): a bigger level goes as several arrays")
+    slurm.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
+                       help="any other setting, e.g. cluster=local (rehearse the jobs here) or a submitit "
+                            "parameter such as slurm_account=my-lab (repeatable)")
 
 
-@command("sweep", "run every point of a sweep (skipping finished ones), then write its table and plots",
-         sweep_arguments)
-def sweep_command(args: argparse.Namespace) -> int:
+def _slurm_flags(args: argparse.Namespace) -> dict:
+    import yaml
+
+    flags = {"partition": args.partition, "time": args.time, "gpus_per_job": args.gpus_per_job,
+             "cpus_per_job": args.cpus_per_job, "array_parallelism": args.array_parallelism,
+             "max_array_size": args.max_array_size}
+    for item in args.slurm:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--slurm {item!r} is not of the form key=value (e.g. slurm_account=my-lab)")
+        flags[key] = yaml.safe_load(value)
+    return flags
+
+
+def _launch(sweep, args: argparse.Namespace):
+    """The sweep's result, or None when the points went to SLURM (which runs them later)."""
+    if args.launcher == "local":
+        from orca_lora.sweeps.sweep import run_sweep
+
+        return run_sweep(sweep, args.workers)
+    from orca_lora.sweeps.slurm import SLURM_FOLDER, submit_sweep
+    from orca_lora.sweeps.slurm_settings import slurm_settings
+
+    submission = submit_sweep(sweep, slurm_settings(sweep.slurm, _slurm_flags(args)))
+    if submission.waited:
+        return submission.result
+    arrays = ", ".join(f"{job_id} ({len(points)} points)" for job_id, points in submission.arrays)
+    print(f"\nsweep {sweep.name}: {len(submission.result.skipped)} finished earlier; submitted "
+          f"{sum(len(points) for _, points in submission.arrays)} points as SLURM job(s) {arrays or 'none'}")
+    print(f"logs: {sweep.directory / SLURM_FOLDER}/ and each point's run.log; follow them with "
+          f"`orca-lora sweep {args.sweep} --status`")
+    return None
+
+
+def _report_sweep(sweep, result) -> int:
     from orca_lora.reports.sweep_plots import plot_sweep
     from orca_lora.reports.tables import table_markdown, write_tables
     from orca_lora.studies.seed_table import read_runs, summarize
-    from orca_lora.sweeps import sweep as sweeps
 
-    sweep = sweeps.load_sweep(args.sweep, args.set)
-    if args.print_commands:
-        print("\n".join(sweeps.print_commands(sweep)))
-        return 0
-    result = sweeps.run_sweep(sweep, args.workers)
     print(f"\nsweep {sweep.name}: {len(result.finished)} run, {len(result.skipped)} finished earlier, "
-          f"{len(result.failed)} failed")
+          f"{len(result.elsewhere)} running elsewhere, {len(result.failed)} failed")
+    for name, reason in result.elsewhere.items():
+        print(f"  running elsewhere: {name}: {reason}")
     for name, reason in result.failed.items():
         print(f"  failed: {name}: {reason}")
     if len(result.failed) < len(sweep.points):
@@ -177,6 +222,29 @@ def sweep_command(args: argparse.Namespace) -> int:
         print("\n" + table_markdown(rows))
         print(f"written: {', '.join(str(path) for path in written if path.suffix != '.pdf')}")
     return 1 if result.failed else 0
+
+
+@command("sweep", "run every point of a sweep (skipping finished ones), then write its table and plots; or submit "
+         "them to SLURM, or show where they stand", sweep_arguments)
+def sweep_command(args: argparse.Namespace) -> int:
+    from orca_lora.sweeps.stopping import exit_code
+    from orca_lora.sweeps.sweep import load_sweep, print_commands
+
+    sweep = load_sweep(args.sweep, args.set, check=not args.status)
+    if args.status:
+        from orca_lora.sweeps.status import format_status, sweep_status
+
+        print(format_status(sweep, sweep_status(sweep)))
+        return 0
+    if args.print_commands:
+        print("\n".join(print_commands(sweep)))
+        return 0
+    try:
+        result = _launch(sweep, args)
+    except RunInterrupted as stopped:  # one line, and the exit code a shell gives the signal
+        print(f"orca-lora sweep: {stopped}", file=sys.stderr)
+        return exit_code(stopped)
+    return 0 if result is None else _report_sweep(sweep, result)
 
 
 @command("table", "the seeds' table (method, rank, trainable params, error; mean +/- std over seeds) as CSV and "
@@ -202,9 +270,17 @@ def hypothesis_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _evaluate(args: argparse.Namespace):
     from orca_lora.studies.hypothesis import evaluate_study
-    from orca_lora.studies.study_runs import read_study
+    from orca_lora.studies.study_runs import check_plan, read_study
 
-    return evaluate_study(read_study(args.directories), args.resamples, args.seed, args.power_studies)
+    runs = read_study(args.directories)
+    return evaluate_study(runs, args.resamples, args.seed, args.power_studies, check_plan(args.directories, runs))
+
+
+def _print_study(result) -> None:
+    """The verdict, after each planned point of the sweep that did not finish."""
+    for point in result.missing:
+        print(f"not finished: {point.describe()}")
+    print(("\n" if result.missing else "") + result.verdict)
 
 
 @command("hypothesis", "test 'the rank needed grows with the modality gap' on a finished study (configs/study_gap.md): "
@@ -214,7 +290,7 @@ def hypothesis_command(args: argparse.Namespace) -> int:
     from orca_lora.studies.hypothesis import write_study
 
     result = _evaluate(args)
-    print(result.verdict)
+    _print_study(result)
     print(f"\nwritten: {write_study(result, args.directories[0])}")
     return 0
 
@@ -233,7 +309,7 @@ def report_command(args: argparse.Namespace) -> int:
     result = _evaluate(args)
     directory = args.directories[0]
     written = [write_report(result, directory, " ".join(sys.argv), args.wall_time), write_study(result, directory)]
-    print(result.verdict)
+    _print_study(result)
     print(f"\nwritten: {', '.join(map(str, written))}")
     return 0
 
@@ -340,9 +416,24 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, OSError, KeyError, ValueError, TrainingDiverged) as error:
         if args.debug:
             raise
-        message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        print(f"orca-lora {args.command}: error: {message}", file=sys.stderr)
+        print(f"orca-lora {args.command}: error: {_message(error)}", file=sys.stderr)
         return 2
+
+
+def _message(error: BaseException) -> object:
+    """The one line to print: a failed write named with its path and fix (`files.WriteFailed`) even when a
+    later error (Lightning's teardown writing its log to the same full disk) was raised while handling it."""
+    from orca_lora.files import FULL, NOT_WRITABLE, WriteFailed, write_failed
+
+    chain = [error]
+    while chain[-1].__context__ is not None and len(chain) < 20:
+        chain.append(chain[-1].__context__)
+    failed = next((link for link in chain if isinstance(link, WriteFailed)), None)
+    if failed is None and isinstance(error, OSError) and error.filename and error.errno in FULL + NOT_WRITABLE:
+        failed = write_failed(error.filename, error)  # a write outside files.py: the run lock, a folder
+    if failed is not None:
+        return failed
+    return error.args[0] if isinstance(error, KeyError) and error.args else error
 
 
 if __name__ == "__main__":

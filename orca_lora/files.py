@@ -4,11 +4,17 @@ mkstemp, so concurrent writers of one path never share a temp file.
 
 Cached artefacts (generated data, the offline source body) also get a content hash beside them,
 `<file>.sha256`, written after the file: `cache_is_valid` checks it on read, so a cache truncated or
-overwritten outside this module (a full disk, a copy cut short) is noticed, named and rebuilt."""
+overwritten outside this module (a full disk, a copy cut short) is noticed, named and rebuilt.
+
+JSON files (records, reports, bench results) are written strict (RFC 8259: no NaN or Infinity, which
+jq, JavaScript and most dashboards refuse): `strict_json_text` writes a non-finite number as null."""
 from __future__ import annotations
 
+import errno
 import hashlib
+import json
 import logging
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -36,23 +42,101 @@ def give_directory_default_mode(path: Path) -> None:
     os.chmod(path, 0o777 & ~umask)
 
 
+class WriteFailed(OSError):
+    """A file that could not be written, said in one line: the path, why (no space left on device, not
+    writable) and the fix. An OSError, so the CLI prints it as it prints any other."""
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+FULL = (errno.ENOSPC, errno.EDQUOT)
+NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
+NEARLY_FULL = 1 << 20  # bytes available below which a failed write is taken for a full disk
+RERUN = "then run the same command (finished stages are kept; stage 3 resumes from its last checkpoint)"
+
+
+def write_failed(path: Path | str, error: BaseException) -> WriteFailed | None:
+    """`error` (raised writing `path`) as a WriteFailed when it means a full disk or an unwritable place,
+    else None. Writers that report a full disk in their own words (torch.save's `unexpected pos`,
+    safetensors' StorageFull) are recognised by the space left where they wrote."""
+    code = getattr(error, "errno", None)
+    if code in NOT_WRITABLE:
+        return WriteFailed(code, f"{path}: not writable ({os.strerror(code)}); fix its permissions or choose a "
+                                 f"writable output.root (data_root for data), {RERUN}")
+    if code in FULL or (isinstance(error, Exception) and _space_left(Path(path).parent) < NEARLY_FULL):
+        said = str(error).splitlines()[0] if str(error) else type(error).__name__
+        return WriteFailed(errno.ENOSPC, f"{path}: no space left on device ({said}); free space there or set "
+                                         f"output.root (data_root for data) to a disk with room, {RERUN}")
+    return None
+
+
+def _space_left(directory: Path) -> float:
+    """Bytes available to this user under `directory` (its nearest existing ancestor); inf when unknown."""
+    for folder in (directory, *directory.parents):
+        try:
+            stats = os.statvfs(folder)
+        except OSError:
+            continue
+        return stats.f_bavail * stats.f_frsize
+    return math.inf
+
+
 def write_atomic(path: Path, write: Callable[[str], None]) -> None:
-    """Call `write(temp_path)`, then rename the temp file onto `path` (removed if `write` fails)."""
+    """Call `write(temp_path)`, then rename the temp file onto `path` (removed if `write` fails). A full
+    disk or an unwritable folder raises WriteFailed, naming `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as error:
+        failure = write_failed(path, error)
+        if failure is None:
+            raise
+        raise failure from error
     os.close(handle)
     try:
         write(temp)
         os.chmod(temp, _default_mode())
         os.replace(temp, path)
-    except BaseException:
+    except BaseException as error:
+        failure = write_failed(path, error)  # before the partial temp file goes, freeing its space
         Path(temp).unlink(missing_ok=True)
+        if failure is not None:
+            raise failure from error
         raise
 
 
 def write_text_atomic(path: Path, text: str) -> None:
     write_atomic(Path(path), lambda temp: Path(temp).write_text(text))
+
+
+def json_ready(value: Any) -> Any:
+    """`value` as plain JSON values: numpy arrays and scalars as lists and numbers, tuples as lists, keys
+    as strings where JSON needs them, and NaN and +-inf as None (an undefined statistic, or an unbounded
+    end of an interval: the file's reader says which)."""
+    if type(value).__module__ == "numpy" and hasattr(value, "tolist"):
+        value = value.tolist()
+    if isinstance(value, bool) or value is None or isinstance(value, (str, int)):
+        return value
+    if isinstance(value, float):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key if isinstance(key, (str, int, float, bool)) else str(key): json_ready(item)
+                for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(item) for item in value]
+    return value
+
+
+def strict_json_text(value: Any, indent: int | None = 2, default: Callable[[Any], Any] | None = str) -> str:
+    """`value` as strict JSON text (`json_ready`, then json.dumps with allow_nan=False), newline-ended;
+    `default` turns what JSON has no type for (a Path) into a value."""
+    return json.dumps(json_ready(value), indent=indent, allow_nan=False, default=default) + "\n"
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    write_text_atomic(path, strict_json_text(value))
 
 
 def save_tensors_atomic(tensors: Mapping[str, "Tensor"], path: Path) -> None:

@@ -284,6 +284,7 @@ def _metrics(config: Config, baseline_error: float, stage1: StageRecord, stage2:
         test_error=refined.test_error,
         baseline_error=baseline_error,
         best_val_error=refined.best_val_error,
+        unpruned_val_error=refined.unpruned_val_error,
         trainable_params=refined.trainable_params,
         ranks=ranks,
         mean_gap=sum(corrected) / len(corrected) if corrected else None,

@@ -22,7 +22,12 @@ tests all go through this module, so a renamed file or column changes here and n
       stage3/adapter/                  PEFT format, for methods that have one
       stage3/merged.safetensors        on request (stage3.save_merged)
       metrics.json                     RunMetrics
+      failed.txt                       a sweep point's one-line reason for failing (sweeps/; gone once it finishes)
+      run.log                          a sweep point's output, one block per attempt (sweeps/workers.py)
       plots/
+
+    <sweep>/sweep.json                 a sweep's plan (sweeps/sweep.py writes it): its points, each a run directory
+                                       <sweep>/<point>/ (PlannedPoint, read_sweep_plans)
 
 Reading needs no torch: experiments and the CLI read runs without the training stack.
 """
@@ -40,22 +45,27 @@ from typing import Any, Optional, Sequence, TypeVar
 
 from omegaconf import OmegaConf
 
-from orca_lora.files import save_npz_atomic, write_text_atomic
+from orca_lora.files import save_npz_atomic, write_json_atomic, write_text_atomic
 
 log = logging.getLogger("orca_lora")
 
 STAGES = ("stage1", "stage2", "stage3")
 METRICS_FILE = "metrics.json"  # its presence marks a finished run
+SWEEP_FILE = "sweep.json"  # in a sweep directory: the sweep's plan, its points and their overrides
 GAP_COLUMNS = ("block", "name", "width", "gap", "floor", "p_value", "ci_low", "ci_high", "corrected", "rank")
 
 Record = TypeVar("Record")
 
 
 def from_dict(cls: type[Record], data: dict[str, Any], source: Path | str = "run file") -> Record:
-    """`cls(**data)` for a record dataclass; fields missing from older files take their defaults."""
+    """`cls(**data)` for a record dataclass; fields missing from older files take their defaults, and a
+    null in a `float` field is NaN (the files are strict JSON: `files.strict_json_text` writes NaN as null)."""
     known = {f.name for f in fields(cls)}
+    numbers = {f.name for f in fields(cls) if f.type == "float"}
+    values = {key: math.nan if value is None and key in numbers else value for key, value in data.items()
+              if key in known}
     try:
-        return cls(**{key: value for key, value in data.items() if key in known})
+        return cls(**values)
     except TypeError as error:
         raise ValueError(f"{source}: does not hold a {cls.__name__} ({error}); re-run the stage that writes it") \
             from None
@@ -107,13 +117,14 @@ class FinetuneResult:
     """Stage 3's result."""
 
     test_error: float
-    best_val_error: float
+    best_val_error: float  # of the model tested, at the checkpoint chosen on validation (ibp-lora: pruned)
     trainable_params: int  # of the model tested: for ibp-lora the pruned adapters' sum r_i (d_in + d_out) + the rest
     best_checkpoint: str
     device: str
     trained_params: Optional[int] = None  # of the model that trained (ibp-lora: r_max components, gates, sticks)
     posterior_ranks: Optional[dict[str, int]] = None  # ibp-lora: module -> components with q(z = 1) > 0.5
     posterior_caps: Optional[dict[str, int]] = None  # ibp-lora: module -> its truncation r_max (right-censoring)
+    unpruned_val_error: Optional[float] = None  # ibp-lora: that checkpoint's before pruning, which chose it
 
 
 @dataclass
@@ -127,7 +138,7 @@ class RunMetrics:
     seed: int
     test_error: float
     baseline_error: float
-    best_val_error: float
+    best_val_error: float  # of the model tested, at the checkpoint chosen on validation
     trainable_params: int
     ranks: dict[str, int]
     mean_gap: Optional[float]  # mean over blocks of the floor-corrected gap
@@ -139,6 +150,9 @@ class RunMetrics:
     trained_params: Optional[int] = None  # parameters that trained; trainable_params counts the model tested
     posterior_ranks: Optional[dict[str, int]] = None  # ibp-lora: module -> posterior rank (pruned to it)
     posterior_caps: Optional[dict[str, int]] = None  # ibp-lora: module -> truncation r_max of its posterior rank
+    # ibp-lora: the validation error before pruning, which chose the checkpoint; best_val_error, like
+    # test_error and sample_errors.npz, is the pruned model's (runs written before it: the unpruned one)
+    unpruned_val_error: Optional[float] = None
 
 
 @dataclass
@@ -248,7 +262,7 @@ class RunFiles:
 
 
 def _write_json(path: Path, payload: Any) -> None:
-    write_text_atomic(path, json.dumps(payload, indent=2, default=str) + "\n")
+    write_json_atomic(path, payload)
 
 
 def _read_json(path: Path) -> Any:
@@ -465,6 +479,50 @@ def read_finished_runs(paths: Sequence[str | Path], method: str | None = None) -
     return [FinishedRun(run, metrics, config, label) for (run, metrics, config), label in zip(loaded, labels)]
 
 
+@dataclass(frozen=True)
+class PlannedPoint:
+    """One point of a sweep's plan (`sweep.json`): its run directory and the overrides that make it."""
+    name: str
+    directory: Path
+    labels: dict[str, str]  # axis -> its part of the point's name
+    overrides: tuple[str, ...]  # the point's own key=value overrides (the sweep's `set` applies to every point)
+
+    def override(self, key: str) -> str | None:
+        """The value this point sets `key` to, or None when it leaves `key` to the base config."""
+        found = [item.split("=", 1)[1] for item in self.overrides if item.split("=", 1)[0] == key]
+        return found[-1] if found else None
+
+
+def read_sweep_plans(paths: Sequence[str | Path]) -> list[list[PlannedPoint]]:
+    """The points of every sweep whose plan (`sweep.json`, written by `orca-lora sweep` before any point
+    runs) lies at or below `paths`; none for directories that are not sweeps."""
+    plans = []
+    for path in sorted({plan for path in map(Path, paths) for plan in path.rglob(SWEEP_FILE)}):
+        data = _read_json(path)
+        try:
+            plans.append([PlannedPoint(point["name"], path.parent / point["name"], dict(point["labels"]),
+                                       tuple(point["overrides"])) for point in data["points"]])
+        except (KeyError, TypeError) as error:
+            raise ValueError(f"{path}: not a sweep plan (no {error}); delete it and run the sweep again "
+                             "(`orca-lora sweep SWEEP.yaml` rewrites it and skips the finished points)") from None
+    return plans
+
+
+def unfinished(point: PlannedPoint) -> str | None:
+    """Why a planned point has no finished run to analyse ("not started", "diverged", ...), or None."""
+    run = RunFiles(point.directory)
+    if run.is_finished():
+        return "diverged" if diverged(read_metrics(run)) else None
+    if not run.root.is_dir():
+        return "not started"
+    failure = read_failure(run)
+    if failure is not None:
+        return f"failed: {failure}"
+    started = [name for name in STAGES if run.marker(name).is_file()]
+    where = f"in {started[-1]}" if started else "before stage 1"
+    return f"stopped {where}: failed, interrupted or still running"
+
+
 def task_labels(tasks: Sequence[dict]) -> list[str]:
     """Each task's name, plus `(key=value,...)` for the task.* settings in which tasks of that name differ."""
     by_name: dict[str, list[dict]] = defaultdict(list)
@@ -499,3 +557,21 @@ def module_block(module: str, block_names: Sequence[str]) -> int | None:
         if f".{name}." in f".{module}.":
             return index
     return None
+
+
+FAILURE_FILE = "failed.txt"  # a sweep point's one-line reason for failing: written by the sweep, read by --status
+
+
+def write_failure(run: RunFiles, reason: str) -> None:
+    """Record why a sweep point failed, on one line (`orca-lora sweep --status` shows it)."""
+    write_text_atomic(run.root / FAILURE_FILE, " ".join(reason.split()) + "\n")
+
+
+def read_failure(run: RunFiles) -> str | None:
+    """The point's recorded failure, or None when it has none (never failed, or finished since)."""
+    path = run.root / FAILURE_FILE
+    return path.read_text().strip() if path.is_file() else None
+
+
+def clear_failure(run: RunFiles) -> None:
+    (run.root / FAILURE_FILE).unlink(missing_ok=True)

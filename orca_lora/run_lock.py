@@ -86,3 +86,16 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # someone else's process: alive
         return True
     return True
+
+
+def lock_holder(run: RunFiles) -> dict[str, Any] | None:
+    """Who holds the run's lock ({pid, host, started}), read without taking it; None when no live process
+    does: no lock, an unreadable one, or a stale one of a dead process of this host. A lock of another
+    host cannot be checked from here and counts as held."""
+    try:
+        holder = json.loads((run.root / LOCK_FILE).read_text())
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if holder.get("host") == socket.gethostname() and not _alive(int(holder.get("pid", -1))):
+        return None
+    return holder

@@ -1,4 +1,12 @@
-"""Shared fixtures: a tiny but complete pipeline setting that runs in seconds."""
+"""Shared fixtures: a tiny but complete pipeline setting that runs in seconds.
+
+`make test` runs the suite on pytest-xdist workers (`-n auto --dist worksteal`), where session and
+module fixtures are built once per worker that uses them. Under worksteal, `pytest_collection_modifyitems`
+puts the tests of each expensive shared run in `SHARED_RUNS` side by side at the front, so that one
+worker takes them all and builds the run once (worksteal gives the first worker the front of the list
+and takes tests to move only from the back of a worker's queue); the other integration tests follow.
+Otherwise (plain `pytest`, `-p no:xdist`, other --dist modes) the order is the files' own."""
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +30,42 @@ TINY = [
     "stage1.epochs=2", "stage1.max_samples=64", "stage2.max_samples=64",
     "stage3.batch_size=16", "trainer.max_epochs=2", "trainer.enable_progress_bar=false",
 ]
+
+
+# fixtures (by name) whose runs take tens of seconds, shared by several tests (a test's fixture names
+# include those its fixtures use: rehearsed_sweep's tests go with stopped_sweep's)
+SHARED_RUNS = ("tiny_sweep", "stopped_sweep", "uninterrupted", "tiny_runs")
+
+
+def run_order(item: pytest.Item) -> tuple[int, bool]:
+    """The users of each shared run together, in SHARED_RUNS' order, then integration tests, then the rest."""
+    names = getattr(item, "fixturenames", ())
+    shared = next((i for i, name in enumerate(SHARED_RUNS) if name in names), len(SHARED_RUNS))
+    return shared, item.get_closest_marker("slow") is None
+
+
+@pytest.hookimpl(optionalhook=True)  # an xdist hook, run where the workers are started
+def pytest_configure_node(node):
+    node.workerinput["orca_lora_run_order"] = node.config.getoption("dist") == "worksteal"
+
+
+def pytest_collection_modifyitems(config, items):
+    if getattr(config, "workerinput", {}).get("orca_lora_run_order"):
+        # only under worksteal, which moves tests between workers: `load` sends each worker a block of
+        # the list at first, and one worker would get every long test. A stable sort, the same on every
+        # worker (xdist checks that they collected the same list); the long tests start early, so the
+        # workers end together instead of one running the last long test alone.
+        items.sort(key=run_order)
+
+
+@pytest.fixture(autouse=True)
+def restore_orca_lora_logger():
+    """`cli.main()` gives the `orca_lora` logger a handler on the stderr of the moment (capsys's, in a
+    test); left in place, it would write to a closed stream in later tests."""
+    logger = logging.getLogger("orca_lora")
+    state = list(logger.handlers), logger.level, logger.propagate
+    yield
+    logger.handlers[:], logger.level, logger.propagate = state
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,3 @@
-import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -14,16 +13,6 @@ REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
 OVERRIDES = ["stage3.rank=4", "stage2.enabled=false", "stage3.rank_map={body.layers.0.blocks.0.attn.qkv: 2}",
              "trainer.limit_train_batches=0.5", "stage3.targets=[qkv$, fc2$]", "task.n_train=64"]
-
-
-@pytest.fixture(autouse=True)
-def restore_logging():
-    """main() gives the `orca_lora` logger a handler on the stderr that capsys replaces; left in place,
-    it would write to a closed stream in later tests."""
-    logger = logging.getLogger("orca_lora")
-    state = list(logger.handlers), logger.level, logger.propagate
-    yield
-    logger.handlers[:], logger.level, logger.propagate = state
 
 
 def run_cli(arguments: list[str], capsys) -> tuple[int, str, str]:

@@ -57,6 +57,13 @@ def test_bad_values_fail_naming_the_key(override, key):
         load_config(None, [override])
 
 
+@pytest.mark.parametrize("method", ["lora", "ibp-lora", "dora", "mora"])
+def test_alpha_must_be_positive_for_the_methods_it_scales(method):
+    with pytest.raises(ConfigError, match=rf"stage3\.alpha: 0\.0 must be > 0 for {method}.*stage3\.alpha=16"):
+        load_config(None, [f"stage3.method={method}", "stage3.alpha=0"])
+    assert load_config(None, ["stage3.method=full", "stage3.alpha=0"]).stage3.alpha == 0  # full has no adapter
+
+
 def test_bad_choice_lists_valid_choices():
     with pytest.raises(ConfigError, match=re.escape(", ".join(METHODS))):
         load_config(None, ["stage3.method=lorra"])

@@ -1,3 +1,5 @@
+import errno
+import json
 import os
 import threading
 from pathlib import Path
@@ -92,3 +94,40 @@ def test_a_staged_folder_gets_the_mode_mkdir_would_give(tmp_path):
         assert staged.stat().st_mode & 0o777 == 0o755
     finally:
         os.umask(umask)
+
+
+def test_strict_json_writes_undefined_numbers_as_null_and_numpy_as_plain_values():
+    value = {"nan": float("nan"), "bounds": (float("-inf"), np.float32(2.5)), "array": np.array([1.0, np.nan]),
+             np.int64(3): np.int64(4), "path": Path("a/b"), "flag": True}
+    text = files.strict_json_text(value)
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    assert json.loads(text, parse_constant=refuse) == {"nan": None, "bounds": [None, 2.5], "array": [1.0, None],
+                                                        "3": 4, "path": "a/b", "flag": True}
+    assert text.endswith("}\n")
+
+
+def test_a_full_disk_is_named_even_where_the_writer_says_it_in_its_own_words(tmp_path, monkeypatch):
+    def torch_save_on_a_full_disk(temp):
+        Path(temp).write_bytes(b"half")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 47936 vs 47824")
+
+    monkeypatch.setattr(files, "_space_left", lambda directory: 0)
+    with pytest.raises(files.WriteFailed, match=r"best.ckpt: no space left on device \(\[enforce fail.*\); free space"):
+        files.write_atomic(tmp_path / "best.ckpt", torch_save_on_a_full_disk)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(files, "_space_left", lambda directory: 1 << 30)  # room left: the writer's own error
+    with pytest.raises(RuntimeError, match="unexpected pos"):
+        files.write_atomic(tmp_path / "best.ckpt", torch_save_on_a_full_disk)
+
+
+def test_an_unwritable_folder_is_named_with_the_fix(tmp_path, monkeypatch):
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(files.tempfile, "mkstemp", read_only)
+    with pytest.raises(files.WriteFailed, match=r"^.*/out/x.json: not writable \(Read-only file system\); fix its "
+                                                r"permissions or choose a writable output.root"):
+        files.write_text_atomic(tmp_path / "out" / "x.json", "{}")

@@ -4,16 +4,24 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+from orca_lora.config_load import load_config
+
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def test_quickstart_notebook_runs_and_shows_plots(shared_data_root, tmp_path):
+def test_quickstart_notebook_runs_and_shows_plots(shared_data_root, tiny_settings, tmp_path):
+    """The notebook's own TINY settings are checked, and it runs on the suite's (so that it shares the
+    session's offline body instead of pretraining a deeper one)."""
     notebook = nbformat.read(REPO / "notebooks" / "quickstart.ipynb", as_version=4)
     parameters = notebook.cells[1]
     assert parameters.source.startswith("# parameters")
-    parameters.source = parameters.source.replace('"../data"', repr(str(shared_data_root))).replace(
-        '"../runs"', repr(str(tmp_path / "runs")))
+    own = {}
+    exec(parameters.source, own)
+    assert {"DATA_ROOT", "OUTPUT_ROOT", "TINY"} <= set(own)
+    load_config(REPO / "configs" / "quickstart.yaml", own["TINY"])
+    parameters.source = (f"DATA_ROOT = {str(shared_data_root)!r}\nOUTPUT_ROOT = {str(tmp_path / 'runs')!r}\n"
+                         f"TINY = {tiny_settings!r}\n")
     NotebookClient(notebook, timeout=600, kernel_name="python3",
                    resources={"metadata": {"path": str(REPO / "notebooks")}}).execute()
     images = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.get("outputs", [])

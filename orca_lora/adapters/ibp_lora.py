@@ -49,7 +49,7 @@ from orca_lora.adapters.base import AdapterLayer, kaiming_lora_A
 from orca_lora.rank.ibp import ibp_kl, relaxed_bernoulli_sample
 from orca_lora.adapters.inject import (LinearAdapterMethod, mark_only_adapters_trainable, match_targets,
                                        replace_modules)
-from orca_lora.adapters.lora import LoRALinear
+from orca_lora.adapters.lora import LORA_CHANGE, LoRALinear
 from orca_lora.adapters.spec import PosteriorRanks, register_method, train_embedder_and_head
 from orca_lora.config import ConfigError, Stage2Config, Stage3Config
 
@@ -174,8 +174,9 @@ _MASS_SOURCES = "stage2.allocation flat (every block alpha_0), gap or gap-relati
 class IBPLoRA(LinearAdapterMethod):
     name, layer = "ibp-lora", IBPLoRALinear
     peft_export = mergeable = True
-    # `analyze` reads every module stage 2 ranked, and a module pruned to rank 0 saves no tensors
-    weight_change = None
+    # trainable.safetensors holds the pruned adapters, plain LoRAs at the posterior ranks (`pruned` rescales B
+    # to s = alpha / r of the pruned rank r); `analyze` reads the posterior ranks and leaves out rank-0 modules
+    weight_change = LORA_CHANGE
 
     def options(self, stage3: Stage3Config) -> dict:
         return {**super().options(stage3), "temperature": stage3.ibp_temperature}

@@ -18,7 +18,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -39,7 +39,7 @@ from orca_lora.finetune.allocations import (
     ranks_record,
     tested_ranks,
 )
-from orca_lora.finetune.checkpoints import AtomicCheckpointIO, resumable_checkpoint
+from orca_lora.finetune.checkpoints import AtomicCheckpointIO, SameResume, resumable_checkpoint
 from orca_lora.finetune.module import FinetuneModule
 from orca_lora.rank.select import ModuleShape
 from orca_lora.rank.stage import adapted_module_shapes
@@ -164,6 +164,16 @@ class TaskDataModule(L.LightningDataModule):
         return DataLoader(dataset, batch_size=self.batch_size, sampler=shard, num_workers=self.workers)
 
 
+def stage_loggers(trainer_config: TrainerConfig, directory: Path) -> list[Logger]:
+    """The CSV log first, always (`stage3/logs/version_0/metrics.csv`: `run_files.read_training_log` reads it,
+    a resumed run keeps its rows through `trainer.logger`, the first logger); with `trainer.logger:
+    tensorboard`, TensorBoard's event files in the same folder, which a fresh start clears with it."""
+    loggers: list[Logger] = [CSVLogger(directory, name="logs", version=0)]
+    if trainer_config.logger == "tensorboard":
+        loggers.append(TensorBoardLogger(directory, name="logs", version=0, default_hp_metric=False))
+    return loggers
+
+
 def make_trainer(trainer_config: TrainerConfig, stage: Stage3Config, directory: Path) -> tuple[L.Trainer, ModelCheckpoint]:
     checkpoint = ModelCheckpoint(dirpath=directory / "checkpoints", filename="best", monitor="val_error",
                                  mode="min", save_last=True)
@@ -176,7 +186,7 @@ def make_trainer(trainer_config: TrainerConfig, stage: Stage3Config, directory: 
         precision=t.precision, max_epochs=t.max_epochs, limit_train_batches=t.limit_train_batches,
         limit_val_batches=t.limit_val_batches, limit_test_batches=t.limit_test_batches,
         log_every_n_steps=t.log_every_n_steps, enable_progress_bar=t.enable_progress_bar,
-        gradient_clip_val=stage.grad_clip or None, logger=CSVLogger(directory, name="logs", version=0),
+        gradient_clip_val=stage.grad_clip or None, logger=stage_loggers(t, directory),
         callbacks=callbacks, enable_model_summary=False, deterministic="warn", plugins=[AtomicCheckpointIO()],
     )
     return trainer, checkpoint
@@ -209,34 +219,42 @@ def run(stage: Stage3Config, trainer_config: TrainerConfig, model: nn.Module, ra
     module = FinetuneModule(model, task, stage, total_steps, steps_per_epoch, seed, method)
     data = TaskDataModule(task, stage.batch_size, trainer_config.num_workers, seed)
     last = run_files.last_checkpoint
+    # every process checks the file it would load; rank 0 alone sets a damaged one aside (checkpoints.py)
+    resume = resumable_checkpoint(last, run_files.stage("stage3") if trainer.is_global_zero else None)
     if trainer.is_global_zero:
-        resume_step = resumable_checkpoint(last, run_files.stage("stage3"))
-        resuming = resume_step is not None
-        if resuming:
-            log.info("resuming stage 3 from %s (step %d)", last, resume_step)
+        if resume is not None:
+            log.info("resuming stage 3 from %s (step %d)", last, resume.step)
             # Lightning's CSV logger deletes the log it finds: keep the rows the checkpoint had seen
-            trainer.logger.experiment.metrics[:0] = training_log_before(run_files, resume_step)
+            trainer.logger.experiment.metrics[:0] = training_log_before(run_files, resume.step)
         else:  # a fresh start: no earlier attempt's best-v1.ckpt or log rows
             for stale in (run_files.checkpoints, run_files.training_log.parent):
                 shutil.rmtree(stale, ignore_errors=True)
-    else:  # rank 0 checked the checkpoint before the processes started
-        resuming = last.is_file()
-    trainer.fit(module, datamodule=data, ckpt_path=str(last) if resuming else None)
+    trainer.callbacks.append(SameResume(last, resume))
+    if resume is not None:
+        trainer.strategy.checkpoint_io.verified[str(last)] = resume.sha256
+    trainer.fit(module, datamodule=data, ckpt_path=str(last) if resume is not None else None)
     best = checkpoint.best_model_path or str(last)
     tested = trainer.test(module, datamodule=data, ckpt_path=best, verbose=False)
     test_error = float(tested[0]["test_error"])
     if not math.isfinite(test_error):
         raise TrainingDiverged(f"stage 3 diverged: the test error is {test_error}; lower stage3.lr, then run again")
+    selected_val_error = float(checkpoint.best_model_score if checkpoint.best_model_score is not None else math.nan)
+    tested_val_error = selected_val_error
     if trainer.is_global_zero:
-        write_sample_errors(run_files, SampleErrors(val=per_sample_errors(module, task.val, stage.batch_size),
+        val_errors = per_sample_errors(module, task.val, stage.batch_size)
+        write_sample_errors(run_files, SampleErrors(val=val_errors,
                                                     test=per_sample_errors(module, task.test, stage.batch_size)))
+        tested_val_error = float(val_errors.mean()) if val_errors.size else math.nan
         save_trained_weights(module, model, stage, run_files)
         if allocation is not None:
             write_training_ranks(run_files, ranks_record(tested_ranks(model, shapes), shapes, allocation))
     posterior = module.posterior
+    pruned = posterior is not None and trainer.is_global_zero  # rank 0's result is the one recorded
     return FinetuneResult(
         test_error=test_error,
-        best_val_error=float(checkpoint.best_model_score if checkpoint.best_model_score is not None else math.nan),
+        # the model tested: for ibp-lora the pruned one; the checkpoint's own (unpruned) score beside it
+        best_val_error=tested_val_error if pruned else selected_val_error,
+        unpruned_val_error=selected_val_error if pruned else None,
         trainable_params=count_trainable(model), best_checkpoint=best, device=str(module.device),
         trained_params=trained_params, posterior_ranks=None if posterior is None else posterior.ranks,
         posterior_caps=None if posterior is None else posterior.caps,

@@ -8,12 +8,13 @@ set, the distance and the held-out sample size, so a law carries these (`LawProv
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from orca_lora.config import Config, ConfigError, section_hash
-from orca_lora.files import write_text_atomic
+from orca_lora.files import write_json_atomic
 from orca_lora.rank.law import RankLaw, RankObservation
 
 
@@ -40,7 +41,8 @@ class LawFile:
 
 
 def write_law_file(path: Path, law_file: LawFile) -> None:
-    write_text_atomic(path, json.dumps(asdict(law_file), indent=2, default=float) + "\n")
+    """Strict JSON: a NaN statistic is written null, and so is an unbounded end of beta's interval."""
+    write_json_atomic(path, asdict(law_file))
 
 
 def read_law_file(path: Path | str) -> LawFile:
@@ -50,7 +52,7 @@ def read_law_file(path: Path | str) -> LawFile:
                           f"--output {path}`")
     try:
         data: dict[str, Any] = json.loads(path.read_text())
-        return LawFile(_record(RankLaw, data["law"]), _record(LawProvenance, data["provenance"]),
+        return LawFile(_law(data["law"]), _record(LawProvenance, data["provenance"]),
                        [_record(RankObservation, o) for o in data["observations"]], list(data["runs"]))
     except (KeyError, TypeError, ValueError) as error:
         raise ConfigError(f"stage2.law: {path} is not a rank law written by `orca-lora calibrate` ({error})") from None
@@ -59,6 +61,14 @@ def read_law_file(path: Path | str) -> LawFile:
 def _record(cls, data: dict[str, Any]):
     names = {f.name for f in fields(cls)}
     return cls(**{key: value for key, value in data.items() if key in names})
+
+
+def _law(data: dict[str, Any]) -> RankLaw:
+    """The law as written: a null end of beta's interval is unbounded, another null statistic NaN."""
+    unbounded = {"beta_low": -math.inf, "beta_high": math.inf}
+    numbers = {f.name for f in fields(RankLaw) if f.type == "float"}
+    return _record(RankLaw, {key: unbounded.get(key, math.nan) if value is None and key in numbers else value
+                             for key, value in data.items()})
 
 
 def check_provenance(config: Config, law_file: LawFile, path: Path | str) -> None:

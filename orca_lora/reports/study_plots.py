@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from matplotlib.ticker import FuncFormatter, NullLocator
 
 from orca_lora.reports.figures import color_cycle, log2_rank_axis, save_figure, subplots
 from orca_lora.studies.block_evidence import BlockPoint, BlockTrend

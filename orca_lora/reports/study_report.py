@@ -10,7 +10,7 @@ from typing import Iterable, Optional, Sequence
 from orca_lora.files import write_text_atomic
 from orca_lora.reports.study_plots import log2_intervals, method_label, plot_study, task_order
 from orca_lora.studies.block_evidence import BlockTrend
-from orca_lora.studies.hypothesis import StudyResult, flat_tasks
+from orca_lora.studies.hypothesis import StudyResult, flat_tasks, sweeps_phrase
 from orca_lora.studies.plan import TRAINING_RATIO, training_met
 
 PLAN = "configs/study_gap.md"
@@ -60,8 +60,7 @@ def _figure(figures: dict[str, str], stem: str, caption: str) -> list[str]:
 def _title(result: StudyResult, command: str, wall_time: Optional[str]) -> list[str]:
     verdict = result.verdict or "No verdict was computed."
     lines = ["# Does the LoRA rank needed grow with the modality gap?", "",
-             f"{verdict} Primary regime: {result.regime}; {result.n_tasks} task(s) with a complete rank sweep; "
-             f"{result.n_runs} runs read."]
+             f"{verdict} Primary regime: {result.regime}; {sweeps_phrase(result)}; {result.n_runs} runs read."]
     if command:
         lines += ["", f"Command: `{command}`"]
     if wall_time:
@@ -105,8 +104,8 @@ def _fit_section(result: StudyResult, figures: dict[str, str]) -> list[str]:
     lines += _figure(figures, "study_rank_vs_gap", "r* against the gap, and posterior rank per block")
     fit = result.fit
     if fit is None:
-        return lines + [f"No fit: {result.n_tasks} task(s) with a complete rank sweep; the censored fit needs at "
-                        f"least 3 tasks with distinct gaps (the plan asks for 8): run {PRIMARY_SWEEP}."]
+        return lines + [f"No fit: {sweeps_phrase(result)}; the censored fit needs at least 3 tasks with distinct "
+                        f"gaps (the plan asks for 8): run {PRIMARY_SWEEP}."]
     rows = [["beta (r* ~ D^beta)", _fixed(fit.slope)],
             [f"{fit.level:.0%} bootstrap interval ({fit.n_resamples} replicates)",
              f"[{_fixed(fit.slope_interval[0])}, {_fixed(fit.slope_interval[1])}]"],
@@ -239,7 +238,7 @@ def _limits_section(result: StudyResult) -> list[str]:
     seeds = sorted({row.n_seeds for row in result.rank_rows})
     seed_text = "none" if not seeds else str(seeds[0]) if len(seeds) == 1 else f"{seeds[0]} to {seeds[-1]}"
     lines = ["## Limits", "",
-             f"- {result.n_tasks} task(s) with a complete rank sweep (the plan asks for 8).",
+             f"- {sweeps_phrase(result)} (the plan asks for 8).",
              f"- Seeds per (task, rank): {seed_text}.",
              f"- Validation samples per task: {result.validation_samples or 'none read'}."]
     if result.fit is not None:
@@ -255,6 +254,29 @@ def _limits_section(result: StudyResult) -> list[str]:
     missing = _missing_parts(result)
     lines.append(f"- Missing from this study: {'; '.join(missing)}." if missing else "- Every part of the plan has "
                                                                                      "data.")
+    if result.planned_points and not result.missing:
+        lines.append(f"- Every one of the sweep's {result.planned_points} planned points finished.")
+    return lines
+
+
+def _unfinished_section(result: StudyResult) -> list[str]:
+    """The planned points with no finished run (`sweep.json` against the runs read); empty when none."""
+    if not result.missing:
+        return []
+    lines = ["## Planned points that did not finish", "",
+             f"{len(result.missing)} of the sweep's {result.planned_points} planned points have no finished run, "
+             "so the analysis reads the others as they are: a curve without a rank is fitted on the ranks it has "
+             "(its r* interval is wider than planned), and seeds without every rank are left out of their curve. "
+             "Re-run the sweep (`orca-lora sweep SWEEP.yaml` skips the finished points) to fill them.", ""]
+    rows = [[point.name, point.state, point.task or "?", point.method or "?",
+             "?" if point.rank is None else str(point.rank), "?" if point.seed is None else str(point.seed),
+             "yes" if point.primary else "no"] for point in result.missing]
+    lines += _table(["point", "state", "task", "method", "rank", "seed", "primary sweep"], rows)
+    lines += [""] if result.incomplete else []
+    for curve in result.incomplete:
+        hole = f", none at rank {', '.join(map(str, curve.lacking_ranks))}" if curve.lacking_ranks else ""
+        lines.append(f"- {curve.task}: incomplete curve{hole}; r* chosen from ranks "
+                     f"{', '.join(map(str, curve.ranks))}.")
     return lines
 
 
@@ -269,11 +291,11 @@ def write_report(result: StudyResult, directory: Path, command: str = "", wall_t
     directory = Path(directory)
     figures = {path.stem: path.relative_to(directory).as_posix() for path in plot_study(result, directory)
                if path.suffix == ".png"}
-    sections = [_title(result, command, wall_time), _plan(result), _tasks_section(result),
+    sections = [_title(result, command, wall_time), _unfinished_section(result), _plan(result), _tasks_section(result),
                 _fit_section(result, figures), _curves_section(result, figures), _power_section(result),
                 _blocks_section(result, figures), _methods_section(result, figures),
                 _benefits_section(result, figures), _training_section(result), _deviations_section(result),
                 _limits_section(result)]
     path = directory / "report.md"
-    write_text_atomic(path, "\n\n".join("\n".join(section) for section in sections) + "\n")
+    write_text_atomic(path, "\n\n".join("\n".join(section) for section in sections if section) + "\n")
     return path

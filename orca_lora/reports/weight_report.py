@@ -1,7 +1,6 @@
 """The weight analysis' files: update_spectra.csv, subspace_similarity.csv, the phi grids, analysis.json and the figures, and its console summary (`orca-lora analyze`)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
 
@@ -11,7 +10,7 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.ticker import MaxNLocator, ScalarFormatter
 
-from orca_lora.files import write_text_atomic
+from orca_lora.files import strict_json_text, write_text_atomic
 from orca_lora.models.model import BODY_PREFIX
 from orca_lora.reports.figures import save_figure, subplots
 from orca_lora.weights.analysis import AnalysisResult, ModuleSimilarity, ModuleSpectrum, RunWeights, measure_runs
@@ -85,7 +84,7 @@ def write_tables(runs: Sequence[RunWeights], spectra: Sequence[ModuleSpectrum],
         "singular_values": {run.label: {s.module: s.diagnostic.singular_values for s in spectra if s.run == run.label}
                             for run in runs},
     }
-    tables[out_dir / "analysis.json"] = json.dumps(summary, indent=2) + "\n"
+    tables[out_dir / "analysis.json"] = strict_json_text(summary)
     for path, text in tables.items():
         write_text_atomic(path, text)
     return list(tables)

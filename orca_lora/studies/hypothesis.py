@@ -10,7 +10,6 @@ measured (`power`).
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from orca_lora.files import write_text_atomic
+from orca_lora.files import write_json_atomic
 from orca_lora.studies import block_evidence as blocks
 from orca_lora.studies.method_shares import (
     MethodShare,
@@ -33,6 +32,8 @@ from orca_lora.studies.power import PowerResult, simulate_power
 from orca_lora.studies.rank_threshold import RankLawFit, TaskCurve, fit_threshold_law, smallest_sufficient_rank
 from orca_lora.studies.stats.bootstrap import seed_se, seed_standard_error
 from orca_lora.studies.study_runs import (
+    MissingPoint,
+    PlanCheck,
     Regime,
     StudyRun,
     primary_regime,
@@ -80,6 +81,16 @@ class NoiseEstimate:
 
 
 @dataclass
+class IncompleteCurve:
+    """A primary rank curve that lacks points of the sweep's plan: analysed on what finished, and said so."""
+
+    task: str
+    ranks: list[int]  # the ranks it holds: r* is chosen among these
+    lacking_ranks: list[int]  # planned ranks with no run in the curve at all: holes in its grid
+    points: list[str]  # the missing points' names
+
+
+@dataclass
 class StudyResult:
     regime: str
     n_runs: int
@@ -99,6 +110,9 @@ class StudyResult:
     training: list[TrainingCheck] = field(default_factory=list)
     deviations: list[str] = field(default_factory=list)  # what the analysis had to do that the plan did not say
     validation_samples: int = 0  # per task (the smallest, if they differ)
+    planned_points: int = 0  # in the sweep plans read (0: the directories hold no sweep.json)
+    missing: list[MissingPoint] = field(default_factory=list)  # planned points with no finished run
+    incomplete: list[IncompleteCurve] = field(default_factory=list)  # fitted curves lacking planned points
     verdict: str = ""
 
 
@@ -170,8 +184,9 @@ def measured_power(curves: Sequence[TaskCurve], noise: Sequence[NoiseEstimate], 
 
 
 def evaluate_study(runs: Sequence[StudyRun], n_resamples: int = 999, seed: int = 0,
-                   power_studies: int = 100) -> StudyResult:
-    """Every analysis of the plan on the runs of one study (read with `study_runs.read_study`)."""
+                   power_studies: int = 100, plan: Optional[PlanCheck] = None) -> StudyResult:
+    """Every analysis of the plan on the runs of one study (read with `study_runs.read_study`); `plan`, the
+    runs checked against the sweep's plan (`study_runs.check_plan`), names the points that did not finish."""
     regime = primary_regime(runs)
     swept = rank_curves(runs, regime)
     curves = [curve for curve in swept if curve.gap > 0]
@@ -184,6 +199,9 @@ def evaluate_study(runs: Sequence[StudyRun], n_resamples: int = 999, seed: int =
                          "undefined and the task is left out of the fit" for curve in swept if curve.gap <= 0]
     result.deviations += incomplete_curves(runs, swept, regime)
     result.validation_samples = min((curve.errors.shape[2] for curve in curves), default=0)
+    if plan is not None:
+        result.planned_points, result.missing = plan.n_planned, list(plan.missing)
+        result.incomplete = incomplete_against_plan(curves, plan.missing)
     result.posterior = blocks.posterior_points(runs, regime)
     result.one_block = blocks.one_block_points(runs, regime)
     result.energy = blocks.energy_points(runs, regime) if select_any(runs, "full", regime) else []
@@ -208,6 +226,28 @@ def incomplete_curves(runs: Sequence[StudyRun], curves: Sequence[TaskCurve], reg
         if missing:
             notes.append(f"{curve.task}: seed(s) {missing} lack a rank of the grid and are left out of its curve")
     return notes
+
+
+def incomplete_against_plan(curves: Sequence[TaskCurve], missing: Sequence[MissingPoint]) -> list[IncompleteCurve]:
+    """The curves that lack planned points of the primary sweep: a rank no seed finished is a hole in the
+    grid (r* is chosen from the ranks that are there, its censoring interval wider), a rank some seeds
+    finished leaves the others out of the curve (`incomplete_curves`)."""
+    incomplete = []
+    for curve in curves:
+        lacking = [point for point in missing if point.primary and point.task == curve.task]
+        if lacking:
+            ranks = [int(rank) for rank in curve.ranks]
+            holes = sorted({point.rank for point in lacking if point.rank is not None} - set(ranks))
+            incomplete.append(IncompleteCurve(curve.task, ranks, holes, [point.name for point in lacking]))
+    return incomplete
+
+
+def sweeps_phrase(result: StudyResult) -> str:
+    """"4 task(s) with a complete rank sweep", or how many of them lack planned points."""
+    if not result.incomplete:
+        return f"{result.n_tasks} task(s) with a complete rank sweep"
+    names = ", ".join(curve.task for curve in result.incomplete)
+    return f"{result.n_tasks} task(s) with a rank sweep, {len(result.incomplete)} of them incomplete ({names})"
 
 
 def select_any(runs: Sequence[StudyRun], method: str, regime: Regime) -> bool:
@@ -242,9 +282,9 @@ def flat_tasks(fit: RankLawFit) -> list[str]:
 def verdict(result: StudyResult) -> str:
     """The verdict sentence, computed from the statistics, with what limits it."""
     if result.fit is None:
-        return (f"No verdict: {result.n_tasks} task(s) with a complete rank sweep; the censored fit needs at least 3 "
-                "(the plan asks for 8).")
-    sentences = [_fit_sentence(result.fit, result.n_tasks)]
+        return " ".join([f"No verdict: {sweeps_phrase(result)}; the censored fit needs at least 3 (the plan asks "
+                         "for 8).", *_missing_sentences(result)])
+    sentences = [_fit_sentence(result.fit, result.n_tasks), *_missing_sentences(result)]
     at_one = next((p for p in result.power if p.beta == 1.0), None)
     at_zero = next((p for p in result.power if p.beta == 0.0), None)
     if at_one and at_zero:
@@ -264,20 +304,26 @@ def verdict(result: StudyResult) -> str:
     return " ".join(sentences)
 
 
-def _plain(value):
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    return value
+def _missing_sentences(result: StudyResult) -> list[str]:
+    """What the verdict lacks: the planned points that did not finish, and the curves analysed without them."""
+    if not result.missing:
+        return []
+    primary = [point.describe() for point in result.missing if point.primary]
+    others = [point.name for point in result.missing if not point.primary]
+    listing = "; ".join(primary + ([f"outside the primary sweep: {', '.join(others)}"] if others else []))
+    sentences = [f"These runs lack {len(result.missing)} of the sweep's {result.planned_points} planned points: "
+                 f"{listing}. Re-run the sweep to fill them (it skips the finished points)."]
+    for curve in result.incomplete:
+        hole = f" (no run at rank {', '.join(map(str, curve.lacking_ranks))})" if curve.lacking_ranks else ""
+        sentences.append(f"The {curve.task} curve is incomplete{hole}: its r* is chosen from ranks "
+                         f"{', '.join(map(str, curve.ranks))} over the seeds that finished every one.")
+    return sentences
 
 
 def write_study(result: StudyResult, directory: Path) -> Path:
-    """`hypothesis.json` in `directory`: every number of the result, and the verdict."""
+    """`hypothesis.json` in `directory`: every number of the result, and the verdict, as strict JSON: an
+    undefined statistic is null, and so is an unbounded end of an interval (a log2 r* censored at the grid's
+    end, whose side says which)."""
     path = Path(directory) / "hypothesis.json"
-    write_text_atomic(path, json.dumps(_plain(asdict(result)), indent=2) + "\n")
+    write_json_atomic(path, asdict(result))
     return path

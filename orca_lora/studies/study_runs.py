@@ -1,6 +1,9 @@
 """A study's finished runs, read from saved run files only (metrics.json, config.yaml, gaps.csv,
 stage3/sample_errors.npz), and grouped into the curves the rank-vs-gap analysis reads (README, "The rank-vs-gap study").
 
+A sweep's plan (`sweep.json`) says which runs should be there: `check_plan` names the planned points
+without a finished run, each with the curve it belongs to.
+
 A curve is one (task, method, allocation, regime, block ranks): its runs may differ only in `seed`
 and `stage3.rank`; every other setting must agree, or reading fails naming the setting. Within a
 task, every run must agree on everything but the design's own axes (the stage-3 settings, the
@@ -18,7 +21,16 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from orca_lora.run_files import FinishedRun, module_block, read_finished_runs, read_gaps, read_sample_errors
+from orca_lora.run_files import (
+    FinishedRun,
+    PlannedPoint,
+    module_block,
+    read_finished_runs,
+    read_gaps,
+    read_sample_errors,
+    read_sweep_plans,
+    unfinished,
+)
 from orca_lora.studies.compare import first_difference
 from orca_lora.studies.rank_threshold import TaskCurve
 
@@ -104,6 +116,77 @@ def read_study(directories: Sequence[Path]) -> list[StudyRun]:
     return runs
 
 
+@dataclass
+class MissingPoint:
+    """A point of the sweep's plan with no finished run to analyse. Its curve is that of a finished point
+    of the plan whose overrides differ from its own in seed and stage3.rank only (unknown without one)."""
+    name: str
+    directory: str
+    state: str  # `run_files.unfinished`: not started, diverged, stopped in a stage
+    rank: Optional[int]  # as the point sets it (None: the base config's, unknown here)
+    seed: Optional[int]
+    task: Optional[str] = None
+    method: Optional[str] = None
+    primary: bool = False  # in a rank curve of the primary sweep (uniform LoRA in the primary regime)
+
+    def describe(self) -> str:
+        """`darcy_rank4_seed0 (darcy, lora, rank 4, seed 0; diverged)`."""
+        parts = (self.task, self.method, None if self.rank is None else f"rank {self.rank}",
+                 None if self.seed is None else f"seed {self.seed}")
+        where = ", ".join(part for part in parts if part)
+        return f"{self.name} ({where + '; ' if where else ''}{self.state})"
+
+
+@dataclass
+class PlanCheck:
+    """The runs against the sweep plans under the study's directories (none: not a sweep)."""
+    n_planned: int
+    missing: list[MissingPoint]
+
+
+def check_plan(directories: Sequence[Path], runs: Sequence[StudyRun]) -> PlanCheck:
+    """Every point of the sweep plans under `directories` (`run_files.read_sweep_plans`) that `runs` lack."""
+    plans = read_sweep_plans(directories)
+    return PlanCheck(sum(map(len, plans)), missing_points(plans, runs))
+
+
+def missing_points(plans: Sequence[Sequence[PlannedPoint]], runs: Sequence[StudyRun]) -> list[MissingPoint]:
+    """The planned points `runs` lack, each with why (`run_files.unfinished`) and, from a finished sibling
+    point (`_curve_key`), the curve it would have joined."""
+    read = {Path(run.directory).resolve(): run for run in runs}
+    primary = primary_regime(runs) if any(_is_uniform_lora(run) for run in runs) else None
+    missing = []
+    for plan in plans:
+        finished = [(point, read[point.directory.resolve()]) for point in plan if point.directory.resolve() in read]
+        for point in plan:
+            if point.directory.resolve() in read:
+                continue
+            state = unfinished(point) or "finished, but not read (written after the analysis started)"
+            rank, seed = point.override("stage3.rank"), point.override("seed")
+            entry = MissingPoint(point.name, str(point.directory), state, _integer(rank), _integer(seed))
+            sibling = next((run for other, run in finished if _curve_key(other) == _curve_key(point)), None)
+            if sibling is not None:
+                entry.task, entry.method = sibling.task, sibling.method
+                entry.rank = sibling.rank if entry.rank is None else entry.rank
+                entry.seed = sibling.seed if entry.seed is None else entry.seed
+                entry.primary = _is_uniform_lora(sibling) and sibling.regime == primary
+            missing.append(entry)
+    return missing
+
+
+def _curve_key(point: PlannedPoint) -> tuple[str, ...]:
+    """A planned point's overrides less those that may differ inside one curve (CURVE_SWEPT)."""
+    return tuple(sorted(item for item in point.overrides if item.split("=", 1)[0] not in CURVE_SWEPT))
+
+
+def _integer(value: Optional[str]) -> Optional[int]:
+    return int(value) if value is not None and value.lstrip("-").isdigit() else None
+
+
+def _is_uniform_lora(run: StudyRun) -> bool:
+    return run.method == "lora" and run.allocation == "uniform" and not run.block_ranks
+
+
 def check_groups(runs: Sequence[StudyRun]) -> None:
     """Raise naming the first setting that differs inside a curve, or inside a task outside the design's axes."""
     checks = ((lambda run: run.curve, CURVE_SWEPT, "inside one curve only seed and stage3.rank may differ"),
@@ -128,7 +211,7 @@ def primary_regime(runs: Sequence[StudyRun]) -> Regime:
     """The regime of the main rank sweep: the one with the most uniform LoRA runs."""
     counts: dict[Regime, int] = defaultdict(int)
     for run in runs:
-        if run.method == "lora" and run.allocation == "uniform" and not run.block_ranks:
+        if _is_uniform_lora(run):
             counts[run.regime] += 1
     if not counts:
         raise ValueError("no uniform LoRA runs (stage3.method=lora, stage2.allocation=uniform) to sweep ranks from")

@@ -2,7 +2,8 @@
 
 For every run, each adapted Linear's weight change E = W_trained - W0 (for plain LoRA the update
 s B A itself) gets its singular values, energy rank and best rank-r error, r being the LoRA rank the
-run gave the module (for a `full` run, the rank stage 2 chose for it). For every pair of adapter
+run gave the module (for ibp-lora the posterior rank it was pruned to; for a `full` run, the rank stage 2
+chose for it). For every pair of adapter
 runs, the A matrices of each module they share are compared by phi(A1, A2, i, j). So
 `analyze_runs([lora_a, lora_b])` gives heat maps and both runs' update spectra, `analyze_runs([full])`
 the minimal-rank table, and a mix gives each where it applies. The math is in subspace.py.
@@ -22,7 +23,7 @@ from orca_lora.adapters.spec import METHODS, get_method
 from orca_lora.config import Config, read_saved
 from orca_lora.models.model import BODY_PREFIX
 from orca_lora.models.source import load_source_body
-from orca_lora.run_files import RunFiles, diverged, read_metrics, read_ranks
+from orca_lora.run_files import RunFiles, diverged, read_effective_ranks, read_metrics
 from orca_lora.weights.subspace import RankDiagnostic, random_subspace_similarity, rank_diagnostic, subspace_similarity
 
 MODEL_PREFIX = "model."  # stage 3 saves the FinetuneModule's state, which holds the OrcaModel as `model`
@@ -67,11 +68,11 @@ def check_run(directory: Path) -> Config:
         analysed = sorted(name for name, spec in METHODS.items() if spec.weight_change is not None)
         raise ValueError(f"{config_file}: stage3.method={config.stage3.method!r} has no weight change W - W0 "
                          f"to analyse (rules exist for {analysed}); pass runs of those methods")
-    for needed in (run.ranks, run.trainable):
+    for needed in (run.ranks, run.trainable, run.metrics):
         if not needed.is_file():
             raise FileNotFoundError(f"{needed} not found: the run has not finished; finish it with "
                                     f"`orca-lora run {config_file}`")
-    if run.is_finished() and diverged(read_metrics(run)):
+    if diverged(read_metrics(run)):
         raise ValueError(f"{run.metrics}: non-finite errors, the run diverged; leave it out or re-run it "
                          "with a lower stage3.lr")
     return config
@@ -81,7 +82,7 @@ def read_run(directory: Path, label: str, config: Config, frozen: FrozenWeights)
     """Every adapted module's weight change (and A matrix, for adapter runs) from a finished run."""
     run = RunFiles(directory)
     method, trainable = config.stage3.method, run.trainable
-    ranks = {name: int(rank) for name, rank in read_ranks(run).ranks.items()}
+    ranks = tested_ranks(run)
     state = load_file(str(trainable))
     rule = get_method(method).weight_change
     changes, lora_A = {}, {}
@@ -97,6 +98,16 @@ def read_run(directory: Path, label: str, config: Config, frozen: FrozenWeights)
         if "lora_A" in params:
             lora_A[module] = params["lora_A"]
     return RunWeights(label, directory, method, ranks, changes, lora_A)
+
+
+def tested_ranks(run: RunFiles) -> dict[str, int]:
+    """module -> the rank of the adapter tested, whose tensors trainable.safetensors holds: ibp-lora's
+    posterior ranks (it prunes to them; a module at rank 0 keeps no adapter, so no change, and is left
+    out), else the ranks the run trained with (a stage-3 allocation's, else stage 2's)."""
+    posterior = read_metrics(run).posterior_ranks
+    if posterior is not None:
+        return {name: int(rank) for name, rank in posterior.items() if rank > 0}
+    return {name: int(rank) for name, rank in read_effective_ranks(run).ranks.items()}
 
 
 def _trained_shape(params: Mapping[str, Tensor]) -> tuple[int, int]:

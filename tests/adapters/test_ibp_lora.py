@@ -15,13 +15,14 @@ from orca_lora import choices
 from orca_lora.adapters.ibp_lora import IBPLoRALinear, ibp_layers, prune, total_kl
 from orca_lora.adapters.inject import match_targets, replace_modules
 from orca_lora.adapters.io import CONFIG_NAME, save_peft_adapter
-from orca_lora.adapters.lora import LoRALinear
+from orca_lora.adapters.lora import LORA_CHANGE, LoRALinear
 from orca_lora.adapters.spec import METHODS, get_method
 from orca_lora.config import ConfigError, Stage3Config
 from orca_lora.config_load import load_config
 from orca_lora.reports.run_plots import plot_run
 from orca_lora.pipeline import run_pipeline
-from orca_lora.run_files import RunFiles, read_sample_errors
+from orca_lora.reports.weight_report import analyze_runs
+from orca_lora.run_files import RunFiles, read_marker, read_sample_errors
 
 QUICKSTART = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
 
@@ -58,6 +59,10 @@ def test_pruning_keeps_the_open_components_as_a_plain_lora():
     pruned = layer.pruned()
     assert isinstance(pruned, LoRALinear) and pruned.rank == 2 and pruned.alpha == layer.alpha
     torch.testing.assert_close(pruned(x), dropped(x))
+    # `analyze` reads the pruned tensors as a plain LoRA's: the change is what pruning kept
+    saved = {name: getattr(pruned, name).detach() for name in ("lora_A", "lora_B")}
+    change = get_method("ibp-lora").weight_change.compute(saved, None, Stage3Config(alpha=layer.alpha))
+    torch.testing.assert_close(change, dropped.delta_weight())
     closed = gated_layer([-1.0, -2.0])
     assert closed.pruned() is closed.base_layer
 
@@ -107,7 +112,7 @@ def test_a_vanishing_prior_mass_shuts_the_gates():
 def test_the_method_is_registered_and_refuses_ranks_without_masses():
     assert "ibp-lora" in METHODS and "ibp-lora" in choices.METHODS
     spec = get_method("ibp-lora")
-    assert spec.peft_export and spec.mergeable and spec.weight_change is None
+    assert spec.peft_export and spec.mergeable and spec.weight_change is LORA_CHANGE  # of the pruned adapters
     for setting in ("stage2.allocation=uniform", "stage2.enabled=false"):
         with pytest.raises(ConfigError, match=r"stage2.allocation: ibp-lora .* use stage2.allocation flat .*, gap "
                                               r"or gap-relative"):
@@ -155,12 +160,20 @@ def test_a_tiny_flat_prior_run_reports_its_pruned_adapter(tiny_overrides):
     assert metrics.trained_params > metrics.trainable_params
     saved = json.loads((result.directory / "metrics.json").read_text())
     assert saved["posterior_ranks"] == metrics.posterior_ranks and saved["posterior_caps"] == metrics.posterior_caps
-    # the test split was scored on the pruned model: its per-sample errors average to the reported error
+    # the test split was scored on the pruned model: its per-sample errors average to the reported error,
+    # and so do its validation errors; the unpruned model's, which chose the checkpoint, stand beside them
     errors = read_sample_errors(RunFiles(result.directory))
     assert np.isclose(errors.test.mean(), metrics.test_error, rtol=1e-5)
+    assert np.isclose(errors.val.mean(), metrics.best_val_error, rtol=1e-5)
+    stage3 = read_marker(RunFiles(result.directory), "stage3").result
+    assert stage3["best_val_error"] == metrics.best_val_error and 0 <= stage3["unpruned_val_error"] <= 1
+    assert metrics.unpruned_val_error == stage3["unpruned_val_error"]  # named so in metrics.json too
+    # `analyze` reads the pruned adapters at their posterior ranks, leaving out the modules pruned to rank 0
+    kept = {name: rank for name, rank in metrics.posterior_ranks.items() if rank > 0}
+    analysed = analyze_runs([result.directory], result.directory / "analysis")
+    assert {(s.module, s.diagnostic.rank) for s in analysed.spectra} == set(kept.items())
     adapter = RunFiles(result.directory).adapter
     config = peft.LoraConfig.from_pretrained(str(adapter))
-    kept = {name: rank for name, rank in metrics.posterior_ranks.items() if rank > 0}
     assert set(config.target_modules) == set(kept)
     assert {name: config.rank_pattern.get(name.replace(".", r"\."), config.r) for name in kept} == kept
     assert RunFiles(result.directory).plots / "posterior_ranks.png" in plot_run(result.directory)

@@ -6,10 +6,12 @@ from pathlib import Path
 
 import pytest
 from reports.test_study_plots import bare_result, study_result
+from studies.test_hypothesis import write_failed_point_sweep
 
 from orca_lora.reports import study_plots
 from orca_lora.reports import study_report as report
-from orca_lora.studies.hypothesis import StudyResult, verdict
+from orca_lora.studies.hypothesis import StudyResult, evaluate_study, verdict
+from orca_lora.studies.study_runs import check_plan, read_study
 
 SECTIONS = ["# Does the LoRA rank", "## Analysis plan", "## Tasks", "## Primary fit", "## Error against rank",
             "## Power at the measured noise", "## Per block", "## Methods against full fine-tuning",
@@ -145,3 +147,17 @@ def test_an_empty_result_still_reports(tmp_path):
     assert "No verdict was computed." in text and "No task has a complete rank sweep" in text
     assert "No rank curves" in text and "No noise estimates" in text and "![" not in text
 
+
+
+def test_a_failed_point_of_the_sweeps_plan_is_named_and_its_curve_not_called_complete(tmp_path):
+    runs = read_study([write_failed_point_sweep(tmp_path)])
+    result = evaluate_study(runs, n_resamples=19, power_studies=0, plan=check_plan([tmp_path], runs))
+    text = written(result, tmp_path)
+    assert "complete rank sweep" not in text
+    assert "3 task(s) with a rank sweep, 1 of them incomplete (darcy); 8 runs read." in text
+    section = text[text.index("## Planned points that did not finish"):text.index("## Analysis plan")]
+    assert "1 of the sweep's 9 planned points have no finished run" in section
+    assert "| darcy_rank4 | stopped in stage1: failed, interrupted or still running | darcy | lora | 4 | 0 | yes |" \
+        in section
+    assert "- darcy: incomplete curve, none at rank 4; r* chosen from ranks 1, 8." in section
+    assert "darcy_rank4 (darcy, lora, rank 4, seed 0;" in text.split("\n\n")[1]  # the verdict names it

@@ -169,6 +169,10 @@ def test_runs_missing_what_is_needed_are_named(tiny_runs, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def refuse_non_json(constant):
+    raise ValueError(f"{constant} is not JSON")
+
+
 def test_fake_runs_give_tables_figures_and_text(tmp_path, monkeypatch):
     first = adapter_run("a", {"body.m1": 2}, seed=0)
     second = adapter_run("b", {"body.m1": 3}, seed=1)
@@ -196,5 +200,7 @@ def test_fake_runs_give_tables_figures_and_text(tmp_path, monkeypatch):
     rows = read_rows(tmp_path / "update_spectra.csv")
     assert [row["energy_rank"] for row in rows] == [str(result.spectra[0].diagnostic.energy_rank), "0"]
     assert float(rows[0]["rank_error"]) == pytest.approx(sigma[2], rel=1e-5)
+    saved = json.loads((tmp_path / "analysis.json").read_text(), parse_constant=refuse_non_json)  # strict JSON
+    assert saved["runs"]["a"]["method"] == "lora" and saved["singular_values"]["b"]["body.m1"] == [0.0] * 5
     text = format_analysis(result)
     assert "a vs b" in text and "body.m1" in text and "5x12" in text

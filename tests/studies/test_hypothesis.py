@@ -3,16 +3,20 @@
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from study_toys import RANKS, planted_curve, write_study, write_study_run
 
+from orca_lora import cli
+from orca_lora.run_files import RunFiles, StageRecord, write_marker
 from orca_lora.studies import hypothesis as hyp
 from orca_lora.studies.method_shares import TrainingCheck
 from orca_lora.studies.rank_threshold import VERDICTS
-from orca_lora.studies.study_runs import read_study
+from orca_lora.studies.study_runs import check_plan, read_study
+from orca_lora.sweeps.grid import SweepPoint
 
 PLANTED = (("procedural", 0.02, 1), ("darcy", 0.1, 4), ("spectrogram", 0.4, 8), ("grf-texture", 1.0, 32))
 
@@ -84,11 +88,24 @@ def test_the_verdict_sentence_names_the_verdict_label(study):
     assert hyp.verdict(dataclasses.replace(result, fit=None, n_tasks=2)).startswith("No verdict: 2 task(s)")
 
 
-def test_write_study_writes_json_that_loads(study, tmp_path):
+def strict_json(path: Path):
+    """The file parsed as strict JSON: NaN, Infinity and -Infinity refused, as jq and JavaScript do."""
+    def refuse(constant):
+        raise ValueError(f"{path}: {constant} is not JSON")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_write_study_writes_strict_json_that_loads(study, tmp_path):
     _, _, result = study
     path = hyp.write_study(result, tmp_path)
     assert path == tmp_path / "hypothesis.json"
-    loaded = json.loads(path.read_text())
+    # undefined statistics (procedural's seed sd, ...) are NaN in the result
+    assert "NaN" in json.dumps(dataclasses.asdict(result), default=lambda array: array.tolist())
+    loaded = strict_json(path)
+    assert next(n for n in loaded["noise"] if n["task"] == "procedural")["seed_sd"] is None
+    low, high = next(t for t in loaded["fit"]["tasks"] if t["task"] == "procedural")["log2_interval"]
+    assert low is None and high == 0.0  # r* = 1, the grid's lowest rank: unbounded below
     assert loaded["verdict"] == result.verdict and loaded["n_tasks"] == 4
     assert [t["r_star"] for t in loaded["fit"]["tasks"]] == [t.r_star for t in result.fit.tasks]
     assert loaded["fit"]["slope_interval"] == pytest.approx(list(result.fit.slope_interval))
@@ -148,3 +165,55 @@ def test_test_errors_are_reported_over_the_seeds_of_the_validation_curve(tmp_pat
     assert row.n_seeds == 2 and row.val_error == pytest.approx(0.3, abs=1e-3)
     assert row.test_error == pytest.approx(0.3, abs=1e-3)
     assert next(c for c in result.chosen if c.task == "darcy").r_star_on_test == 2
+
+
+def write_failed_point_sweep(root: Path) -> Path:
+    """A sweep of ranks 1, 4, 8 on three tasks (one seed) whose darcy rank-4 point stopped in stage 1 (it
+    diverged, or its process died), with the sweep's plan (sweep.json) as `run_sweep` writes it."""
+    points = []
+    for task, gap, curve in (("darcy", 0.1, (0.3, 0.1, 0.1)), ("procedural", 0.5, (0.3, 0.2, 0.1)),
+                             ("spectrogram", 2.0, (0.3, 0.3, 0.1))):
+        for rank, error in zip((1, 4, 8), curve):
+            name = f"{task}_rank{rank}"
+            points.append(SweepPoint(name, {"task": task, "rank": f"rank{rank}"},
+                                     (f"task.name={task}", f"stage3.rank={rank}")))
+            if name == "darcy_rank4":
+                write_marker(RunFiles(root / name), "stage1", StageRecord("hash"))
+                continue
+            errors = error + 0.001 * np.sin(np.arange(20) + rank)
+            write_study_run(root, name, task=task, rank=rank, val_errors=errors, test_errors=errors,
+                            block_gaps=np.full(6, gap))
+    (root / "sweep.json").write_text(json.dumps({"name": "study", "base": "base.yaml", "set": [],
+                                                 "points": [dataclasses.asdict(point) for point in points]}))
+    return root
+
+
+def test_a_failed_point_of_the_sweeps_plan_is_named_and_its_curve_is_not_complete(tmp_path):
+    runs = read_study([write_failed_point_sweep(tmp_path)])
+    result = hyp.evaluate_study(runs, n_resamples=19, power_studies=0, plan=check_plan([tmp_path], runs))
+    point, = result.missing
+    assert (point.name, point.task, point.method, point.rank, point.seed, point.primary) == \
+        ("darcy_rank4", "darcy", "lora", 4, 0, True)
+    assert point.state == "stopped in stage1: failed, interrupted or still running" and result.planned_points == 9
+    assert result.incomplete == [hyp.IncompleteCurve("darcy", [1, 8], [4], ["darcy_rank4"])]
+    # analysed as what it is: darcy's r* from ranks 1 and 8 is 8, censored above (rank 4 would have been r*)
+    assert result.fit is not None and result.n_tasks == 3
+    assert {t.task: (t.r_star, t.log2_interval) for t in result.fit.tasks}["darcy"] == (8, (0.0, math.inf))
+    assert hyp.sweeps_phrase(result) == "3 task(s) with a rank sweep, 1 of them incomplete (darcy)"
+    assert "These runs lack 1 of the sweep's 9 planned points: darcy_rank4 (darcy, lora, rank 4, seed 0; stopped " \
+           "in stage1: failed, interrupted or still running). Re-run the sweep" in result.verdict
+    assert "The darcy curve is incomplete (no run at rank 4): its r* is chosen from ranks 1, 8" in result.verdict
+    (tmp_path / "sweep.json").unlink()  # not a sweep: analysed as before, nothing to name
+    plain = hyp.evaluate_study(runs, n_resamples=19, power_studies=0, plan=check_plan([tmp_path], runs))
+    assert plain.missing == [] and plain.incomplete == [] and "lack" not in plain.verdict
+
+
+def test_hypothesis_names_the_failed_point_on_the_console_and_writes_strict_json(tmp_path, capsys):
+    write_failed_point_sweep(tmp_path)
+    assert cli.main(["hypothesis", str(tmp_path), "--resamples", "19", "--power-studies", "0"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("not finished: darcy_rank4 (darcy, lora, rank 4, seed 0; stopped in stage1: failed")
+    assert "The darcy curve is incomplete (no run at rank 4)" in out
+    loaded = strict_json(tmp_path / "hypothesis.json")
+    assert [point["name"] for point in loaded["missing"]] == ["darcy_rank4"]
+    assert loaded["incomplete"][0]["lacking_ranks"] == [4]

@@ -1,64 +1,46 @@
 import json
 import shlex
-from concurrent.futures import ThreadPoolExecutor
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
 import pytest
 
 from orca_lora.config import ConfigError
 from orca_lora.config_load import load_config
+from orca_lora.errors import RunInterrupted
+from orca_lora.run_files import RunFiles, read_failure
+from orca_lora.run_lock import RunDirectoryBusy
 from orca_lora.sweeps import sweep as sweeps
-from orca_lora.sweeps import workers as sweep_workers
-from orca_lora.sweeps.sweep import format_value, grid_points, load_sweep, print_commands, run_sweep
+from orca_lora.sweeps.stopping import SweepInterrupted
+from orca_lora.sweeps.sweep import load_sweep, print_commands, run_sweep
+from orca_lora.sweeps.workers import FAILED, FINISHED, PointOutcome
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_POINTS = ["darcy_rank1_uniform", "darcy_rank2_uniform", "near_rank1_uniform", "near_rank2_uniform",
                "darcy_rank2_gap-aware"]
 
 
-def test_format_value_writes_what_set_reads():
-    assert [format_value(v) for v in (True, False, None, 0.5, 3, "darcy", [2, 2])] == \
-        ["true", "false", "null", "0.5", "3", "darcy", "[2,2]"]
-
-
-def test_grid_points_are_the_union_of_products_in_file_order():
-    grids = [{"task": {"a": {"task.name": "darcy"}, "b": {"task.name": "procedural", "task.n_classes": 4}},
-              "stage3.rank": [1, 4]},
-             {"task": {"a": {"task.name": "darcy"}}, "stage3.rank": [4, 8]}]
-    points = grid_points(grids)
-    assert [p.name for p in points] == ["a_rank1", "a_rank4", "b_rank1", "b_rank4", "a_rank8"]
-    assert points[2].overrides == ("task.name=procedural", "task.n_classes=4", "stage3.rank=1")
-    assert points[2].labels == {"task": "b", "rank": "rank1"}
-
-
-def test_axes_sharing_a_last_key_part_keep_their_full_keys():
-    points = grid_points([{"stage3.rank": [2], "stage2.rank": [3]}])
-    assert points[0].name == "stage3.rank2_stage2.rank3"
-
-
-@pytest.mark.parametrize("grids, message", [
-    ([{"stage3.rank": []}], "non-empty list"),
-    ([{"task": {"a": "darcy"}}], "must map config keys to values"),
-    ([{}], "non-empty mapping of axes"),
-    ([{"task": {"a": {"task.name": "darcy"}}}, {"task": {"a": {"task.name": "cifar10"}}}], "both named 'a'"),
-])
-def test_bad_grids_are_refused_naming_the_axis(grids, message):
-    with pytest.raises(ConfigError, match=message):
-        grid_points(grids)
-
-
 @pytest.mark.parametrize("text, message", [
-    ("name: s\nbase: {base}\ngrid: {{stage3.rank: [1]}}\nextra: 1\n", r"unknown key\(s\) \['extra'\]"),
-    ("name: s\ngrid: {{stage3.rank: [1]}}\n", "missing 'base'"),
-    ("name: s\nbase: {base}\ngrid: {{stage3.rank: [1]}}\ngrids: []\n", "exactly one of 'grid'"),
-    ("name: s\nbase: {base}\ngrid: {{stage3.rank: [1, 0]}}\n", r"point rank0: .*stage3.rank"),
-    ("name: s\nbase: {base}\ngrid: {{stage3.method: [lora, loar]}}\n", r"point methodloar: .*stage3.method"),
+    ("name: s\nbase: {base}\ngrid: {{stage3.rank: [1]}}\nextra: 1\n", r"^unknown key\(s\) \['extra'\]"),
+    ("name: s\ngrid: {{stage3.rank: [1]}}\n", "^missing 'base'"),
+    ("name: s\nbase: {base}\ngrid: {{stage3.rank: [1]}}\ngrids: []\n", "^give exactly one of 'grid'"),
+    ("name: s\nbase: {base}\ngrids: []\n", r"^empty grid: .* has `grids: \[\]`"),
+    ("name: s\nbase: {base}\ngrid: {{stage3.rank: [1, 0]}}\n", r"^point rank0: stage3.rank"),
+    ("name: s\nbase: {base}\ngrid: {{stage3.method: [lora, loar]}}\n", r"^point methodloar: stage3.method"),
+    ("name: s\nbase: {base}\ngrid: {{stage3.rnk: [1]}}\n", r"^point rnk1: unknown key 'stage3.rnk'"),
+    ("name: s\nbase: {base}\nset: [trainer.max_epoch=3]\ngrid: {{stage3.rank: [1]}}\n",
+     r"^unknown key 'trainer.max_epoch'"),
+    ("name: s\nbase: {base}\ngrid: {{stage3.rank: [1]}}\nslurm: {{partiton: gpu}}\n",
+     r"^unknown slurm setting\(s\) \['partiton'\]"),
 ])
-def test_bad_sweep_files_fail_before_anything_runs(tmp_path, text, message):
+def test_bad_sweep_files_fail_before_anything_runs_naming_the_problem_first(tmp_path, text, message):
     path = tmp_path / "sweep.yaml"
     path.write_text(text.format(base=REPO / "configs" / "quickstart.yaml"))
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ConfigError, match=message) as refused:
         load_sweep(path, [f"output.root={tmp_path / 'runs'}"])
+    assert len(str(refused.value).replace(str(path), "")) < 250, "no list of every override"
     assert not (tmp_path / "runs").exists()
 
 
@@ -74,23 +56,30 @@ def test_printed_commands_resolve_to_the_points_configs(tmp_path, tiny_sweep_fil
         assert config.output.root == str(tmp_path / "runs" / "tiny") and config.output.name == point.name
 
 
-def test_one_failing_point_does_not_stop_the_others(tmp_path, tiny_sweep_file, monkeypatch):
-    sweep = load_sweep(tiny_sweep_file, [f"output.root={tmp_path / 'runs'}"])
-    ran = []
-
-    def fake_pipeline(config):
+def fake_pipeline(ran: list, outcomes: dict):
+    """run_pipeline's stand-in: records the point, raises what `outcomes` names for it."""
+    def run(config):
         from orca_lora.pipeline import RunResult
 
         ran.append(config.output.name)
-        if config.output.name == "near_rank1_uniform":
-            raise RuntimeError("out of memory")
-        return RunResult(tmp_path / "runs" / config.output.name, None)
+        if config.output.name in outcomes:
+            raise outcomes[config.output.name]
+        return RunResult(Path(config.output.root) / config.output.name, None)
+    return run
 
-    monkeypatch.setattr("orca_lora.pipeline.run_pipeline", fake_pipeline)
+
+def test_one_failing_point_does_not_stop_the_others(tmp_path, tiny_sweep_file, monkeypatch):
+    sweep = load_sweep(tiny_sweep_file, [f"output.root={tmp_path / 'runs'}"])
+    ran = []
+    monkeypatch.setattr("orca_lora.pipeline.run_pipeline",
+                        fake_pipeline(ran, {"near_rank1_uniform": RuntimeError("out of memory")}))
     result = run_sweep(sweep)
-    assert ran == TINY_POINTS[:2] + TINY_POINTS[2:]
+    assert ran == TINY_POINTS
     assert result.failed == {"near_rank1_uniform": "RuntimeError: out of memory"}
-    assert len(result.finished) == 4 and result.skipped == []
+    assert len(result.finished) == 4 and result.skipped == [] and result.elsewhere == {}
+    failed = RunFiles(sweep.directory / "near_rank1_uniform")
+    assert read_failure(failed) == "RuntimeError: out of memory"
+    assert "sweep point near_rank1_uniform failed" in (failed.root / "run.log").read_text()
 
 
 @pytest.mark.slow
@@ -152,56 +141,86 @@ def test_a_point_reading_another_gets_its_run_directory_and_runs_after_it(readin
         [f"output.name={name}" for name in READING_ORDER]
 
 
-def test_a_failed_dependency_stops_its_readers_in_process(reading_sweep, tmp_path, monkeypatch):
+def test_a_failed_dependency_stops_its_readers_in_process(reading_sweep, monkeypatch):
     ran = []
-
-    def fake_pipeline(config):
-        from orca_lora.pipeline import RunResult
-
-        ran.append(config.output.name)
-        if config.output.name == "a_seed0_flat":
-            raise RuntimeError("diverged")
-        return RunResult(tmp_path / config.output.name, None)
-
-    monkeypatch.setattr("orca_lora.pipeline.run_pipeline", fake_pipeline)
+    monkeypatch.setattr("orca_lora.pipeline.run_pipeline",
+                        fake_pipeline(ran, {"a_seed0_flat": RuntimeError("diverged")}))
     monkeypatch.setattr("orca_lora.reports.run_plots.plot_run", lambda directory: [])
     result = run_sweep(reading_sweep)
     assert ran == ["a_seed0_flat", "a_seed1_flat", "a_seed1_reader"]
     assert result.failed["a_seed0_reader"] == "not run: it reads point a_seed0_flat, which failed"
+    assert read_failure(RunFiles(reading_sweep.directory / "a_seed0_reader")) == result.failed["a_seed0_reader"]
+
+
+def test_a_point_another_sweep_runs_is_left_to_it_and_not_failed(reading_sweep, monkeypatch):
+    busy = RunDirectoryBusy("runs/a_seed0_flat is in use by pid 1 on host h (started 3 s ago); wait for it")
+    ran = []
+    monkeypatch.setattr("orca_lora.pipeline.run_pipeline", fake_pipeline(ran, {"a_seed0_flat": busy}))
+    monkeypatch.setattr("orca_lora.reports.run_plots.plot_run", lambda directory: [])
+    result = run_sweep(reading_sweep)
+    assert result.failed == {} and sorted(result.finished) == ["a_seed1_flat", "a_seed1_reader"]
+    assert result.elsewhere == {
+        "a_seed0_flat": "runs/a_seed0_flat is in use by pid 1 on host h (started 3 s ago)",
+        "a_seed0_reader": "not run here: it reads point a_seed0_flat, which another sweep runs"}
+    assert read_failure(RunFiles(reading_sweep.directory / "a_seed0_flat")) is None
+
+
+def test_a_signal_stops_the_sweep_after_noting_it_in_the_run_log(reading_sweep, monkeypatch):
+    ran = []
+    monkeypatch.setattr("orca_lora.pipeline.run_pipeline",
+                        fake_pipeline(ran, {"a_seed0_reader": RunInterrupted("SIGINT", "stage2")}))
+    monkeypatch.setattr("orca_lora.reports.run_plots.plot_run", lambda directory: [])
+    with pytest.raises(SweepInterrupted, match="^interrupted by SIGINT: 1 running point.* 2 not started"):
+        run_sweep(reading_sweep)
+    assert ran == ["a_seed0_flat", "a_seed0_reader"]
+    log = (reading_sweep.directory / "a_seed0_reader" / "run.log").read_text()
+    assert "interrupted by SIGINT during stage2; the next launch of the sweep resumes it" in log
+
+
+class ThreadPool:
+    """WorkerPool's interface on threads: `run` stands in for a worker's point."""
+
+    def __init__(self, size, run):
+        self.size, self.run, self.running = size, run, {}
+        self.executor = ThreadPoolExecutor(size)
+
+    @property
+    def busy(self):
+        return list(self.running.values())
+
+    @property
+    def has_room(self):
+        return len(self.running) < self.size
+
+    def start(self, name, config):
+        self.running[self.executor.submit(self.run, name)] = name
+
+    def wait(self):
+        finished, _ = wait(self.running, return_when=FIRST_COMPLETED)
+        return [(self.running.pop(future), future.result()) for future in finished]
+
+    def stop(self):
+        return []
+
+    def close(self):
+        self.executor.shutdown()
 
 
 def test_workers_start_a_reader_once_its_dependency_finished(reading_sweep, monkeypatch):
-    import threading
-    import time
-
     events, lock = [], threading.Lock()
 
-    def fake_worker(sweep, point):
+    def fake_worker(name):
         with lock:
-            events.append(("start", point.name))
-        time.sleep(0.05 if point.name.endswith("flat") else 0.0)
+            events.append(("start", name))
+        time.sleep(0.05 if name.endswith("flat") else 0.0)
         with lock:
-            events.append(("end", point.name))
-        return "exit code 1" if point.name == "a_seed1_flat" else None
+            events.append(("end", name))
+        return PointOutcome(FAILED, "exit code 1") if name == "a_seed1_flat" else PointOutcome(FINISHED)
 
     monkeypatch.setattr(sweeps, "build_shared_inputs", lambda configs: None)
-    monkeypatch.setattr(sweep_workers, "worker_pool", lambda workers, threads: ThreadPoolExecutor(workers))
-    monkeypatch.setattr(sweep_workers, "run_in_worker", fake_worker)
+    monkeypatch.setattr(sweeps, "WorkerPool", lambda workers, threads: ThreadPool(workers, fake_worker))
     result = run_sweep(reading_sweep, workers=2)
     assert events.index(("end", "a_seed0_flat")) < events.index(("start", "a_seed0_reader"))
     assert ("start", "a_seed1_reader") not in events
     assert result.failed == {"a_seed1_flat": "exit code 1",
                              "a_seed1_reader": "not run: it reads point a_seed1_flat, which failed"}
-
-
-@pytest.mark.parametrize("options, message", [
-    ('{x: {stage3.rank: 1, data_root: {point: "nope"}}}', r"names 'nope', no point of the sweep"),
-    ('{x: {stage3.rank: 1, data_root: {point: "{lr}"}}}', r"not filled by the point's axes \['role'\]"),
-    ('{x: {stage3.rank: 1, data_root: {point: y}}, y: {stage3.rank: 2, data_root: {point: x}}}', "in a cycle"),
-    ('{x: {stage3.rank: 1, data_root: {run: y}}}', r"must be \{point: NAME\}"),
-])
-def test_bad_point_references_are_refused(tmp_path, options, message):
-    path = tmp_path / "sweep.yaml"
-    path.write_text(f"name: s\nbase: {REPO / 'configs' / 'quickstart.yaml'}\ngrid:\n  role: {options}\n")
-    with pytest.raises(ConfigError, match=message):
-        load_sweep(path, [f"output.root={tmp_path / 'runs'}"])
