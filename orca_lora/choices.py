@@ -12,12 +12,9 @@ from typing import Iterable, Sequence
 
 TASKS = ("darcy", "cifar10", "cifar100", "procedural", "procedural-noise", "procedural-permuted",
          "procedural-inverted", "procedural-fourier", "digits", "spectrogram", "grf-texture", "poisson",
-         "helmholtz", "heat", "planted-shift", "planted-function")  # data/tasks.py and data/task_builders.py
-PLANTED_TASKS = ("planted-shift", "planted-function")  # data/planted.py: the known-answer controls
-PLANTED_PLANES = ("random", "visible", "contrast", "blind")  # data/planted.py: which source directions a plane pairs
-PLANTED_TARGETS = ("teacher", "classes")  # data/planted.py: a fixed head's field (relative L2), or the classes
+         "helmholtz", "heat")  # data/tasks.py and data/task_builders.py
 SOURCE_PROXIES = ("procedural", "cifar10")
-DISTANCES = ("otdd", "mmd", "c2st", "spectral", "frechet")  # align/distances.py (spectral: rank/spectral.py)
+DISTANCES = ("otdd", "mmd", "c2st", "spectral")  # align/distances.py (spectral: rank/spectral.py)
 ALIGN_DISTANCES = ("otdd", "mmd")  # the differentiable ones, which stage 1 can train on
 GAP_DISTANCES = DISTANCES
 OTDD_INNER = ("exact", "gaussian")

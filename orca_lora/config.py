@@ -40,18 +40,6 @@ class TaskConfig:
     tile: int = 1  # procedural-permuted: tile side in pixels (1: pixels), divides task.resolution
     wavenumber: float = 3.0  # helmholtz: k in [1, 4] (k^2 below the first Dirichlet eigenvalue 2 pi^2)
     time: float = 0.002  # heat: final time T > 0 (0.002 keeps modes up to |k| ~ 8 above 1/10)
-    # the known-answer controls (data/planted.py)
-    planted_rank: int = 4  # planted-shift, planted-function: k, the rank of the planted change
-    planted_angle: float = 1.5707963  # planted-shift: each plane's rotation angle (radians), with planted_gap null
-    planted_planes: str = "random"  # planted-shift: which source directions each plane pairs (choices.PLANTED_PLANES)
-    # planted-shift: the block-0 gap (frechet, source units) each planted dimension adds; the angles are
-    # calibrated to it before any training; null: every plane turns by planted_angle
-    planted_gap: Optional[float] = None
-    planted_target: str = "teacher"  # planted tasks: a fixed head's field on the clean body (relative L2), or "classes"
-    planted_modules: list[str] = field(default_factory=lambda: ["layers.0.blocks.1.mlp.fc1"])  # planted-function
-    planted_scale: float = 1.0  # planted-function: the change's singular values / the module's RMS singular value
-    # planted tasks: the body their targets come from, always the run's own `source` (load_config fills it in)
-    planted_source: Optional[SourceConfig] = None
 
 
 @dataclass

@@ -4,11 +4,9 @@ choices (or the fix), so a mistake fails before any expensive work. Structure an
 OmegaConf's; cross-section rules that need the source body's shapes are `preflight.py`'s."""
 from __future__ import annotations
 
-import copy
 import functools
 import importlib.util
 import math
-import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -23,9 +21,6 @@ from orca_lora.choices import (
     GAP_DISTANCES,
     LOGGERS,
     OTDD_INNER,
-    PLANTED_PLANES,
-    PLANTED_TARGETS,
-    PLANTED_TASKS,
     RANK_ALLOCATIONS,
     RANK_DECISIONS,
     RANK_LINKS,
@@ -34,8 +29,8 @@ from orca_lora.choices import (
     TASKS,
     TRAINING_ALLOCATIONS,
 )
-from orca_lora.config import (Config, PretrainConfig, SourceConfig, Stage2Config, Stage3Config, TaskConfig,
-                              TrainerConfig, config_schema)
+from orca_lora.config import (Config, PretrainConfig, Stage2Config, Stage3Config, TaskConfig, TrainerConfig,
+                              config_schema)
 from orca_lora.errors import ConfigError
 
 
@@ -73,10 +68,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), a
 def _resolve(config: Config) -> None:
     """Fill in the values a null stands for, so the `Config` (and the run's saved config.yaml) holds
     what runs: ibp-lora's stage3.ibp_r_max null is stage2.r_max. Only ibp-lora reads it, so other
-    methods keep the null and their stage-3 hash. A planted task's task.planted_source null is the run's
-    own `source` section, the body its targets come from (other tasks keep the null)."""
-    if config.task.name in PLANTED_TASKS and config.task.planted_source is None:
-        config.task.planted_source = copy.deepcopy(config.source)
+    methods keep the null and their stage-3 hash."""
     if config.stage3.method == "ibp-lora" and config.stage3.ibp_r_max is None:
         config.stage3.ibp_r_max = config.stage2.r_max
 
@@ -173,7 +165,6 @@ def validate(config: Config) -> None:
         if value is not None and not Path(value).is_file():
             raise ConfigError(f"task.{key}: {value} does not exist (set it to a local file, or null to generate)")
     _validate_dials(task)
-    _validate_planted(task, source)
     if task.name.startswith("procedural") and source.model == "offline" and task.data_seed != source.pretrain.seed:
         raise ConfigError(f"task.data_seed: {task.data_seed} must equal source.pretrain.seed "
                           f"({source.pretrain.seed}) so the target's classes are held-out classes of the "
@@ -239,7 +230,6 @@ def validate(config: Config) -> None:
                           "budget; set stage2.budget=N (adapter parameters sum r (d_in + d_out)) or "
                           "stage2.match_uniform_budget=true (what a uniform stage3.rank costs)")
     _validate_stage3(s3)
-    _validate_embedding_target(s3)
     from orca_lora.adapters.spec import get_method  # torch, only once every name has been checked
 
     get_method(s3.method).validate_ranks(s2)
@@ -306,55 +296,6 @@ def _validate_dials(task: TaskConfig) -> None:
         raise ConfigError(f"task.time: {task.time} must be > 0")
     if task.name in ("poisson", "helmholtz", "heat", "spectrogram", "grf-texture"):
         _at_least("task.resolution", task.resolution, 4)
-
-
-def _validate_planted(task: TaskConfig, source: SourceConfig) -> None:
-    """The known-answer controls' dials (data/planted.py), and the source their targets come from."""
-    if task.planted_source is not None and task.planted_source != source:
-        raise ConfigError("task.planted_source: a planted task's targets come from the run's own source body; "
-                          "leave it null (load_config fills it in from the `source` section)")
-    if task.name not in PLANTED_TASKS:
-        return
-    if source.model != "offline":
-        raise ConfigError(f"task.name: {task.name} draws images of the source body's pretraining classes; it needs "
-                          f"source.model: offline, not {source.model!r}")
-    if task.resolution != source.pretrain.img_size:
-        raise ConfigError(f"task.resolution: {task.resolution} must equal source.pretrain.img_size "
-                          f"({source.pretrain.img_size}); the plant acts on the body's own patches, which a resize mixes")
-    _choice("task.planted_target", task.planted_target, PLANTED_TARGETS)
-    if task.name == "planted-shift":
-        # patch vectors have 3 p^2 dims; the plant turns those orthogonal to the bias, in pairs
-        _in_range("task.planted_rank", task.planted_rank, 0, 3 * source.pretrain.patch_size ** 2 - 2)
-        if not 0 < task.planted_angle <= math.pi:
-            raise ConfigError(f"task.planted_angle: {task.planted_angle} must be in (0, pi] (radians)")
-        _choice("task.planted_planes", task.planted_planes, PLANTED_PLANES)
-        if task.planted_gap is not None and not task.planted_gap > 0:
-            raise ConfigError(f"task.planted_gap: {task.planted_gap} must be > 0 (a gap per planted dimension), "
-                              "or null to turn every plane by task.planted_angle")
-        return
-    if task.planted_target != "teacher":
-        raise ConfigError("task.planted_target: planted-function's inputs are clean, so only its teacher's output "
-                          "changes; set task.planted_target=teacher")
-    _at_least("task.planted_rank", task.planted_rank, 0)
-    if not task.planted_modules:
-        raise ConfigError("task.planted_modules: name at least one body module, e.g. layers.0.blocks.1.mlp.fc1")
-    if not task.planted_scale > 0:
-        raise ConfigError(f"task.planted_scale: {task.planted_scale} must be > 0")
-
-
-def _validate_embedding_target(s3: Stage3Config) -> None:
-    """An adapter on the embedding projection needs the embedder frozen: `train_embedder` would train the
-    projection's own weight, at full rank, beside the adapter."""
-    try:
-        adapts_embedding = any(re.search(target, "embedder.proj") for target in s3.targets)
-    except re.error:
-        return  # a broken pattern is reported where the targets are matched
-    from orca_lora.adapters.spec import get_method  # torch, once every name has been checked
-
-    if adapts_embedding and s3.train_embedder and get_method(s3.method).uses_targets:
-        raise ConfigError("stage3.train_embedder: stage3.targets adapt the embedding projection (embedder.proj), "
-                          "whose own weight would train at full rank beside the adapter; set "
-                          "stage3.train_embedder=false")
 
 
 def _validate_pretrain(pretrain: PretrainConfig) -> None:

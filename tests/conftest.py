@@ -70,8 +70,19 @@ def restore_orca_lora_logger():
 
 @pytest.fixture(scope="session")
 def shared_data_root(tmp_path_factory) -> Path:
-    """One data root per test session, so the tiny offline body is pretrained once."""
-    return tmp_path_factory.mktemp("data")
+    """One data root per test session (per xdist worker), so the tiny offline body is pretrained once. The
+    body and the tiny Darcy set are built here, before any test reads them: every test finds them built,
+    whichever test runs first (a test checking that an error is one line of stderr would otherwise also
+    read the progress of building them)."""
+    from orca_lora.config_load import load_config
+    from orca_lora.data.tasks import build_task
+    from orca_lora.models.source import load_source_body
+
+    root = tmp_path_factory.mktemp("data")
+    config = load_config(REPO / "configs" / "quickstart.yaml", TINY + [f"data_root={root}"])
+    load_source_body(config.source, config.data_root)
+    build_task(config.task, config.data_root)
+    return root
 
 
 @pytest.fixture(scope="session")

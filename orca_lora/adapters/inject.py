@@ -2,8 +2,7 @@
 and `LinearAdapterMethod`, the spec of every method whose layer wraps the targeted nn.Linears.
 
 Targets are regexes searched (re.search) against full module names from `model.named_modules()`;
-every target must select at least one module and only nn.Linear modules (or, for a method with a conv
-layer, LoRA's, a patch-embedding conv: `conv_lora.py`). Ranks are one int for all
+every target must select at least one module and only nn.Linear modules. Ranks are one int for all
 targets or a map {module name: rank}; a map must name exactly the matched modules unless
 `default_rank` fills the ones it leaves out, and a key naming no matched module is an error.
 """
@@ -15,15 +14,12 @@ import torch
 from torch import Tensor, nn
 
 from orca_lora.adapters.base import AdapterLayer
-from orca_lora.adapters.conv_lora import is_patch_projection, matrix_shape
 from orca_lora.adapters.spec import MethodSpec, get_method, train_embedder_and_head
 from orca_lora.config import DEFAULT_TARGETS, Stage3Config
 
 
-def match_targets(model: nn.Module, targets: Sequence[str] = DEFAULT_TARGETS,
-                  patch_convs: bool = False) -> dict[str, nn.Module]:
-    """{name: module} of the nn.Linear modules (with `patch_convs`, also patch-embedding convs) that the
-    regexes select, in model order."""
+def match_targets(model: nn.Module, targets: Sequence[str] = DEFAULT_TARGETS) -> dict[str, nn.Linear]:
+    """{name: module} of the nn.Linear modules that the regexes select, in model order."""
     if isinstance(targets, str) or not targets:
         raise ValueError(f"targets must be a non-empty sequence of regexes, got {targets!r}")
     patterns = [re.compile(target) for target in targets]
@@ -35,11 +31,10 @@ def match_targets(model: nn.Module, targets: Sequence[str] = DEFAULT_TARGETS,
                 continue
             if isinstance(module, AdapterLayer):
                 raise ValueError(f"target {target!r} selects {name!r}, which already has an adapter")
-            if not (isinstance(module, nn.Linear) or (patch_convs and is_patch_projection(module))):
+            if not isinstance(module, nn.Linear):
                 raise ValueError(
                     f"target {target!r} selects {name!r}, a {type(module).__name__}; only nn.Linear modules "
-                    "(and, for lora, a patch-embedding conv) can take adapters, so anchor the regex "
-                    "(e.g. r'\\.attn\\.qkv$')"
+                    "can take adapters, so anchor the regex (e.g. r'\\.attn\\.qkv$')"
                 )
             hits[target] += 1
             matched[name] = module
@@ -50,7 +45,7 @@ def match_targets(model: nn.Module, targets: Sequence[str] = DEFAULT_TARGETS,
 
 
 def _resolve_ranks(
-    matched: Mapping[str, nn.Module], ranks: int | Mapping[str, int], default_rank: int | None
+    matched: Mapping[str, nn.Linear], ranks: int | Mapping[str, int], default_rank: int | None
 ) -> dict[str, int]:
     if isinstance(ranks, int):
         resolved = dict.fromkeys(matched, ranks)
@@ -63,11 +58,10 @@ def _resolve_ranks(
             raise KeyError(f"rank map misses matched modules {missing}; add them or pass default_rank")
         resolved = {name: int(ranks.get(name, default_rank)) for name in matched}
     for name, rank in resolved.items():
-        d_out, d_in = matrix_shape(matched[name])
-        kind = type(matched[name]).__name__
+        d_out, d_in = matched[name].weight.shape
         if not 1 <= rank <= min(d_out, d_in):
             raise ValueError(
-                f"rank {rank} for {name!r} ({kind} of shape ({d_out}, {d_in})) is out of range; "
+                f"rank {rank} for {name!r} (Linear of shape ({d_out}, {d_in})) is out of range; "
                 f"it must be in [1, {min(d_out, d_in)}]"
             )
     return resolved
@@ -84,8 +78,7 @@ def add_adapters(
     seed: int = 0,
     **options: object,
 ) -> dict[str, AdapterLayer]:
-    """Replace each nn.Linear selected by `targets` in place by the `method`'s layer wrapping it (a patch-
-    embedding conv by its `conv_layer`, for a method that has one).
+    """Replace each nn.Linear selected by `targets` in place by the `method`'s layer wrapping it.
 
     `ranks` is one rank or {module name: rank}; `default_rank` covers modules a map leaves out.
     `options` go to the layer class (use_rslora, dropout; DyLoRA: min_rank, frozen). The A
@@ -96,12 +89,12 @@ def add_adapters(
     if not isinstance(spec, LinearAdapterMethod):
         raise ValueError(f"method {method!r} puts no adapter layer on a Linear; get_method({method!r}).prepare "
                          "sets a model up for it")
-    matched = match_targets(model, targets, patch_convs=spec.conv_layer is not None)
+    layer_class = spec.layer
+    matched = match_targets(model, targets)
     resolved = _resolve_ranks(matched, ranks, default_rank)
     generator = torch.Generator().manual_seed(seed)
     adapters = {
-        name: (spec.conv_layer if isinstance(module, nn.Conv2d) else spec.layer)(
-            module, resolved[name], alpha, generator=generator, **options)
+        name: layer_class(module, resolved[name], alpha, generator=generator, **options)
         for name, module in matched.items()
     }
     replace_modules(model, adapters)
@@ -179,7 +172,6 @@ class LinearAdapterMethod(MethodSpec):
     """A method whose `layer` wraps each targeted nn.Linear; the embedder and head train beside it."""
 
     layer: type[AdapterLayer]
-    conv_layer: type[AdapterLayer] | None = None  # its layer for a patch-embedding conv target, if it has one
 
     def options(self, stage3: Stage3Config) -> dict:
         """The layer's keyword arguments, read from stage3."""

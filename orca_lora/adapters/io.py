@@ -12,8 +12,6 @@ whose spec has `peft_export` save here; the others (MoRA, SBoRA, Houlsby) raise 
   loader applies them; a PEFT user must copy them into the base model before from_pretrained.
 - QLoRA's adapter is a plain LoRA A, B (only its frozen W0 is stored in NF4), so it is saved as
   LoRA and loads as `lora` on the given fp base, which lacks the NF4 rounding it was trained on.
-- LoRA on a patch-embedding conv (`conv_lora.py`) keeps PEFT's Conv2d shapes, A (r, c, p, p) and
-  B (d, r, 1, 1), so PEFT rebuilds it as its own `lora.Conv2d`.
 """
 
 import json
@@ -28,7 +26,6 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from orca_lora.adapters.base import Adapter, AdapterLayer
-from orca_lora.adapters.conv_lora import is_patch_projection
 from orca_lora.adapters.inject import add_adapters, adapter_modules, load_adapter_state_dict
 from orca_lora.adapters.spec import get_method
 from orca_lora.files import give_directory_default_mode
@@ -52,11 +49,6 @@ _SHAPES = {
     "base_layer.weight": lambda rank, d_out, d_in: (d_out, d_in),
 }
 _FACTORS = ("lora_A", "lora_B")  # cut to the saved rank; every other adapter tensor is saved whole
-# LoRA's factors on a patch-embedding conv whose weight has shape (d, c, p, p), as PEFT's Conv2d holds them
-_CONV_SHAPES = {
-    "lora_A": lambda rank, weight_shape: (rank, *weight_shape[1:]),
-    "lora_B": lambda rank, weight_shape: (weight_shape[0], rank, 1, 1),
-}
 
 
 def _check_peft_format(model: nn.Module) -> None:
@@ -173,11 +165,9 @@ def _peft_targets(model: nn.Module, target_modules: str | list[str]) -> list[str
         ]
     if not names:
         raise ValueError(f"target_modules {target_modules!r} select no module of {type(model).__name__}")
-    not_linear = [name for name in names if not isinstance(model.get_submodule(name), nn.Linear)
-                  and not is_patch_projection(model.get_submodule(name))]
+    not_linear = [name for name in names if not isinstance(model.get_submodule(name), nn.Linear)]
     if not_linear:
-        raise ValueError(f"target_modules {target_modules!r} select modules that are neither Linear nor a "
-                         f"patch-embedding conv: {not_linear}")
+        raise ValueError(f"target_modules {target_modules!r} select non-Linear modules {not_linear}")
     return names
 
 
@@ -234,23 +224,13 @@ def load_peft_adapter(model: nn.Module, directory: str | Path, seed: int = 0) ->
     return adapters
 
 
-def _stored_shape(module: nn.Module, name: str, tensor_name: str, rank: int) -> tuple[int, ...]:
-    """The shape the adapter files hold `tensor_name` in for `module` at `rank` (a Linear's, or PEFT's
-    Conv2d factors for a patch-embedding conv)."""
-    weight_shape = tuple(module.weight.shape)
-    if len(weight_shape) == 2:
-        return _SHAPES[tensor_name](rank, *weight_shape)
-    if tensor_name not in _CONV_SHAPES:
-        raise ValueError(f"{name} is a patch-embedding conv, which only plain LoRA adapts; the adapter files "
-                         f"also hold {tensor_name!r}")
-    return _CONV_SHAPES[tensor_name](rank, weight_shape)
-
-
 def _check_state_shapes(model: nn.Module, state: Mapping[str, Tensor], ranks: Mapping[str, int],
                         tensor_names: tuple[str, ...]) -> None:
     """Check the stored tensors (each module's `tensor_names`) against the model before it is touched."""
-    expected = {f"{name}.{tensor_name}": _stored_shape(model.get_submodule(name), name, tensor_name, rank)
-                for name, rank in ranks.items() for tensor_name in tensor_names}
+    expected = {
+        f"{name}.{tensor_name}": _SHAPES[tensor_name](rank, *model.get_submodule(name).weight.shape)
+        for name, rank in ranks.items() for tensor_name in tensor_names
+    }
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
         raise KeyError(f"adapter files do not fit the config: missing keys {missing}, unexpected keys {unexpected}")

@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from orca_lora.adapters.base import AdapterLayer, kaiming_lora_A, lora_scaling
-from orca_lora.adapters.conv_lora import LoRAConv2d
 from orca_lora.adapters.inject import LinearAdapterMethod
 from orca_lora.adapters.spec import WeightChange, register_method
 from orca_lora.config import Stage3Config
@@ -158,6 +157,5 @@ LORA_CHANGE = WeightChange(needs=("lora_A", "lora_B"), compute=lora_change)
 @register_method
 class LoRA(LinearAdapterMethod):
     name, layer = "lora", LoRALinear
-    conv_layer = LoRAConv2d  # a patch-embedding conv target (the known-answer controls' embedding projection)
     peft_export = mergeable = True
     weight_change = LORA_CHANGE

@@ -1,5 +1,4 @@
-"""Distances between a source and a target feature set: MMD, OTDD, a C2ST gap, a spectral rank,
-a Frechet distance.
+"""Distances between a source and a target feature set: MMD, OTDD, a C2ST gap, a spectral rank.
 
 Stage 1 trains the embedder on a differentiable distance (`mmd`, `otdd`); stage 2 measures the
 modality gap per body block with any of them (`c2st` too). Every entry of `DISTANCES` takes
@@ -96,7 +95,6 @@ def mmd2(x: Tensor, y: Tensor, kernel: str = "gaussian", bandwidths=None) -> Ten
     kyy = (k(squared_distances(y, y), bandwidths).sum() - n * self_similarity) / (n * (n - 1))
     kxy = k(squared_distances(x, y), bandwidths).mean()
     return kxx + kyy - 2.0 * kxy
-
 
 
 def _augmented_cost(x: Tensor, a: ClassSplit, z: Tensor, b: ClassSplit, inner: str) -> Tensor:
@@ -243,95 +241,6 @@ def c2st_gap(x: Tensor, y: Tensor, folds: int = 5, seed: int = 0) -> float:
         classifier, features, is_target, cv=splitter, scoring="balanced_accuracy"
     )
     return float(2.0 * abs(scores.mean() - 0.5))
-
-
-# ---------------------------------------------------------------------------------------------
-# Frechet
-
-
-def frechet_distance(x: Tensor, y: Tensor) -> Tensor:
-    """Squared Frechet (2-Wasserstein) distance between the Gaussians fitted to x (m, d) and y (n, d)
-    (Frechet 1957; Dowson & Landau 1982):
-
-        ||mu_x - mu_y||^2 + tr(S_x + S_y - 2 (S_x^1/2 S_y S_x^1/2)^1/2),
-
-    S the sample covariances (n - 1 in the denominator). Unlike median-bandwidth MMD it sees a rotation
-    of a covariance as clearly as a mean shift, and it adds up over orthogonal blocks of directions
-    (block-diagonal S_x, S_y). In source units (stage 2 standardises both sets by the source's std) it
-    is in units of the source variance. The roots come from eigh with negative round-off clamped to 0.
-    """
-    check_pair("x", x, "y", y)
-    if min(x.shape[0], y.shape[0]) < 2:
-        raise ValueError(f"frechet_distance needs at least 2 samples in x and y, got {x.shape[0]} and {y.shape[0]}")
-    x, y = x.double(), y.double()
-    mean_x, mean_y = x.mean(0), y.mean(0)
-    cov_x, cov_y = torch.cov(x.T).reshape(x.shape[1], -1), torch.cov(y.T).reshape(y.shape[1], -1)
-    values, vectors = torch.linalg.eigh(cov_x)
-    root_x = (vectors * values.clamp_min(0.0).sqrt()) @ vectors.T
-    middle = root_x @ cov_y @ root_x
-    fidelity = torch.linalg.eigvalsh(0.5 * (middle + middle.T)).clamp_min(0.0).sqrt().sum()
-    return (mean_x - mean_y).square().sum() + cov_x.trace() + cov_y.trace() - 2.0 * fidelity
-
-
-# ---------------------------------------------------------------------------------------------
-# Registry
-
-
-@dataclass(frozen=True)
-class Distance:
-    """A registered distance: `fn(x_s, y_s, x_t, y_t, **options)`; only differentiable ones
-    (returning a tensor with gradient in x_t) may serve as the stage-1 loss."""
-
-    name: str
-    fn: Callable[..., Tensor | float]
-    differentiable: bool
-
-
-DISTANCES: dict[str, Distance] = {}
-
-
-def register_distance(name: str, differentiable: bool):
-    def decorator(fn):
-        if name in DISTANCES:
-            raise KeyError(f"distance {name!r} is already registered")
-        DISTANCES[name] = Distance(name, fn, differentiable)
-        return fn
-
-    return decorator
-
-
-def get_distance(name: str) -> Distance:
-    check_registry("distance", DISTANCES, DISTANCE_NAMES)
-    if name not in DISTANCES:
-        raise KeyError(f"unknown distance {name!r}; choose from {sorted(DISTANCES)}")
-    return DISTANCES[name]
-
-
-@register_distance("mmd", differentiable=True)
-def _mmd_distance(x_s: Tensor, y_s: Tensor, x_t: Tensor, y_t: Tensor, **options) -> Tensor:
-    return mmd2(x_s, x_t, **options)
-
-
-@register_distance("otdd", differentiable=True)
-def _otdd_distance(x_s: Tensor, y_s: Tensor, x_t: Tensor, y_t: Tensor, **options) -> Tensor:
-    return otdd(x_s, y_s, x_t, y_t, **options)
-
-
-@register_distance("c2st", differentiable=False)
-def _c2st_distance(x_s: Tensor, y_s: Tensor, x_t: Tensor, y_t: Tensor, **options) -> float:
-    return c2st_gap(x_s, x_t, **options)
-
-
-@register_distance("spectral", differentiable=False)
-def _spectral_distance(x_s: Tensor, y_s: Tensor, x_t: Tensor, y_t: Tensor, **options) -> float:
-    """The shift's dimension in rank units (`orca_lora.rank.spectral`); labels unused."""
-    return float(spectral_shift_rank(x_s, x_t, **options).rank)
-
-
-@register_distance("frechet", differentiable=False)
-def _frechet_distance(x_s: Tensor, y_s: Tensor, x_t: Tensor, y_t: Tensor, **options) -> float:
-    """`frechet_distance` between the feature sets; labels unused."""
-    return float(frechet_distance(x_s, x_t))
 
 
 def distance_options(distance: str, otdd_inner: str, entropic_reg: float, seed: int,

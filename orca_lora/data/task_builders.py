@@ -8,13 +8,10 @@ validation is carved from train by `split_train_val`.
 - procedural dials (held-out procedural classes, labels unchanged): `procedural-noise`,
   `procedural-permuted`, `procedural-inverted`, `procedural-fourier`;
 - other content: `digits` (Alpaydin & Kaynak 1998, via scikit-learn), `spectrogram`, `grf-texture`;
-- PDE operators on Darcy's GRF inputs: `poisson`, `helmholtz`, `heat` (regression, relative L2);
-- the known-answer controls `planted-shift` and `planted-function` (`planted.py`), whose targets come
-  from the source body (task.planted_source, filled in by load_config).
+- PDE operators on Darcy's GRF inputs: `poisson`, `helmholtz`, `heat` (regression, relative L2).
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -24,7 +21,7 @@ import numpy as np
 import torch
 
 from orca_lora.config import TaskConfig
-from orca_lora.data import pde, planted, procedural, signals, textures, vision
+from orca_lora.data import pde, procedural, signals, textures, vision
 from orca_lora.data.tasks import (TaskData, assert_finite, classification_arrays, field_task, procedural_arrays,
                                   register_task)
 from orca_lora.files import cache_is_valid, save_npz_atomic, write_digest
@@ -33,7 +30,6 @@ Arrays = dict[str, np.ndarray]
 _DIAL_STREAM = 4  # seed-sequence tag of the dials' generator (procedural uses 0 and 1, signals 2, textures 3)
 SIZE_KEYS = ("data_seed", "n_train", "n_test", "resolution")  # change every generated task's arrays
 PROCEDURAL_KEYS = SIZE_KEYS + ("n_classes", "class_offset")
-PLANTED_KEYS = SIZE_KEYS + ("planted_rank", "planted_target", "planted_source")
 # The dials each task reads: with the keys above, everything that changes its arrays (the cache key).
 ARRAY_KEYS = {
     "procedural-noise": PROCEDURAL_KEYS + ("noise",),
@@ -45,16 +41,13 @@ ARRAY_KEYS = {
     "poisson": SIZE_KEYS,
     "helmholtz": SIZE_KEYS + ("wavenumber",),
     "heat": SIZE_KEYS + ("time",),
-    "planted-shift": PLANTED_KEYS + ("planted_angle", "planted_planes", "planted_gap"),
-    "planted-function": PLANTED_KEYS + ("planted_modules", "planted_scale"),
 }
 
 
 def cache_path(config: TaskConfig, data_root: Path) -> Path:
     """`<data_root>/<task>/<task>_<key>.npz`, key = a hash of the task's ARRAY_KEYS settings."""
     settings = {key: getattr(config, key) for key in ARRAY_KEYS[config.name]}
-    text = json.dumps(settings, sort_keys=True, default=dataclasses.asdict)  # planted_source is a section
-    key = hashlib.sha256(text.encode()).hexdigest()[:12]
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     return Path(data_root) / config.name / f"{config.name}_{key}.npz"
 
 
@@ -171,18 +164,3 @@ def _pde_task(config: TaskConfig, data_root: Path) -> TaskData:
 
 for _operator in pde.OPERATORS:
     register_task(_operator)(_pde_task)
-
-
-@register_task("planted-shift")
-def planted_shift_task(config: TaskConfig, data_root: Path) -> TaskData:
-    """Fresh images of the source's own classes, every patch vector mapped by T = A^+ Q A, so the body's
-    patch embedding makes an exact rank-k map of the clean tokens; targets from the clean images."""
-    return planted.planted_task(config, cached_arrays(config, data_root,
-                                                      lambda: planted.planted_shift_arrays(config, data_root)))
-
-
-@register_task("planted-function")
-def planted_function_task(config: TaskConfig, data_root: Path) -> TaskData:
-    """Fresh clean images of the source's own classes; targets from the body with a planted rank-k change."""
-    return planted.planted_task(config, cached_arrays(config, data_root,
-                                                      lambda: planted.planted_function_arrays(config, data_root)))
