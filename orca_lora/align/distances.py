@@ -243,6 +243,61 @@ def c2st_gap(x: Tensor, y: Tensor, folds: int = 5, seed: int = 0) -> float:
     return float(2.0 * abs(scores.mean() - 0.5))
 
 
+# ---------------------------------------------------------------------------------------------
+# Registry
+
+
+@dataclass(frozen=True)
+class Distance:
+    """A registered distance: `fn(x_s, y_s, x_t, y_t, **options)`; only differentiable ones
+    (returning a tensor with gradient in x_t) may serve as the stage-1 loss."""
+
+    name: str
+    fn: Callable[..., Tensor | float]
+    differentiable: bool
+
+
+DISTANCES: dict[str, Distance] = {}
+
+
+def register_distance(name: str, differentiable: bool):
+    def decorator(fn):
+        if name in DISTANCES:
+            raise KeyError(f"distance {name!r} is already registered")
+        DISTANCES[name] = Distance(name, fn, differentiable)
+        return fn
+
+    return decorator
+
+
+def get_distance(name: str) -> Distance:
+    check_registry("distance", DISTANCES, DISTANCE_NAMES)
+    if name not in DISTANCES:
+        raise KeyError(f"unknown distance {name!r}; choose from {sorted(DISTANCES)}")
+    return DISTANCES[name]
+
+
+@register_distance("mmd", differentiable=True)
+def _mmd_distance(x_s: Tensor, y_s: Tensor, x_t: Tensor, y_t: Tensor, **options) -> Tensor:
+    return mmd2(x_s, x_t, **options)
+
+
+@register_distance("otdd", differentiable=True)
+def _otdd_distance(x_s: Tensor, y_s: Tensor, x_t: Tensor, y_t: Tensor, **options) -> Tensor:
+    return otdd(x_s, y_s, x_t, y_t, **options)
+
+
+@register_distance("c2st", differentiable=False)
+def _c2st_distance(x_s: Tensor, y_s: Tensor, x_t: Tensor, y_t: Tensor, **options) -> float:
+    return c2st_gap(x_s, x_t, **options)
+
+
+@register_distance("spectral", differentiable=False)
+def _spectral_distance(x_s: Tensor, y_s: Tensor, x_t: Tensor, y_t: Tensor, **options) -> float:
+    """The shift's dimension in rank units (`orca_lora.rank.spectral`); labels unused."""
+    return float(spectral_shift_rank(x_s, x_t, **options).rank)
+
+
 def distance_options(distance: str, otdd_inner: str, entropic_reg: float, seed: int,
                      sinkhorn_tolerance: float = SINKHORN_TOLERANCE,
                      sinkhorn_max_iters: int = SINKHORN_MAX_ITERS) -> dict:
