@@ -7,7 +7,7 @@ worker takes them all and builds the run once (worksteal gives the first worker 
 and takes tests to move only from the back of a worker's queue); the other integration tests follow.
 Otherwise (plain `pytest`, `-p no:xdist`, other --dist modes) the order is the files' own."""
 import logging
-import subprocess
+import os
 import sys
 from pathlib import Path
 
@@ -19,6 +19,12 @@ from orca_lora.models.body import build_body
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))  # shared test helpers: `from toys import ...`
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One torch thread per xdist worker and per process it starts: the workers already fill the cores, and
+    # OpenMP threads beyond them spin against each other (on 2 cores the suite took 352 s of wall time and
+    # 626 s of CPU time with torch's default of two threads per worker, 180 s and 305 s with one).
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 TINY_KWARGS = {"img_size": 32, "patch_size": 2, "window_size": 4, "embed_dim": 16, "depths": (2, 2),
                "num_heads": (2, 4)}
 
@@ -133,10 +139,18 @@ def tiny_sweep_file(tmp_path) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_sweep(tiny_settings, tmp_path_factory) -> Path:
-    """The finished sweep directory (5 points: 2 tasks x ranks 1, 2, plus gap-aware ranks for darcy)."""
+    """The finished sweep directory (5 points: 2 tasks x ranks 1, 2, plus gap-aware ranks for darcy), run by
+    `orca-lora sweep` in this process: as a subprocess with two workers it imported the training stack three
+    times (about 9 s each here); the launches in tests/sweeps cover the workers."""
+    from orca_lora import cli
+
     root = tmp_path_factory.mktemp("sweep")
     sets = [part for item in tiny_settings + [f"output.root={root / 'runs'}"] for part in ("--set", item)]
-    done = subprocess.run([sys.executable, "-m", "orca_lora.cli", "sweep", str(write_tiny_sweep(root)), *sets,
-                           "--workers", "2"], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    logger = logging.getLogger("orca_lora")
+    state = list(logger.handlers), logger.level, logger.propagate
+    try:
+        code = cli.main(["sweep", str(write_tiny_sweep(root)), *sets])
+    finally:
+        logger.handlers[:], logger.level, logger.propagate = state
+    assert code == 0
     return root / "runs" / "tiny"

@@ -70,15 +70,18 @@ def sets(overrides: list[str]) -> list[str]:
     return [part for item in overrides for part in ("--set", item)]
 
 
-def cli_run(overrides: list[str], driver: list[str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    command = [sys.executable, *(driver or ["-m", "orca_lora.cli"]), "run", str(QUICKSTART), *sets(overrides)]
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=ENV)
+def run_here(overrides: list[str], capsys) -> tuple[int, str]:
+    """`orca-lora run` in this process, which has imported the training stack already (a subprocess
+    imports it again: about 9 s here): its exit code and stderr."""
+    code = cli.main(["run", str(QUICKSTART), *sets(overrides)])
+    return code, capsys.readouterr().err
 
 
 def kill_at_step(tmp_path: Path, overrides: list[str], signal_name: str) -> subprocess.CompletedProcess:
     driver = tmp_path / "killing_driver.py"
     driver.write_text(KILLING_DRIVER)
-    return cli_run(overrides, [str(driver), str(KILL_STEP), signal_name])
+    command = [sys.executable, str(driver), str(KILL_STEP), signal_name, "run", str(QUICKSTART), *sets(overrides)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO, env=ENV)
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +104,7 @@ def assert_same_numbers(directory: Path, reference: Path) -> None:
     assert np.array_equal(errors.test, reference_errors.test) and np.array_equal(errors.val, reference_errors.val)
 
 
-def test_run_killed_at_a_fixed_step_resumes_bit_for_bit(tiny_overrides, uninterrupted, tmp_path):
+def test_run_killed_at_a_fixed_step_resumes_bit_for_bit(tiny_overrides, uninterrupted, tmp_path, capsys):
     overrides = tiny_overrides + RESUMABLE
     killed = kill_at_step(tmp_path, overrides, "SIGKILL")
     assert killed.returncode == -signal.SIGKILL
@@ -111,9 +114,9 @@ def test_run_killed_at_a_fixed_step_resumes_bit_for_bit(tiny_overrides, uninterr
     stopped = torch.load(run.last_checkpoint, map_location="cpu", weights_only=False)
     assert stopped["epoch"] == 0, "killed before the last epoch's checkpoint"
 
-    resumed = cli_run(overrides)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming stage 3" in resumed.stderr
+    code, stderr = run_here(overrides, capsys)
+    assert code == 0, stderr[-3000:]
+    assert "resuming stage 3" in stderr
     assert read_marker(run, "stage3").finished
     finished = torch.load(run.last_checkpoint, map_location="cpu", weights_only=False)
     assert finished["global_step"] > stopped["global_step"]
@@ -128,7 +131,8 @@ def test_run_killed_at_a_fixed_step_resumes_bit_for_bit(tiny_overrides, uninterr
     assert read_metrics(run).stage_seconds["stage3"] == marker.seconds
 
 
-def test_sigterm_exits_non_zero_and_a_truncated_checkpoint_is_set_aside(tiny_overrides, uninterrupted, tmp_path):
+def test_sigterm_exits_non_zero_and_a_truncated_checkpoint_is_set_aside(tiny_overrides, uninterrupted, tmp_path,
+                                                                        capsys):
     overrides = tiny_overrides + RESUMABLE
     stopped = kill_at_step(tmp_path, overrides, "SIGTERM")
     assert stopped.returncode == INTERRUPTED_EXIT_CODE, stopped.stderr[-3000:]
@@ -139,9 +143,9 @@ def test_sigterm_exits_non_zero_and_a_truncated_checkpoint_is_set_aside(tiny_ove
 
     with open(run.last_checkpoint, "r+b") as checkpoint:  # what a full disk during a copy leaves
         checkpoint.truncate(checkpoint.seek(0, os.SEEK_END) // 2)
-    resumed = cli_run(overrides)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"checkpoint {run.last_checkpoint} does not load" in resumed.stderr
+    code, stderr = run_here(overrides, capsys)
+    assert code == 0, stderr[-3000:]
+    assert f"checkpoint {run.last_checkpoint} does not load" in stderr
     assert list(run.stage("stage3").glob("last.ckpt.corrupt-*"))
     assert not list(run.checkpoints.glob("*-v1.ckpt")), "the restart leaves no second set of checkpoints"
     assert_same_numbers(run.root, uninterrupted)  # restarted afresh, so the same numbers again

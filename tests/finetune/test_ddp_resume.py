@@ -1,7 +1,9 @@
 """Two training processes (gloo, CPU), started side by side as torchrun starts them, on a run directory
 whose last.ckpt is truncated: each checks the file it would load, rank 0 alone sets it aside, and both
-start afresh; on the next attempt both resume from the same verified checkpoint. The processes are forked
-from this one, so that they skip the imports (a spawned pair took 36 s to import on two busy cores)."""
+start afresh; on the next attempt both resume from the same verified checkpoint. The processes come from a
+forkserver that imported this module once (a spawned pair took 36 s to import on two busy cores); they are
+not forked from the test process, whose OpenMP threads, once used, hang a forked child in its first
+parallel region (CI lost 240 s to that when another test had run first on the same xdist worker)."""
 import json
 import multiprocessing
 import os
@@ -62,14 +64,18 @@ def test_both_processes_start_afresh_from_a_truncated_checkpoint_then_resume_fro
     run = RunFiles(tmp_path / "run")
     run.checkpoints.mkdir(parents=True)
     run.last_checkpoint.write_bytes(b"PK\x03\x04 a checkpoint cut short")
-    fork, port = multiprocessing.get_context("fork"), free_port()
-    processes = [fork.Process(target=train_twice, args=(rank, port, run, tmp_path / f"rank{rank}.json"))
+    context, port = multiprocessing.get_context("forkserver"), free_port()
+    context.set_forkserver_preload([__name__])
+    processes = [context.Process(target=train_twice, args=(rank, port, run, tmp_path / f"rank{rank}.json"))
                  for rank in (0, 1)]
     for process in processes:
         process.start()
     for process in processes:
         process.join(timeout=120)
-    assert [process.exitcode for process in processes] == [0, 0]
+    exit_codes = [process.exitcode for process in processes]
+    for process in processes:
+        process.kill()  # a hung pair must not outlive the test
+    assert exit_codes == [0, 0]
     zero, one = (json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1))
     # first attempt: rank 1 met the damaged file and did not load it; rank 0 set it aside; both started afresh
     assert one["seen"][0] == [True, None] and zero["seen"][0] == [False, None]
