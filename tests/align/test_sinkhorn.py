@@ -131,8 +131,8 @@ def pot_converged_value(cost, eps, start):
     """OT_eps = <P, C> + eps KL(P | a x b) from POT's log-domain Sinkhorn run until its column
     marginal's L2 error is below 1e-8. Started from `start` (our potentials: POT's u = log a +
     f / eps): converged, it is at the problem's unique solution whatever the start, so it checks
-    our value apart from our stopping rule; cold, POT took 10^5 iterations (minutes) at
-    eps = 1e-3 x median on 20 points (bench_otdd_solver.py)."""
+    our value apart from our stopping rule. Even from there POT took 14,120 iterations on
+    bench_otdd_solver.py's 20 points in 2-d at eps = 1e-3 x median."""
     a, b = ot.unif(cost.shape[0]), ot.unif(cost.shape[1])
     warmstart = (np.log(a) + start.f.numpy() / eps, np.log(b) + start.g.numpy() / eps)
     with warnings.catch_warnings():
