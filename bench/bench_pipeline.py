@@ -20,6 +20,7 @@ import torch
 from orca_lora.config_load import load_config
 from orca_lora.files import strict_json_text, write_atomic, write_text_atomic
 from orca_lora.pipeline import run_pipeline
+from orca_lora.reports.run_plots import plot_run
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results" / "pipeline.json"
@@ -44,9 +45,9 @@ def main() -> None:
         start = time.perf_counter()
         result = run_pipeline(config)
         wall = time.perf_counter() - start
+        drawn = {path.name: path for path in plot_run(result.directory)}  # as `orca-lora run` draws them
         figure = RESULTS.parent / f"{args.config.stem}_gaps_and_ranks.png"
-        write_atomic(figure, lambda temporary: shutil.copyfile(result.directory / "plots" / "gaps_and_ranks.png",
-                                                               temporary))
+        write_atomic(figure, lambda temporary: shutil.copyfile(drawn["gaps_and_ranks.png"], temporary))
     metrics = result.metrics
     stages = metrics.stage_seconds
     # what is not a stage: loading data and the body, building the model, metrics and plots
