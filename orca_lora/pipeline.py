@@ -45,22 +45,9 @@ from orca_lora.models.model import build_orca_model
 from orca_lora.models.source import load_source_body, source_proxy
 from orca_lora.preflight import check_against_body
 from orca_lora.rank import stage as rank_stage
-from orca_lora.run_files import (
-    AlignResult,
-    FinetuneResult,
-    GapResult,
-    RunFiles,
-    RunMetrics,
-    StageRecord,
-    from_dict,
-    read_marker,
-    read_marker_or_restart,
-    read_ranks,
-    read_training_ranks,
-    seconds_spent,
-    write_marker,
-    write_metrics,
-)
+from orca_lora.records import AlignResult, FinetuneResult, GapResult, RunMetrics, StageRecord, from_dict
+from orca_lora.run_files import (RunFiles, read_marker, read_marker_or_restart, read_ranks, read_training_ranks,
+                                 seconds_spent, write_marker, write_metrics)
 from orca_lora.run_lock import RunLock
 
 log = logging.getLogger("orca_lora")

@@ -1,5 +1,5 @@
-"""The run directory's contract (README, "Run directory"): every path of a run directory, the one writer and the one
-reader of each file, and the typed records they hold. Stages, the pipeline, the experiments and the
+"""The run directory's contract (README, "Run directory"): every path of a run directory, and the one writer and
+the one reader of each file (the typed records they hold are in records.py). Stages, the pipeline, the experiments and the
 tests all go through this module, so a renamed file or column changes here and nowhere else.
 
     runs/<name>/
@@ -22,12 +22,12 @@ tests all go through this module, so a renamed file or column changes here and n
       stage3/adapter/                  PEFT format, for methods that have one
       stage3/merged.safetensors        on request (stage3.save_merged)
       metrics.json                     RunMetrics
-      failed.txt                       a sweep point's one-line reason for failing (sweeps/; gone once it finishes)
+      failed.txt                       a sweep point's one-line reason for failing (sweep_files.py; gone once it finishes)
       run.log                          a sweep point's output, one block per attempt (sweeps/workers.py)
       plots/
 
     <sweep>/sweep.json                 a sweep's plan (sweeps/sweep.py writes it): its points, each a run directory
-                                       <sweep>/<point>/ (PlannedPoint, read_sweep_plans)
+                                       <sweep>/<point>/ (sweep_files.py: PlannedPoint, read_sweep_plans)
 
 Reading needs no torch: experiments and the CLI read runs without the training stack.
 """
@@ -39,145 +39,20 @@ import json
 import logging
 import math
 from collections import defaultdict
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence, TypeVar
+from typing import Any, Sequence
 
 from omegaconf import OmegaConf
 
 from orca_lora.files import save_npz_atomic, write_json_atomic, write_text_atomic
+from orca_lora.records import GapResult, GapRow, RunMetrics, SampleErrors, StageRecord, from_dict
 
 log = logging.getLogger("orca_lora")
 
 STAGES = ("stage1", "stage2", "stage3")
 METRICS_FILE = "metrics.json"  # its presence marks a finished run
-SWEEP_FILE = "sweep.json"  # in a sweep directory: the sweep's plan, its points and their overrides
 GAP_COLUMNS = ("block", "name", "width", "gap", "floor", "p_value", "ci_low", "ci_high", "corrected", "rank")
-
-Record = TypeVar("Record")
-
-
-def from_dict(cls: type[Record], data: dict[str, Any], source: Path | str = "run file") -> Record:
-    """`cls(**data)` for a record dataclass; fields missing from older files take their defaults, and a
-    null in a `float` field is NaN (the files are strict JSON: `files.strict_json_text` writes NaN as null)."""
-    known = {f.name for f in fields(cls)}
-    numbers = {f.name for f in fields(cls) if f.type == "float"}
-    values = {key: math.nan if value is None and key in numbers else value for key, value in data.items()
-              if key in known}
-    try:
-        return cls(**values)
-    except TypeError as error:
-        raise ValueError(f"{source}: does not hold a {cls.__name__} ({error}); re-run the stage that writes it") \
-            from None
-
-
-@dataclass
-class StageRecord:
-    """`stageN/stage.json`: the config hash a stage ran with, and its result once finished."""
-
-    hash: str
-    finished: bool = False
-    seconds: Optional[float] = None  # once finished: every attempt's seconds together
-    result: Optional[dict[str, Any]] = None
-    started: Optional[float] = None  # Unix time the latest attempt started
-    earlier_seconds: float = 0.0  # attempts before the latest, each up to its last file written
-
-
-@dataclass
-class AlignResult:
-    """Stage 1's result."""
-
-    curve: list[float]  # distance over the alignment set: entry 0 before training, then one per epoch
-    distance_before: float
-    distance_after: float
-
-
-@dataclass
-class GapResult:
-    """Stage 2's result: the content of `ranks.json`, the one file that holds stage 2's ranks (its
-    `stage.json` is the marker alone).
-
-    For a stage-3 allocation (choices.TRAINING_ALLOCATIONS: it needs the training model) stage 2 still
-    measures the gaps, and `ranks` holds the uniform stage3.rank, `allocation` the stage-3 allocation's
-    name and `budget` the adapter parameters its ranks must meet; stage 3 replaces the ranks."""
-
-    blocks: list[str]  # Swin block names, forward order; empty when stage 2 was off
-    gaps: Optional[list[float]]  # D_i per block as measured; None when stage 2 was off
-    ranks: dict[str, int]  # OrcaModel module name -> LoRA rank
-    alpha0: Optional[float]  # None for uniform ranks
-    trainable_params: int  # adapter parameters sum r_i (d_in + d_out)
-    budget: Optional[int]
-    allocation: str = "gap-relative"  # a stage2.allocation, or "explicit" (stage3.rank_map / stage 2 off)
-    corrected_gaps: Optional[list[float]] = None  # max(D_i - floor_i, 0), 0 where p >= 0.05: what ranks use
-    prior_masses: Optional[dict[str, float]] = None  # module -> its block's IBP mass alpha_i (not for uniform)
-
-
-@dataclass
-class FinetuneResult:
-    """Stage 3's result."""
-
-    test_error: float
-    best_val_error: float  # of the model tested, at the checkpoint chosen on validation (ibp-lora: pruned)
-    trainable_params: int  # of the model tested: for ibp-lora the pruned adapters' sum r_i (d_in + d_out) + the rest
-    best_checkpoint: str
-    device: str
-    trained_params: Optional[int] = None  # of the model that trained (ibp-lora: r_max components, gates, sticks)
-    posterior_ranks: Optional[dict[str, int]] = None  # ibp-lora: module -> components with q(z = 1) > 0.5
-    posterior_caps: Optional[dict[str, int]] = None  # ibp-lora: module -> its truncation r_max (right-censoring)
-    unpruned_val_error: Optional[float] = None  # ibp-lora: that checkpoint's before pruning, which chose it
-
-
-@dataclass
-class RunMetrics:
-    """`metrics.json`: what a finished run reports; the experiments read runs through this."""
-
-    task: str
-    method: str
-    rank: int
-    gap_aware: bool
-    seed: int
-    test_error: float
-    baseline_error: float
-    best_val_error: float  # of the model tested, at the checkpoint chosen on validation
-    trainable_params: int
-    ranks: dict[str, int]
-    mean_gap: Optional[float]  # mean over blocks of the floor-corrected gap
-    alignment: dict[str, Any]
-    stage_seconds: dict[str, float]
-    device: str
-    torch: str
-    allocation: Optional[str] = None  # None in runs written before it was recorded
-    trained_params: Optional[int] = None  # parameters that trained; trainable_params counts the model tested
-    posterior_ranks: Optional[dict[str, int]] = None  # ibp-lora: module -> posterior rank (pruned to it)
-    posterior_caps: Optional[dict[str, int]] = None  # ibp-lora: module -> truncation r_max of its posterior rank
-    # ibp-lora: the validation error before pruning, which chose the checkpoint; best_val_error, like
-    # test_error and sample_errors.npz, is the pruned model's (runs written before it: the unpruned one)
-    unpruned_val_error: Optional[float] = None
-
-
-@dataclass
-class GapRow:
-    """One block of `gaps.csv`: its gap as measured, against its null, and the rank it got."""
-
-    block: int
-    name: str
-    width: int  # the block's feature dimension
-    gap: float  # D_i as measured (a negative MMD^2_u is kept)
-    floor: float  # the null's 95% quantile at the same sample sizes
-    p_value: float
-    ci_low: float  # 95% interval of D_i
-    ci_high: float
-    corrected: float  # max(D_i - floor, 0), 0 where p >= 0.05
-    rank: int
-
-
-@dataclass
-class SampleErrors:
-    """Per-sample errors of the best checkpoint, in dataset order, for paired comparisons."""
-
-    val: Any  # numpy float64 (n_val,)
-    test: Any  # numpy float64 (n_test,)
-
 
 @dataclass(frozen=True)
 class RunFiles:
@@ -265,7 +140,7 @@ def _write_json(path: Path, payload: Any) -> None:
     write_json_atomic(path, payload)
 
 
-def _read_json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; the run has not written it yet (finish the run with "
                                 "`orca-lora run` on its config)")
@@ -283,7 +158,7 @@ def write_marker(run: RunFiles, name: str, record: StageRecord) -> None:
 def read_marker(run: RunFiles, name: str) -> StageRecord | None:
     """The stage's marker, or None when the stage never started."""
     path = run.marker(name)
-    return from_dict(StageRecord, _read_json(path), path) if path.is_file() else None
+    return from_dict(StageRecord, read_json(path), path) if path.is_file() else None
 
 
 def read_marker_or_restart(run: RunFiles, name: str) -> StageRecord | None:
@@ -350,7 +225,7 @@ def read_ranks(run: RunFiles) -> GapResult:
         raise FileNotFoundError(f"{run.ranks} not found; stage 2 writes it: finish the run (`orca-lora run` on its "
                                 "config), or, if its stage 2 finished without it, re-run stage 2 (delete the "
                                 "run's stage2/ folder and run the same command)")
-    return from_dict(GapResult, _read_json(run.ranks), run.ranks)
+    return from_dict(GapResult, read_json(run.ranks), run.ranks)
 
 
 def write_training_ranks(run: RunFiles, result: GapResult) -> None:
@@ -358,7 +233,7 @@ def write_training_ranks(run: RunFiles, result: GapResult) -> None:
 
 
 def read_training_ranks(run: RunFiles) -> GapResult:
-    return from_dict(GapResult, _read_json(run.training_ranks), run.training_ranks)
+    return from_dict(GapResult, read_json(run.training_ranks), run.training_ranks)
 
 
 def read_effective_ranks(run: RunFiles) -> GapResult:
@@ -372,7 +247,7 @@ def write_metrics(run: RunFiles, metrics: RunMetrics) -> None:
 
 
 def read_metrics(run: RunFiles) -> RunMetrics:
-    return from_dict(RunMetrics, _read_json(run.metrics), run.metrics)
+    return from_dict(RunMetrics, read_json(run.metrics), run.metrics)
 
 
 def write_sample_errors(run: RunFiles, errors: SampleErrors) -> None:
@@ -479,50 +354,6 @@ def read_finished_runs(paths: Sequence[str | Path], method: str | None = None) -
     return [FinishedRun(run, metrics, config, label) for (run, metrics, config), label in zip(loaded, labels)]
 
 
-@dataclass(frozen=True)
-class PlannedPoint:
-    """One point of a sweep's plan (`sweep.json`): its run directory and the overrides that make it."""
-    name: str
-    directory: Path
-    labels: dict[str, str]  # axis -> its part of the point's name
-    overrides: tuple[str, ...]  # the point's own key=value overrides (the sweep's `set` applies to every point)
-
-    def override(self, key: str) -> str | None:
-        """The value this point sets `key` to, or None when it leaves `key` to the base config."""
-        found = [item.split("=", 1)[1] for item in self.overrides if item.split("=", 1)[0] == key]
-        return found[-1] if found else None
-
-
-def read_sweep_plans(paths: Sequence[str | Path]) -> list[list[PlannedPoint]]:
-    """The points of every sweep whose plan (`sweep.json`, written by `orca-lora sweep` before any point
-    runs) lies at or below `paths`; none for directories that are not sweeps."""
-    plans = []
-    for path in sorted({plan for path in map(Path, paths) for plan in path.rglob(SWEEP_FILE)}):
-        data = _read_json(path)
-        try:
-            plans.append([PlannedPoint(point["name"], path.parent / point["name"], dict(point["labels"]),
-                                       tuple(point["overrides"])) for point in data["points"]])
-        except (KeyError, TypeError) as error:
-            raise ValueError(f"{path}: not a sweep plan (no {error}); delete it and run the sweep again "
-                             "(`orca-lora sweep SWEEP.yaml` rewrites it and skips the finished points)") from None
-    return plans
-
-
-def unfinished(point: PlannedPoint) -> str | None:
-    """Why a planned point has no finished run to analyse ("not started", "diverged", ...), or None."""
-    run = RunFiles(point.directory)
-    if run.is_finished():
-        return "diverged" if diverged(read_metrics(run)) else None
-    if not run.root.is_dir():
-        return "not started"
-    failure = read_failure(run)
-    if failure is not None:
-        return f"failed: {failure}"
-    started = [name for name in STAGES if run.marker(name).is_file()]
-    where = f"in {started[-1]}" if started else "before stage 1"
-    return f"stopped {where}: failed, interrupted or still running"
-
-
 def task_labels(tasks: Sequence[dict]) -> list[str]:
     """Each task's name, plus `(key=value,...)` for the task.* settings in which tasks of that name differ."""
     by_name: dict[str, list[dict]] = defaultdict(list)
@@ -557,21 +388,3 @@ def module_block(module: str, block_names: Sequence[str]) -> int | None:
         if f".{name}." in f".{module}.":
             return index
     return None
-
-
-FAILURE_FILE = "failed.txt"  # a sweep point's one-line reason for failing: written by the sweep, read by --status
-
-
-def write_failure(run: RunFiles, reason: str) -> None:
-    """Record why a sweep point failed, on one line (`orca-lora sweep --status` shows it)."""
-    write_text_atomic(run.root / FAILURE_FILE, " ".join(reason.split()) + "\n")
-
-
-def read_failure(run: RunFiles) -> str | None:
-    """The point's recorded failure, or None when it has none (never failed, or finished since)."""
-    path = run.root / FAILURE_FILE
-    return path.read_text().strip() if path.is_file() else None
-
-
-def clear_failure(run: RunFiles) -> None:
-    (run.root / FAILURE_FILE).unlink(missing_ok=True)

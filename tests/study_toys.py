@@ -16,9 +16,10 @@ import numpy as np
 import yaml
 from omegaconf import OmegaConf
 
-from orca_lora.config_load import load_config
 from orca_lora.config import to_yaml
-from orca_lora.run_files import GapRow, RunFiles, RunMetrics, SampleErrors, write_gaps, write_metrics, write_sample_errors
+from orca_lora.config_load import load_config
+from orca_lora.records import GapRow, RunMetrics, SampleErrors
+from orca_lora.run_files import RunFiles, write_gaps, write_metrics, write_sample_errors
 
 BLOCKS = tuple(f"layers.{layer}.blocks.{block}" for layer in range(3) for block in range(2))
 MODULE_KINDS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")

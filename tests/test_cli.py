@@ -7,7 +7,8 @@ import pytest
 from orca_lora import cli
 from orca_lora.config_load import load_config
 from orca_lora.models.pretrain import PretrainResult
-from orca_lora.run_files import GapRow, RunFiles, RunMetrics, write_gaps
+from orca_lora.records import GapRow, RunMetrics
+from orca_lora.run_files import RunFiles, write_gaps
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "configs" / "quickstart.yaml"

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from orca_lora.config_load import load_config
-from orca_lora.sweeps.sweep import load_sweep
 from orca_lora.models.body import build_body
 from orca_lora.models.model import build_orca_model
+from orca_lora.sweeps.sweep import load_sweep
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # the FNO files are not shipped: validate the seed-scale Darcy config with its data generated instead

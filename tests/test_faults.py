@@ -20,8 +20,7 @@ from orca_lora.config_load import load_config
 from orca_lora.errors import INTERRUPTED_EXIT_CODE
 from orca_lora.files import digest_path
 from orca_lora.pipeline import run_pipeline
-from orca_lora.run_files import (RunFiles, read_marker, read_metrics, read_sample_errors,
-                                 training_log_before)
+from orca_lora.run_files import RunFiles, read_marker, read_metrics, read_sample_errors, training_log_before
 from orca_lora.run_lock import LOCK_FILE
 
 REPO = Path(__file__).resolve().parents[1]

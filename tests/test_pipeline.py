@@ -8,8 +8,8 @@ from safetensors import safe_open
 
 from orca_lora.cli import main
 from orca_lora.config_load import load_config
-from orca_lora.reports.run_plots import plot_run
 from orca_lora.pipeline import run_pipeline
+from orca_lora.reports.run_plots import plot_run
 from orca_lora.run_files import RunFiles, read_gaps, read_metrics, read_ranks, read_sample_errors
 
 REPO = Path(__file__).resolve().parents[1]

@@ -7,8 +7,8 @@ import pytest
 from orca_lora import cli
 from orca_lora.config import ConfigError
 from orca_lora.config_load import load_config
-from orca_lora.sweeps.sweep import load_sweep
 from orca_lora.preflight import body_architecture, check_against_body
+from orca_lora.sweeps.sweep import load_sweep
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 

@@ -1,7 +1,8 @@
 import json
 
 from orca_lora import stage_store
-from orca_lora.run_files import GapResult, RunFiles, StageRecord, read_marker, read_ranks, write_marker, write_ranks
+from orca_lora.records import GapResult, StageRecord
+from orca_lora.run_files import RunFiles, read_marker, read_ranks, write_marker, write_ranks
 
 
 def finished_stage(directory, digest="abc", payload="weights"):

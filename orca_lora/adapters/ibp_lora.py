@@ -46,12 +46,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from orca_lora.adapters.base import AdapterLayer, kaiming_lora_A
-from orca_lora.rank.ibp import ibp_kl, relaxed_bernoulli_sample
 from orca_lora.adapters.inject import (LinearAdapterMethod, mark_only_adapters_trainable, match_targets,
                                        replace_modules)
 from orca_lora.adapters.lora import LORA_CHANGE, LoRALinear
 from orca_lora.adapters.spec import PosteriorRanks, register_method, train_embedder_and_head
 from orca_lora.config import ConfigError, Stage2Config, Stage3Config
+from orca_lora.rank.ibp import ibp_kl, relaxed_bernoulli_sample
 
 MIN_PRIOR_MASS = 1e-6  # Beta(0, 1) is improper; the KL's log alpha and 1/a need alpha > 0
 POSTERIOR_THRESHOLD = 0.5  # a component counts towards the posterior rank when q(z_k = 1) > 0.5

@@ -21,7 +21,8 @@ from orca_lora.data.tasks import TaskData
 from orca_lora.files import save_tensors_atomic
 from orca_lora.models.embedder import Embedder, mean_pool
 from orca_lora.models.features import labelled_target_sample, source_features
-from orca_lora.run_files import AlignResult, RunFiles, write_alignment
+from orca_lora.records import AlignResult
+from orca_lora.run_files import RunFiles, write_alignment
 
 
 class AlignModule(L.LightningModule):

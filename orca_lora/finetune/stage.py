@@ -43,14 +43,8 @@ from orca_lora.finetune.checkpoints import AtomicCheckpointIO, SameResume, resum
 from orca_lora.finetune.module import FinetuneModule
 from orca_lora.rank.select import ModuleShape
 from orca_lora.rank.stage import adapted_module_shapes
-from orca_lora.run_files import (
-    FinetuneResult,
-    RunFiles,
-    SampleErrors,
-    training_log_before,
-    write_sample_errors,
-    write_training_ranks,
-)
+from orca_lora.records import FinetuneResult, SampleErrors
+from orca_lora.run_files import RunFiles, training_log_before, write_sample_errors, write_training_ranks
 
 log = logging.getLogger("orca_lora")
 

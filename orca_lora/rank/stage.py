@@ -22,9 +22,10 @@ from orca_lora.rank.allocations.context import AllocationResult, GapAllocationIn
 from orca_lora.rank.calibration_store import CalibrationDirectory
 from orca_lora.rank.gap import BlockGap, GapSettings, block_gaps
 from orca_lora.rank.null import corrected_gap
-from orca_lora.rank.spectral import check_sample_sizes
 from orca_lora.rank.select import ModuleShape, block_uniform_ranks, trainable_params
-from orca_lora.run_files import GapResult, GapRow, RunFiles, write_gaps, write_ranks
+from orca_lora.rank.spectral import check_sample_sizes
+from orca_lora.records import GapResult, GapRow
+from orca_lora.run_files import RunFiles, write_gaps, write_ranks
 
 log = logging.getLogger("orca_lora")
 

@@ -7,9 +7,10 @@ from pathlib import Path
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
+from orca_lora.records import GapRow
 from orca_lora.reports.figures import color_cycle, save_figure, subplots
 from orca_lora.reports.run_plots import block_median_ranks
-from orca_lora.run_files import GapRow, RunFiles, read_effective_ranks, read_gaps
+from orca_lora.run_files import RunFiles, read_effective_ranks, read_gaps
 from orca_lora.studies.compare import CompareResult, Selection
 
 MARKERS = "osD^vP*Xh<>"

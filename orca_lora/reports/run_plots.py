@@ -8,16 +8,9 @@ import numpy as np
 from matplotlib.ticker import MaxNLocator
 from omegaconf import OmegaConf
 
+from orca_lora.records import GapRow
 from orca_lora.reports.figures import integer_rank_axis, legend_below, save_figure, subplots
-from orca_lora.run_files import (
-    GapRow,
-    RunFiles,
-    module_block,
-    read_alignment,
-    read_gaps,
-    read_metrics,
-    read_training_log,
-)
+from orca_lora.run_files import RunFiles, module_block, read_alignment, read_gaps, read_metrics, read_training_log
 
 
 def plot_alignment(distance: str, curve: Sequence[float], stem: Path) -> list[Path]:

@@ -21,18 +21,10 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from orca_lora.run_files import (
-    FinishedRun,
-    PlannedPoint,
-    module_block,
-    read_finished_runs,
-    read_gaps,
-    read_sample_errors,
-    read_sweep_plans,
-    unfinished,
-)
+from orca_lora.run_files import FinishedRun, module_block, read_finished_runs, read_gaps, read_sample_errors
 from orca_lora.studies.compare import first_difference
 from orca_lora.studies.rank_threshold import TaskCurve
+from orca_lora.sweep_files import PlannedPoint, read_sweep_plans, unfinished
 
 log = logging.getLogger("orca_lora")
 
@@ -122,7 +114,7 @@ class MissingPoint:
     of the plan whose overrides differ from its own in seed and stage3.rank only (unknown without one)."""
     name: str
     directory: str
-    state: str  # `run_files.unfinished`: not started, diverged, stopped in a stage
+    state: str  # `sweep_files.unfinished`: not started, diverged, stopped in a stage
     rank: Optional[int]  # as the point sets it (None: the base config's, unknown here)
     seed: Optional[int]
     task: Optional[str] = None
@@ -145,13 +137,13 @@ class PlanCheck:
 
 
 def check_plan(directories: Sequence[Path], runs: Sequence[StudyRun]) -> PlanCheck:
-    """Every point of the sweep plans under `directories` (`run_files.read_sweep_plans`) that `runs` lack."""
+    """Every point of the sweep plans under `directories` (`sweep_files.read_sweep_plans`) that `runs` lack."""
     plans = read_sweep_plans(directories)
     return PlanCheck(sum(map(len, plans)), missing_points(plans, runs))
 
 
 def missing_points(plans: Sequence[Sequence[PlannedPoint]], runs: Sequence[StudyRun]) -> list[MissingPoint]:
-    """The planned points `runs` lack, each with why (`run_files.unfinished`) and, from a finished sibling
+    """The planned points `runs` lack, each with why (`sweep_files.unfinished`) and, from a finished sibling
     point (`_curve_key`), the curve it would have joined."""
     read = {Path(run.directory).resolve(): run for run in runs}
     primary = primary_regime(runs) if any(_is_uniform_lora(run) for run in runs) else None

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 from orca_lora.config import run_path
 from orca_lora.errors import RunInterrupted
-from orca_lora.run_files import RunFiles, read_failure
+from orca_lora.run_files import RunFiles
+from orca_lora.sweep_files import read_failure
 from orca_lora.sweeps.workers import (
     FAILED,
     FINISHED_EARLIER,

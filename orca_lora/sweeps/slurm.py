@@ -22,7 +22,8 @@ from typing import Any, Sequence
 from tqdm import tqdm
 
 from orca_lora.errors import ConfigError, RunInterrupted
-from orca_lora.run_files import RunFiles, read_failure
+from orca_lora.run_files import RunFiles
+from orca_lora.sweep_files import read_failure
 from orca_lora.sweeps.jobs import PointJob, PointTask
 from orca_lora.sweeps.slurm_settings import SlurmSettings, executor_parameters
 from orca_lora.sweeps.stopping import SweepInterrupted, signal_name, stop_on_signals

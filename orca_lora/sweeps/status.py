@@ -14,8 +14,9 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
-from orca_lora.run_files import STAGES, RunFiles, read_failure
+from orca_lora.run_files import STAGES, RunFiles
 from orca_lora.run_lock import lock_holder
+from orca_lora.sweep_files import read_failure
 from orca_lora.sweeps.sweep import Sweep, SweepPoint, is_finished
 from orca_lora.sweeps.workers import RUN_LOG
 

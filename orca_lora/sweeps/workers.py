@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Iterator
 
 from orca_lora.config import run_path, to_yaml
 from orca_lora.errors import RunInterrupted
-from orca_lora.run_files import RunFiles, clear_failure, write_failure
+from orca_lora.run_files import RunFiles
+from orca_lora.sweep_files import clear_failure, write_failure
 from orca_lora.sweeps.stopping import signal_name
 
 if TYPE_CHECKING:

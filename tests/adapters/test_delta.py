@@ -4,8 +4,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from orca_lora.adapters.delta import attach_delta_lora, delta_lora_update
-from orca_lora.adapters.inject import add_adapters, adapter_modules, mark_only_adapters_trainable
 from orca_lora.adapters.delta import DeltaLoRALinear
+from orca_lora.adapters.inject import add_adapters, adapter_modules, mark_only_adapters_trainable
 from orca_lora.adapters.lora import LoRALinear
 
 

@@ -19,8 +19,8 @@ from orca_lora.adapters.lora import LORA_CHANGE, LoRALinear
 from orca_lora.adapters.spec import METHODS, get_method
 from orca_lora.config import ConfigError, Stage3Config
 from orca_lora.config_load import load_config
-from orca_lora.reports.run_plots import plot_run
 from orca_lora.pipeline import run_pipeline
+from orca_lora.reports.run_plots import plot_run
 from orca_lora.reports.weight_report import analyze_runs
 from orca_lora.run_files import RunFiles, read_marker, read_sample_errors
 

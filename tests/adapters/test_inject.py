@@ -2,6 +2,8 @@ import pytest
 import torch
 from torch import nn
 
+from orca_lora.adapters.dora import DoRALinear
+from orca_lora.adapters.dylora import DyLoRALinear
 from orca_lora.adapters.inject import (
     DEFAULT_TARGETS,
     adapter_modules,
@@ -14,8 +16,6 @@ from orca_lora.adapters.inject import (
     merge_adapters,
     unmerge_adapters,
 )
-from orca_lora.adapters.dora import DoRALinear
-from orca_lora.adapters.dylora import DyLoRALinear
 from orca_lora.adapters.lora import LoRALinear
 
 # (d_out, d_in) of the adapted Linears in one block of each stage of the tiny Swin (embed_dim 32, mlp_ratio 4).

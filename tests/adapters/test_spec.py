@@ -17,8 +17,8 @@ from orca_lora.adapters.lora import LoRALinear, lora_product
 from orca_lora.adapters.spec import METHODS, WeightChange, get_method, register_method
 from orca_lora.config import ConfigError, Stage3Config
 from orca_lora.config_load import load_config
-from orca_lora.reports.weight_report import analyze_runs
 from orca_lora.pipeline import run_pipeline
+from orca_lora.reports.weight_report import analyze_runs
 
 QUICKSTART = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
 

@@ -1,7 +1,6 @@
 import itertools
 import math
 
-import geomloss.ot
 import numpy as np
 import ot
 import pytest

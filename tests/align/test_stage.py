@@ -1,19 +1,13 @@
 import csv
-import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
-from sklearn.metrics import adjusted_rand_score
-from torch import nn
-from torch.utils.data import TensorDataset
 
 from orca_lora.align import stage as align_stage
 from orca_lora.align.distances import DISTANCES, distance_options, prepare_source
 from orca_lora.config import Stage1Config, TrainerConfig
 from orca_lora.data.procedural import generate_procedural
-from orca_lora.data.tasks import TaskData, cross_entropy, misclassification
 from orca_lora.models.embedder import Embedder
 from orca_lora.models.features import labelled_target_sample, source_features
 from orca_lora.run_files import RunFiles, read_alignment

@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 
+from orca_lora.choices import TASKS, check_registry
 from orca_lora.config import TaskConfig
 from orca_lora.data import darcy
-from orca_lora.choices import TASKS, check_registry
 from orca_lora.data.tasks import TASK_BUILDERS, build_task, split_train_val
 
 

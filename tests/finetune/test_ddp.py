@@ -24,7 +24,8 @@ from orca_lora.finetune.module import FinetuneModule
 from orca_lora.finetune.stage import TaskDataModule, check_world_size, prepare_model, process_placement
 from orca_lora.models.model import build_orca_model
 from orca_lora.models.source import load_source_body
-from orca_lora.run_files import FinetuneResult, RunFiles, StageRecord
+from orca_lora.records import FinetuneResult, StageRecord
+from orca_lora.run_files import RunFiles
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "configs" / "quickstart.yaml"

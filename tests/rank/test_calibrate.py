@@ -8,7 +8,8 @@ from orca_lora.config import ConfigError, to_yaml
 from orca_lora.config_load import load_config
 from orca_lora.rank.calibrate import calibrate
 from orca_lora.rank.law_file import check_provenance, read_law_file
-from orca_lora.run_files import GapRow, RunFiles, RunMetrics, write_gaps, write_metrics
+from orca_lora.records import GapRow, RunMetrics
+from orca_lora.run_files import RunFiles, write_gaps, write_metrics
 
 BLOCKS = ["layers.0.blocks.0", "layers.0.blocks.1", "layers.1.blocks.0", "layers.1.blocks.1"]
 MODULES = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")

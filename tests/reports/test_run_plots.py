@@ -5,16 +5,9 @@ import dataclasses
 
 from reports.figure_checks import ALIGNMENT, assert_figures, write
 
+from orca_lora.records import GapRow
 from orca_lora.reports import run_plots as plots
-from orca_lora.run_files import (
-    GapRow,
-    RunFiles,
-    read_alignment,
-    read_gaps,
-    read_training_log,
-    write_alignment,
-    write_gaps,
-)
+from orca_lora.run_files import RunFiles, read_alignment, read_gaps, read_training_log, write_alignment, write_gaps
 
 GAPS = [GapRow(0, "layers.0.blocks.0", 16, 0.5, 0.6, 0.2, 0.1, 0.9, 0.0, 2),
         GapRow(1, "layers.0.blocks.1", 16, 1.5, 0.5, 0.001, 1.2, 1.8, 1.0, 6),

@@ -7,10 +7,7 @@ import pytest
 from reports.figure_checks import ALIGNMENT, assert_figures
 
 from orca_lora.reports import sweep_plots as plots
-from orca_lora.run_files import (
-    RunFiles,
-    write_alignment,
-)
+from orca_lora.run_files import RunFiles, write_alignment
 
 
 def sweep_records(tmp_path: Path) -> list:

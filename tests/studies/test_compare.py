@@ -8,12 +8,12 @@ from omegaconf import OmegaConf
 from scipy import stats
 
 from orca_lora.cli import main
-from orca_lora.config_load import load_config
 from orca_lora.config import to_yaml
+from orca_lora.config_load import load_config
+from orca_lora.records import GapResult, GapRow, RunMetrics, SampleErrors
+from orca_lora.run_files import RunFiles, write_gaps, write_metrics, write_ranks, write_sample_errors
 from orca_lora.studies.compare import compare_directory, read_compare_runs
 from orca_lora.studies.stats.paired import holm, paired_sample_test
-from orca_lora.run_files import (GapResult, GapRow, RunFiles, RunMetrics, SampleErrors, write_gaps, write_metrics,
-                                 write_ranks, write_sample_errors)
 
 BLOCKS = ["layers.0.blocks.0", "layers.1.blocks.0"]
 MODULES = [f"body.{block}.attn.qkv" for block in BLOCKS]

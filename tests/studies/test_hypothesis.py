@@ -11,7 +11,8 @@ import pytest
 from study_toys import RANKS, planted_curve, write_study, write_study_run
 
 from orca_lora import cli
-from orca_lora.run_files import RunFiles, StageRecord, write_marker
+from orca_lora.records import StageRecord
+from orca_lora.run_files import RunFiles, write_marker
 from orca_lora.studies import hypothesis as hyp
 from orca_lora.studies.method_shares import TrainingCheck
 from orca_lora.studies.rank_threshold import VERDICTS

@@ -4,9 +4,9 @@ import pytest
 from scipy import stats
 from scipy.optimize import minimize
 
-from orca_lora.studies.stats.censored_regression import fit_censored_line, truncated_normal_moments
 from orca_lora.studies.rank_threshold import (declares_growth, fit_threshold_law, rank_benefit, rank_interval,
                                               smallest_sufficient_rank, TaskCurve, verdict_label)
+from orca_lora.studies.stats.censored_regression import fit_censored_line, truncated_normal_moments
 
 RANKS = np.array([1, 2, 4, 8, 16, 32])
 

@@ -2,10 +2,11 @@ import math
 
 import pytest
 
-from orca_lora.config_load import load_config
 from orca_lora.config import to_yaml
+from orca_lora.config_load import load_config
+from orca_lora.records import RunMetrics
+from orca_lora.run_files import RunFiles, write_metrics
 from orca_lora.studies.seed_table import read_runs
-from orca_lora.run_files import RunFiles, RunMetrics, write_metrics
 
 
 def write_run(directory, test_error: float) -> RunFiles:

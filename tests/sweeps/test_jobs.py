@@ -3,7 +3,8 @@ from pathlib import Path
 import pytest
 
 from orca_lora.config_load import load_config
-from orca_lora.run_files import RunFiles, read_failure, write_failure
+from orca_lora.run_files import RunFiles
+from orca_lora.sweep_files import read_failure, write_failure
 from orca_lora.sweeps.jobs import PointFailed, PointJob, PointTask
 
 REPO = Path(__file__).resolve().parents[2]

@@ -7,7 +7,9 @@ from pathlib import Path
 
 from orca_lora import cli
 from orca_lora.config import to_yaml
-from orca_lora.run_files import RunFiles, StageRecord, write_failure, write_marker
+from orca_lora.records import StageRecord
+from orca_lora.run_files import RunFiles, write_marker
+from orca_lora.sweep_files import write_failure
 from orca_lora.sweeps.status import point_status
 from orca_lora.sweeps.sweep import load_sweep
 

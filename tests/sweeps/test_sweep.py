@@ -10,8 +10,9 @@ import pytest
 from orca_lora.config import ConfigError
 from orca_lora.config_load import load_config
 from orca_lora.errors import RunInterrupted
-from orca_lora.run_files import RunFiles, read_failure
+from orca_lora.run_files import RunFiles
 from orca_lora.run_lock import RunDirectoryBusy
+from orca_lora.sweep_files import read_failure
 from orca_lora.sweeps import sweep as sweeps
 from orca_lora.sweeps.stopping import SweepInterrupted
 from orca_lora.sweeps.sweep import load_sweep, print_commands, run_sweep

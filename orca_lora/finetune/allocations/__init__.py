@@ -25,7 +25,7 @@ from orca_lora.config import Stage3Config
 from orca_lora.data.tasks import TaskData
 from orca_lora.rank.allocations import get_allocation
 from orca_lora.rank.select import ModuleShape, trainable_params
-from orca_lora.run_files import GapResult
+from orca_lora.records import GapResult
 
 
 

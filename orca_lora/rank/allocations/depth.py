@@ -6,8 +6,8 @@ Score of every adapted module in block i (0-based, of n blocks): i + 1 (increasi
 """
 from __future__ import annotations
 
-from orca_lora.rank.allocations.registry import register_allocation
 from orca_lora.rank.allocations.context import AllocationResult, GapAllocationInputs, block_mean_ranks
+from orca_lora.rank.allocations.registry import register_allocation
 from orca_lora.rank.budget import proportional_ranks
 
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Mapping
 
-from orca_lora.rank.allocations.registry import register_allocation
 from orca_lora.rank.allocations.context import AllocationResult, GapAllocationInputs, block_mean_ranks
+from orca_lora.rank.allocations.registry import register_allocation
 from orca_lora.rank.budget import proportional_ranks
 from orca_lora.rank.select import ModuleShape
 from orca_lora.run_files import RunFiles, read_metrics

@@ -16,8 +16,8 @@ from dataclasses import replace
 from typing import Sequence
 
 from orca_lora.config import Stage2Config
-from orca_lora.rank.allocations.registry import register_allocation
 from orca_lora.rank.allocations.context import AllocationResult, GapAllocationInputs
+from orca_lora.rank.allocations.registry import register_allocation
 from orca_lora.rank.gap import BlockGap
 from orca_lora.rank.select import RankPrior, select_ranks
 

@@ -10,9 +10,9 @@ import logging
 from dataclasses import replace
 from typing import Sequence
 
-from orca_lora.rank.allocations.registry import register_allocation
 from orca_lora.rank.allocations.context import AllocationResult, GapAllocationInputs
 from orca_lora.rank.allocations.ibp_prior import prior_ranks, stage_prior
+from orca_lora.rank.allocations.registry import register_allocation
 from orca_lora.rank.gap import BlockGap
 from orca_lora.rank.law import floor_units
 from orca_lora.rank.law_file import read_law_file

@@ -20,9 +20,9 @@ from typing import Sequence
 
 import numpy as np
 
-from orca_lora.rank.allocations.registry import register_allocation
 from orca_lora.rank.allocations.context import AllocationResult, GapAllocationInputs
 from orca_lora.rank.allocations.ibp_prior import absolute_reference, prior_ranks, stage_prior
+from orca_lora.rank.allocations.registry import register_allocation
 
 log = logging.getLogger("orca_lora")
 

@@ -10,8 +10,8 @@ import torch
 from torch import Tensor, nn
 
 from orca_lora.models.model import BODY_PREFIX
-from orca_lora.rank.allocations.registry import register_allocation
 from orca_lora.rank.allocations.context import AllocationResult, GapAllocationInputs, block_mean_ranks
+from orca_lora.rank.allocations.registry import register_allocation
 from orca_lora.rank.budget import proportional_ranks
 
 

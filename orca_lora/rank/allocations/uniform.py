@@ -2,8 +2,8 @@
 uniform run sits beside gap-aware ones in the same tables; no budget, no IBP mass."""
 from __future__ import annotations
 
-from orca_lora.rank.allocations.registry import register_allocation
 from orca_lora.rank.allocations.context import AllocationResult, GapAllocationInputs
+from orca_lora.rank.allocations.registry import register_allocation
 from orca_lora.rank.select import block_uniform_ranks
 
 

@@ -3,7 +3,8 @@ from allocation_toys import swin_like_shapes
 
 from orca_lora.config import ConfigError
 from orca_lora.config_load import load_config
-from orca_lora.run_files import RunFiles, RunMetrics, write_metrics
+from orca_lora.records import RunMetrics
+from orca_lora.run_files import RunFiles, write_metrics
 
 
 @pytest.mark.parametrize("allocation", ["depth-increasing", "depth-decreasing", "stable-rank", "gradient"])

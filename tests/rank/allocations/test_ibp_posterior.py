@@ -5,7 +5,8 @@ from orca_lora.config_load import load_config
 from orca_lora.pipeline import stage_hash
 from orca_lora.rank.allocations import get_allocation
 from orca_lora.rank.allocations.ibp_posterior import check_posterior_modules, read_posterior_ranks
-from orca_lora.run_files import RunFiles, RunMetrics, write_metrics
+from orca_lora.records import RunMetrics
+from orca_lora.run_files import RunFiles, write_metrics
 
 
 def write_run(directory, posterior_ranks, method="ibp-lora"):
