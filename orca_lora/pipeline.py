@@ -35,7 +35,7 @@ from orca_lora import stage_store
 from orca_lora.align import stage as align_stage
 from orca_lora.choices import GAP_AWARE_ALLOCATIONS, TRAINING_ALLOCATIONS
 from orca_lora.config import Config, run_directory, run_path, section_hash
-from orca_lora.data.tasks import build_task
+from orca_lora.data.tasks import SourceSide, build_task
 from orca_lora.errors import RunInterrupted
 from orca_lora.finetune import stage as finetune_stage
 from orca_lora.finetune.allocations import AllocationRequest
@@ -189,11 +189,11 @@ def _run_stages(config: Config, last_stage: int, placement: finetune_stage.Proce
         log.setLevel(logging.WARNING)  # one process tells the story, as Lightning's rank_zero_* do
         for name in ("stage1", "stage2"):  # rank 0 also writes the data and source-body caches first
             _await_marker(run_files, name, stage_hash(config, name), finished=True)
-    task = build_task(config.task, config.data_root)
-    finetune_stage.check_world_size(task, placement.world_size)
     body = load_source_body(config.source, config.data_root)
+    task = build_task(config.task, config.data_root, SourceSide(config.source, body))
+    finetune_stage.check_world_size(task, placement.world_size)
     s3 = config.stage3
-    check_against_body(config, body)  # a target typo or an impossible rank fails here, not after stages 1-2
+    check_against_body(config, body, in_channels=task.in_channels)  # a typo or impossible rank fails here
     source_images, source_labels = source_proxy(config.source, config.data_root)
     held_out = config.stage2.max_samples
     source_split = held_out_split(len(source_images), held_out, config.source.pretrain.seed, "the source proxy set")

@@ -25,10 +25,12 @@ def body_architecture(source: SourceConfig) -> nn.Module:
     return build_body(source.model, model_kwargs=dict(source.model_kwargs))
 
 
-def check_against_body(config: Config, body: nn.Module, read_other_runs: bool = True) -> None:
+def check_against_body(config: Config, body: nn.Module, read_other_runs: bool = True,
+                       in_channels: int | None = None) -> None:
     """The spectral gap's sample size, targets, rank map, a uniform rank, a stage-2 budget and (unless
     `read_other_runs` is false: a sweep point whose posterior run is another point, not run yet) the
-    modules of an ibp-posterior allocation's posterior run against the body's blocks and adapted modules."""
+    modules of an ibp-posterior allocation's posterior run against the body's blocks and adapted modules;
+    with the task's `in_channels`, that an adapted embedder projection has the body's patch shape."""
     s2, s3 = config.stage2, config.stage3
     rank_stage.check_gap_sample_sizes(body, s2)
     if s2.enabled and s2.law is not None:
@@ -40,6 +42,11 @@ def check_against_body(config: Config, body: nn.Module, read_other_runs: bool = 
     if not get_method(s3.method).uses_targets:
         return
     shapes = rank_stage.adapted_module_shapes(body, s3.targets)  # a target typo fails here
+    body_channels = body.patch_embed.proj.in_channels
+    if rank_stage.EMBEDDER_PROJECTION in shapes and in_channels not in (None, body_channels):
+        raise ConfigError(f"stage3.targets: LoRA on {rank_stage.EMBEDDER_PROJECTION} needs a task with the body's "
+                          f"{body_channels} input channels (task.name {config.task.name} has {in_channels}); "
+                          "drop that target")
     if s2.enabled and s2.posterior_run is not None and read_other_runs:
         check_posterior_modules(read_posterior_ranks(s2.posterior_run), shapes, s2.posterior_run)
     if not s3.rank_map and (not s2.enabled or s2.allocation == "uniform"):

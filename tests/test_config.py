@@ -1,6 +1,9 @@
+import hashlib
+import json
 import re
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -50,11 +53,14 @@ def test_yaml_and_overrides_apply_in_order(tmp_path):
         ("trainer.limit_train_batches=0", "trainer.limit_train_batches"),
         ("stage3.foo=1", "stage3.foo"),
         ("stage3.rank=many", "stage3.rank"),
+        ("task.name=planted-shift task.planted_k=0", "task.planted_k"),
+        ("task.name=planted-shift task.planted_angle=4.0", "task.planted_angle"),
+        ("task.name=planted-shift task.resolution=16", "task.resolution"),
     ],
 )
 def test_bad_values_fail_naming_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        load_config(None, [override])
+        load_config(None, override.split())
 
 
 @pytest.mark.parametrize("method", ["lora", "ibp-lora", "dora", "mora"])
@@ -98,6 +104,16 @@ def test_section_hash_tracks_only_named_sections():
     changed_stage3 = load_config(None, ["stage3.rank=4"])
     assert section_hash(base, "task", "stage1") == section_hash(changed_stage3, "task", "stage1")
     assert section_hash(base, "stage3") != section_hash(changed_stage3, "stage3")
+
+
+def test_keys_added_later_leave_the_hash_of_their_default_unchanged():
+    base = load_config()
+    payload = {"task": {key: value for key, value in asdict(base.task).items() if not key.startswith("planted_")}}
+    before = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    assert section_hash(base, "task") == before
+    assert section_hash(load_config(None, ["task.planted_k=2"]), "task") != before
+    assert section_hash(base, "stage3") != section_hash(load_config(None, ["stage3.body_stochastic_depth=false"]),
+                                                       "stage3")
 
 
 def test_run_directory_holds_resolved_config(tmp_path):

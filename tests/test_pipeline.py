@@ -84,6 +84,25 @@ def test_uniform_rank_and_disabled_alignment(tiny_overrides):
     assert read_gaps(run) is None and read_ranks(run).ranks == result.metrics.ranks
 
 
+def test_a_planted_shift_run_adapts_only_the_embedding_projection(tiny_overrides):
+    """The known-answer control's setting end to end: stage 1 off, the frozen body's own patch embedding,
+    LoRA on embedder.proj only; the base conv stays the body's, the LoRA factors train and export."""
+    overrides = tiny_overrides + [
+        "task.name=planted-shift", "task.resolution=32", "task.planted_k=2", "stage1.epochs=0",
+        "stage1.embedder_init=source", "stage2.allocation=uniform", "stage3.rank=2",
+        r"stage3.targets=[^embedder\.proj$]", "stage3.train_embedder=false", "stage3.body_stochastic_depth=false"]
+    result = run_pipeline(load_config(QUICKSTART, overrides))
+    assert result.metrics.ranks == {"embedder.proj": 2} and result.metrics.trainable_params == 2 * (24 + 12)
+    assert result.metrics.test_error < result.metrics.baseline_error
+    gaps = read_gaps(RunFiles(result.directory))
+    assert gaps[0].gap > gaps[0].floor  # stage 2 sees the plant at block 0
+    with safe_open(str(result.directory / "stage3" / "trainable.safetensors"), "pt") as saved:
+        assert sorted(saved.keys()) == ["model.embedder.proj.lora_A", "model.embedder.proj.lora_B"]
+        assert saved.get_tensor("model.embedder.proj.lora_B").abs().sum() > 0
+    peft_config = json.loads((result.directory / "stage3" / "adapter" / "adapter_config.json").read_text())
+    assert "embedder.proj" in json.dumps(peft_config["target_modules"])
+
+
 def run_cli(arguments: list[str], capsys) -> tuple[int, str]:
     code = main(arguments)
     return code, capsys.readouterr().err.strip()

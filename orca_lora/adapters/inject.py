@@ -2,9 +2,11 @@
 and `LinearAdapterMethod`, the spec of every method whose layer wraps the targeted nn.Linears.
 
 Targets are regexes searched (re.search) against full module names from `model.named_modules()`;
-every target must select at least one module and only nn.Linear modules. Ranks are one int for all
-targets or a map {module name: rank}; a map must name exactly the matched modules unless
-`default_rank` fills the ones it leaves out, and a key naming no matched module is an error.
+every target must select at least one module and only nn.Linear modules or patchify Conv2ds
+(kernel = stride, conv_lora.py), which only a method with a `conv_layer` (plain LoRA) adapts. Ranks
+are one int for all targets or a map {module name: rank}; a map must name exactly the matched
+modules unless `default_rank` fills the ones it leaves out, and a key naming no matched module is an
+error.
 """
 
 import re
@@ -13,17 +15,23 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from orca_lora.adapters.base import AdapterLayer
+from orca_lora.adapters.base import AdapterLayer, describe_matrix, weight_matrix_shape
+from orca_lora.adapters.conv_lora import PATCHIFY, is_patchify_conv, patchify_conv_problems
 from orca_lora.adapters.spec import MethodSpec, get_method, train_embedder_and_head
 from orca_lora.config import DEFAULT_TARGETS, Stage3Config
 
 
-def match_targets(model: nn.Module, targets: Sequence[str] = DEFAULT_TARGETS) -> dict[str, nn.Linear]:
-    """{name: module} of the nn.Linear modules that the regexes select, in model order."""
+def is_adaptable(module: nn.Module) -> bool:
+    """Whether an adapter layer can wrap `module`: an nn.Linear or a patchify Conv2d (conv_lora.py)."""
+    return isinstance(module, nn.Linear) or is_patchify_conv(module)
+
+
+def match_targets(model: nn.Module, targets: Sequence[str] = DEFAULT_TARGETS) -> dict[str, nn.Linear | nn.Conv2d]:
+    """{name: module} of the nn.Linear modules and patchify Conv2ds that the regexes select, in model order."""
     if isinstance(targets, str) or not targets:
         raise ValueError(f"targets must be a non-empty sequence of regexes, got {targets!r}")
     patterns = [re.compile(target) for target in targets]
-    matched: dict[str, nn.Linear] = {}
+    matched: dict[str, nn.Linear | nn.Conv2d] = {}
     hits = dict.fromkeys(targets, 0)
     for name, module in model.named_modules():
         for target, pattern in zip(targets, patterns):
@@ -31,10 +39,13 @@ def match_targets(model: nn.Module, targets: Sequence[str] = DEFAULT_TARGETS) ->
                 continue
             if isinstance(module, AdapterLayer):
                 raise ValueError(f"target {target!r} selects {name!r}, which already has an adapter")
-            if not isinstance(module, nn.Linear):
+            if not is_adaptable(module):
+                conv = isinstance(module, nn.Conv2d)
+                settings = f" with {', '.join(patchify_conv_problems(module))}" if conv else ""
                 raise ValueError(
-                    f"target {target!r} selects {name!r}, a {type(module).__name__}; only nn.Linear modules "
-                    "can take adapters, so anchor the regex (e.g. r'\\.attn\\.qkv$')"
+                    f"target {target!r} selects {name!r}, a {type(module).__name__}{settings}; only nn.Linear "
+                    f"modules or a patchify Conv2d ({PATCHIFY}) can take adapters, so anchor the regex "
+                    "(e.g. r'\\.attn\\.qkv$')"
                 )
             hits[target] += 1
             matched[name] = module
@@ -45,7 +56,7 @@ def match_targets(model: nn.Module, targets: Sequence[str] = DEFAULT_TARGETS) ->
 
 
 def _resolve_ranks(
-    matched: Mapping[str, nn.Linear], ranks: int | Mapping[str, int], default_rank: int | None
+    matched: Mapping[str, nn.Linear | nn.Conv2d], ranks: int | Mapping[str, int], default_rank: int | None
 ) -> dict[str, int]:
     if isinstance(ranks, int):
         resolved = dict.fromkeys(matched, ranks)
@@ -58,10 +69,10 @@ def _resolve_ranks(
             raise KeyError(f"rank map misses matched modules {missing}; add them or pass default_rank")
         resolved = {name: int(ranks.get(name, default_rank)) for name in matched}
     for name, rank in resolved.items():
-        d_out, d_in = matched[name].weight.shape
+        d_out, d_in = weight_matrix_shape(matched[name])
         if not 1 <= rank <= min(d_out, d_in):
             raise ValueError(
-                f"rank {rank} for {name!r} (Linear of shape ({d_out}, {d_in})) is out of range; "
+                f"rank {rank} for {name!r} ({describe_matrix(matched[name])}) is out of range; "
                 f"it must be in [1, {min(d_out, d_in)}]"
             )
     return resolved
@@ -78,7 +89,8 @@ def add_adapters(
     seed: int = 0,
     **options: object,
 ) -> dict[str, AdapterLayer]:
-    """Replace each nn.Linear selected by `targets` in place by the `method`'s layer wrapping it.
+    """Replace each module selected by `targets` in place by the `method`'s layer wrapping it: its
+    `layer` for an nn.Linear, its `conv_layer` for a patchify Conv2d (plain LoRA only).
 
     `ranks` is one rank or {module name: rank}; `default_rank` covers modules a map leaves out.
     `options` go to the layer class (use_rslora, dropout; DyLoRA: min_rank, frozen). The A
@@ -89,12 +101,17 @@ def add_adapters(
     if not isinstance(spec, LinearAdapterMethod):
         raise ValueError(f"method {method!r} puts no adapter layer on a Linear; get_method({method!r}).prepare "
                          "sets a model up for it")
-    layer_class = spec.layer
     matched = match_targets(model, targets)
+    convs = [name for name, module in matched.items() if isinstance(module, nn.Conv2d)]
+    if convs and spec.conv_layer is None:
+        raise ValueError(f"method {method} adapts nn.Linear modules only; {', '.join(convs)} "
+                         f"{'is a Conv2d' if len(convs) == 1 else 'are Conv2ds'}: use method lora or target "
+                         "Linear modules")
     resolved = _resolve_ranks(matched, ranks, default_rank)
     generator = torch.Generator().manual_seed(seed)
     adapters = {
-        name: layer_class(module, resolved[name], alpha, generator=generator, **options)
+        name: (spec.conv_layer if name in convs else spec.layer)(
+            module, resolved[name], alpha, generator=generator, **options)
         for name, module in matched.items()
     }
     replace_modules(model, adapters)
@@ -169,9 +186,15 @@ def load_adapter_state_dict(model: nn.Module, state: Mapping[str, Tensor]) -> No
 
 
 class LinearAdapterMethod(MethodSpec):
-    """A method whose `layer` wraps each targeted nn.Linear; the embedder and head train beside it."""
+    """A method whose `layer` wraps each targeted nn.Linear (and `conv_layer`, where it has one, each
+    targeted patchify Conv2d); the embedder and head train beside it."""
 
     layer: type[AdapterLayer]
+
+    @property
+    def conv_layer(self) -> type[AdapterLayer] | None:
+        """The layer for a targeted patchify Conv2d; None: the method adapts nn.Linear modules only."""
+        return None
 
     def options(self, stage3: Stage3Config) -> dict:
         """The layer's keyword arguments, read from stage3."""

@@ -5,6 +5,9 @@ A directory holds `adapter_config.json` (a PEFT LoraConfig) and `adapter_model.s
 so `peft.PeftModel.from_pretrained(base_model, directory)` rebuilds the adapted model. Only methods
 whose spec has `peft_export` save here; the others (MoRA, SBoRA, Houlsby) raise naming the method.
 
+- A LoRA on a patchify Conv2d (conv_lora.py) is saved in PEFT's conv layout: lora_A.weight
+  (r, in_channels, kh, kw), lora_B.weight (out_channels, r, 1, 1); PEFT and our loader rebuild it.
+
 - DyLoRA is saved at its current eval rank b as a plain LoRA of rank b (the first b components);
   PEFT's scale for it, lora_alpha / b, is DyLoRA's own, so alpha is kept.
 - Delta-LoRA also moves W0, which PEFT's layout cannot hold: the moved weights go to
@@ -26,7 +29,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from orca_lora.adapters.base import Adapter, AdapterLayer
-from orca_lora.adapters.inject import add_adapters, adapter_modules, load_adapter_state_dict
+from orca_lora.adapters.conv_lora import PATCHIFY
+from orca_lora.adapters.inject import add_adapters, adapter_modules, is_adaptable, load_adapter_state_dict
 from orca_lora.adapters.spec import get_method
 from orca_lora.files import give_directory_default_mode
 
@@ -41,12 +45,13 @@ _UNSUPPORTED_FIELDS = {
 }
 
 
-# Each tensor an adapter layer saves, by name, and its shape for a (d_out x d_in) Linear of rank r
+# Each tensor an adapter layer saves, by name, and its shape at rank r for a base weight of shape
+# (d_out, d_in) (Linear) or (d_out, in_channels, kh, kw) (patchify Conv2d, PEFT's conv layout)
 _SHAPES = {
-    "lora_A": lambda rank, d_out, d_in: (rank, d_in),
-    "lora_B": lambda rank, d_out, d_in: (d_out, rank),
-    "lora_magnitude_vector": lambda rank, d_out, d_in: (d_out,),
-    "base_layer.weight": lambda rank, d_out, d_in: (d_out, d_in),
+    "lora_A": lambda rank, shape: (rank, *shape[1:]),
+    "lora_B": lambda rank, shape: (shape[0], rank, *(1,) * (len(shape) - 2)),
+    "lora_magnitude_vector": lambda rank, shape: (shape[0],),
+    "base_layer.weight": lambda rank, shape: tuple(shape),
 }
 _FACTORS = ("lora_A", "lora_B")  # cut to the saved rank; every other adapter tensor is saved whole
 
@@ -165,9 +170,10 @@ def _peft_targets(model: nn.Module, target_modules: str | list[str]) -> list[str
         ]
     if not names:
         raise ValueError(f"target_modules {target_modules!r} select no module of {type(model).__name__}")
-    not_linear = [name for name in names if not isinstance(model.get_submodule(name), nn.Linear)]
-    if not_linear:
-        raise ValueError(f"target_modules {target_modules!r} select non-Linear modules {not_linear}")
+    others = [name for name in names if not is_adaptable(model.get_submodule(name))]
+    if others:
+        raise ValueError(f"target_modules {target_modules!r} select modules that are neither nn.Linear nor a "
+                         f"patchify Conv2d ({PATCHIFY}): {others}")
     return names
 
 
@@ -228,7 +234,7 @@ def _check_state_shapes(model: nn.Module, state: Mapping[str, Tensor], ranks: Ma
                         tensor_names: tuple[str, ...]) -> None:
     """Check the stored tensors (each module's `tensor_names`) against the model before it is touched."""
     expected = {
-        f"{name}.{tensor_name}": _SHAPES[tensor_name](rank, *model.get_submodule(name).weight.shape)
+        f"{name}.{tensor_name}": _SHAPES[tensor_name](rank, model.get_submodule(name).weight.shape)
         for name, rank in ranks.items() for tensor_name in tensor_names
     }
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))

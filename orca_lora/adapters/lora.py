@@ -1,4 +1,5 @@
-"""LoRA (Hu et al. 2021) on a frozen nn.Linear, and the `lora` method spec.
+"""LoRA (Hu et al. 2021) on a frozen nn.Linear, and the `lora` method spec (which also puts
+LoRAPatchConv2d, conv_lora.py, on a targeted patchify Conv2d).
 
 Convention (LoRA: Hu et al. 2021;
 README, "Stage 3: refine"): the wrapped layer's weight W0 (d_out x d_in) stays frozen and
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from orca_lora.adapters.base import AdapterLayer, kaiming_lora_A, lora_scaling
+from orca_lora.adapters.conv_lora import LoRAPatchConv2d
 from orca_lora.adapters.inject import LinearAdapterMethod
 from orca_lora.adapters.spec import WeightChange, register_method
 from orca_lora.config import Stage3Config
@@ -141,8 +143,9 @@ class LoRALinear(AdapterLayer):
 
 
 def lora_product(params: Mapping[str, Tensor], stage3: Stage3Config) -> Tensor:
-    """s B A in float64 from saved `lora_A` and `lora_B`, s from stage3's alpha and rsLoRA flag."""
-    lora_A, lora_B = params["lora_A"].double(), params["lora_B"].double()
+    """s B A in float64 from saved `lora_A` and `lora_B` (a conv LoRA's flattened to matrices, so s B A
+    is its d_out x d_in patch matrix), s from stage3's alpha and rsLoRA flag."""
+    lora_A, lora_B = params["lora_A"].double().flatten(1), params["lora_B"].double().flatten(1)
     return lora_scaling(stage3.alpha, lora_A.shape[0], stage3.rslora) * (lora_B @ lora_A)
 
 
@@ -159,3 +162,9 @@ class LoRA(LinearAdapterMethod):
     name, layer = "lora", LoRALinear
     peft_export = mergeable = True
     weight_change = LORA_CHANGE
+
+    @property
+    def conv_layer(self) -> type[AdapterLayer] | None:
+        """LoRAPatchConv2d for a spec whose layer is plain LoRALinear (lora, and lora-plus, which differs only in
+        its optimizer); subclasses with their own layer (DoRA, DyLoRA, Delta-LoRA, QLoRA) have none."""
+        return LoRAPatchConv2d if self.layer is LoRALinear else None

@@ -33,6 +33,8 @@ TASK_NOTES: dict[str, str] = {
     "poisson": "-Laplace u = f on Darcy's continuous GRF f",
     "helmholtz": "-Laplace u - k^2 u = f, same f; dial: wavenumber",
     "heat": "u(T) of u_t = Laplace u, u(0) = f, same f; dial: time",
+    "planted-shift": "source classes, a planted rank-k patch map; target: the body's clean pooled features; "
+                     "dials: planted_k, planted_angle (known-answer control)",
 }
 
 

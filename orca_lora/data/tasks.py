@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-from orca_lora.config import TaskConfig
+from orca_lora.config import SourceConfig, TaskConfig
 from orca_lora.data import darcy, procedural, vision
 from orca_lora.registry import registrar
 
@@ -32,7 +32,7 @@ class TaskData:
     test: Dataset
     in_channels: int
     input_size: tuple[int, int]
-    head: str  # "dense" (a field on a grid) or "classification"
+    head: str  # "dense" (a field on a grid), "pooled" (the body's pooled features) or "classification"
     num_outputs: int  # output channels (dense) or classes
     output_size: Optional[tuple[int, int]]
     error: PerSample  # per-sample error in the task's unit (relative L2, or 0/1 misclassification)
@@ -42,19 +42,40 @@ class TaskData:
 
     @property
     def regression(self) -> bool:
-        return self.head == "dense"
+        return self.head != "classification"
 
 
-TASK_BUILDERS: dict[str, Callable[[TaskConfig, Path], TaskData]] = {}
+@dataclass(frozen=True)
+class SourceSide:
+    """What a task built from the source itself reads: the source's config and its frozen body."""
+
+    config: SourceConfig
+    body: nn.Module
+
+
+TASK_BUILDERS: dict[str, Callable[..., TaskData]] = {}  # (config, data_root), or with the source side
+SOURCE_TASKS: set[str] = set()  # the tasks whose data or targets come from the source body
 
 
 register_task = registrar(TASK_BUILDERS)
 
 
-def build_task(config: TaskConfig, data_root: str | Path) -> TaskData:
+def register_source_task(name: str) -> Callable[[Callable[[TaskConfig, Path, SourceSide], TaskData]], Callable]:
+    """Register a builder called as (config, data_root, source side)."""
+    SOURCE_TASKS.add(name)
+    return register_task(name)
+
+
+def build_task(config: TaskConfig, data_root: str | Path, source: SourceSide | None = None) -> TaskData:
+    """The registered task `config.name`; the known-answer controls also read the `source` side."""
     if config.name not in TASK_BUILDERS:
         raise KeyError(f"task.name: {config.name!r} is not one of {', '.join(sorted(TASK_BUILDERS))}")
-    return TASK_BUILDERS[config.name](config, Path(data_root))
+    if config.name not in SOURCE_TASKS:
+        return TASK_BUILDERS[config.name](config, Path(data_root))
+    if source is None:
+        raise ValueError(f"task {config.name} is built from the source body and needs the source side; run it "
+                         "through a config (the pipeline passes it)")
+    return TASK_BUILDERS[config.name](config, Path(data_root), source)
 
 
 def split_train_val(train: Dataset, val_fraction: float, seed: int) -> tuple[Dataset, Dataset]:

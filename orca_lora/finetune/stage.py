@@ -58,9 +58,20 @@ def prepare_model(model: nn.Module, stage: Stage3Config, ranks: Mapping[str, int
     `stage3.train_embedder: false` keeps the embedder as stage 1 left it, whatever the method trains
     (ORCA's Table 2 regime, Shen et al. 2023: only what the method adds, and the head, adapt)."""
     (method or get_method(stage.method)).prepare(model, stage, ranks, seed, prior_masses=prior_masses)
-    if not stage.train_embedder:
-        model.embedder.requires_grad_(False)
-    return model.train()
+    if not stage.train_embedder:  # an adapter on the embedder's projection still trains
+        for name, parameter in model.embedder.named_parameters():
+            parameter.requires_grad_(parameter.requires_grad and _is_adapter_parameter(model.embedder, name))
+    model.train()
+    if not stage.body_stochastic_depth:  # Lightning restores each module's own mode after validating
+        model.body.eval()
+    return model
+
+
+def _is_adapter_parameter(module: nn.Module, name: str) -> bool:
+    """Whether parameter `name` of `module` is one an adapter layer inside it trains."""
+    owner_name, _, leaf = name.rpartition(".")
+    owner = module.get_submodule(owner_name)
+    return leaf in getattr(owner, "adapter_parameter_names", ())
 
 
 def allocate_and_prepare(model: nn.Module, stage: Stage3Config, ranks: Mapping[str, int], task: TaskData, seed: int,

@@ -27,6 +27,7 @@ class Embedder(nn.Module):
             raise ValueError(f"img_size {tuple(img_size)} must be a positive multiple of patch_size {patch_size}")
         self.img_size = (int(img_size[0]), int(img_size[1]))
         self.patch_size = int(patch_size)
+        self.in_channels = int(in_channels)  # kept here: `proj` may be wrapped by a LoRA layer
         self.proj = nn.Conv2d(in_channels, embed_dim, kernel_size=patch_size, stride=patch_size)
         self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
         self.reset_parameters(generator)
@@ -39,8 +40,8 @@ class Embedder(nn.Module):
         self.norm.reset_parameters()
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.ndim != 4 or x.shape[1] != self.proj.in_channels:
-            raise ValueError(f"embedder expects (B, {self.proj.in_channels}, H, W) inputs, got {tuple(x.shape)}")
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"embedder expects (B, {self.in_channels}, H, W) inputs, got {tuple(x.shape)}")
         if tuple(x.shape[-2:]) != self.img_size:
             x = F.interpolate(x, size=self.img_size, mode="bilinear", align_corners=False)
         return self.norm(self.proj(x).permute(0, 2, 3, 1))

@@ -1,4 +1,5 @@
-"""Predictor heads h on the body's last-stage NHWC tokens: class logits or a dense output field."""
+"""Predictor heads h on the body's last-stage NHWC tokens: class logits, a dense output field, or the
+pooled features themselves."""
 from __future__ import annotations
 
 import math
@@ -60,6 +61,17 @@ class DenseHead(nn.Module):
         return f"out_channels={self.out_channels}, stride={self.stride}, out_size={self.out_size}"
 
 
+class PooledFeatures(nn.Module):
+    """The body's mean-pooled tokens themselves, (B, h, w, dim) -> (B, dim): no parameters, so a task
+    regressing the source's own pooled features (planted-shift) is matched by the body alone."""
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return mean_pool(tokens)
+
+    def extra_repr(self) -> str:
+        return "pool=mean, parameters=none"
+
+
 HeadBuilder = Callable[..., nn.Module]
 HEADS: dict[str, HeadBuilder] = {}
 
@@ -81,6 +93,15 @@ def _dense(dim: int, num_outputs: int, stride: int, output_size: tuple[int, int]
     if output_size is None:
         raise ValueError("the dense head needs output_size (H, W) of the target field")
     return DenseHead(dim, num_outputs, stride, output_size, generator=generator)
+
+
+@register_head("pooled")
+def _pooled(dim: int, num_outputs: int, stride: int, output_size: tuple[int, int] | None,
+            generator: torch.Generator | None) -> nn.Module:
+    if num_outputs != dim or output_size is not None:
+        raise ValueError(f"the pooled head outputs the body's {dim} pooled features; got num_outputs {num_outputs} "
+                         f"and output_size {output_size}")
+    return PooledFeatures()
 
 
 def build_head(name: str, dim: int, num_outputs: int, stride: int, output_size: tuple[int, int] | None,

@@ -48,17 +48,27 @@ class GapInputs:
     block_ranks: Mapping[int, int] = field(default_factory=dict)  # stage3.block_ranks: uniform rank overrides
 
 
+EMBEDDER_PROJECTION = "embedder.proj"  # the target embedder's patchify conv, in OrcaModel's names
+
+
 def adapted_module_shapes(body: nn.Module, targets: Sequence[str]) -> dict[str, ModuleShape]:
-    """Every Linear inside a Swin block whose name matches a target pattern, with its block index."""
+    """Every Linear inside a Swin block whose name matches a target pattern, with its block index; and
+    the embedder's projection when a pattern selects `embedder.proj`. That conv is a Linear map of
+    patch vectors (d_in = C p^2, with the body's patch-embedding shape: LoRA there needs a task with the
+    body's channels) and counts as block 0's, whose input it makes and whose gap D_0 measures it."""
     patterns = [re.compile(pattern) for pattern in targets]
     shapes = {}
+    if any(p.search(EMBEDDER_PROJECTION) for p in patterns):
+        weight = body.patch_embed.proj.weight
+        shapes[EMBEDDER_PROJECTION] = ModuleShape(0, weight.shape[0], weight[0].numel())
     for index, (block_name, block) in enumerate(body_blocks(body)):
         for name, module in block.named_modules():
             full = f"{BODY_PREFIX}{block_name}.{name}"
             if isinstance(module, nn.Linear) and any(p.search(full) for p in patterns):
                 shapes[full] = ModuleShape(index, module.out_features, module.in_features)
     if not shapes:
-        raise ValueError(f"stage3.targets {list(targets)} match no Linear inside the body's blocks")
+        raise ValueError(f"stage3.targets {list(targets)} match no Linear inside the body's blocks, nor "
+                         f"{EMBEDDER_PROJECTION}")
     outside = [name for name, module in body.named_modules() if isinstance(module, nn.Linear)
                and f"{BODY_PREFIX}{name}" not in shapes and any(p.search(f"{BODY_PREFIX}{name}") for p in patterns)]
     if outside:

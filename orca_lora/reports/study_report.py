@@ -27,8 +27,8 @@ def _number(value: Optional[float], digits: int = 4) -> str:
     return f"{value:.{digits}g}"
 
 
-def _fixed(value: float, decimals: int = 2) -> str:
-    return _number(value) if not math.isfinite(value) else f"{value:.{decimals}f}"
+def _fixed(value: Optional[float], decimals: int = 2) -> str:
+    return _number(value) if value is None or not math.isfinite(value) else f"{value:.{decimals}f}"
 
 
 def _plus_minus(mean: float, se: float) -> str:
@@ -117,6 +117,34 @@ def _fit_section(result: StudyResult, figures: dict[str, str]) -> list[str]:
             ["leave-one-task-out error, with the gap (log2 units)", _fixed(fit.loto_error_gap)],
             ["leave-one-task-out error, without the gap", _fixed(fit.loto_error_no_gap)]]
     return lines + _table(["statistic", "value"], rows)
+
+
+def _controls_section(result: StudyResult) -> list[str]:
+    """Planted k against the recovered r*, the gaps against k, and what the fit must find on them."""
+    controls = result.controls
+    if controls is None:
+        return []
+    lines = ["## Known-answer controls", "",
+             "Each planted task needs exactly rank k on the embedding projection (README, \"Known-answer controls\"); "
+             "the study's own rule must choose r* = k on validation.", ""]
+    rows = [[row.task, str(row.planted_k), str(row.r_star), "yes" if row.recovered else "no",
+             _bracket(row.r_star_percentiles, 3) if row.r_star_percentiles else "n/a (no fit)",
+             "n/a" if row.fraction_at_k is None else f"{row.fraction_at_k:.0%}",
+             _number(row.block0_gap), _number(row.mean_gap),
+             ", ".join(f"{rank}: {_number(error, 3)}" for rank, error in zip(row.ranks, row.mean_errors))]
+            for row in controls.rows]
+    lines += _table(["task", "planted k", "r* (validation)", "r* = k", "r* bootstrap 2.5-97.5%",
+                     "replicates at k", "D block 0", "mean D", "validation e(r)"], rows)
+    fit = result.fit
+    gaps = {True: "The mean gap increases with k.", False: "The mean gap does not increase with k.",
+            None: f"Every task plants k = {controls.rows[0].planted_k} (a planted null): only the gap moves."}
+    lines += ["", f"Recovered r* = k on {controls.recovered} of {len(controls.rows)} planted tasks. "
+              f"{gaps[controls.gaps_increase_with_k]} The planted law r* = "
+              f"k is, against the measured mean gap, an elasticity of {_fixed(controls.planted_elasticity)} (against "
+              f"D at block 0: {_fixed(controls.block0_elasticity)}); the fit's beta: "
+              + (f"{_fixed(fit.slope)} [{_fixed(fit.slope_interval[0])}, {_fixed(fit.slope_interval[1])}], verdict "
+                 f"{fit.verdict}." if fit is not None else "no fit.")]
+    return lines
 
 
 def _curves_section(result: StudyResult, figures: dict[str, str]) -> list[str]:
@@ -292,7 +320,7 @@ def write_report(result: StudyResult, directory: Path, command: str = "", wall_t
     figures = {path.stem: path.relative_to(directory).as_posix() for path in plot_study(result, directory)
                if path.suffix == ".png"}
     sections = [_title(result, command, wall_time), _unfinished_section(result), _plan(result), _tasks_section(result),
-                _fit_section(result, figures), _curves_section(result, figures), _power_section(result),
+                _fit_section(result, figures), _controls_section(result), _curves_section(result, figures), _power_section(result),
                 _blocks_section(result, figures), _methods_section(result, figures),
                 _benefits_section(result, figures), _training_section(result), _deviations_section(result),
                 _limits_section(result)]

@@ -19,6 +19,7 @@ import numpy as np
 
 from orca_lora.files import write_json_atomic
 from orca_lora.studies import block_evidence as blocks
+from orca_lora.studies.controls import ControlSummary, control_summary
 from orca_lora.studies.method_shares import (
     MethodShare,
     RankBenefit,
@@ -113,6 +114,7 @@ class StudyResult:
     planned_points: int = 0  # in the sweep plans read (0: the directories hold no sweep.json)
     missing: list[MissingPoint] = field(default_factory=list)  # planned points with no finished run
     incomplete: list[IncompleteCurve] = field(default_factory=list)  # fitted curves lacking planned points
+    controls: Optional[ControlSummary] = None  # the known-answer (planted) tasks among them
     verdict: str = ""
 
 
@@ -202,6 +204,7 @@ def evaluate_study(runs: Sequence[StudyRun], n_resamples: int = 999, seed: int =
     if plan is not None:
         result.planned_points, result.missing = plan.n_planned, list(plan.missing)
         result.incomplete = incomplete_against_plan(curves, plan.missing)
+    result.controls = control_summary(runs, swept, regime, fit, GAIN_FRACTION)
     result.posterior = blocks.posterior_points(runs, regime)
     result.one_block = blocks.one_block_points(runs, regime)
     result.energy = blocks.energy_points(runs, regime) if select_any(runs, "full", regime) else []

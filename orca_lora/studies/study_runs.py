@@ -33,6 +33,8 @@ CURVE_SWEPT = ("seed", "stage3.rank")  # what may differ inside a curve
 # curve, whose runs share their stage-2 settings
 DESIGN_PREFIXES = ("seed", "stage3.", "stage2.", "trainer.max_epochs")
 NO_RANK_METHODS = ("linear", "full")
+# task.* settings that make another task of the same family, not the same task with other data sizes
+TASK_DIALS = ("noise", "permute_fraction", "tile", "wavenumber", "time", "planted_k", "planted_angle")
 
 
 @dataclass(frozen=True)
@@ -179,12 +181,18 @@ def _is_uniform_lora(run: StudyRun) -> bool:
     return run.method == "lora" and run.allocation == "uniform" and not run.block_ranks
 
 
+def _task_identity(run: StudyRun) -> tuple:
+    """A task's name and the dials that make it another task of its family (planted k, noise level)."""
+    return (run.settings.get("task.name", run.task), *(run.settings.get(f"task.{dial}") for dial in TASK_DIALS))
+
+
 def check_groups(runs: Sequence[StudyRun]) -> None:
     """Raise naming the first setting that differs inside a curve, or inside a task outside the design's axes."""
     checks = ((lambda run: run.curve, CURVE_SWEPT, "inside one curve only seed and stage3.rank may differ"),
-              # by task name, not label: a label splits a name by its task.* settings (task_labels), which
-              # would hide e.g. linear runs with another task.n_train than the LoRA runs of the same task
-              (lambda run: run.settings.get("task.name", run.task), DESIGN_PREFIXES,
+              # by task name and dials, not label: a label splits a name by all its task.* settings
+              # (task_labels), which would hide e.g. linear runs with another task.n_train than the LoRA runs
+              # of the same task
+              (_task_identity, DESIGN_PREFIXES,
                "inside one task only seed, stage3.*, stage2.* and trainer.max_epochs may differ"))
     for key_of, exempt, rule in checks:
         groups: dict[Any, list[StudyRun]] = defaultdict(list)

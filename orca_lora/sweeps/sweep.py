@@ -187,14 +187,15 @@ def write_plan(sweep: Sweep) -> None:
 def build_shared_inputs(configs: Sequence[Config]) -> None:
     """Pretrain the offline body and generate the datasets once, before parallel workers would race
     to build the same cached files."""
-    from orca_lora.data.tasks import build_task
+    from orca_lora.data.tasks import SOURCE_TASKS, build_task
     from orca_lora.models.source import load_source_body
 
     built = set()
     for config in configs:
         for section, build in (("source", load_source_body), ("task", build_task)):
             key = section_hash(config, section, "data_root")
-            if key not in built:
+            # a task built from the source body is made in memory by each run: no cache to race for
+            if key not in built and not (section == "task" and config.task.name in SOURCE_TASKS):
                 built.add(key)
                 build(getattr(config, section), config.data_root)
 

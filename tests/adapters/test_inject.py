@@ -107,7 +107,8 @@ def test_method_options_reach_the_layers_and_seed_fixes_A(make_swin):
     [
         ({"targets": (r"\.attn\.qkv$", r"\.nothing$")}, ValueError, r"targets \['\\\\.nothing\$'\] match no module"),
         ({"targets": ("patch_embed",)}, ValueError, "selects 'patch_embed', a PatchEmbed; only nn.Linear"),
-        ({"targets": (r"patch_embed\.proj",)}, ValueError, "selects 'patch_embed.proj', a Conv2d"),
+        ({"targets": (r"patch_embed\.proj",), "method": "dora"}, ValueError,
+         "method dora adapts nn.Linear modules only; patch_embed.proj is a Conv2d: use method lora"),
         ({"ranks": {"layers.0.blocks.0.attn.qkv": 2, "layers.9.qkv": 2}, "default_rank": 2}, KeyError,
          r"do not select: \['layers.9.qkv'\]"),
         ({"ranks": 0}, ValueError, r"rank 0 for 'layers.0.blocks.0.attn.qkv' .* must be in \[1, 32\]"),

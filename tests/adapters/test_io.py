@@ -136,8 +136,8 @@ def test_load_errors_leave_the_model_untouched(make_swin, tmp_path):
     (directory / CONFIG_NAME).write_text(json.dumps({**config, "bias": "all"}))
     with pytest.raises(ValueError, match="bias='all' is not supported; use 'none'"):
         load_peft_adapter(target, directory)
-    (directory / CONFIG_NAME).write_text(json.dumps({**config, "target_modules": ["patch_embed.proj"]}))
-    with pytest.raises(ValueError, match=r"select non-Linear modules \['patch_embed.proj'\]"):
+    (directory / CONFIG_NAME).write_text(json.dumps({**config, "target_modules": ["patch_embed.norm"]}))
+    with pytest.raises(ValueError, match=r"neither nn.Linear nor a patchify Conv2d .*: \['patch_embed.norm'\]"):
         load_peft_adapter(target, directory)
     assert adapter_modules(target) == {}
 

@@ -173,3 +173,22 @@ def test_a_frozen_embedder_stays_as_stage_1_left_it(method):
     embedder = {f"embedder.{n}" for n, _ in frozen.embedder.named_parameters()}
     assert embedder <= trainable_names(trained)
     assert trainable_names(frozen) == trainable_names(trained) - embedder
+
+
+def test_a_frozen_embedder_still_trains_the_lora_on_its_projection():
+    model = make_model()
+    ranks = {**ranks_for(model), "embedder.proj": 2}
+    targets = [*DEFAULT_TARGETS, r"^embedder\.proj$"]
+    finetune_stage.prepare_model(model, Stage3Config(method="lora", targets=targets, train_embedder=False), ranks)
+    embedder = {name for name in trainable_names(model) if name.startswith("embedder.")}
+    assert embedder == {"embedder.proj.lora_A", "embedder.proj.lora_B"}
+    assert model.embedder.proj.lora_A.shape == (2, 3, 2, 2)
+
+
+def test_the_body_keeps_stochastic_depth_unless_told_otherwise():
+    default, off = make_model(), make_model()
+    finetune_stage.prepare_model(default, Stage3Config(method="lora"), ranks_for(default))
+    finetune_stage.prepare_model(off, Stage3Config(method="lora", body_stochastic_depth=False), ranks_for(off))
+    assert default.body.training and default.head.training
+    assert not any(module.training for module in off.body.modules())
+    assert off.embedder.training and off.head.training

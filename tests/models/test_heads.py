@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from orca_lora.models.heads import HEADS, ClassificationHead, DenseHead, build_head
+from orca_lora.models.heads import HEADS, ClassificationHead, DenseHead, PooledFeatures, build_head
 
 
 def test_classification_head_is_linear_on_mean_tokens():
@@ -42,7 +42,7 @@ def test_dense_head_resizes_to_the_target_resolution():
 
 
 def test_registry_builds_each_head_and_rejects_bad_arguments():
-    assert set(HEADS) == {"classification", "dense"}
+    assert set(HEADS) == {"classification", "dense", "pooled"}
     assert isinstance(build_head("classification", 8, 10, 8, None), ClassificationHead)
     assert isinstance(build_head("dense", 8, 1, 8, (20, 20)), DenseHead)
     with pytest.raises(KeyError, match="'classification', 'dense'"):
@@ -53,3 +53,12 @@ def test_registry_builds_each_head_and_rejects_bad_arguments():
         build_head("dense", 8, 1, 8, None)
     with pytest.raises(ValueError, match="num_outputs"):
         build_head("classification", 8, 0, 8, None)
+
+
+def test_pooled_head_is_the_mean_token_and_has_no_parameters():
+    tokens = torch.randn(2, 4, 4, 8)
+    head = build_head("pooled", 8, 8, 2, None)
+    assert isinstance(head, PooledFeatures) and not list(head.parameters())
+    assert torch.allclose(head(tokens), tokens.reshape(2, 16, 8).mean(dim=1))
+    with pytest.raises(ValueError, match="pooled head outputs the body's 8 pooled features"):
+        build_head("pooled", 8, 3, 2, None)

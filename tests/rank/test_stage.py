@@ -11,7 +11,7 @@ from orca_lora.adapters.inject import add_adapters, match_targets
 from orca_lora.config import DEFAULT_TARGETS, Stage2Config
 from orca_lora.data.procedural import generate_procedural
 from orca_lora.data.tasks import TaskData, cross_entropy, misclassification
-from orca_lora.models.body import build_body
+from orca_lora.models.body import body_blocks, build_body
 from orca_lora.models.embedder import Embedder
 from orca_lora.models.features import labelled_target_sample
 from orca_lora.models.model import build_orca_model
@@ -90,6 +90,13 @@ def test_adapted_module_shapes_follow_the_targets(body):
     assert later == {f"body.{b}.mlp.fc2": ModuleShape(i + 2, 32, 128) for i, b in enumerate(BLOCKS[2:])}
     with pytest.raises(ValueError, match=r"stage3.targets .*head.* match no Linear inside the body's blocks"):
         rank_stage.adapted_module_shapes(body, [r"head\.fc$"])
+
+
+def test_the_embedder_projection_is_adapted_as_a_block_0_module(body):
+    shapes = rank_stage.adapted_module_shapes(body, [r"^embedder\.proj$", r"\.attn\.qkv$"])
+    projection = body.patch_embed.proj
+    assert shapes["embedder.proj"] == ModuleShape(0, projection.out_channels, projection.weight[0].numel())
+    assert list(shapes)[0] == "embedder.proj" and len(shapes) == 1 + len(body_blocks(body))
 
 
 def test_targets_selecting_a_linear_outside_the_blocks_are_refused(body):

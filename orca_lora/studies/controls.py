@@ -1,0 +1,95 @@
+"""Known-answer controls (README, "Known-answer controls"): does the study's own r* rule find the rank that
+a planted task needs?
+
+A `planted-shift` task plants a map of dimension k at the body's entry whose exact LoRA correction on the
+embedding projection has rank k (Zeng & Lee 2024, Lemma 1), so r* must be k. Per planted task: r* from
+the study's rule on validation (`rank_threshold.smallest_sufficient_rank`, the same gain fraction), its
+two-stage bootstrap percentiles when the law fit drew them, the block-0 gap D_0 (where the plant is) and
+the mean gap the study fits on. Across tasks, the planted law is r* = k; against the measured gap that is
+the elasticity of k in D (least squares of log2 k on log2 D over the tasks), the beta the fit should
+find if the gaps track k.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+
+from orca_lora.studies.rank_threshold import RankLawFit, TaskCurve, smallest_sufficient_rank
+from orca_lora.studies.study_runs import Regime, StudyRun, rank_sweep
+
+PLANTED_TASKS = ("planted-shift",)
+
+
+@dataclass
+class ControlRow:
+    task: str
+    planted_k: int
+    r_star: int  # the study's rule on validation
+    r_star_percentiles: Optional[tuple[float, float]]  # the law fit's bootstrap (None without a fit)
+    fraction_at_k: Optional[float]  # bootstrap replicates choosing r* = k
+    block0_gap: float  # floor-corrected D at block 0, mean over the runs
+    mean_gap: float  # the gap the study fits on: the mean over blocks
+    ranks: list[int]
+    mean_errors: list[float]  # e(r), validation
+
+    @property
+    def recovered(self) -> bool:
+        return self.r_star == self.planted_k
+
+
+@dataclass
+class ControlSummary:
+    rows: list[ControlRow]
+    recovered: int  # tasks with r* = k
+    planted_elasticity: Optional[float]  # slope of log2 k on log2 mean D (None: < 2 distinct gaps)
+    block0_elasticity: Optional[float]  # the same against D_0
+    gaps_increase_with_k: Optional[bool]  # mean D strictly increasing in k (None: one k for every task, a null)
+
+
+def planted_rank(run: StudyRun) -> Optional[int]:
+    """task.planted_k of a planted task's run; None for any other task."""
+    if run.settings.get("task.name") not in PLANTED_TASKS:
+        return None
+    return int(run.settings["task.planted_k"])
+
+
+def _elasticity(gaps: np.ndarray, k: np.ndarray) -> Optional[float]:
+    if len(np.unique(gaps)) < 2 or np.any(gaps <= 0):
+        return None
+    return float(np.polyfit(np.log2(gaps), np.log2(k), 1)[0])
+
+
+def control_summary(runs: Sequence[StudyRun], curves: Sequence[TaskCurve], regime: Regime,
+                    fit: Optional[RankLawFit], gain_fraction: float) -> Optional[ControlSummary]:
+    """The planted tasks among `curves` (one row each, by planted k), or None when there are none."""
+    fitted = {task.task: task for task in fit.tasks} if fit is not None else {}
+    rows = []
+    for curve in curves:
+        sweep = rank_sweep(runs, curve.task, regime)
+        planted = {planted_rank(run) for run in sweep}
+        if planted == {None} or not sweep:
+            continue
+        if len(planted) != 1:
+            raise ValueError(f"task {curve.task}: its runs plant different k {sorted(planted, key=str)}; give each "
+                             "task.planted_k its own task label")
+        k = planted.pop()
+        chosen = fitted.get(curve.task)
+        rows.append(ControlRow(
+            curve.task, k, smallest_sufficient_rank(curve.ranks, curve.errors, gain_fraction),
+            None if chosen is None else chosen.r_star_percentiles,
+            None if chosen is None else chosen.r_star_fractions.get(k, 0.0),
+            float(np.mean([run.block_gaps[0] for run in sweep])), float(curve.gap),
+            [int(r) for r in curve.ranks], [float(e) for e in curve.errors.mean(axis=(0, 2))]))
+    if not rows:
+        return None
+    rows.sort(key=lambda row: (row.planted_k, row.task))
+    k = np.array([row.planted_k for row in rows], dtype=float)
+    mean_gaps = np.array([row.mean_gap for row in rows])
+    if len(set(k)) == 1:
+        increasing = None
+    else:
+        increasing = len(set(k)) == len(k) and bool(np.all(np.diff(mean_gaps) > 0))
+    return ControlSummary(rows, sum(row.recovered for row in rows), _elasticity(mean_gaps, k),
+                          _elasticity(np.array([row.block0_gap for row in rows]), k), increasing)

@@ -1,0 +1,74 @@
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from orca_lora.config import PretrainConfig, SourceConfig, TaskConfig
+from orca_lora.data import planted
+from orca_lora.data.planted_tasks import planted_patch_map, pooled_source_features
+from orca_lora.data.tasks import SourceSide, build_task
+from orca_lora.models.heads import build_head
+
+SOURCE = SourceConfig(proxy_samples=16, pretrain=PretrainConfig(n_classes=4, samples_per_class=8))
+
+
+def planted_config(**settings) -> TaskConfig:
+    return TaskConfig(**{"name": "planted-shift", "resolution": 32, "n_train": 24, "n_test": 8, "val_fraction": 0.25,
+                         "planted_k": 2, **settings})
+
+
+def stacked(dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    inputs, targets = zip(*(dataset[i] for i in range(len(dataset))))
+    return torch.stack(inputs), torch.stack(targets)
+
+
+def restored_features(body, images: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+    """The body's pooled features with its patch projection W_P + dW, in float64 (the known answer)."""
+    body = copy.deepcopy(body).double()
+    embed = body.patch_embed
+    weight = (embed.proj.weight.flatten(1) + update).view_as(embed.proj.weight)
+    tokens = embed.norm(F.conv2d(images.double(), weight, embed.proj.bias, stride=embed.proj.stride).permute(0, 2, 3, 1))
+    return body.norm(body.layers(tokens)).mean(dim=(1, 2))
+
+
+def test_planted_shift_is_a_pooled_regression_the_rank_k_update_solves_exactly(body):
+    config = planted_config()
+    task = build_task(config, "unused", SourceSide(SOURCE, body))
+    inputs, targets = stacked(task.test)
+    assert (task.head, task.regression, task.num_outputs, task.in_channels) == ("pooled", True, 32, 3)
+    assert (len(task.train), len(task.val), len(task.test)) == (18, 6, 8)
+    assert targets.shape == (8, 32) and inputs.shape == (8, 3, 32, 32)
+    pooled = build_head(task.head, 32, task.num_outputs, 2, None)
+    with torch.no_grad():
+        as_is = pooled(body.forward_features(inputs))
+        update = planted.restoring_update(body.patch_embed.proj.weight, planted_patch_map(body, config))
+        fixed = restored_features(body, inputs, update).float()
+    assert task.error(as_is, targets).mean() > 1e-3  # the plant moves the features
+    assert task.error(fixed, targets).max() < 1e-4  # and the rank-k update on the projection undoes it
+    assert int((torch.linalg.svdvals(update) > 1e-9).sum()) == 2
+    assert task.baseline_error > 0.01
+
+
+def test_planted_shift_is_fixed_by_data_seed_and_its_dials(body):
+    side = SourceSide(SOURCE, body)
+    first, again = (stacked(build_task(planted_config(), "unused", side).test) for _ in range(2))
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    other_seed = planted_patch_map(body, planted_config(data_seed=1))
+    other_angle = planted_patch_map(body, planted_config(planted_angle=0.5))
+    for other in (other_seed, other_angle):
+        assert not torch.allclose(planted_patch_map(body, planted_config()), other)
+
+
+def test_targets_are_the_body_pooled_features_of_clean_images(body):
+    images = torch.rand(5, 3, 32, 32)
+    with torch.no_grad():
+        expected = body.norm(body.layers(body.patch_embed(images))).mean(dim=(1, 2))
+    assert torch.allclose(pooled_source_features(body, images), expected, atol=1e-6)
+
+
+def test_planted_shift_needs_the_source_side_and_the_body_resolution(body):
+    with pytest.raises(ValueError, match="source body"):
+        build_task(planted_config(), "unused")
+    with pytest.raises(ValueError, match="task.resolution"):
+        build_task(planted_config(resolution=16), "unused", SourceSide(SOURCE, body))

@@ -1,0 +1,81 @@
+import numpy as np
+import pytest
+
+from orca_lora.reports.study_report import write_report
+from orca_lora.studies import hypothesis as hyp
+from orca_lora.studies.study_runs import read_study
+from study_toys import BLOCKS, write_study_run
+
+RANKS = (1, 2, 3, 4, 6, 8)
+
+
+def knee_curve(k: int, floor: float = 0.002, start: float = 0.03) -> np.ndarray:
+    """A planted rank-k task's e(r): one missing direction of k costs (start - floor) / k, then the floor."""
+    return np.array([floor + (start - floor) * max(k - r, 0) / k for r in RANKS])
+
+
+def write_controls(root, plants, seeds=(0, 1), noise=1e-4):
+    """Runs of planted-shift at each (k, angle, block-0 gap, curve), LoRA over RANKS on every seed."""
+    rng = np.random.default_rng(0)
+    for k, angle, gap, curve in plants:
+        block_gaps = np.r_[gap, np.full(len(BLOCKS) - 1, gap / 4)]
+        for seed in seeds:
+            for rank, error in zip(RANKS, curve):
+                val = error + noise * rng.standard_normal(30)
+                write_study_run(root, f"k{k}_a{angle}_r{rank}_s{seed}", task="planted-shift", rank=rank, seed=seed,
+                                val_errors=val, test_errors=val, block_gaps=block_gaps,
+                                extra_overrides=[f"task.planted_k={k}", f"task.planted_angle={angle}"])
+
+
+@pytest.fixture(scope="module")
+def controls(tmp_path_factory):
+    root = tmp_path_factory.mktemp("controls")
+    blurred = knee_curve(8)
+    blurred[RANKS.index(6)] = blurred[-1]  # rank 6 already reaches the floor: r* = 6, not 8
+    write_controls(root, [(1, 1.5, 10.0, knee_curve(1)), (2, 1.5, 20.0, knee_curve(2)), (4, 1.5, 40.0, knee_curve(4)),
+                          (8, 1.5, 80.0, blurred)])
+    return root, hyp.evaluate_study(read_study([root]), n_resamples=99, power_studies=0)
+
+
+def test_each_planted_task_is_checked_against_its_k(controls):
+    _, result = controls
+    summary = result.controls
+    assert [(row.planted_k, row.r_star, row.recovered) for row in summary.rows] == [
+        (1, 1, True), (2, 2, True), (4, 4, True), (8, 6, False)]
+    assert summary.recovered == 3 and summary.gaps_increase_with_k
+    assert [row.task for row in summary.rows][0] == "planted-shift(planted_k=1)"
+    # gaps planted exactly proportional to k: the known law r* = k is an elasticity of 1 against either gap
+    assert summary.planted_elasticity == pytest.approx(1.0) and summary.block0_elasticity == pytest.approx(1.0)
+    assert summary.rows[2].block0_gap == pytest.approx(40.0)
+    assert summary.rows[2].mean_gap == pytest.approx((40.0 + 5 * 10.0) / 6)
+    assert summary.rows[2].fraction_at_k > 0.5
+
+
+def test_the_report_puts_planted_k_beside_the_recovered_rank(controls):
+    root, result = controls
+    text = write_report(result, root / "report").read_text()
+    section = text.split("## Known-answer controls")[1].split("\n## ")[0]
+    assert "| planted-shift(planted_k=8) | 8 | 6 | no |" in section
+    assert "Recovered r* = k on 3 of 4 planted tasks. The mean gap increases with k." in section
+
+
+def test_a_study_without_planted_tasks_has_no_controls_section(tmp_path):
+    curve = knee_curve(2)
+    for name, gap in (("darcy", 1.0), ("poisson", 2.0), ("procedural", 4.0)):
+        for rank, error in zip(RANKS, curve):
+            write_study_run(tmp_path, f"{name}_r{rank}", task=name, rank=rank, val_errors=np.full(5, error),
+                            test_errors=np.full(5, error), block_gaps=np.full(len(BLOCKS), gap))
+    result = hyp.evaluate_study(read_study([tmp_path]), n_resamples=19, power_studies=0)
+    assert result.controls is None
+    assert "Known-answer controls" not in write_report(result, tmp_path / "report").read_text()
+
+
+def test_a_planted_null_holds_one_k_while_the_gap_moves(tmp_path):
+    write_controls(tmp_path, [(4, angle, gap, knee_curve(4)) for angle, gap in ((0.5, 5.0), (1.0, 20.0), (2.0, 45.0))],
+                   seeds=(0,))
+    result = hyp.evaluate_study(read_study([tmp_path]), n_resamples=19, power_studies=0)
+    summary = result.controls
+    assert [row.planted_k for row in summary.rows] == [4, 4, 4] and summary.recovered == 3
+    assert summary.gaps_increase_with_k is None and summary.planted_elasticity == pytest.approx(0.0)
+    section = write_report(result, tmp_path / "report").read_text().split("## Known-answer controls")[1]
+    assert "Every task plants k = 4 (a planted null): only the gap moves." in section
