@@ -25,7 +25,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import DataLoader
 
-from orca_lora.adapters.inject import adapter_modules, count_trainable, merge_adapters
+from orca_lora.adapters.inject import adapter_modules, count_trainable, mark_only_adapters_trainable, merge_adapters
 from orca_lora.adapters.io import save_peft_adapter
 from orca_lora.adapters.spec import MethodSpec, get_method
 from orca_lora.config import ConfigError, Stage3Config, TrainerConfig
@@ -59,19 +59,11 @@ def prepare_model(model: nn.Module, stage: Stage3Config, ranks: Mapping[str, int
     (ORCA's Table 2 regime, Shen et al. 2023: only what the method adds, and the head, adapt)."""
     (method or get_method(stage.method)).prepare(model, stage, ranks, seed, prior_masses=prior_masses)
     if not stage.train_embedder:  # an adapter on the embedder's projection still trains
-        for name, parameter in model.embedder.named_parameters():
-            parameter.requires_grad_(parameter.requires_grad and _is_adapter_parameter(model.embedder, name))
+        mark_only_adapters_trainable(model.embedder)
     model.train()
     if not stage.body_stochastic_depth:  # Lightning restores each module's own mode after validating
         model.body.eval()
     return model
-
-
-def _is_adapter_parameter(module: nn.Module, name: str) -> bool:
-    """Whether parameter `name` of `module` is one an adapter layer inside it trains."""
-    owner_name, _, leaf = name.rpartition(".")
-    owner = module.get_submodule(owner_name)
-    return leaf in getattr(owner, "adapter_parameter_names", ())
 
 
 def allocate_and_prepare(model: nn.Module, stage: Stage3Config, ranks: Mapping[str, int], task: TaskData, seed: int,
