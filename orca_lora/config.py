@@ -224,21 +224,20 @@ def to_yaml(config: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(config))
 
 
-# Keys added after runs were made: left out of the hash while at their default, so a finished run
-# made before a key existed keeps its hash (and is not redone) when nothing it ran changes.
-LATER_KEYS = {
-    "task": {"planted_k": 4, "planted_angle": 1.5707963267948966},
-    "stage3": {"body_stochastic_depth": True},
-}
+# Keys added after runs were made: left out of the hash while at their default (read from the section's
+# dataclass), so a finished run made before a key existed keeps its hash (and is not redone) when nothing
+# it ran changes.
+LATER_KEYS = {"task": ("planted_k", "planted_angle"), "stage3": ("body_stochastic_depth",)}
 
 
 def section_hash(config: Config, *sections: str) -> str:
     """Short stable hash of the named sections: a stage is redone only when its inputs change."""
     payload = {name: _plain(getattr(config, name)) for name in sections}
-    for name, defaults in LATER_KEYS.items():
+    for name, keys in LATER_KEYS.items():
         if name in payload:
+            defaults = type(getattr(config, name))()
             payload[name] = {key: value for key, value in payload[name].items()
-                             if not (key in defaults and value == defaults[key])}
+                             if not (key in keys and value == getattr(defaults, key))}
     text = json.dumps(payload, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
