@@ -19,6 +19,7 @@ from torch.utils.data import TensorDataset
 from orca_lora.config import TaskConfig
 from orca_lora.data import darcy, planted, procedural
 from orca_lora.data.tasks import SourceSide, TaskData, register_source_task, split_train_val
+from orca_lora.models.embedder import mean_pool
 
 _FEATURE_BATCH = 256
 
@@ -38,7 +39,7 @@ def source_class_images(source: SourceSide, count: int, seed: int) -> Tensor:
 @torch.no_grad()
 def pooled_source_features(body: nn.Module, images: Tensor) -> Tensor:
     """(N, C) mean-pooled normed last-stage tokens of the frozen body, as the `pooled` head reads them."""
-    return torch.cat([body.forward_features(batch).mean(dim=(1, 2)) for batch in images.split(_FEATURE_BATCH)])
+    return torch.cat([mean_pool(body.forward_features(batch)) for batch in images.split(_FEATURE_BATCH)])
 
 
 def pooled_regression_task(name: str, x_train: Tensor, y_train: Tensor, x_test: Tensor, y_test: Tensor,
