@@ -13,6 +13,7 @@ from orca_lora.rank import stage as rank_stage
 from orca_lora.rank.allocations.ibp_posterior import check_posterior_modules, read_posterior_ranks
 from orca_lora.rank.law_file import check_provenance, read_law_file
 from orca_lora.rank.select import trainable_params
+from orca_lora.run_files import EMBEDDER_PROJECTION
 
 
 def body_architecture(source: SourceConfig) -> nn.Module:
@@ -43,8 +44,8 @@ def check_against_body(config: Config, body: nn.Module, read_other_runs: bool = 
         return
     shapes = rank_stage.adapted_module_shapes(body, s3.targets)  # a target typo fails here
     body_channels = body.patch_embed.proj.in_channels
-    if rank_stage.EMBEDDER_PROJECTION in shapes and in_channels not in (None, body_channels):
-        raise ConfigError(f"stage3.targets: LoRA on {rank_stage.EMBEDDER_PROJECTION} needs a task with the body's "
+    if EMBEDDER_PROJECTION in shapes and in_channels not in (None, body_channels):
+        raise ConfigError(f"stage3.targets: LoRA on {EMBEDDER_PROJECTION} needs a task with the body's "
                           f"{body_channels} input channels (task.name {config.task.name} has {in_channels}); "
                           "drop that target")
     if s2.enabled and s2.posterior_run is not None and read_other_runs:

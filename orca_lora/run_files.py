@@ -380,10 +380,16 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return OmegaConf.to_container(OmegaConf.load(path))
 
 
+EMBEDDER_PROJECTION = "embedder.proj"  # the target embedder's patchify conv, as ranks.json names it
+
+
 def module_block(module: str, block_names: Sequence[str]) -> int | None:
     """The index of the block (a gaps.csv name, e.g. `layers.1.blocks.0`) that holds `module` (e.g.
     `body.layers.1.blocks.0.attn.qkv`): the block whose dotted name stands in the module's as whole
-    components. The one rule for it: ranks.json, metrics.json and gaps.csv name modules and blocks so."""
+    components; the embedder's projection is block 0's, whose input it makes. The one rule for it:
+    ranks.json, metrics.json and gaps.csv name modules and blocks so."""
+    if module == EMBEDDER_PROJECTION and block_names:
+        return 0
     for index, name in enumerate(block_names):
         if f".{name}." in f".{module}.":
             return index

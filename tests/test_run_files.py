@@ -20,6 +20,7 @@ BLOCKS = ("layers.0.blocks.0", "layers.0.blocks.1", "layers.0.blocks.10")
     ("body.layers.0.blocks.10.mlp.fc2", 2),  # not block 1, whose name is a prefix of block 10's
     ("body.layers.1.blocks.0.attn.proj", None),
     ("body.xlayers.0.blocks.0.attn.qkv", None),  # a whole component, not a substring
+    ("embedder.proj", 0),  # the embedding's projection makes block 0's input (stage 2 ranks it there)
 ])
 def test_module_block_reads_whole_dotted_components(module, expected):
     assert module_block(module, BLOCKS) == expected
@@ -69,3 +70,7 @@ def test_records_are_strict_json_and_an_undefined_number_reads_back_as_nan(tmp_p
     written = json.loads(run.metrics.read_text(), parse_constant=refuse)
     assert written["test_error"] is None and written["best_val_error"] == 0.1
     assert math.isnan(read_metrics(run).test_error) and read_metrics(run).mean_gap is None
+
+
+def test_the_embedder_projection_lies_in_no_block_of_an_empty_list():
+    assert module_block("embedder.proj", ()) is None

@@ -25,7 +25,7 @@ from orca_lora.rank.null import corrected_gap
 from orca_lora.rank.select import ModuleShape, block_uniform_ranks, trainable_params
 from orca_lora.rank.spectral import check_sample_sizes
 from orca_lora.records import GapResult, GapRow
-from orca_lora.run_files import RunFiles, write_gaps, write_ranks
+from orca_lora.run_files import EMBEDDER_PROJECTION, RunFiles, write_gaps, write_ranks
 
 log = logging.getLogger("orca_lora")
 
@@ -48,14 +48,11 @@ class GapInputs:
     block_ranks: Mapping[int, int] = field(default_factory=dict)  # stage3.block_ranks: uniform rank overrides
 
 
-EMBEDDER_PROJECTION = "embedder.proj"  # the target embedder's patchify conv, in OrcaModel's names
-
-
 def adapted_module_shapes(body: nn.Module, targets: Sequence[str]) -> dict[str, ModuleShape]:
     """Every Linear inside a Swin block whose name matches a target pattern, with its block index; and
     the embedder's projection when a pattern selects `embedder.proj`. That conv is a Linear map of
     patch vectors (d_in = C p^2, with the body's patch-embedding shape: LoRA there needs a task with the
-    body's channels) and counts as block 0's, whose input it makes and whose gap D_0 measures it."""
+    body's channels) and counts as block 0's (`run_files.module_block`), whose gap D_0 measures its output."""
     patterns = [re.compile(pattern) for pattern in targets]
     shapes = {}
     if any(p.search(EMBEDDER_PROJECTION) for p in patterns):
