@@ -12,7 +12,8 @@ from typing import Iterable, Sequence
 
 TASKS = ("darcy", "cifar10", "cifar100", "procedural", "procedural-noise", "procedural-permuted",
          "procedural-inverted", "procedural-fourier", "digits", "spectrogram", "grf-texture", "poisson",
-         "helmholtz", "heat", "planted-shift")  # data/tasks.py, task_builders.py, planted_tasks.py
+         "helmholtz", "heat", "planted-shift", "planted-function")  # data/tasks.py, task_builders.py, planted_tasks.py
+PLANTED_TASKS = ("planted-shift", "planted-function")  # the known-answer controls: planted_k is their needed rank
 SOURCE_PROXIES = ("procedural", "cifar10")
 DISTANCES = ("otdd", "mmd", "c2st", "spectral")  # align/distances.py (spectral: rank/spectral.py)
 ALIGN_DISTANCES = ("otdd", "mmd")  # the differentiable ones, which stage 1 can train on

@@ -331,6 +331,28 @@ def calibrate_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def calibrate_plants_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("sweep", help="a planted-shift sweep file (see configs/controls.yaml)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a value for every point (repeatable)")
+    parser.add_argument("--plane-seeds", type=int, default=16,
+                        help="plane seeds tried for the smallest k (default 16)")
+    parser.add_argument("--output", type=Path, default=None,
+                        help="where to write the dials (default: <sweep dir>/plant_calibration.json)")
+
+
+@command("calibrate-plants", "set a planted-shift sweep's plant dials on stage 2's own measure, before any training, "
+         "so the gap the study fits on grows in proportion to k; prints the sweep file's task axis",
+         calibrate_plants_arguments)
+def calibrate_plants_command(args: argparse.Namespace) -> int:
+    from orca_lora.studies.plant_calibration import calibrate_sweep, format_calibration
+
+    calibration, written = calibrate_sweep(Path(args.sweep), args.set, args.plane_seeds, args.output)
+    print(format_calibration(calibration))
+    print(f"\nwritten: {written}")
+    return 0
+
+
 def compare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("directory", type=Path, metavar="DIR", help="sweep directory of finished runs (searched below)")
     parser.add_argument("--paired-test", choices=PAIRED_TESTS, default="t",

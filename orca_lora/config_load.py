@@ -21,6 +21,7 @@ from orca_lora.choices import (
     GAP_DISTANCES,
     LOGGERS,
     OTDD_INNER,
+    PLANTED_TASKS,
     RANK_ALLOCATIONS,
     RANK_DECISIONS,
     RANK_LINKS,
@@ -169,8 +170,8 @@ def validate(config: Config) -> None:
         raise ConfigError(f"task.data_seed: {task.data_seed} must equal source.pretrain.seed "
                           f"({source.pretrain.seed}) so the target's classes are held-out classes of the "
                           "source body's procedural family")
-    if task.name == "planted-shift" and (source.model != "offline" or task.resolution != source.pretrain.img_size):
-        raise ConfigError(f"task.resolution: planted-shift draws fresh images of the offline source body's classes "
+    if task.name in PLANTED_TASKS and (source.model != "offline" or task.resolution != source.pretrain.img_size):
+        raise ConfigError(f"task.resolution: {task.name} draws fresh images of the offline source body's classes "
                           f"at its size; needs source.model offline and task.resolution = source.pretrain.img_size "
                           f"({source.pretrain.img_size})")
     if source.checkpoint is not None and not Path(source.checkpoint).is_file():
@@ -300,10 +301,12 @@ def _validate_dials(task: TaskConfig) -> None:
         raise ConfigError(f"task.time: {task.time} must be > 0")
     if task.name in ("poisson", "helmholtz", "heat", "spectrogram", "grf-texture"):
         _at_least("task.resolution", task.resolution, 4)
-    if task.name == "planted-shift":
+    if task.name in PLANTED_TASKS:
         _at_least("task.planted_k", task.planted_k, 1)
         if not 0 < task.planted_angle <= math.pi:
             raise ConfigError(f"task.planted_angle: {task.planted_angle} must be in (0, pi]")
+        if task.planted_planes is not None:
+            _at_least("task.planted_planes", task.planted_planes, 0)
 
 
 def _validate_pretrain(pretrain: PretrainConfig) -> None:

@@ -103,6 +103,19 @@ def test_a_planted_shift_run_adapts_only_the_embedding_projection(tiny_overrides
     assert "embedder.proj" in json.dumps(peft_config["target_modules"])
 
 
+def test_a_planted_function_leaves_every_gap_at_its_floor(tiny_overrides):
+    """The function control: the source's own images through the body's own patch embedding, so stage 2
+    finds no gap anywhere while the teacher's planted module change sets the needed rank."""
+    overrides = tiny_overrides + [
+        "task.name=planted-function", "task.resolution=32", "task.planted_k=2", "stage1.epochs=0",
+        "stage1.embedder_init=source", "stage2.allocation=uniform", "stage3.rank=2",
+        r"stage3.targets=[^body\.layers\.0\.blocks\.0\.mlp\.fc1$]", "stage3.train_embedder=false"]
+    result = run_pipeline(load_config(QUICKSTART, overrides), last_stage=2)
+    gaps = read_gaps(RunFiles(result.directory))
+    assert [row.corrected for row in gaps] == [0.0] * len(gaps)
+    assert read_ranks(RunFiles(result.directory)).ranks == {"body.layers.0.blocks.0.mlp.fc1": 2}
+
+
 def run_cli(arguments: list[str], capsys) -> tuple[int, str]:
     code = main(arguments)
     return code, capsys.readouterr().err.strip()

@@ -35,6 +35,8 @@ TASK_NOTES: dict[str, str] = {
     "heat": "u(T) of u_t = Laplace u, u(0) = f, same f; dial: time",
     "planted-shift": "source classes, a planted rank-k patch map; target: the body's clean pooled features; "
                      "dials: planted_k, planted_angle (known-answer control)",
+    "planted-function": "source classes unchanged; target: the pooled features of the body with a planted rank-k "
+                        "change on one module; dials: planted_module, planted_k, planted_angle (known-answer control)",
 }
 
 

@@ -83,6 +83,22 @@ def planted_transform(weight: Tensor, rotation: Tensor) -> Tensor:
     return torch.linalg.pinv(projection) @ rotation @ projection
 
 
+def random_directions(size: int, k: int, generator: torch.Generator) -> Tensor:
+    """(size, k) orthonormal directions drawn uniformly (a Gaussian matrix, orthonormalised)."""
+    if not 1 <= k <= size:
+        raise ValueError(f"task.planted_k: {k} is outside [1, {size}], the input directions of the planted module")
+    return torch.linalg.qr(torch.randn(size, k, generator=generator, dtype=torch.float64)).Q
+
+
+def function_update(weight: Tensor, directions: Tensor, angle: float) -> Tensor:
+    """dW = W (Q - I), (out, in) float64: a Linear's change that rotates k of its input directions
+    (`token_rotation`) before the weight reads them. W + dW = W Q, and rank(dW) = rank(Q - I) = k when W
+    has full column rank, so LoRA of rank k on that Linear can equal it, no lower rank can (Zeng & Lee 2024,
+    Lemma 1)."""
+    rotation = token_rotation(directions, angle)
+    return weight.double() @ (rotation - torch.eye(rotation.shape[0], dtype=torch.float64))
+
+
 def restoring_update(weight: Tensor, transform: Tensor) -> Tensor:
     """dW = W_P (T^-1 - I), (D, C p^2): the projection update that undoes the plant, of rank k."""
     matrix = weight.flatten(1).double()

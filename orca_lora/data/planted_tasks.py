@@ -2,13 +2,19 @@
 
 `planted-shift`: fresh images of the source's own pretraining classes, every patch vector mapped by
 the fixed T of `planted.py` (a gap of dimension `task.planted_k` at the body's entry, rotated by
-`task.planted_angle`, its directions drawn from `task.data_seed`). The target is the frozen source
+`task.planted_angle`, its directions drawn from `task.planted_planes`, by default `task.data_seed`). The target is the frozen source
 body's mean-pooled features of the clean image (regression, relative L2), so with LoRA on the
 embedding projection the needed rank is exactly k (Zeng & Lee 2024, Lemma 1): rank k makes the
 error zero, no lower rank can.
+
+`planted-function`: the same fresh images, unchanged (every block's gap at its floor); the target is a
+teacher's pooled features, the frozen body with one Linear (`task.planted_module`) changed by
+dW = W (Q - I), Q rotating k of its input directions (`planted.function_update`). With LoRA on that
+module alone the needed rank is exactly k while the gap does not move.
 """
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -55,13 +61,16 @@ def pooled_regression_task(name: str, x_train: Tensor, y_train: Tensor, x_test: 
     )
 
 
+def _planes_generator(config: TaskConfig) -> torch.Generator:
+    return torch.Generator().manual_seed(config.data_seed if config.planted_planes is None else config.planted_planes)
+
+
 def planted_patch_map(body: nn.Module, config: TaskConfig) -> Tensor:
     """T (C p^2 x C p^2, float64) for the body's patch embedding: `task.planted_k` directions drawn from
-    `task.data_seed`, rotated by `task.planted_angle`."""
+    `task.planted_planes` (null: `task.data_seed`), rotated by `task.planted_angle`."""
     projection = body.patch_embed.proj
     weight, bias = projection.weight.detach(), projection.bias.detach()
-    directions = planted.plant_directions(weight, bias, config.planted_k,
-                                          torch.Generator().manual_seed(config.data_seed))
+    directions = planted.plant_directions(weight, bias, config.planted_k, _planes_generator(config))
     return planted.planted_transform(weight, planted.token_rotation(directions, config.planted_angle))
 
 
@@ -79,4 +88,38 @@ def planted_shift_task(config: TaskConfig, data_root: Path, source: SourceSide) 
     targets = pooled_source_features(body, clean)
     n_test = config.n_test
     return pooled_regression_task("planted-shift", shifted[n_test:], targets[n_test:], shifted[:n_test],
+                                  targets[:n_test], config)
+
+
+def planted_module_update(body: nn.Module, config: TaskConfig) -> Tensor:
+    """dW (float64) of `task.planted_module`: k input directions drawn from `task.planted_planes` (null:
+    `task.data_seed`), rotated by `task.planted_angle`."""
+    try:
+        module = body.get_submodule(config.planted_module)
+    except AttributeError:
+        module = None
+    if not isinstance(module, nn.Linear):
+        linears = [name for name, m in body.named_modules() if isinstance(m, nn.Linear) and ".blocks." in name]
+        raise ValueError(f"task.planted_module: {config.planted_module!r} is not a Linear of the body; one of "
+                         f"{', '.join(linears[:4])}, ...")
+    directions = planted.random_directions(module.in_features, config.planted_k, _planes_generator(config))
+    return planted.function_update(module.weight.detach(), directions, config.planted_angle)
+
+
+def planted_teacher(body: nn.Module, config: TaskConfig) -> nn.Module:
+    """A copy of the frozen body with `planted_module_update` added to its planted module's weight."""
+    teacher = copy.deepcopy(body)
+    module = teacher.get_submodule(config.planted_module)
+    with torch.no_grad():
+        module.weight += planted_module_update(body, config).to(module.weight.dtype)
+    return teacher
+
+
+@register_source_task("planted-function")
+def planted_function_task(config: TaskConfig, data_root: Path, source: SourceSide) -> TaskData:
+    """Clean source-class images; targets: the pooled features of the body with a planted rank-k module change."""
+    images = source_class_images(source, config.n_train + config.n_test, config.data_seed)
+    targets = pooled_source_features(planted_teacher(source.body, config), images)
+    n_test = config.n_test
+    return pooled_regression_task("planted-function", images[n_test:], targets[n_test:], images[:n_test],
                                   targets[:n_test], config)

@@ -4,7 +4,8 @@ a planted task needs?
 A `planted-shift` task plants a map of dimension k at the body's entry whose exact LoRA correction on the
 embedding projection has rank k (Zeng & Lee 2024, Lemma 1), so r* must be k. Per planted task: r* from
 the study's rule on validation (`rank_threshold.smallest_sufficient_rank`, the same gain fraction), its
-two-stage bootstrap percentiles when the law fit drew them, the block-0 gap D_0 (where the plant is) and
+two-stage bootstrap percentiles when the law fit drew them, the paired r* (`smallest_unbeaten_rank`,
+reported beside it, not fitted), the block-0 gap D_0 (where the plant is) and
 the mean gap the study fits on. Across tasks, the planted law is r* = k; against the measured gap that is
 the elasticity of k in D (least squares of log2 k on log2 D over the tasks), the beta the fit should
 find if the gaps track k.
@@ -16,10 +17,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from orca_lora.studies.rank_threshold import RankLawFit, TaskCurve, smallest_sufficient_rank
+from orca_lora.choices import PLANTED_TASKS
+from orca_lora.studies.rank_threshold import RankLawFit, TaskCurve, smallest_sufficient_rank, smallest_unbeaten_rank
 from orca_lora.studies.study_runs import Regime, StudyRun, rank_sweep
 
-PLANTED_TASKS = ("planted-shift",)
 
 
 @dataclass
@@ -27,6 +28,7 @@ class ControlRow:
     task: str
     planted_k: int
     r_star: int  # the study's rule on validation
+    paired_r_star: int  # the smallest rank not worse than the best by a paired test (validation; plan amendment)
     r_star_percentiles: Optional[tuple[float, float]]  # the law fit's bootstrap (None without a fit)
     fraction_at_k: Optional[float]  # bootstrap replicates choosing r* = k
     block0_gap: float  # floor-corrected D at block 0, mean over the runs
@@ -78,6 +80,7 @@ def control_summary(runs: Sequence[StudyRun], curves: Sequence[TaskCurve], regim
         chosen = fitted.get(curve.task)
         rows.append(ControlRow(
             curve.task, k, smallest_sufficient_rank(curve.ranks, curve.errors, gain_fraction),
+            smallest_unbeaten_rank(curve.ranks, curve.errors),
             None if chosen is None else chosen.r_star_percentiles,
             None if chosen is None else chosen.r_star_fractions.get(k, 0.0),
             float(np.mean([run.block_gaps[0] for run in sweep])), float(curve.gap),

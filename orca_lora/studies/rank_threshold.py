@@ -117,6 +117,22 @@ def smallest_sufficient_rank(ranks: np.ndarray, errors: np.ndarray, gain_fractio
     return int(ranks[threshold_index(errors.mean(axis=(0, 2)), gain_fraction)])
 
 
+def smallest_unbeaten_rank(ranks: np.ndarray, errors: np.ndarray, alpha: float = 0.05) -> int:
+    """The paired r*: the smallest swept rank whose per-sample validation errors (mean over seeds) are not
+    worse than the best rank's, by a one-sided paired t-test over the samples at level `alpha`
+    (scipy's `ttest_rel`, alternative "greater"). Unlike the gain-fraction rule it has no tolerance
+    to hide a small but consistent shortfall. The best rank is the one with the smallest e(r)."""
+    ranks, errors = _check_curve(ranks, errors)
+    per_sample = errors.mean(axis=0)  # (R, N)
+    best = int(np.argmin(per_sample.mean(axis=1)))
+    for index in range(best):
+        differences = per_sample[index] - per_sample[best]
+        if not np.any(differences) or stats.ttest_rel(per_sample[index], per_sample[best],
+                                                       alternative="greater").pvalue >= alpha:
+            return int(ranks[index])
+    return int(ranks[best])
+
+
 def rank_interval(ranks: np.ndarray, errors: np.ndarray, gain_fraction: float = 0.1) -> tuple[float, float]:
     """The interval (low, high] of log2 (true threshold rank) that r* censors: (log2 r_{k-1}, log2 r_k],
     -inf below r_min, +inf above r_max."""

@@ -113,3 +113,19 @@ def test_out_of_range_dials_are_refused_with_the_key():
         planted.token_rotation(torch.eye(48, 2, dtype=torch.float64), 4.0)
     assert torch.allclose(planted.token_rotation(torch.eye(48, 2, dtype=torch.float64), math.pi)[:2, :2],
                           -torch.eye(2, dtype=torch.float64), atol=1e-12)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 8])
+def test_the_function_update_has_rank_k_and_rotates_the_inputs_the_weight_reads(k):
+    torch.manual_seed(0)
+    linear = nn.Linear(48, 96).double()
+    directions = planted.random_directions(48, k, torch.Generator().manual_seed(1))
+    assert torch.allclose(directions.T @ directions, torch.eye(k, dtype=torch.float64), atol=1e-12)
+    update = planted.function_update(linear.weight.detach(), directions, 1.0)
+    singular = torch.linalg.svdvals(update)
+    assert int((singular > 1e-9 * singular[0]).sum()) == k  # the LoRA rank that can equal it, and no less
+    inputs = torch.randn(10, 48, dtype=torch.float64)
+    rotated = inputs @ planted.token_rotation(directions, 1.0).T
+    assert torch.allclose(inputs @ (linear.weight + update).T, rotated @ linear.weight.T, atol=1e-10)
+    with pytest.raises(ValueError, match=r"task.planted_k: 49 is outside \[1, 48\]"):
+        planted.random_directions(48, 49, torch.Generator())

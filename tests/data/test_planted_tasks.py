@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 from orca_lora.config import PretrainConfig, SourceConfig, TaskConfig
 from orca_lora.data import planted
-from orca_lora.data.planted_tasks import planted_patch_map, pooled_source_features
+from orca_lora.data.planted_tasks import (planted_module_update, planted_patch_map, planted_teacher,
+                                          pooled_source_features, source_class_images)
 from orca_lora.data.tasks import SourceSide, build_task
 from orca_lora.models.heads import build_head
 
@@ -56,8 +57,12 @@ def test_planted_shift_is_fixed_by_data_seed_and_its_dials(body):
     assert all(torch.equal(a, b) for a, b in zip(first, again))
     other_seed = planted_patch_map(body, planted_config(data_seed=1))
     other_angle = planted_patch_map(body, planted_config(planted_angle=0.5))
-    for other in (other_seed, other_angle):
+    other_planes = planted_patch_map(body, planted_config(planted_planes=1))
+    for other in (other_seed, other_angle, other_planes):
         assert not torch.allclose(planted_patch_map(body, planted_config()), other)
+    # the planes dial draws the directions only: planes seed 1 is data seed 1's plant on data seed 0's images
+    assert torch.equal(other_planes, other_seed)
+    assert torch.equal(planted_patch_map(body, planted_config(planted_planes=0)), planted_patch_map(body, planted_config()))
 
 
 def test_targets_are_the_body_pooled_features_of_clean_images(body):
@@ -72,3 +77,25 @@ def test_planted_shift_needs_the_source_side_and_the_body_resolution(body):
         build_task(planted_config(), "unused")
     with pytest.raises(ValueError, match="task.resolution"):
         build_task(planted_config(resolution=16), "unused", SourceSide(SOURCE, body))
+
+
+def test_planted_function_keeps_the_images_and_plants_rank_k_on_the_named_module(body):
+    config = planted_config(name="planted-function", planted_module="layers.0.blocks.1.mlp.fc2")
+    side = SourceSide(SOURCE, body)
+    task = build_task(config, "unused", side)
+    inputs, targets = stacked(task.test)
+    assert torch.equal(inputs, source_class_images(side, 32, config.data_seed)[:8])  # no input gap: the source's own images
+    update = planted_module_update(body, config)
+    assert update.shape == body.layers[0].blocks[1].mlp.fc2.weight.shape
+    assert int((torch.linalg.svdvals(update) > 1e-9).sum()) == 2
+    assert task.error(pooled_source_features(body, inputs), targets).mean() > 1e-4  # the teacher differs
+    student = copy.deepcopy(body)
+    with torch.no_grad():
+        student.layers[0].blocks[1].mlp.fc2.weight += update.float()  # the rank-k answer on that module alone
+    assert task.error(pooled_source_features(student, inputs), targets).max() < 1e-5
+    before = body.layers[0].blocks[1].mlp.fc2.weight.clone()
+    teacher = planted_teacher(body, config)
+    assert torch.equal(body.layers[0].blocks[1].mlp.fc2.weight, before)  # the body itself is left untouched
+    assert torch.allclose(teacher.layers[0].blocks[1].mlp.fc2.weight, before + update.float())
+    with pytest.raises(ValueError, match="task.planted_module: 'layers.0.norm' is not a Linear"):
+        planted_module_update(body, planted_config(name="planted-function", planted_module="layers.0.norm"))

@@ -5,7 +5,8 @@ from scipy import stats
 from scipy.optimize import minimize
 
 from orca_lora.studies.rank_threshold import (declares_growth, fit_threshold_law, rank_benefit, rank_interval,
-                                              smallest_sufficient_rank, TaskCurve, verdict_label)
+                                              smallest_sufficient_rank, smallest_unbeaten_rank, TaskCurve,
+                                              verdict_label)
 from orca_lora.studies.stats.censored_regression import fit_censored_line, truncated_normal_moments
 
 RANKS = np.array([1, 2, 4, 8, 16, 32])
@@ -40,6 +41,31 @@ def test_flat_curve_gives_r_min_and_no_benefit():
     errors = curve_errors([0.2] * 6)
     assert smallest_sufficient_rank(RANKS, errors) == 1
     assert rank_benefit(RANKS, errors) == pytest.approx(0.0, abs=1e-12)
+
+
+def brute_force_unbeaten(ranks, errors, alpha):
+    """Per rank, a one-sided paired t on the seed-mean per-sample differences, by the textbook formula."""
+    per_sample = errors.mean(axis=0)
+    best = int(np.argmin(per_sample.mean(axis=1)))
+    for index in range(len(ranks)):
+        d = per_sample[index] - per_sample[best]
+        if index == best or not d.any():
+            return int(ranks[index])
+        t = d.mean() / (d.std(ddof=1) / np.sqrt(d.size))
+        if stats.t.sf(t, d.size - 1) >= alpha:
+            return int(ranks[index])
+
+
+def test_paired_r_star_sees_a_small_consistent_shortfall_the_gain_rule_tolerates():
+    rng = np.random.default_rng(0)
+    difficulty = rng.uniform(0.5, 1.5, 100)  # each sample's own difficulty, shared by every rank and seed
+    means = np.array([0.04, 0.018, 0.008, 0.0041, 0.0036, 0.0036])  # rank 8 short of 16 by 1.3% of the gain
+    errors = means[None, :, None] * difficulty[None, None, :] * (1 + 0.01 * rng.standard_normal((3, 6, 100)))
+    assert smallest_sufficient_rank(RANKS, errors) == 8
+    assert smallest_unbeaten_rank(RANKS, errors) == brute_force_unbeaten(RANKS, errors, 0.05) == 16
+    noisy = means[None, :, None] * difficulty[None, None, :] * (1 + 2.0 * rng.standard_normal((3, 6, 100)))
+    assert smallest_unbeaten_rank(RANKS, noisy) == brute_force_unbeaten(RANKS, noisy, 0.05) <= 8
+    assert smallest_unbeaten_rank(RANKS, curve_errors([0.2] * 6)) == 1  # no difference to test
 
 
 def test_truncated_moments_match_scipy_including_far_tails():
