@@ -140,6 +140,9 @@ def _controls_section(result: StudyResult) -> list[str]:
     fit = result.fit
     gaps = {True: "The mean gap increases with k.", False: "The mean gap does not increase with k.",
             None: f"Every task plants k = {controls.rows[0].planted_k} (a planted null): only the gap moves."}
+    if controls.gaps_at_floor:
+        gaps[False] = ("Every gap is at its floor (a function control: only rank moves), so no fit can attribute r* "
+                       "to the gap.")
     lines += ["", f"Recovered r* = k on {controls.recovered} of {len(controls.rows)} planted tasks. "
               f"{gaps[controls.gaps_increase_with_k]} The planted law r* = "
               f"k is, against the measured mean gap, an elasticity of {_fixed(controls.planted_elasticity)} (against "

@@ -48,6 +48,7 @@ class ControlSummary:
     planted_elasticity: Optional[float]  # slope of log2 k on log2 mean D (None: < 2 distinct gaps)
     block0_elasticity: Optional[float]  # the same against D_0
     gaps_increase_with_k: Optional[bool]  # mean D strictly increasing in k (None: one k for every task, a null)
+    gaps_at_floor: bool  # every task's mean D is 0 (a function control): no fit can attribute r* to the gap
 
 
 def planted_rank(run: StudyRun) -> Optional[int]:
@@ -95,4 +96,5 @@ def control_summary(runs: Sequence[StudyRun], curves: Sequence[TaskCurve], regim
     else:
         increasing = len(set(k)) == len(k) and bool(np.all(np.diff(mean_gaps) > 0))
     return ControlSummary(rows, sum(row.recovered for row in rows), _elasticity(mean_gaps, k),
-                          _elasticity(np.array([row.block0_gap for row in rows]), k), increasing)
+                          _elasticity(np.array([row.block0_gap for row in rows]), k), increasing,
+                          bool(np.all(mean_gaps == 0)))

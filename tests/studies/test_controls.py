@@ -81,3 +81,20 @@ def test_a_planted_null_holds_one_k_while_the_gap_moves(tmp_path):
     assert summary.gaps_increase_with_k is None and summary.planted_elasticity == pytest.approx(0.0)
     section = write_report(result, tmp_path / "report").read_text().split("## Known-answer controls")[1]
     assert "Every task plants k = 4 (a planted null): only the gap moves." in section
+
+
+def test_a_function_control_keeps_every_gap_at_its_floor_and_gets_no_fit(tmp_path):
+    rng = np.random.default_rng(1)
+    for k in (2, 4, 8):
+        for rank, error in zip(RANKS, knee_curve(k)):
+            val = error + 1e-4 * rng.standard_normal(30)
+            write_study_run(tmp_path, f"k{k}_r{rank}", task="planted-function", rank=rank, seed=0, val_errors=val,
+                            test_errors=val, block_gaps=np.zeros(len(BLOCKS)),
+                            extra_overrides=[f"task.planted_k={k}"])
+    result = hyp.evaluate_study(read_study([tmp_path]), n_resamples=99, power_studies=0)
+    summary = result.controls
+    assert [(row.planted_k, row.r_star, row.mean_gap) for row in summary.rows] == [(2, 2, 0.0), (4, 4, 0.0), (8, 8, 0.0)]
+    assert summary.gaps_at_floor and not summary.gaps_increase_with_k and summary.planted_elasticity is None
+    assert result.fit is None  # rank moved while the gap did not: nothing to attribute to the gap
+    section = write_report(result, tmp_path / "report").read_text().split("## Known-answer controls")[1]
+    assert "Every gap is at its floor (a function control: only rank moves)" in section
