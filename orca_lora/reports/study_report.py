@@ -180,8 +180,7 @@ def _power_section(result: StudyResult) -> list[str]:
         lines += _table(["planted beta", "studies", "coverage of beta", "declared growth", "verdict rates",
                          "median interval width", "bootstrap replicates"], rows)
     else:
-        lines.append("No power simulation: it needs at least 3 tasks with a finite measured noise, that is two or "
-                     f"more seeds at every rank: run {PRIMARY_SWEEP}.")
+        lines.append(f"No power simulation: {result.power_note}. The study's own design is {PRIMARY_SWEEP}.")
     lines += ["", "Measured noise per task (validation; seed and sample sd in units of the attainable gain A):", ""]
     if not result.noise:
         return lines + ["No noise estimates: no rank curves."]

@@ -102,6 +102,7 @@ class StudyResult:
     chosen: list[ChosenRank]
     noise: list[NoiseEstimate]
     power: list[PowerResult]  # beta = 1 and beta = 0 at the study's gaps and measured noise
+    power_note: Optional[str] = None  # why there is no power simulation (`power_unavailable`)
     posterior: list[blocks.BlockPoint] = field(default_factory=list)
     one_block: list[blocks.BlockPoint] = field(default_factory=list)
     energy: list[blocks.BlockPoint] = field(default_factory=list)
@@ -170,14 +171,24 @@ def noise_estimates(curves: Sequence[TaskCurve]) -> list[NoiseEstimate]:
     return estimates
 
 
+def power_unavailable(curves: Sequence[TaskCurve], noise: Sequence[NoiseEstimate]) -> Optional[str]:
+    """Why `measured_power` cannot simulate this study's design, or None when it can."""
+    if len(curves) < 3:
+        return f"it needs at least 3 tasks with a positive gap ({len(curves)} here)"
+    if len({(tuple(curve.ranks), curve.errors.shape) for curve in curves}) > 1:
+        return "it simulates one design, and these tasks differ in rank grid, seeds or validation samples"
+    if not any(math.isfinite(n.seed_sd) and math.isfinite(n.sample_sd) for n in noise):
+        return "it needs a finite measured noise, that is two or more seeds at every rank"
+    return None
+
+
 def measured_power(curves: Sequence[TaskCurve], noise: Sequence[NoiseEstimate], n_studies: int = 100,
                    seed: int = 0) -> list[PowerResult]:
     """The power simulation at this study's gaps, grid, seeds and validation size, with the median
     measured noise relative to the gain (the r* rule is invariant to the errors' scale)."""
-    usable = [n for n in noise if math.isfinite(n.seed_sd) and math.isfinite(n.sample_sd)]
-    shapes = {(tuple(curve.ranks), curve.errors.shape) for curve in curves}
-    if not usable or len(curves) < 3 or len(shapes) > 1:  # one simulated design needs one grid and size
+    if power_unavailable(curves, noise) is not None:
         return []
+    usable = [n for n in noise if math.isfinite(n.seed_sd) and math.isfinite(n.sample_sd)]
     design = dict(gaps=np.array([curve.gap for curve in curves]), ranks=tuple(int(r) for r in curves[0].ranks),
                   e_inf=1.0, gain=1.0, seed_sd=float(np.median([n.seed_sd for n in usable])),
                   sample_sd=float(np.median([n.sample_sd for n in usable])),
@@ -197,6 +208,7 @@ def evaluate_study(runs: Sequence[StudyRun], n_resamples: int = 999, seed: int =
     noise = noise_estimates(curves)
     result = StudyResult(str(regime), len(runs), len(curves), GAIN_FRACTION, fit, rows, chosen_ranks(curves, rows),
                          noise, measured_power(curves, noise, power_studies, seed) if power_studies else [])
+    result.power_note = power_unavailable(curves, noise) if power_studies else "not asked for (0 power studies)"
     result.deviations = [f"{curve.task}: its floor-corrected gap is 0 at every block (at its null), so log2 D is "
                          "undefined and the task is left out of the fit" for curve in swept if curve.gap <= 0]
     result.deviations += incomplete_curves(runs, swept, regime)

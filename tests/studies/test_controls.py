@@ -59,6 +59,8 @@ def test_the_report_puts_planted_k_beside_the_recovered_rank(controls):
     section = text.split("## Known-answer controls")[1].split("\n## ")[0]
     assert "| planted-shift(planted_k=8) | 8 | 6 | no | 6 |" in section
     assert "Recovered r* = k on 3 of 4 planted tasks. The mean gap increases with k." in section
+    # the controls run one seed set per k: no power simulation, and the report names that reason (power off here)
+    assert "No power simulation: not asked for (0 power studies)." in text
 
 
 def test_a_study_without_planted_tasks_has_no_controls_section(tmp_path):

@@ -218,3 +218,18 @@ def test_hypothesis_names_the_failed_point_on_the_console_and_writes_strict_json
     loaded = strict_json(tmp_path / "hypothesis.json")
     assert [point["name"] for point in loaded["missing"]] == ["darcy_rank4"]
     assert loaded["incomplete"][0]["lacking_ranks"] == [4]
+
+
+def test_the_power_simulation_names_why_it_cannot_run():
+    ranks = np.array([1, 2, 4])
+    noisy = hyp.NoiseEstimate("t", 1.0, 0.1, 0.2)
+
+    def curve(ranks, seeds=2):
+        return hyp.TaskCurve("t", 10.0, ranks, np.zeros((seeds, len(ranks), 5)))
+
+    assert "at least 3 tasks" in hyp.power_unavailable([curve(ranks)] * 2, [noisy])
+    assert "differ in rank grid" in hyp.power_unavailable([curve(ranks), curve(ranks), curve(np.array([1, 2]))],
+                                                          [noisy])
+    silent = hyp.NoiseEstimate("t", 1.0, math.nan, math.nan)
+    assert "two or more seeds" in hyp.power_unavailable([curve(ranks, 1)] * 3, [silent])
+    assert hyp.power_unavailable([curve(ranks)] * 3, [noisy]) is None
