@@ -41,9 +41,10 @@ class TaskConfig:
     wavenumber: float = 3.0  # helmholtz: k in [1, 4] (k^2 below the first Dirichlet eigenvalue 2 pi^2)
     time: float = 0.002  # heat: final time T > 0 (0.002 keeps modes up to |k| ~ 8 above 1/10)
     planted_k: int = 4  # planted tasks: dimension of the plant (patch map, or module change), its needed rank
-    planted_angle: float = 1.5707963267948966  # planted tasks: rotation angle of its planes, in (0, pi]
+    planted_angle: float = 1.5707963267948966  # planted-shift: rotation angle of its planes, in (0, pi]
     planted_planes: Optional[int] = None  # planted tasks: seed of the planted directions; null: task.data_seed
     planted_module: str = "layers.0.blocks.0.mlp.fc1"  # planted-function: the body's Linear the teacher changes
+    planted_scale: float = 0.5  # planted-function: each planted direction's effect / the Linear's largest, in (0, 10]
 
 
 @dataclass
@@ -229,7 +230,8 @@ def to_yaml(config: Config) -> str:
 # Keys added after runs were made: left out of the hash while at their default (read from the section's
 # dataclass), so a finished run made before a key existed keeps its hash (and is not redone) when nothing
 # it ran changes.
-LATER_KEYS = {"task": ("planted_k", "planted_angle", "planted_planes", "planted_module"), "stage3": ("body_stochastic_depth",)}
+LATER_KEYS = {"task": ("planted_k", "planted_angle", "planted_planes", "planted_module",
+                      "planted_scale"), "stage3": ("body_stochastic_depth",)}
 
 
 def section_hash(config: Config, *sections: str) -> str:

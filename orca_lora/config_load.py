@@ -307,6 +307,8 @@ def _validate_dials(task: TaskConfig) -> None:
             raise ConfigError(f"task.planted_angle: {task.planted_angle} must be in (0, pi]")
         if task.planted_planes is not None:
             _at_least("task.planted_planes", task.planted_planes, 0)
+        if not 0 < task.planted_scale <= 10:
+            raise ConfigError(f"task.planted_scale: {task.planted_scale} must be in (0, 10]")
 
 
 def _validate_pretrain(pretrain: PretrainConfig) -> None:

@@ -56,6 +56,7 @@ def test_yaml_and_overrides_apply_in_order(tmp_path):
         ("task.name=planted-shift task.planted_k=0", "task.planted_k"),
         ("task.name=planted-shift task.planted_angle=4.0", "task.planted_angle"),
         ("task.name=planted-shift task.planted_planes=-1", "task.planted_planes"),
+        ("task.name=planted-function task.planted_scale=0", "task.planted_scale"),
         ("task.name=planted-shift task.resolution=16", "task.resolution"),
     ],
 )

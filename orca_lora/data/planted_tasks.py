@@ -8,8 +8,8 @@ embedding projection the needed rank is exactly k (Zeng & Lee 2024, Lemma 1): ra
 error zero, no lower rank can.
 
 `planted-function`: the same fresh images, unchanged (every block's gap at its floor); the target is a
-teacher's pooled features, the frozen body with one Linear (`task.planted_module`) changed by
-dW = W (Q - I), Q rotating k of its input directions (`planted.function_update`). With LoRA on that
+teacher's pooled features, the frozen body with one Linear (`task.planted_module`) changed by a rank-k
+dW whose k directions act equally on the module's inputs (`planted.function_update`). With LoRA on that
 module alone the needed rank is exactly k while the gap does not move.
 """
 from __future__ import annotations
@@ -91,27 +91,52 @@ def planted_shift_task(config: TaskConfig, data_root: Path, source: SourceSide) 
                                   targets[:n_test], config)
 
 
-def planted_module_update(body: nn.Module, config: TaskConfig) -> Tensor:
-    """dW (float64) of `task.planted_module`: k input directions drawn from `task.planted_planes` (null:
-    `task.data_seed`), rotated by `task.planted_angle`."""
+def _planted_linear(body: nn.Module, name: str) -> nn.Linear:
     try:
-        module = body.get_submodule(config.planted_module)
+        module = body.get_submodule(name)
     except AttributeError:
         module = None
     if not isinstance(module, nn.Linear):
-        linears = [name for name, m in body.named_modules() if isinstance(m, nn.Linear) and ".blocks." in name]
-        raise ValueError(f"task.planted_module: {config.planted_module!r} is not a Linear of the body; one of "
-                         f"{', '.join(linears[:4])}, ...")
-    directions = planted.random_directions(module.in_features, config.planted_k, _planes_generator(config))
-    return planted.function_update(module.weight.detach(), directions, config.planted_angle)
+        linears = [n for n, m in body.named_modules() if isinstance(m, nn.Linear) and ".blocks." in n]
+        raise ValueError(f"task.planted_module: {name!r} is not a Linear of the body; one of {', '.join(linears[:4])}, ...")
+    return module
 
 
-def planted_teacher(body: nn.Module, config: TaskConfig) -> nn.Module:
+@torch.no_grad()
+def input_moment(body: nn.Module, module: nn.Module, images: Tensor) -> Tensor:
+    """E[x x^T] (float64) of `module`'s inputs over every token of the body's forward pass on `images`."""
+    total, count = None, 0
+
+    def catch(_module: nn.Module, args: tuple) -> None:
+        nonlocal total, count
+        x = args[0].reshape(-1, args[0].shape[-1]).double()
+        total = x.T @ x if total is None else total + x.T @ x
+        count += len(x)
+
+    handle = module.register_forward_pre_hook(catch)
+    try:
+        for batch in images.split(_FEATURE_BATCH):
+            body.forward_features(batch)
+    finally:
+        handle.remove()
+    return total / count
+
+
+def planted_module_update(body: nn.Module, config: TaskConfig, images: Tensor) -> Tensor:
+    """dW (float64) of `task.planted_module`: rank `task.planted_k`, its k directions of equal effect on the
+    module's inputs over `images` (`planted.function_update`), `task.planted_scale`, drawn from
+    `task.planted_planes` (null: `task.data_seed`)."""
+    module = _planted_linear(body, config.planted_module)
+    return planted.function_update(module.weight.detach(), input_moment(body, module, images), config.planted_k,
+                                   config.planted_scale, _planes_generator(config))
+
+
+def planted_teacher(body: nn.Module, config: TaskConfig, images: Tensor) -> nn.Module:
     """A copy of the frozen body with `planted_module_update` added to its planted module's weight."""
     teacher = copy.deepcopy(body)
     module = teacher.get_submodule(config.planted_module)
     with torch.no_grad():
-        module.weight += planted_module_update(body, config).to(module.weight.dtype)
+        module.weight += planted_module_update(body, config, images).to(module.weight.dtype)
     return teacher
 
 
@@ -119,7 +144,8 @@ def planted_teacher(body: nn.Module, config: TaskConfig) -> nn.Module:
 def planted_function_task(config: TaskConfig, data_root: Path, source: SourceSide) -> TaskData:
     """Clean source-class images; targets: the pooled features of the body with a planted rank-k module change."""
     images = source_class_images(source, config.n_train + config.n_test, config.data_seed)
-    targets = pooled_source_features(planted_teacher(source.body, config), images)
+    teacher = planted_teacher(source.body, config, images[config.n_test:])  # the plant sees training images only
+    targets = pooled_source_features(teacher, images)
     n_test = config.n_test
     return pooled_regression_task("planted-function", images[n_test:], targets[n_test:], images[:n_test],
                                   targets[:n_test], config)

@@ -116,16 +116,19 @@ def test_out_of_range_dials_are_refused_with_the_key():
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 8])
-def test_the_function_update_has_rank_k_and_rotates_the_inputs_the_weight_reads(k):
+def test_the_function_update_has_rank_k_in_k_directions_of_equal_effect(k):
     torch.manual_seed(0)
-    linear = nn.Linear(48, 96).double()
-    directions = planted.random_directions(48, k, torch.Generator().manual_seed(1))
-    assert torch.allclose(directions.T @ directions, torch.eye(k, dtype=torch.float64), atol=1e-12)
-    update = planted.function_update(linear.weight.detach(), directions, 1.0)
+    weight = torch.randn(96, 48, dtype=torch.float64)
+    inputs = torch.randn(4000, 48, dtype=torch.float64) @ torch.diag(torch.logspace(-1, 1, 48, dtype=torch.float64))
+    moment = inputs.T @ inputs / len(inputs)  # strongly anisotropic, as a LayerNorm's outputs can be
+    update = planted.function_update(weight, moment, k, 0.5, torch.Generator().manual_seed(1))
     singular = torch.linalg.svdvals(update)
     assert int((singular > 1e-9 * singular[0]).sum()) == k  # the LoRA rank that can equal it, and no less
-    inputs = torch.randn(10, 48, dtype=torch.float64)
-    rotated = inputs @ planted.token_rotation(directions, 1.0).T
-    assert torch.allclose(inputs @ (linear.weight + update).T, rotated @ linear.weight.T, atol=1e-10)
+    # the change's second moment over these inputs, dW M dW^T, has k equal eigenvalues s^2, s = 0.5 ||W M^1/2||
+    effect = torch.linalg.eigvalsh(update @ moment @ update.T)[-k:]
+    strength = 0.5 * torch.linalg.matrix_norm(weight @ torch.linalg.cholesky(moment), ord=2)
+    assert torch.allclose(effect, strength.square().expand(k), rtol=1e-8)
+    root_inverse = planted.inverse_sqrt(moment)
+    assert torch.allclose(root_inverse @ moment @ root_inverse, torch.eye(48, dtype=torch.float64), atol=1e-8)
     with pytest.raises(ValueError, match=r"task.planted_k: 49 is outside \[1, 48\]"):
-        planted.random_directions(48, 49, torch.Generator())
+        planted.function_update(weight, moment, 49, 0.5, torch.Generator())

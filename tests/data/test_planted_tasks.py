@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from orca_lora.config import PretrainConfig, SourceConfig, TaskConfig
 from orca_lora.data import planted
-from orca_lora.data.planted_tasks import (planted_module_update, planted_patch_map, planted_teacher,
+from orca_lora.data.planted_tasks import (input_moment, planted_module_update, planted_patch_map, planted_teacher,
                                           pooled_source_features, source_class_images)
 from orca_lora.data.tasks import SourceSide, build_task
 from orca_lora.models.heads import build_head
@@ -84,18 +84,22 @@ def test_planted_function_keeps_the_images_and_plants_rank_k_on_the_named_module
     side = SourceSide(SOURCE, body)
     task = build_task(config, "unused", side)
     inputs, targets = stacked(task.test)
-    assert torch.equal(inputs, source_class_images(side, 32, config.data_seed)[:8])  # no input gap: the source's own images
-    update = planted_module_update(body, config)
-    assert update.shape == body.layers[0].blocks[1].mlp.fc2.weight.shape
-    assert int((torch.linalg.svdvals(update) > 1e-9).sum()) == 2
+    images = source_class_images(side, 32, config.data_seed)
+    assert torch.equal(inputs, images[:8])  # no input gap: the source's own images
+    module = body.layers[0].blocks[1].mlp.fc2
+    update = planted_module_update(body, config, images[8:])
+    assert update.shape == module.weight.shape and int((torch.linalg.svdvals(update) > 1e-9).sum()) == 2
     assert task.error(pooled_source_features(body, inputs), targets).mean() > 1e-4  # the teacher differs
-    student = copy.deepcopy(body)
-    with torch.no_grad():
-        student.layers[0].blocks[1].mlp.fc2.weight += update.float()  # the rank-k answer on that module alone
+    before = module.weight.clone()
+    teacher = planted_teacher(body, config, images[8:])
+    assert torch.equal(module.weight, before)  # the body itself is left untouched
+    with torch.no_grad():  # the rank-k answer on that module alone reproduces the teacher
+        student = copy.deepcopy(body)
+        student.layers[0].blocks[1].mlp.fc2.weight += update.float()
+    assert torch.equal(student.layers[0].blocks[1].mlp.fc2.weight, teacher.layers[0].blocks[1].mlp.fc2.weight)
     assert task.error(pooled_source_features(student, inputs), targets).max() < 1e-5
-    before = body.layers[0].blocks[1].mlp.fc2.weight.clone()
-    teacher = planted_teacher(body, config)
-    assert torch.equal(body.layers[0].blocks[1].mlp.fc2.weight, before)  # the body itself is left untouched
-    assert torch.allclose(teacher.layers[0].blocks[1].mlp.fc2.weight, before + update.float())
+    # the moment is over the module's own inputs: fc2 reads fc1's GELU outputs, 4x the stage's width 16
+    moment = input_moment(body, module, images[8:])
+    assert moment.shape == (4 * 16, 4 * 16) and torch.allclose(moment, moment.T)
     with pytest.raises(ValueError, match="task.planted_module: 'layers.0.norm' is not a Linear"):
-        planted_module_update(body, planted_config(name="planted-function", planted_module="layers.0.norm"))
+        planted_module_update(body, planted_config(name="planted-function", planted_module="layers.0.norm"), images)
