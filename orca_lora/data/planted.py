@@ -90,30 +90,28 @@ def random_directions(size: int, k: int, generator: torch.Generator) -> Tensor:
     return torch.linalg.qr(torch.randn(size, k, generator=generator, dtype=torch.float64)).Q
 
 
-def inverse_sqrt(moment: Tensor, eps: float = 1e-8) -> Tensor:
-    """M^{-1/2} of a symmetric positive semi-definite matrix (eigenvalues clamped at eps x the largest)."""
-    values, vectors = torch.linalg.eigh(moment.double())
-    values = values.clamp_min(eps * values.max())
-    return vectors @ torch.diag(values.rsqrt()) @ vectors.T
-
-
 def function_update(weight: Tensor, moment: Tensor, k: int, scale: float, generator: torch.Generator) -> Tensor:
-    """dW = s U V^T M^{-1/2}, (out, in) float64, for a Linear W whose inputs x have second moment
-    M = E[x x^T]: U (out x k) and V (in x k) orthonormal, drawn from `generator`. rank(dW) = k, so LoRA of
-    rank k on that Linear can equal it and no lower rank can (Zeng & Lee 2024, Lemma 1); and the change
-    it makes, dW x, has second moment s^2 U U^T: k directions of exactly equal effect, so each of the k
-    ranks is worth the same share of the error (a random plane of the raw inputs can carry almost none).
-    s = scale x the largest singular value of W M^{1/2}, the Linear's own largest effect."""
+    """dW = s U diag(lambda)^{-1/2} V^T, (out, in) float64, for a Linear W whose inputs x have second moment
+    M = E[x x^T]: V (in x k) the top-k eigenvectors of M (eigenvalues lambda), U (out x k) orthonormal,
+    drawn from `generator`. rank(dW) = k, so LoRA of rank k on that Linear can equal it and no lower rank
+    can (Zeng & Lee 2024, Lemma 1). Its effect dW x has second moment s^2 U U^T: k directions of exactly
+    equal weight, so each of the k ranks is worth the same share of the error (a random plane of the inputs
+    can carry almost none of it); and it reads the inputs' most-used directions, so gradient descent finds it
+    (weights along rarely-used directions learn slowly). s = scale x the largest singular value of W M^{1/2},
+    the Linear's own largest effect."""
     size_out, size_in = weight.shape
     if not 1 <= k <= min(size_out, size_in):
         raise ValueError(f"task.planted_k: {k} is outside [1, {min(size_out, size_in)}], the rank a change of "
                          f"this {size_in} -> {size_out} Linear can have")
-    values, vectors = torch.linalg.eigh(moment.double())
-    root = vectors @ torch.diag(values.clamp_min(0).sqrt()) @ vectors.T
+    values, vectors = torch.linalg.eigh(moment.double())  # ascending
+    values = values.clamp_min(0)
+    root = vectors @ torch.diag(values.sqrt()) @ vectors.T
     strength = scale * float(torch.linalg.matrix_norm(weight.double() @ root, ord=2))
+    top_values, top_vectors = values[-k:].flip(0), vectors[:, -k:].flip(1)
+    if top_values[-1] <= 0:
+        raise ValueError(f"task.planted_k: the module's inputs span fewer than {k} directions")
     out_directions = random_directions(size_out, k, generator)
-    in_directions = random_directions(size_in, k, generator)
-    return strength * out_directions @ in_directions.T @ inverse_sqrt(moment)
+    return strength * out_directions @ torch.diag(top_values.rsqrt()) @ top_vectors.T
 
 
 def restoring_update(weight: Tensor, transform: Tensor) -> Tensor:

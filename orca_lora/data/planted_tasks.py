@@ -9,7 +9,7 @@ error zero, no lower rank can.
 
 `planted-function`: the same fresh images, unchanged (every block's gap at its floor); the target is a
 teacher's pooled features, the frozen body with one Linear (`task.planted_module`) changed by a rank-k
-dW whose k directions act equally on the module's inputs (`planted.function_update`). With LoRA on that
+dW whose k directions, on the module's most-used inputs, act equally (`planted.function_update`). With LoRA on that
 module alone the needed rank is exactly k while the gap does not move.
 """
 from __future__ import annotations
