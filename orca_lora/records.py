@@ -122,7 +122,7 @@ class GapRow:
     ci_low: float  # 95% interval of D_i
     ci_high: float
     corrected: float  # max(D_i - floor, 0), 0 where p >= 0.05
-    rank: int
+    rank: int  # 0 when no adapted module sits in the block
 
 
 @dataclass

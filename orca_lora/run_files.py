@@ -10,6 +10,7 @@ tests all go through this module, so a renamed file or column changes here and n
       stage1/alignment.csv             epoch, distance (epoch 0 = before training)
       stage2/stage.json                marker only (result null: stage 2's result is ranks.json)
       stage2/gaps.csv                  GAP_COLUMNS: block, name, width, gap, floor, p_value, interval, corrected, rank
+                                       (0 in a block with no adapted module)
       stage2/ranks.json                stage 2's result, the one file of its ranks: module -> rank, gaps, alpha0,
                                        budget, allocation, prior masses (GapResult)
       stage3/stage.json                marker, result (FinetuneResult)

@@ -96,6 +96,7 @@ def test_a_planted_shift_run_adapts_only_the_embedding_projection(tiny_overrides
     assert np.isfinite(result.metrics.test_error) and result.metrics.baseline_error > 0
     gaps = read_gaps(RunFiles(result.directory))
     assert gaps[0].gap > gaps[0].floor  # stage 2 sees the plant at block 0
+    assert [row.rank for row in gaps] == [2] + [0] * (len(gaps) - 1)  # the only adapted module is block 0's
     with safe_open(str(result.directory / "stage3" / "trainable.safetensors"), "pt") as saved:
         assert sorted(saved.keys()) == ["model.embedder.proj.lora_A", "model.embedder.proj.lora_B"]
         assert saved.get_tensor("model.embedder.proj.lora_B").abs().sum() > 0

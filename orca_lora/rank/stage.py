@@ -92,7 +92,9 @@ def run(stage: Stage2Config, inputs: GapInputs, run_files: RunFiles) -> GapResul
     result = GapResult([block.name for block in measured], [block.estimate.gap for block in measured], chosen.ranks,
                        chosen.alpha0, trainable_params(chosen.ranks, shapes), chosen.budget, stage.allocation,
                        corrected, chosen.prior_masses)
-    write_outputs(result, measured, chosen.block_ranks, run_files)
+    adapted_blocks = {shape.block for shape in shapes.values()}
+    block_ranks = [rank if index in adapted_blocks else 0 for index, rank in enumerate(chosen.block_ranks)]
+    write_outputs(result, measured, block_ranks, run_files)
     return result
 
 
