@@ -2,15 +2,15 @@
 
 `planted-shift`: fresh images of the source's own pretraining classes, every patch vector mapped by
 the fixed T of `planted.py` (a gap of dimension `task.planted_k` at the body's entry, rotated by
-`task.planted_angle`, its directions drawn from `task.planted_planes`, by default `task.data_seed`). The target is the frozen source
-body's mean-pooled features of the clean image (regression, relative L2), so with LoRA on the
-embedding projection the needed rank is exactly k (Zeng & Lee 2024, Lemma 1): rank k makes the
-error zero, no lower rank can.
+`task.planted_angle`, its directions drawn from `task.planted_planes`, by default `task.data_seed`). The
+target is the frozen source body's mean-pooled features of the clean image (regression, relative L2), so
+with LoRA on the embedding projection the needed rank is exactly k (Zeng & Lee 2024, Lemma 1): rank k
+makes the error zero, no lower rank can.
 
 `planted-function`: the same fresh images, unchanged (every block's gap at its floor); the target is a
 teacher's pooled features, the frozen body with one Linear (`task.planted_module`) changed by a rank-k
-dW whose k directions, on the module's most-used inputs, act equally (`planted.function_update`). With LoRA on that
-module alone the needed rank is exactly k while the gap does not move.
+dW whose k directions, on the module's most-used inputs, act equally (`planted.function_update`). With
+LoRA on that module alone the needed rank is exactly k while the gap does not move.
 """
 from __future__ import annotations
 
@@ -98,7 +98,8 @@ def _planted_linear(body: nn.Module, name: str) -> nn.Linear:
         module = None
     if not isinstance(module, nn.Linear):
         linears = [n for n, m in body.named_modules() if isinstance(m, nn.Linear) and ".blocks." in n]
-        raise ValueError(f"task.planted_module: {name!r} is not a Linear of the body; one of {', '.join(linears[:4])}, ...")
+        raise ValueError(f"task.planted_module: {name!r} is not a Linear of the body; one of "
+                         f"{', '.join(linears[:4])}, ...")
     return module
 
 

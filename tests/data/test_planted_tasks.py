@@ -62,7 +62,8 @@ def test_planted_shift_is_fixed_by_data_seed_and_its_dials(body):
         assert not torch.allclose(planted_patch_map(body, planted_config()), other)
     # the planes dial draws the directions only: planes seed 1 is data seed 1's plant on data seed 0's images
     assert torch.equal(other_planes, other_seed)
-    assert torch.equal(planted_patch_map(body, planted_config(planted_planes=0)), planted_patch_map(body, planted_config()))
+    assert torch.equal(planted_patch_map(body, planted_config(planted_planes=0)),
+                       planted_patch_map(body, planted_config()))
 
 
 def test_targets_are_the_body_pooled_features_of_clean_images(body):
