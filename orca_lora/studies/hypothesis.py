@@ -103,6 +103,7 @@ class StudyResult:
     noise: list[NoiseEstimate]
     power: list[PowerResult]  # beta = 1 and beta = 0 at the study's gaps and measured noise
     power_note: Optional[str] = None  # why there is no power simulation (`power_unavailable`)
+    n_at_floor: int = 0  # tasks with a rank sweep whose gap is 0 at every block: left out of the fit
     posterior: list[blocks.BlockPoint] = field(default_factory=list)
     one_block: list[blocks.BlockPoint] = field(default_factory=list)
     energy: list[blocks.BlockPoint] = field(default_factory=list)
@@ -208,6 +209,7 @@ def evaluate_study(runs: Sequence[StudyRun], n_resamples: int = 999, seed: int =
     noise = noise_estimates(curves)
     result = StudyResult(str(regime), len(runs), len(curves), GAIN_FRACTION, fit, rows, chosen_ranks(curves, rows),
                          noise, measured_power(curves, noise, power_studies, seed) if power_studies else [])
+    result.n_at_floor = len(swept) - len(curves)
     result.power_note = power_unavailable(curves, noise) if power_studies else "not asked for (0 power studies)"
     result.deviations = [f"{curve.task}: its floor-corrected gap is 0 at every block (at its null), so log2 D is "
                          "undefined and the task is left out of the fit" for curve in swept if curve.gap <= 0]
@@ -259,8 +261,9 @@ def incomplete_against_plan(curves: Sequence[TaskCurve], missing: Sequence[Missi
 
 def sweeps_phrase(result: StudyResult) -> str:
     """"4 task(s) with a complete rank sweep", or how many of them lack planned points."""
+    floor = f" and a positive gap ({result.n_at_floor} more at the gap floor)" if result.n_at_floor else ""
     if not result.incomplete:
-        return f"{result.n_tasks} task(s) with a complete rank sweep"
+        return f"{result.n_tasks} task(s) with a complete rank sweep{floor}"
     names = ", ".join(curve.task for curve in result.incomplete)
     return f"{result.n_tasks} task(s) with a rank sweep, {len(result.incomplete)} of them incomplete ({names})"
 
