@@ -101,4 +101,5 @@ def test_a_function_control_keeps_every_gap_at_its_floor_and_gets_no_fit(tmp_pat
     assert result.fit is None  # rank moved while the gap did not: nothing to attribute to the gap
     section = write_report(result, tmp_path / "report").read_text().split("## Known-answer controls")[1]
     assert "Every gap is at its floor (a function control: only rank moves)" in section
-    assert "0 task(s) with a complete rank sweep and a positive gap (3 more at the gap floor)" in hyp.sweeps_phrase(result)
+    phrase = hyp.sweeps_phrase(result)
+    assert phrase == "0 task(s) with a complete rank sweep and a positive gap (3 more at the gap floor)"
