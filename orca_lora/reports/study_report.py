@@ -125,7 +125,8 @@ def _controls_section(result: StudyResult) -> list[str]:
     if controls is None:
         return []
     lines = ["## Known-answer controls", "",
-             "Each planted task needs exactly rank k on the embedding projection (README, \"Known-answer controls\"); "
+             "Each planted task needs exactly rank k where its plant sits (planted-shift: the embedding projection; "
+             "planted-function: the planted Linear; README, \"Known-answer controls\"); "
              "the study's own rule must choose r* = k on validation. The paired r* (the smallest rank not worse "
              "than the best by a one-sided paired t-test on validation samples, level 0.05) is shown beside it, "
              "not fitted.", ""]

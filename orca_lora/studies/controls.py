@@ -2,7 +2,8 @@
 a planted task needs?
 
 A `planted-shift` task plants a map of dimension k at the body's entry whose exact LoRA correction on the
-embedding projection has rank k (Zeng & Lee 2024, Lemma 1), so r* must be k. Per planted task: r* from
+embedding projection has rank k (Zeng & Lee 2024, Lemma 1); a `planted-function` task plants a rank-k change
+of one Linear of the teacher, with every gap at its floor. Either way r* must be k. Per planted task: r* from
 the study's rule on validation (`rank_threshold.smallest_sufficient_rank`, the same gain fraction), its
 two-stage bootstrap percentiles when the law fit drew them, the paired r* (`smallest_unbeaten_rank`,
 reported beside it, not fitted), the block-0 gap D_0 (where the plant is) and
