@@ -61,8 +61,13 @@ def pooled_regression_task(name: str, x_train: Tensor, y_train: Tensor, x_test: 
     )
 
 
+def planes_seed(config: TaskConfig) -> int:
+    """The seed of a plant's directions: `task.planted_planes`, or `task.data_seed` when it is null."""
+    return config.data_seed if config.planted_planes is None else config.planted_planes
+
+
 def _planes_generator(config: TaskConfig) -> torch.Generator:
-    return torch.Generator().manual_seed(config.data_seed if config.planted_planes is None else config.planted_planes)
+    return torch.Generator().manual_seed(planes_seed(config))
 
 
 def planted_patch_map(body: nn.Module, config: TaskConfig) -> Tensor:

@@ -25,6 +25,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from orca_lora.config import Config
+from orca_lora.data.planted_tasks import planes_seed
 from orca_lora.files import write_json_atomic
 from orca_lora.run_files import RunFiles, read_gaps
 
@@ -137,9 +138,8 @@ def calibrate_sweep(path: Path, overrides: Sequence[str] = (), plane_seeds: int 
         raise ValueError(f"{path}: every point must be a planted-shift task to calibrate its plants")
     base = configs[0]
     measure = measure_with_stage2(base, sweep.directory / "_plant_calibration")
-    default_planes = base.task.data_seed if base.task.planted_planes is None else base.task.planted_planes
     calibration = calibrate_plants(measure, [config.task.planted_k for config in configs], range(plane_seeds),
-                                   default_planes)
+                                   planes_seed(base.task))
     output = sweep.directory / "plant_calibration.json" if output is None else Path(output)
     write_json_atomic(output, asdict(calibration))
     return calibration, output
