@@ -172,13 +172,18 @@ def noise_estimates(curves: Sequence[TaskCurve]) -> list[NoiseEstimate]:
     return estimates
 
 
+def _finite(noise: Sequence[NoiseEstimate]) -> list[NoiseEstimate]:
+    """The tasks whose seed and sample noise were both measured (two or more seeds at every rank)."""
+    return [n for n in noise if math.isfinite(n.seed_sd) and math.isfinite(n.sample_sd)]
+
+
 def power_unavailable(curves: Sequence[TaskCurve], noise: Sequence[NoiseEstimate]) -> Optional[str]:
     """Why `measured_power` cannot simulate this study's design, or None when it can."""
     if len(curves) < 3:
         return f"it needs at least 3 tasks with a positive gap ({len(curves)} here)"
     if len({(tuple(curve.ranks), curve.errors.shape) for curve in curves}) > 1:
         return "it simulates one design, and these tasks differ in rank grid, seeds or validation samples"
-    if not any(math.isfinite(n.seed_sd) and math.isfinite(n.sample_sd) for n in noise):
+    if not _finite(noise):
         return "it needs a finite measured noise, that is two or more seeds at every rank"
     return None
 
@@ -189,7 +194,7 @@ def measured_power(curves: Sequence[TaskCurve], noise: Sequence[NoiseEstimate], 
     measured noise relative to the gain (the r* rule is invariant to the errors' scale)."""
     if power_unavailable(curves, noise) is not None:
         return []
-    usable = [n for n in noise if math.isfinite(n.seed_sd) and math.isfinite(n.sample_sd)]
+    usable = _finite(noise)
     design = dict(gaps=np.array([curve.gap for curve in curves]), ranks=tuple(int(r) for r in curves[0].ranks),
                   e_inf=1.0, gain=1.0, seed_sd=float(np.median([n.seed_sd for n in usable])),
                   sample_sd=float(np.median([n.sample_sd for n in usable])),
