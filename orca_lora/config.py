@@ -9,11 +9,12 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from orca_lora.errors import ConfigError  # noqa: F401  (re-exported: raised by every config check)
 from orca_lora.files import write_text_atomic
@@ -244,6 +245,18 @@ def section_hash(config: Config, *sections: str) -> str:
                              if not (key in keys and value == getattr(defaults, key))}
     text = json.dumps(payload, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def saved_config_matches(path: Path, config: Config) -> bool:
+    """Whether the config a run saved at `path` is `config`, compared by `section_hash` over every section,
+    so a run saved before a LATER_KEYS key existed still matches while that key is at its default (its text
+    lacks the key); a saved config that no longer loads (a key since removed) matches nothing."""
+    try:
+        saved = read_saved(path)
+    except OmegaConfBaseException:
+        return False
+    sections = [item.name for item in fields(Config)]
+    return section_hash(saved, *sections) == section_hash(config, *sections)
 
 
 def _plain(value: Any) -> Any:

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from orca_lora.choices import METHODS
-from orca_lora.config import Config, ConfigError, run_directory, section_hash, to_yaml
+from orca_lora.config import Config, ConfigError, run_directory, saved_config_matches, section_hash, to_yaml
 from orca_lora.config_load import load_config
 
 
@@ -116,6 +116,19 @@ def test_keys_added_later_leave_the_hash_of_their_default_unchanged():
     assert section_hash(load_config(None, ["task.planted_k=2"]), "task") != before
     assert section_hash(base, "stage3") != section_hash(load_config(None, ["stage3.body_stochastic_depth=false"]),
                                                        "stage3")
+
+
+def test_a_run_saved_before_a_later_key_existed_matches_while_the_key_is_at_its_default(tmp_path):
+    config = load_config()
+    old_text = "\n".join(line for line in to_yaml(config).splitlines() if "planted_" not in line)
+    saved = tmp_path / "config.yaml"
+    saved.write_text(old_text + "\n")
+    assert saved.read_text() != to_yaml(config)  # the text differs; the run is the same
+    assert saved_config_matches(saved, config)
+    assert not saved_config_matches(saved, load_config(None, ["task.planted_k=2"]))
+    assert not saved_config_matches(saved, load_config(None, ["stage3.rank=4"]))
+    saved.write_text(to_yaml(config) + "removed_section: {a: 1}\n")
+    assert not saved_config_matches(saved, config)  # a key since removed: nothing to compare
 
 
 def test_run_directory_holds_resolved_config(tmp_path):

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
-from orca_lora.config import run_path, to_yaml
+from orca_lora.config import run_path, saved_config_matches
 from orca_lora.errors import RunInterrupted
 from orca_lora.run_files import RunFiles
 from orca_lora.sweep_files import clear_failure, write_failure
@@ -39,9 +39,9 @@ class PointOutcome:
 
 
 def run_finished(config: Config) -> bool:
-    """metrics.json is there and the run's resolved config is `config`."""
+    """metrics.json is there and the run's saved config is `config` (`saved_config_matches`)."""
     run = RunFiles(run_path(config))
-    return run.is_finished() and run.config.is_file() and run.config.read_text() == to_yaml(config)
+    return run.is_finished() and run.config.is_file() and saved_config_matches(run.config, config)
 
 
 def point_failed(directory: Path, reason: str) -> PointOutcome:
