@@ -37,6 +37,7 @@ from orca_lora.studies.study_runs import (
     PlanCheck,
     Regime,
     StudyRun,
+    epochs_phrase,
     primary_regime,
     rank_curves,
     rank_sweep,
@@ -212,7 +213,7 @@ def evaluate_study(runs: Sequence[StudyRun], n_resamples: int = 999, seed: int =
     rows = rank_rows(runs, curves, regime)
     fit = fit_threshold_law(curves, GAIN_FRACTION, n_resamples, seed) if len(curves) >= 3 else None
     noise = noise_estimates(curves)
-    result = StudyResult(str(regime), len(runs), len(curves), GAIN_FRACTION, fit, rows, chosen_ranks(curves, rows),
+    result = StudyResult(f"{regime}, {epochs_phrase(runs, regime)}", len(runs), len(curves), GAIN_FRACTION, fit, rows, chosen_ranks(curves, rows),
                          noise, measured_power(curves, noise, power_studies, seed) if power_studies else [])
     result.n_at_floor = len(swept) - len(curves)
     result.power_note = power_unavailable(curves, noise) if power_studies else "not asked for (0 power studies)"
@@ -232,7 +233,7 @@ def evaluate_study(runs: Sequence[StudyRun], n_resamples: int = 999, seed: int =
         + blocks.within_task_trends(result.one_block, "one block at rank 1: validation error change") \
         + blocks.within_task_trends(result.energy, "full fine-tuning: energy rank of W - W0")
     result.shares = method_shares(runs, regime, n_resamples, seed)
-    regimes = sorted({run.regime for run in runs if run.regime.epochs == regime.epochs}, key=str)
+    regimes = sorted({run.regime for run in runs if run.regime.epoch_multiple == regime.epoch_multiple}, key=str)
     result.benefits = rank_benefits(runs, regimes, n_resamples, seed) if len(regimes) > 1 else []
     result.training = training_checks(runs, regime)
     result.verdict = verdict(result)

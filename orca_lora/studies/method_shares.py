@@ -142,19 +142,19 @@ def rank_benefits(runs: Sequence[StudyRun], regimes: Sequence[Regime], n_resampl
 
 
 def training_checks(runs: Sequence[StudyRun], regime: Regime) -> list[TrainingCheck]:
-    """LoRA runs trained longer than `regime`'s epochs (same embedder setting) against the study's runs
-    of the same task, rank and seeds."""
+    """LoRA runs trained longer than `regime` (a larger multiple of their task's sweep epochs, the same
+    embedder setting) against the study's runs of the same task, rank and seeds."""
     checks = []
     longer = {run.regime for run in runs if run.regime.train_embedder == regime.train_embedder
-              and run.regime.epochs > regime.epochs}
-    for long_regime in sorted(longer, key=lambda r: r.epochs):
+              and run.regime.epoch_multiple > regime.epoch_multiple}
+    for long_regime in sorted(longer, key=lambda r: r.epoch_multiple):
         for run in runs:
             if run.regime != long_regime or run.method != "lora" or run.allocation != "uniform" or run.block_ranks:
                 continue
             studied = [other for other in select(runs, run.task, "lora", regime, run.rank, "uniform")
                        if other.seed == run.seed]
             if studied:
-                checks.append(TrainingCheck(run.task, run.rank, [run.seed], regime.epochs, long_regime.epochs,
+                checks.append(TrainingCheck(run.task, run.rank, [run.seed], studied[0].epochs, run.epochs,
                                             studied[0].val_error, run.val_error, studied[0].test_error,
                                             run.test_error))
     return checks

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -39,11 +39,16 @@ TASK_DIALS = ("noise", "permute_fraction", "tile", "wavenumber", "time", "plante
 
 @dataclass(frozen=True)
 class Regime:
+    """How a run trained, relative to its task: the embedder trained or frozen, and its epochs as a multiple
+    of its task's sweep epochs (the fewest any uniform LoRA run of the task trained: `relative_regimes`). Tasks
+    whose training was sized one by one (configs/controls.yaml) share a regime; a check trained 3x as long as
+    its task's sweep has its own."""
     train_embedder: bool
-    epochs: int
+    epoch_multiple: float = 1.0
 
     def __str__(self) -> str:
-        return f"{'trained' if self.train_embedder else 'frozen'} embedder, {self.epochs} epochs"
+        embedder = "trained embedder" if self.train_embedder else "frozen embedder"
+        return embedder if self.epoch_multiple == 1 else f"{embedder}, {self.epoch_multiple:g}x the sweep's epochs"
 
 
 @dataclass
@@ -55,6 +60,7 @@ class StudyRun:
     rank: Optional[int]  # stage3.rank; 0 for linear (rank 0: head only), None for full
     seed: int
     regime: Regime
+    epochs: int  # trainer.max_epochs
     block_ranks: tuple[tuple[int, int], ...]  # stage3.block_ranks, sorted
     val_errors: np.ndarray  # per validation sample, of the checkpoint chosen on validation
     test_errors: np.ndarray  # per test sample, of that checkpoint
@@ -89,7 +95,7 @@ def _read_one(run: FinishedRun) -> StudyRun:
     rank = 0 if metrics.method == "linear" else None if metrics.method == "full" else int(stage3["rank"])
     return StudyRun(
         run.files.root, run.task, metrics.method, config["stage2"]["allocation"], rank, int(config["seed"]),
-        Regime(bool(stage3["train_embedder"]), int(config["trainer"]["max_epochs"])),
+        Regime(bool(stage3["train_embedder"])), int(config["trainer"]["max_epochs"]),
         tuple(sorted((int(k), int(v)) for k, v in (stage3.get("block_ranks") or {}).items())),
         np.asarray(samples.val, float), np.asarray(samples.test, float),
         np.array([row.corrected for row in rows]) if rows else None,
@@ -105,9 +111,29 @@ def read_study(directories: Sequence[Path]) -> list[StudyRun]:
         if not run.files.sample_errors.is_file():
             raise FileNotFoundError(f"{run.files.sample_errors} is missing: the run was written by a version that did "
                                     "not save per-sample errors; delete its stage3/ folder and run it again")
-    runs = [_read_one(run) for run in finished]
+    runs = relative_regimes([_read_one(run) for run in finished])
     check_groups(runs)
     return runs
+
+
+def relative_regimes(runs: Sequence[StudyRun]) -> list[StudyRun]:
+    """The runs with each regime's epochs as a multiple of its task's sweep epochs: the fewest epochs of the
+    task's uniform LoRA runs (of all its runs when it has none)."""
+    sweep_epochs: dict[str, int] = {}
+    for task in {run.task for run in runs}:
+        own = [run for run in runs if run.task == task]
+        swept = [run.epochs for run in own if _is_uniform_lora(run)] or [run.epochs for run in own]
+        sweep_epochs[task] = min(swept)
+    return [replace(run, regime=Regime(run.regime.train_embedder, run.epochs / sweep_epochs[run.task]))
+            for run in runs]
+
+
+def epochs_phrase(runs: Sequence[StudyRun], regime: Regime) -> str:
+    """`20 epochs`, or `epochs by task: a 20, b 60` when the regime's tasks trained for different lengths."""
+    by_task = {run.task: run.epochs for run in runs if run.regime == regime}
+    if len(set(by_task.values())) <= 1:
+        return f"{next(iter(by_task.values()), 0)} epochs"
+    return "epochs by task: " + ", ".join(f"{task} {epochs}" for task, epochs in sorted(by_task.items()))
 
 
 @dataclass
@@ -292,7 +318,9 @@ def describe(runs: Sequence[StudyRun]) -> str:
     lines = []
     for (task, method, allocation, regime, blocks), group in sorted(groups.items(), key=lambda item: str(item[0])):
         ranks = sorted({run.rank for run in group if run.rank is not None})
-        lines.append(f"{task} {method} {allocation} ({regime}{', blocks ' + json.dumps(dict(blocks)) if blocks else ''}): "
+        epochs = sorted({run.epochs for run in group})
+        lines.append(f"{task} {method} {allocation} ({regime}, {'/'.join(map(str, epochs))} epochs"
+                     f"{', blocks ' + json.dumps(dict(blocks)) if blocks else ''}): "
                      f"{len(group)} runs, seeds {sorted({run.seed for run in group})}"
                      + (f", ranks {ranks}" if ranks else ""))
     return "\n".join(lines)

@@ -14,7 +14,7 @@ from orca_lora.studies.block_evidence import (BlockPoint, mixed_model_trend, one
                                               posterior_points, within_task_trends)
 from orca_lora.studies.study_runs import read_study, Regime
 
-FROZEN = Regime(False, 6)
+FROZEN = Regime(False)
 SLOPE = 0.8
 TASKS = {"darcy": (0.05, 5.5), "procedural": (0.5, 3.5), "spectrogram": (2.0, 2.0)}  # base gap, intercept
 
@@ -61,7 +61,7 @@ def test_posterior_points_and_the_mixed_model_against_statsmodels(tmp_path):
     assert trend.p_value == pytest.approx(direct.pvalues["x"], rel=1e-3, abs=1e-12)
     assert abs(trend.statistic - SLOPE) < 0.15  # the planted slope, through integer ranks
     assert trend.interval[0] < SLOPE < trend.interval[1]
-    assert posterior_points(read_study([tmp_path]), Regime(True, 6)) == []
+    assert posterior_points(read_study([tmp_path]), Regime(True)) == []
 
 
 def test_mixed_model_needs_two_tasks_and_drops_zero_gaps():

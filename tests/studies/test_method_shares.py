@@ -8,7 +8,7 @@ from orca_lora.studies.method_shares import method_shares, rank_benefits, traini
 from orca_lora.studies.study_runs import read_study, Regime
 
 GAPS = np.full(6, 0.2)
-FROZEN, TRAINED = Regime(False, 6), Regime(True, 6)
+FROZEN, TRAINED = Regime(False), Regime(True)
 CENTERED = np.array([-0.03, 0.02, -0.01, 0.04, 0.0, -0.02])  # sums to 0: the means are exact
 
 
@@ -74,4 +74,4 @@ def test_training_check_sets_the_study_epochs_against_the_long_run(tmp_path):
     assert check.study_test == pytest.approx(0.115) and check.long_test == pytest.approx(0.1)
     assert check.study_val == pytest.approx(0.115) and check.long_val == pytest.approx(0.1)
     assert check.ratio == pytest.approx(1.15)
-    assert training_checks(read_study([tmp_path]), Regime(False, 30)) == []
+    assert training_checks(read_study([tmp_path]), Regime(False, 5.0)) == []

@@ -4,7 +4,8 @@ import pytest
 
 from study_toys import BLOCKS, modules, write_study_run
 
-from orca_lora.studies.study_runs import (block_mean_posterior_ranks, block_index, describe, primary_regime,
+from orca_lora.studies.study_runs import (block_mean_posterior_ranks, block_index, describe, epochs_phrase,
+                                          primary_regime,
                                           rank_curves, read_study, Regime)
 
 GAPS = np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
@@ -26,7 +27,7 @@ def test_read_study_reads_every_run_file(tmp_path):
     runs = {r.directory.name: r for r in read_study([tmp_path])}
     lora = runs["lora"]
     assert (lora.task, lora.method, lora.allocation, lora.rank, lora.seed) == ("darcy", "lora", "uniform", 4, 2)
-    assert lora.regime == Regime(False, 6) and lora.block_ranks == ()
+    assert lora.regime == Regime(False) and lora.epochs == 6 and lora.block_ranks == ()
     np.testing.assert_allclose(lora.val_errors, 0.2 + 0.01 * np.arange(4))
     np.testing.assert_allclose(lora.test_errors, 0.3 + 0.01 * np.arange(5))
     assert lora.val_error == pytest.approx(0.215) and lora.test_error == pytest.approx(0.32)
@@ -36,9 +37,23 @@ def test_read_study_reads_every_run_file(tmp_path):
     assert runs["linear"].rank == 0 and runs["full"].rank is None  # linear is rank 0 whatever stage3.rank says
     assert runs["ibp"].allocation == "flat" and runs["ibp"].posterior_ranks == posterior
     block = runs["block"]
-    assert block.block_ranks == ((3, 1),) and block.regime == Regime(True, 30)
-    assert block.curve == ("darcy", "lora", "uniform", Regime(True, 30), ((3, 1),))
+    assert block.block_ranks == ((3, 1),) and block.regime == Regime(True, 5.0) and block.epochs == 30
+    assert block.curve == ("darcy", "lora", "uniform", Regime(True, 5.0), ((3, 1),))
     assert len({r.curve for r in runs.values()}) == 5
+
+
+def test_tasks_trained_for_their_own_lengths_share_a_regime_and_a_longer_check_has_its_own(tmp_path):
+    for rank in (1, 2):
+        run(tmp_path, f"short_r{rank}", task="darcy", rank=rank, epochs=20)
+        run(tmp_path, f"long_r{rank}", task="procedural", rank=rank, epochs=60)
+    run(tmp_path, "check", task="darcy", rank=2, epochs=60)  # darcy trained 3x its sweep
+    runs = {r.directory.name: r for r in read_study([tmp_path])}
+    assert {runs[f"{name}_r{rank}"].regime for name in ("short", "long") for rank in (1, 2)} == {Regime(False)}
+    assert runs["check"].regime == Regime(False, 3.0) and str(runs["check"].regime) == \
+        "frozen embedder, 3x the sweep's epochs"
+    assert [curve.task for curve in rank_curves(list(runs.values()), Regime(False))] == ["darcy", "procedural"]
+    assert epochs_phrase(list(runs.values()), Regime(False)) == "epochs by task: darcy 20, procedural 60"
+    assert epochs_phrase(list(runs.values()), Regime(False, 3.0)) == "60 epochs"
 
 
 def test_a_diverged_run_is_left_out(tmp_path):
@@ -55,8 +70,8 @@ def test_curves_group_seeds_and_ranks_and_describe_lists_them(tmp_path):
     run(tmp_path, "trained", rank=1, seed=0, train_embedder=True)
     runs = read_study([tmp_path])
     curves = {r.curve for r in runs}
-    assert curves == {("darcy", "lora", "uniform", Regime(False, 6), ()),
-                      ("darcy", "lora", "uniform", Regime(True, 6), ())}
+    assert curves == {("darcy", "lora", "uniform", Regime(False), ()),
+                      ("darcy", "lora", "uniform", Regime(True), ())}
     lines = describe(runs).splitlines()
     assert len(lines) == 2
     frozen = next(line for line in lines if "frozen" in line)
@@ -102,16 +117,16 @@ def test_primary_regime_is_the_one_with_most_uniform_lora_runs(tmp_path):
         run(tmp_path, f"block{block}", rank=8, seed=0, block_ranks={block: 1})
     run(tmp_path, "dora", method="dora", rank=8, seed=1)
     runs = read_study([tmp_path])
-    assert primary_regime(runs) == Regime(True, 6)
-    assert primary_regime([r for r in runs if r.directory.name != "trained_s2"]) == Regime(True, 6)
+    assert primary_regime(runs) == Regime(True)
+    assert primary_regime([r for r in runs if r.directory.name != "trained_s2"]) == Regime(True)
     tied = [r for r in runs if r.directory.name not in ("trained_s1", "trained_s2")]
-    assert primary_regime(tied) == Regime(False, 6)  # a tie goes to the frozen embedder (the plan's regime)
+    assert primary_regime(tied) == Regime(False)  # a tie goes to the frozen embedder (the plan's regime)
     with pytest.raises(ValueError, match="no uniform LoRA runs"):
         primary_regime([r for r in runs if r.method != "lora" or r.block_ranks])
 
 
 def test_rank_curves_keep_the_seeds_present_at_every_rank(tmp_path):
-    frozen = Regime(False, 6)
+    frozen = Regime(False)
     for seed in (0, 1, 2):
         for rank in (1, 2, 8):
             if seed == 2 and rank == 8:
@@ -136,7 +151,7 @@ def test_rank_curves_keep_the_seeds_present_at_every_rank(tmp_path):
     [only_one] = rank_curves(runs, frozen, seeds=[1, 2])  # procedural ran seed 5 only
     assert only_one.errors.shape == (1, 3, 3)
     np.testing.assert_allclose(only_one.errors[0, 0], 1.1 + 0.01 * np.arange(3))
-    assert rank_curves(runs, Regime(True, 6)) == []
+    assert rank_curves(runs, Regime(True)) == []
 
 
 def test_rank_curves_need_the_gaps(tmp_path):
@@ -144,7 +159,7 @@ def test_rank_curves_need_the_gaps(tmp_path):
         run(tmp_path, f"r{rank}", rank=rank)
     (tmp_path / "r2" / "stage2" / "gaps.csv").unlink()
     with pytest.raises(ValueError, match="no gaps.csv"):
-        rank_curves(read_study([tmp_path]), Regime(False, 6))
+        rank_curves(read_study([tmp_path]), Regime(False))
 
 
 def test_block_index_finds_the_block_holding_a_module_or_names_it():
