@@ -128,15 +128,16 @@ def _controls_section(result: StudyResult) -> list[str]:
              "Each planted task needs exactly rank k where its plant sits (planted-shift: the embedding projection; "
              "planted-function: the planted Linear; README, \"Known-answer controls\"); "
              "the study's own rule must choose r* = k on validation. The paired r* (the smallest rank not worse "
-             "than the best by a one-sided paired t-test on validation samples, level 0.05) is shown beside it, "
-             "not fitted.", ""]
+             "than the best by a one-sided paired t-test on validation samples, level 0.05) and the ratio r* (the "
+             "smallest rank within 15% of the best validation error) are shown beside it, not fitted.", ""]
     rows = [[row.task, str(row.planted_k), str(row.r_star), "yes" if row.recovered else "no", str(row.paired_r_star),
-             _bracket(row.r_star_percentiles, 3) if row.r_star_percentiles else "n/a (no fit)",
+             str(row.ratio_r_star), _bracket(row.r_star_percentiles, 3) if row.r_star_percentiles else "n/a (no fit)",
              "n/a" if row.fraction_at_k is None else f"{row.fraction_at_k:.0%}",
              _number(row.block0_gap), _number(row.mean_gap),
              ", ".join(f"{rank}: {_number(error, 3)}" for rank, error in zip(row.ranks, row.mean_errors))]
             for row in controls.rows]
-    lines += _table(["task", "planted k", "r* (validation)", "r* = k", "paired r*", "r* bootstrap 2.5-97.5%",
+    lines += _table(["task", "planted k", "r* (validation)", "r* = k", "paired r*", "ratio r*",
+                     "r* bootstrap 2.5-97.5%",
                      "replicates at k", "D block 0", "mean D", "validation e(r)"], rows)
     fit = result.fit
     gaps = {True: "The mean gap increases with k.", False: "The mean gap does not increase with k.",

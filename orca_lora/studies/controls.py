@@ -5,8 +5,8 @@ A `planted-shift` task plants a map of dimension k at the body's entry whose exa
 embedding projection has rank k (Zeng & Lee 2024, Lemma 1); a `planted-function` task plants a rank-k change
 of one Linear of the teacher, with every gap at its floor. Either way r* must be k. Per planted task: r* from
 the study's rule on validation (`rank_threshold.smallest_sufficient_rank`, the same gain fraction), its
-two-stage bootstrap percentiles when the law fit drew them, the paired r* (`smallest_unbeaten_rank`,
-reported beside it, not fitted), the block-0 gap D_0 (where the plant is) and
+two-stage bootstrap percentiles when the law fit drew them, the paired r* (`smallest_unbeaten_rank`) and
+the ratio r* (`smallest_level_rank`), reported beside it, not fitted, the block-0 gap D_0 (where the plant is) and
 the mean gap the study fits on. Across tasks, the planted law is r* = k; against the measured gap that is
 the elasticity of k in D (least squares of log2 k on log2 D over the tasks), the beta the fit should
 find if the gaps track k.
@@ -19,7 +19,8 @@ from typing import Optional, Sequence
 import numpy as np
 
 from orca_lora.choices import PLANTED_TASKS
-from orca_lora.studies.rank_threshold import RankLawFit, TaskCurve, smallest_sufficient_rank, smallest_unbeaten_rank
+from orca_lora.studies.rank_threshold import (RankLawFit, TaskCurve, smallest_level_rank, smallest_sufficient_rank,
+                                              smallest_unbeaten_rank)
 from orca_lora.studies.study_runs import Regime, StudyRun, rank_sweep
 
 
@@ -30,6 +31,7 @@ class ControlRow:
     planted_k: int
     r_star: int  # the study's rule on validation
     paired_r_star: int  # the smallest rank not worse than the best by a paired test (validation; plan amendment)
+    ratio_r_star: int  # the smallest rank within 15% of the best error (validation; plan amendment)
     r_star_percentiles: Optional[tuple[float, float]]  # the law fit's bootstrap (None without a fit)
     fraction_at_k: Optional[float]  # bootstrap replicates choosing r* = k
     block0_gap: float  # floor-corrected D at block 0, mean over the runs
@@ -83,6 +85,7 @@ def control_summary(runs: Sequence[StudyRun], curves: Sequence[TaskCurve], regim
         rows.append(ControlRow(
             curve.task, k, smallest_sufficient_rank(curve.ranks, curve.errors, gain_fraction),
             smallest_unbeaten_rank(curve.ranks, curve.errors),
+            smallest_level_rank(curve.ranks, curve.errors),
             None if chosen is None else chosen.r_star_percentiles,
             None if chosen is None else chosen.r_star_fractions.get(k, 0.0),
             float(np.mean([run.block_gaps[0] for run in sweep])), float(curve.gap),

@@ -133,6 +133,18 @@ def smallest_unbeaten_rank(ranks: np.ndarray, errors: np.ndarray, alpha: float =
     return int(ranks[best])
 
 
+def smallest_level_rank(ranks: np.ndarray, errors: np.ndarray, tolerance: float = 0.15) -> int:
+    """The ratio r*: the smallest swept rank with e(r) <= (1 + tolerance) e_best (e: the mean over seeds and
+    samples). Its tolerance scales with the best error, not with the gain, so a shortfall worth a few percent
+    of a large gain still counts; on a flat curve it is the smallest rank. 15%: the relative difference the
+    plan calls level in its minimum-of-training check."""
+    if tolerance < 0:
+        raise ValueError(f"tolerance must be >= 0, got {tolerance}")
+    ranks, errors = _check_curve(ranks, errors)
+    mean_errors = errors.mean(axis=(0, 2))
+    return int(ranks[np.argmax(mean_errors <= (1 + tolerance) * mean_errors.min())])
+
+
 def rank_interval(ranks: np.ndarray, errors: np.ndarray, gain_fraction: float = 0.1) -> tuple[float, float]:
     """The interval (low, high] of log2 (true threshold rank) that r* censors: (log2 r_{k-1}, log2 r_k],
     -inf below r_min, +inf above r_max."""

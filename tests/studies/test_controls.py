@@ -45,6 +45,7 @@ def test_each_planted_task_is_checked_against_its_k(controls):
     assert summary.recovered == 3 and summary.gaps_increase_with_k
     # the blurred k = 8 reaches its floor at rank 6 exactly: the paired rule agrees, 6 is not worse than 8
     assert [row.paired_r_star for row in summary.rows] == [1, 2, 4, 6]
+    assert [row.ratio_r_star for row in summary.rows] == [1, 2, 4, 6]
     assert [row.task for row in summary.rows][0] == "planted-shift(planted_k=1)"
     # gaps planted exactly proportional to k: the known law r* = k is an elasticity of 1 against either gap
     assert summary.planted_elasticity == pytest.approx(1.0) and summary.block0_elasticity == pytest.approx(1.0)
@@ -57,7 +58,7 @@ def test_the_report_puts_planted_k_beside_the_recovered_rank(controls):
     root, result = controls
     text = write_report(result, root / "report").read_text()
     section = text.split("## Known-answer controls")[1].split("\n## ")[0]
-    assert "| planted-shift(planted_k=8) | 8 | 6 | no | 6 |" in section
+    assert "| planted-shift(planted_k=8) | 8 | 6 | no | 6 | 6 |" in section
     assert "Recovered r* = k on 3 of 4 planted tasks. The mean gap increases with k." in section
     # the controls run one seed set per k: no power simulation, and the report names that reason (power off here)
     assert "No power simulation: not asked for (0 power studies)." in text

@@ -5,8 +5,8 @@ from scipy import stats
 from scipy.optimize import minimize
 
 from orca_lora.studies.rank_threshold import (declares_growth, fit_threshold_law, rank_benefit, rank_interval,
-                                              smallest_sufficient_rank, smallest_unbeaten_rank, TaskCurve,
-                                              verdict_label)
+                                              smallest_level_rank, smallest_sufficient_rank, smallest_unbeaten_rank,
+                                              TaskCurve, verdict_label)
 from orca_lora.studies.stats.censored_regression import fit_censored_line, truncated_normal_moments
 
 RANKS = np.array([1, 2, 4, 8, 16, 32])
@@ -66,6 +66,21 @@ def test_paired_r_star_sees_a_small_consistent_shortfall_the_gain_rule_tolerates
     noisy = means[None, :, None] * difficulty[None, None, :] * (1 + 2.0 * rng.standard_normal((3, 6, 100)))
     assert smallest_unbeaten_rank(RANKS, noisy) == brute_force_unbeaten(RANKS, noisy, 0.05) <= 8
     assert smallest_unbeaten_rank(RANKS, curve_errors([0.2] * 6)) == 1  # no difference to test
+
+
+def test_ratio_r_star_is_the_first_rank_within_its_tolerance_of_the_best():
+    def brute_force(means, tolerance):
+        for rank, error in zip(RANKS, means):
+            if error <= (1 + tolerance) * min(means):
+                return int(rank)
+    # the last planted direction worth 2% of the gain: the gain rule tolerates its loss, the ratio rule does not
+    means = [0.05, 0.02, 0.004, 0.0018, 0.00077, 0.00075]
+    assert smallest_sufficient_rank(RANKS, curve_errors(means)) == 4
+    assert smallest_level_rank(RANKS, curve_errors(means)) == brute_force(means, 0.15) == 16
+    assert smallest_level_rank(RANKS, curve_errors(means), tolerance=2.0) == brute_force(means, 2.0) == 8
+    assert smallest_level_rank(RANKS, curve_errors([0.2, 0.21, 0.2, 0.19, 0.2, 0.2])) == 1  # flat: the smallest
+    with pytest.raises(ValueError, match="tolerance"):
+        smallest_level_rank(RANKS, curve_errors(means), tolerance=-0.1)
 
 
 def test_truncated_moments_match_scipy_including_far_tails():
