@@ -150,7 +150,9 @@ def _controls_section(result: StudyResult) -> list[str]:
               f"k is, against the measured mean gap, an elasticity of {_fixed(controls.planted_elasticity)} (against "
               f"D at block 0: {_fixed(controls.block0_elasticity)}); the fit's beta: "
               + (f"{_fixed(fit.slope)} [{_fixed(fit.slope_interval[0])}, {_fixed(fit.slope_interval[1])}], verdict "
-                 f"{fit.verdict}." if fit is not None else "no fit.")]
+                 f"{fit.verdict}." if fit is not None else "no fit."),
+              "", f"The plan requires of this control: {controls.requirement}. Met: "
+              + {True: "**yes**.", False: "**no**.", None: "cannot be judged (no fit)."}[controls.passed]]
     return lines
 
 

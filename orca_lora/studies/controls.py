@@ -52,6 +52,8 @@ class ControlSummary:
     block0_elasticity: Optional[float]  # the same against D_0
     gaps_increase_with_k: Optional[bool]  # mean D strictly increasing in k (None: one k for every task, a null)
     gaps_at_floor: bool  # every task's mean D is 0 (a function control): no fit can attribute r* to the gap
+    requirement: str = ""  # what the plan requires of this kind of control (`judge_control`)
+    passed: Optional[bool] = None  # None: it cannot be judged (a null without a fit)
 
 
 def planted_rank(run: StudyRun) -> Optional[int]:
@@ -99,6 +101,26 @@ def control_summary(runs: Sequence[StudyRun], curves: Sequence[TaskCurve], regim
         increasing = None
     else:
         increasing = len(set(k)) == len(k) and bool(np.all(np.diff(mean_gaps) > 0))
-    return ControlSummary(rows, sum(row.recovered for row in rows), _elasticity(mean_gaps, k),
-                          _elasticity(np.array([row.block0_gap for row in rows]), k), increasing,
-                          bool(np.all(mean_gaps == 0)))
+    summary = ControlSummary(rows, sum(row.recovered for row in rows), _elasticity(mean_gaps, k),
+                             _elasticity(np.array([row.block0_gap for row in rows]), k), increasing,
+                             bool(np.all(mean_gaps == 0)))
+    summary.requirement, summary.passed = judge_control(summary, fit)
+    return summary
+
+
+def judge_control(summary: ControlSummary, fit: Optional[RankLawFit]) -> tuple[str, Optional[bool]]:
+    """The plan's pass criterion for this kind of control (`configs/study_gap.md`, "Known-answer controls")
+    and whether it is met: a function control (every gap at its floor) needs r* = k everywhere and no fit; a
+    null (one k, the gap moving) needs beta's interval to hold 0 and a verdict other than "grows" or
+    "proportional"; a law needs r* = k everywhere and the verdict "proportional"."""
+    everywhere = summary.recovered == len(summary.rows)
+    if summary.gaps_at_floor:
+        return "r* = k on every task and no fit (every gap at its floor)", everywhere and fit is None
+    if summary.gaps_increase_with_k is None:
+        requirement = "beta's interval holds 0 and the verdict is neither \"grows\" nor \"proportional\""
+        if fit is None:
+            return requirement, None
+        low, high = fit.slope_interval
+        return requirement, low <= 0 <= high and fit.verdict not in ("grows", "proportional")
+    return "r* = k on every task and the verdict \"proportional\"", everywhere and fit is not None and \
+        fit.verdict == "proportional"

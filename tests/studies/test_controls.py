@@ -1,8 +1,11 @@
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
 from orca_lora.reports.study_report import write_report
 from orca_lora.studies import hypothesis as hyp
+from orca_lora.studies.controls import ControlSummary, judge_control
 from orca_lora.studies.study_runs import read_study
 from study_toys import BLOCKS, write_study_run
 
@@ -60,8 +63,27 @@ def test_the_report_puts_planted_k_beside_the_recovered_rank(controls):
     section = text.split("## Known-answer controls")[1].split("\n## ")[0]
     assert "| planted-shift(planted_k=8) | 8 | 6 | no | 6 | 6 |" in section
     assert "Recovered r* = k on 3 of 4 planted tasks. The mean gap increases with k." in section
+    assert "requires of this control: r* = k on every task and the verdict \"proportional\". Met: **no**." in section
     # the controls run one seed set per k: no power simulation, and the report names that reason (power off here)
     assert "No power simulation: not asked for (0 power studies)." in text
+
+
+def test_judge_control_applies_the_plans_criterion_for_each_kind():
+    def summary(recovered, increasing, at_floor):
+        return ControlSummary([None] * 4, recovered, None, None, increasing, at_floor)
+
+    def fit(verdict, interval):
+        return SimpleNamespace(verdict=verdict, slope_interval=interval)
+
+    assert judge_control(summary(4, True, False), fit("proportional", (0.9, 1.4)))[1] is True
+    assert judge_control(summary(3, True, False), fit("proportional", (0.9, 1.4)))[1] is False  # one k missed
+    assert judge_control(summary(4, True, False), fit("grows", (0.4, 0.9)))[1] is False
+    assert judge_control(summary(4, True, False), None)[1] is False
+    assert judge_control(summary(4, None, False), fit("no evidence", (-0.6, 0.0)))[1] is True  # a null
+    assert judge_control(summary(4, None, False), fit("grows", (0.1, 0.8)))[1] is False
+    assert judge_control(summary(4, None, False), None)[1] is None  # a null needs a fit to be judged
+    assert judge_control(summary(4, False, True), None)[1] is True  # a function control
+    assert judge_control(summary(2, False, True), None)[1] is False
 
 
 def test_a_study_without_planted_tasks_has_no_controls_section(tmp_path):
@@ -84,6 +106,9 @@ def test_a_planted_null_holds_one_k_while_the_gap_moves(tmp_path):
     assert summary.gaps_increase_with_k is None and summary.planted_elasticity == pytest.approx(0.0)
     section = write_report(result, tmp_path / "report").read_text().split("## Known-answer controls")[1]
     assert "Every task plants k = 4 (a planted null): only the gap moves." in section
+    assert summary.passed is (result.fit.slope_interval[0] <= 0 <= result.fit.slope_interval[1]
+                              and result.fit.verdict not in ("grows", "proportional"))
+    assert "neither \"grows\" nor \"proportional\". Met:" in section
 
 
 def test_a_function_control_keeps_every_gap_at_its_floor_and_gets_no_fit(tmp_path):
@@ -102,5 +127,6 @@ def test_a_function_control_keeps_every_gap_at_its_floor_and_gets_no_fit(tmp_pat
     assert result.fit is None  # rank moved while the gap did not: nothing to attribute to the gap
     section = write_report(result, tmp_path / "report").read_text().split("## Known-answer controls")[1]
     assert "Every gap is at its floor (a function control: only rank moves)" in section
+    assert summary.passed and "r* = k on every task and no fit (every gap at its floor). Met: **yes**." in section
     phrase = hyp.sweeps_phrase(result)
     assert phrase == "0 task(s) with a complete rank sweep and a positive gap (3 more at the gap floor)"
