@@ -214,7 +214,8 @@ def evaluate_study(runs: Sequence[StudyRun], n_resamples: int = 999, seed: int =
     fit = fit_threshold_law(curves, GAIN_FRACTION, n_resamples, seed) if len(curves) >= 3 else None
     noise = noise_estimates(curves)
     result = StudyResult(f"{regime}, {epochs_phrase(runs, regime)}", len(runs), len(curves), GAIN_FRACTION, fit, rows,
-                         chosen_ranks(curves, rows), noise, measured_power(curves, noise, power_studies, seed) if power_studies else [])
+                         chosen_ranks(curves, rows), noise,
+                         measured_power(curves, noise, power_studies, seed) if power_studies else [])
     result.n_at_floor = len(swept) - len(curves)
     result.power_note = power_unavailable(curves, noise) if power_studies else "not asked for (0 power studies)"
     result.deviations = [f"{curve.task}: its floor-corrected gap is 0 at every block (at its null), so log2 D is "
