@@ -94,6 +94,14 @@ def locked_points(directory: Path) -> list[str]:
     return sorted(lock.parent.name for lock in directory.glob("*/run.lock"))
 
 
+def point_directories(directory: Path) -> list[str]:
+    return sorted(path.name for path in directory.iterdir() if path.is_dir() and not path.name.startswith("_"))
+
+
+def finished_points(directory: Path) -> list[str]:
+    return sorted(metrics.parent.name for metrics in directory.glob("*/metrics.json"))
+
+
 @dataclass
 class Stop:
     """A launch stopped by a signal to its main process once `running` points held their locks."""
@@ -101,7 +109,9 @@ class Stop:
     code: int
     stderr: str
     running: list[str]  # the points running when the signal was sent
+    present: list[str]  # the point directories there when the signal was sent
     started: list[str]  # the point directories there after the stop
+    finished: list[str]  # the points with metrics after the stop (a running point may finish before it stops)
     left_alive: list[int]  # processes of the launch still alive AFTER_SIGNAL_SECONDS after the signal
     seconds_to_empty: float  # from the signal to the last process of the launch gone
 
@@ -111,7 +121,7 @@ def stop_when_running(run: Launch, directory: Path, signal_number: signal.Signal
     while run.process.poll() is None and len(locked_points(directory)) < count:
         assert time.monotonic() < deadline, "no two points started"
         time.sleep(0.05)
-    running = locked_points(directory)
+    running, present = locked_points(directory), point_directories(directory)
     os.kill(run.process.pid, signal_number)  # the main process alone, not its session
     signalled = time.monotonic()
     run.process.wait(timeout=60)
@@ -120,8 +130,8 @@ def stop_when_running(run: Launch, directory: Path, signal_number: signal.Signal
     seconds, left = time.monotonic() - signalled, session_processes(run.process.pid)
     for pid in left:  # not to leak into the rest of the suite
         os.kill(pid, signal.SIGKILL)
-    started = sorted(path.name for path in directory.iterdir() if path.is_dir() and not path.name.startswith("_"))
-    return Stop(signal_number.name, run.process.returncode, run.stderr, running, started, left, seconds)
+    return Stop(signal_number.name, run.process.returncode, run.stderr, running, present,
+                point_directories(directory), finished_points(directory), left, seconds)
 
 
 @dataclass
