@@ -8,6 +8,10 @@ from safetensors import safe_open
 
 from orca_lora.cli import main
 from orca_lora.config_load import load_config
+from orca_lora.data.darcy import relative_l2
+from orca_lora.data.planted_tasks import pooled_source_features
+from orca_lora.data.tasks import SourceSide, build_task
+from orca_lora.models.source import load_source_body
 from orca_lora.pipeline import run_pipeline
 from orca_lora.reports.run_plots import plot_run
 from orca_lora.run_files import RunFiles, read_gaps, read_metrics, read_ranks, read_sample_errors
@@ -102,6 +106,29 @@ def test_a_planted_shift_run_adapts_only_the_embedding_projection(tiny_overrides
         assert saved.get_tensor("model.embedder.proj.lora_B").abs().sum() > 0
     peft_config = json.loads((result.directory / "stage3" / "adapter" / "adapter_config.json").read_text())
     assert "embedder.proj" in json.dumps(peft_config["target_modules"])
+
+
+def test_linear_on_a_planted_shift_is_the_unadapted_body_evaluated_without_training(tiny_overrides):
+    """Rank 0 of a planted control: `linear` on the parameter-free pooled head trains nothing, so stage 3
+    evaluates the prepared model; its errors are the frozen body's on the shifted images against the clean
+    targets, computed here from the task's own tensors."""
+    overrides = tiny_overrides + [
+        "task.name=planted-shift", "task.resolution=32", "task.planted_k=2", "stage1.epochs=0",
+        "stage1.embedder_init=source", "stage2.allocation=uniform", "stage3.method=linear",
+        "stage3.train_embedder=false", "stage3.body_stochastic_depth=false"]
+    config = load_config(QUICKSTART, overrides)
+    result = run_pipeline(config)
+    assert result.metrics.trained_params == 0 and not (result.directory / "stage3" / "checkpoints").exists()
+    body = load_source_body(config.source, config.data_root)
+    task = build_task(config.task, config.data_root, SourceSide(config.source, body))
+    errors = read_sample_errors(RunFiles(result.directory))
+    for split, saved in (("val", errors.val), ("test", errors.test)):
+        inputs, targets = (torch.stack(column) for column in zip(*getattr(task, split)))
+        expected = relative_l2(pooled_source_features(body.eval(), inputs), targets).double().numpy()
+        np.testing.assert_allclose(saved, expected, rtol=1e-5, atol=1e-7)
+        assert expected.mean() > 0
+    assert result.metrics.best_val_error == pytest.approx(errors.val.mean())
+    assert result.metrics.test_error == pytest.approx(errors.test.mean(), rel=1e-6)
 
 
 def test_a_planted_function_leaves_every_gap_at_its_floor(tiny_overrides):

@@ -1,5 +1,6 @@
 """Linear probing, the `linear` baseline (README, "Stage 3: refine"): only the head trains, so the body's weights
-do not change and `analyze` has nothing to read."""
+do not change and `analyze` has nothing to read. On a parameter-free head (the planted controls' pooled features)
+nothing trains: stage 3 evaluates the un-adapted model, the rank-0 point of a rank sweep."""
 
 from collections.abc import Mapping
 

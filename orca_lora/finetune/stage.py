@@ -215,6 +215,42 @@ def run(stage: Stage3Config, trainer_config: TrainerConfig, model: nn.Module, ra
     trained_params = count_trainable(model)
     module = FinetuneModule(model, task, stage, total_steps, steps_per_epoch, seed, method)
     data = TaskDataModule(task, stage.batch_size, trainer_config.num_workers, seed)
+    if trained_params:
+        best = fit_best(trainer, checkpoint, module, data, run_files)
+        test_error = float(trainer.test(module, datamodule=data, ckpt_path=best, verbose=False)[0]["test_error"])
+    else:  # `linear` on a parameter-free head (the planted tasks' pooled features): the un-adapted model, rank 0
+        log.info("stage 3: %s leaves no parameter to train here: the model is evaluated as prepared", stage.method)
+        best, test_error = "", float(trainer.test(module, datamodule=data, verbose=False)[0]["test_error"])
+    if not math.isfinite(test_error):
+        raise TrainingDiverged(f"stage 3 diverged: the test error is {test_error}; lower stage3.lr, then run again")
+    selected_val_error = float(checkpoint.best_model_score if checkpoint.best_model_score is not None else math.nan)
+    tested_val_error = selected_val_error
+    if trainer.is_global_zero:
+        val_errors = per_sample_errors(module, task.val, stage.batch_size)
+        write_sample_errors(run_files, SampleErrors(val=val_errors,
+                                                    test=per_sample_errors(module, task.test, stage.batch_size)))
+        tested_val_error = float(val_errors.mean()) if val_errors.size else math.nan
+        selected_val_error = selected_val_error if trained_params else tested_val_error
+        save_trained_weights(module, model, stage, run_files)
+        if allocation is not None:
+            write_training_ranks(run_files, ranks_record(tested_ranks(model, shapes), shapes, allocation))
+    posterior = module.posterior
+    pruned = posterior is not None and trainer.is_global_zero  # rank 0's result is the one recorded
+    return FinetuneResult(
+        test_error=test_error,
+        # the model tested: for ibp-lora the pruned one; the checkpoint's own (unpruned) score beside it
+        best_val_error=tested_val_error if pruned else selected_val_error,
+        unpruned_val_error=selected_val_error if pruned else None,
+        trainable_params=count_trainable(model), best_checkpoint=best, device=str(module.device),
+        trained_params=trained_params, posterior_ranks=None if posterior is None else posterior.ranks,
+        posterior_caps=None if posterior is None else posterior.caps,
+    )
+
+
+def fit_best(trainer: L.Trainer, checkpoint: ModelCheckpoint, module: FinetuneModule, data: L.LightningDataModule,
+             run_files: RunFiles) -> str:
+    """Fit, resuming from `checkpoints/last.ckpt` when a previous attempt was killed; the path of the
+    checkpoint best on validation (the last one without a score)."""
     last = run_files.last_checkpoint
     # every process checks the file it would load; rank 0 alone sets a damaged one aside (checkpoints.py)
     resume = resumable_checkpoint(last, run_files.stage("stage3") if trainer.is_global_zero else None)
@@ -230,32 +266,7 @@ def run(stage: Stage3Config, trainer_config: TrainerConfig, model: nn.Module, ra
     if resume is not None:
         trainer.strategy.checkpoint_io.verified[str(last)] = resume.sha256
     trainer.fit(module, datamodule=data, ckpt_path=str(last) if resume is not None else None)
-    best = checkpoint.best_model_path or str(last)
-    tested = trainer.test(module, datamodule=data, ckpt_path=best, verbose=False)
-    test_error = float(tested[0]["test_error"])
-    if not math.isfinite(test_error):
-        raise TrainingDiverged(f"stage 3 diverged: the test error is {test_error}; lower stage3.lr, then run again")
-    selected_val_error = float(checkpoint.best_model_score if checkpoint.best_model_score is not None else math.nan)
-    tested_val_error = selected_val_error
-    if trainer.is_global_zero:
-        val_errors = per_sample_errors(module, task.val, stage.batch_size)
-        write_sample_errors(run_files, SampleErrors(val=val_errors,
-                                                    test=per_sample_errors(module, task.test, stage.batch_size)))
-        tested_val_error = float(val_errors.mean()) if val_errors.size else math.nan
-        save_trained_weights(module, model, stage, run_files)
-        if allocation is not None:
-            write_training_ranks(run_files, ranks_record(tested_ranks(model, shapes), shapes, allocation))
-    posterior = module.posterior
-    pruned = posterior is not None and trainer.is_global_zero  # rank 0's result is the one recorded
-    return FinetuneResult(
-        test_error=test_error,
-        # the model tested: for ibp-lora the pruned one; the checkpoint's own (unpruned) score beside it
-        best_val_error=tested_val_error if pruned else selected_val_error,
-        unpruned_val_error=selected_val_error if pruned else None,
-        trainable_params=count_trainable(model), best_checkpoint=best, device=str(module.device),
-        trained_params=trained_params, posterior_ranks=None if posterior is None else posterior.ranks,
-        posterior_caps=None if posterior is None else posterior.caps,
-    )
+    return checkpoint.best_model_path or str(last)
 
 
 def _steps_per_epoch(batches: int, limit: int | float) -> int:
