@@ -2,7 +2,8 @@
 
 ORCA (Shen et al. 2023) maps target inputs onto the source token grid with resize ->
 Conv2d(kernel = stride = patch) -> LayerNorm, so the frozen body sees tokens of the shape its
-patch embedding makes; `init="source"` starts from the body's patch embedding, as ORCA's code does.
+patch embedding makes; `init="source"` starts from the body's patch embedding, as ORCA's code does, adapted to
+the task's channel count as timm adapts a pretrained stem.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from timm.models import adapt_input_conv
 from torch import Tensor, nn
 
 from orca_lora.models.body import body_img_size, body_token_grid
@@ -77,13 +79,16 @@ def _random_init(embedder: Embedder, body: nn.Module, generator: torch.Generator
 
 @register_init("source")
 def _source_init(embedder: Embedder, body: nn.Module, generator: torch.Generator | None) -> None:
-    """A copy of the body's patch-embedding conv and norm (needs the same input channel count)."""
-    source = body.patch_embed
-    if source.proj.weight.shape != embedder.proj.weight.shape:
-        raise ValueError(f"init='source' needs the body's patch embedding to take {embedder.proj.in_channels} "
-                         f"input channels, but it takes {source.proj.in_channels}; use init='random'")
-    embedder.proj.load_state_dict(source.proj.state_dict())
-    embedder.norm.load_state_dict(source.norm.state_dict())
+    """A copy of the body's patch-embedding conv and norm. For another input channel count the conv's weight is
+    adapted as timm adapts a pretrained stem (`timm.models.adapt_input_conv`): summed over the source's channels
+    for one channel (a grey image then embeds as its RGB copy does), repeated and scaled by C_source / C_in for
+    more (C_in / C_source stacked copies of an image embed as the image does)."""
+    source = body.patch_embed.proj
+    with torch.no_grad():
+        embedder.proj.weight.copy_(adapt_input_conv(embedder.in_channels, source.weight.detach(),
+                                                    base_chans=source.in_channels))
+        embedder.proj.bias.copy_(source.bias)
+    embedder.norm.load_state_dict(body.patch_embed.norm.state_dict())
 
 
 def mean_pool(tokens: Tensor) -> Tensor:

@@ -47,9 +47,17 @@ def test_source_init_reproduces_the_body_patch_embedding_exactly(tiny_body):
     assert embedder.proj.weight.data_ptr() != tiny_body.patch_embed.proj.weight.data_ptr()
 
 
-def test_source_init_needs_matching_channels(tiny_body):
-    with pytest.raises(ValueError, match="takes 3.*init='random'"):
-        Embedder.from_body(tiny_body, in_channels=1, init="source")
+@pytest.mark.parametrize("copies, channels", [(1, 1), (2, 6)])
+def test_source_init_for_other_channel_counts_embeds_an_image_as_the_body_embeds_its_rgb(tiny_body, copies, channels):
+    """timm's adaptation, checked against the body itself: a grey image embeds as its RGB copy does (weights
+    summed over channels); two stacked copies of an RGB image as the image (weights repeated, halved)."""
+    with torch.no_grad():
+        tiny_body.patch_embed.norm.weight.uniform_(0.5, 1.5)
+    embedder = Embedder.from_body(tiny_body, in_channels=channels, init="source")
+    images = torch.rand(4, 3 if copies > 1 else 1, 32, 32)
+    target_inputs = images.repeat(1, copies, 1, 1)
+    rgb = images.expand(-1, 3, -1, -1) if copies == 1 else images
+    torch.testing.assert_close(embedder(target_inputs), tiny_body.patch_embed(rgb), rtol=1e-5, atol=1e-5)
 
 
 def test_unknown_init_lists_the_choices(tiny_body):
