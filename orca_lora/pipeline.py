@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import shutil
 import signal
@@ -82,6 +83,15 @@ def stage_hash(config: Config, stage: str) -> str:
             extra += "|" + hashlib.sha256(RunFiles(config.stage2.posterior_run).metrics.read_bytes()).hexdigest()
         digest = hashlib.sha256(extra.encode()).hexdigest()[:12]
     return digest
+
+
+def measurement_hash(config: Config) -> str:
+    """The hash of what stage 2 measures: stage 1's result (its hash) and stage 2's settings but those that
+    allocate ranks; no stage-3 field, so every rank and method of a task, data and stage 1 shares it."""
+    measuring = {key: value for key, value in asdict(config.stage2).items()
+                 if key not in rank_stage.ALLOCATION_FIELDS}
+    text = f"{stage_hash(config, 'stage1')}|{json.dumps(measuring, sort_keys=True, default=str)}"
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def _await_marker(run_files: RunFiles, name: str, expected: str, finished: bool,
@@ -223,7 +233,10 @@ def _run_stages(config: Config, last_stage: int, placement: finetune_stage.Proce
                                       measure_seed=config.task.data_seed,
                                       calibrations=Path(config.data_root) / SPECTRAL_NULL_CACHE,
                                       block_ranks=s3.block_ranks)
-        rank_stage.run(config.stage2, inputs, run_files)
+        store = None if config.output.shared_stages is None else Path(config.output.shared_stages)
+        record = stage_store.measured_once(store, measurement_hash(config), lambda: rank_stage.measured_record(
+            rank_stage.measure_gaps(config.stage2, inputs)))
+        rank_stage.run(config.stage2, inputs, run_files, rank_stage.measured_from_record(record))
 
     stage2 = _staged("stage2", config, run_files, gap_and_rank, process_rank)
     gaps = read_ranks(run_files)

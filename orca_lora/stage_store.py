@@ -3,14 +3,21 @@ share them (same seed, task, source, stage 1 and, for stage 2, rank) copy one re
 computing it again (README, "Sweeps"). A store entry is `<store>/<stage>/<hash>/`, the stage directory as
 the run that computed it left it, marker included (and stage 2's result, its ranks.json); it is
 published by an atomic rename, so a reader never sees half of one, and two runs computing the same
-entry side by side keep the first."""
+entry side by side keep the first.
+
+Stage 2's measurement (the gaps, before any rank is allocated) is kept apart, as `<store>/measurements/
+<hash>.json`, under a hash without stage-3 or allocation settings: the points of a rank sweep measure once."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any, Callable
+
+from orca_lora.files import write_text_atomic
 
 log = logging.getLogger("orca_lora")
 
@@ -50,3 +57,20 @@ def publish(store: Path, stage: str, digest: str, source: Path) -> None:
         os.rename(partial, stored)
     except OSError:  # another run published the same hash first: its copy is the same result
         shutil.rmtree(partial, ignore_errors=True)
+
+
+def measured_once(store: Path | None, digest: str, measure: Callable[[], Any]) -> Any:
+    """`measure()`'s JSON-ready result: read from `<store>/measurements/<digest>.json` when there, otherwise
+    computed and published there (no store: computed)."""
+    if store is None:
+        return measure()
+    path = store / "measurements" / f"{digest}.json"
+    if path.is_file():
+        log.info("stage2: measurement read from %s (the same measurement hash %s)", path, digest)
+        return json.loads(path.read_text())
+    value = measure()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Python's JSON (NaN and inf kept, floats written to round-trip exactly); a run measuring the same side by
+    # side writes the same values
+    write_text_atomic(path, json.dumps(value))
+    return value

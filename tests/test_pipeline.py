@@ -1,4 +1,5 @@
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ from orca_lora.data.darcy import relative_l2
 from orca_lora.data.planted_tasks import pooled_source_features
 from orca_lora.data.tasks import SourceSide, build_task
 from orca_lora.models.source import load_source_body
-from orca_lora.pipeline import run_pipeline
+from orca_lora.pipeline import measurement_hash, run_pipeline
 from orca_lora.reports.run_plots import plot_run
 from orca_lora.run_files import RunFiles, read_gaps, read_metrics, read_ranks, read_sample_errors
 
@@ -129,6 +130,32 @@ def test_linear_on_a_planted_shift_is_the_unadapted_body_evaluated_without_train
         assert expected.mean() > 0
     assert result.metrics.best_val_error == pytest.approx(errors.val.mean())
     assert result.metrics.test_error == pytest.approx(errors.test.mean(), rel=1e-6)
+
+
+def test_the_points_of_a_rank_sweep_share_one_gap_measurement(tiny_overrides, tmp_path, caplog):
+    """Stage 2's measurement has no stage-3 field in its hash: a second rank reads the first's gaps from the
+    store, and they are the gaps a run without a store measures itself."""
+    store = f"output.shared_stages={tmp_path / 'store'}"
+    runs = {}
+    for name, rank, shared in (("rank1", 1, True), ("rank2", 2, True), ("alone", 2, False)):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="orca_lora"):
+            config = load_config(QUICKSTART, tiny_overrides + [f"output.name={name}", f"stage3.rank={rank}"]
+                                 + ([store] if shared else []))
+            runs[name] = (run_pipeline(config, last_stage=2).directory, "measurement read from" in caplog.text)
+    assert [read for _, read in runs.values()] == [False, True, False]
+    measured = {name: [(row.gap, row.floor, row.p_value, row.ci_low, row.ci_high) for row in read_gaps(RunFiles(path))]
+                for name, (path, _) in runs.items()}
+    assert measured["rank1"] == measured["rank2"] == measured["alone"]
+    assert [len(list((tmp_path / "store" / kind).iterdir())) for kind in ("measurements", "stage2")] == [1, 2]
+
+
+def test_the_measurement_hash_holds_what_is_measured_and_nothing_that_allocates(tiny_overrides):
+    base = measurement_hash(load_config(QUICKSTART, tiny_overrides))
+    same = ["stage3.rank=2", "stage3.lr=0.5", "stage2.allocation=uniform", "stage2.r_max=4", "stage3.method=dora"]
+    other = ["stage2.permutations=50", "stage2.max_samples=32", "seed=1", "stage1.epochs=1", "task.n_train=64"]
+    assert [measurement_hash(load_config(QUICKSTART, tiny_overrides + [item])) for item in same] == [base] * 5
+    assert all(measurement_hash(load_config(QUICKSTART, tiny_overrides + [item])) != base for item in other)
 
 
 def test_a_planted_function_leaves_every_gap_at_its_floor(tiny_overrides):

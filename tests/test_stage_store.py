@@ -50,3 +50,20 @@ def test_a_fetched_stage_2_brings_its_ranks(tmp_path):
     fetched.root.mkdir()
     assert stage_store.fetch(tmp_path / "store", "stage2", "abc", fetched.stage("stage2"))
     assert read_ranks(fetched) == ranks and read_marker(fetched, "stage2").result is None
+
+
+def test_a_measurement_is_computed_once_per_hash_and_read_back_exactly(tmp_path):
+    calls = []
+    value = [{"gap": 0.1 + 0.2, "floor": float("nan"), "ci_high": float("inf")}]
+
+    def measure():
+        calls.append(1)
+        return value
+
+    first = stage_store.measured_once(tmp_path, "abc", measure)
+    second = stage_store.measured_once(tmp_path, "abc", measure)
+    assert len(calls) == 1 and first is value
+    assert second[0]["gap"] == 0.1 + 0.2 and second[0]["ci_high"] == float("inf") and second[0]["floor"] != 0
+    assert stage_store.measured_once(tmp_path, "other", measure) is value and len(calls) == 2
+    assert stage_store.measured_once(None, "abc", measure) is value and len(calls) == 3  # no store: measured
+    assert sorted(path.name for path in (tmp_path / "measurements").iterdir()) == ["abc.json", "other.json"]

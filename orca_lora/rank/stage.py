@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
@@ -21,7 +21,7 @@ from orca_lora.rank.allocations import get_allocation
 from orca_lora.rank.allocations.context import AllocationResult, GapAllocationInputs
 from orca_lora.rank.calibration_store import CalibrationDirectory
 from orca_lora.rank.gap import BlockGap, GapSettings, block_gaps
-from orca_lora.rank.null import corrected_gap
+from orca_lora.rank.null import GapEstimate, corrected_gap
 from orca_lora.rank.select import ModuleShape, block_uniform_ranks, trainable_params
 from orca_lora.rank.spectral import check_sample_sizes
 from orca_lora.records import GapResult, GapRow
@@ -74,12 +74,19 @@ def adapted_module_shapes(body: nn.Module, targets: Sequence[str]) -> dict[str, 
     return shapes
 
 
-def run(stage: Stage2Config, inputs: GapInputs, run_files: RunFiles) -> GapResult:
-    """Measure the gaps on the held-out samples, choose the ranks with the registered stage2.allocation,
-    write `gaps.csv` and `ranks.json`. A stage-3 allocation (it needs the training model) gets the uniform
-    stage3.rank here and the budget it must meet (`GapResult`)."""
+# Stage2Config fields that choose ranks from the gaps; every other field changes what is measured
+ALLOCATION_FIELDS = ("allocation", "gap_reference", "law", "posterior_run", "link", "decision", "quantile", "r_min",
+                     "r_max", "alpha0", "budget", "match_uniform_budget")
+
+
+def run(stage: Stage2Config, inputs: GapInputs, run_files: RunFiles,
+        measured: Sequence[BlockGap] | None = None) -> GapResult:
+    """Measure the gaps on the held-out samples (or take `measured`, the same measurement made earlier),
+    choose the ranks with the registered stage2.allocation, write `gaps.csv` and `ranks.json`. A stage-3
+    allocation (it needs the training model) gets the uniform stage3.rank here and the budget it must meet
+    (`GapResult`)."""
     shapes = adapted_module_shapes(inputs.body, inputs.targets)
-    measured = measure_gaps(stage, inputs)
+    measured = measure_gaps(stage, inputs) if measured is None else measured
     corrected = [corrected_gap(block.estimate) for block in measured]
     context = GapAllocationInputs(stage, measured, corrected, shapes, inputs.uniform_rank, inputs.seed, inputs.body,
                                   dict(inputs.block_ranks))
@@ -117,6 +124,15 @@ def measure_gaps(stage: Stage2Config, inputs: GapInputs) -> list[BlockGap]:
         log.info("stage2: %s (width %d): %s %.4g, floor %.4g, p %.3g, 95%% interval [%.4g, %.4g]", block.name,
                  block.width, stage.distance, e.gap, e.floor, e.p_value, e.ci_low, e.ci_high)
     return measured
+
+
+def measured_record(measured: Sequence[BlockGap]) -> list[dict]:
+    """`measured` as JSON-ready values (`measured_from_record` reads them back)."""
+    return [asdict(block) for block in measured]
+
+
+def measured_from_record(record: Sequence[Mapping]) -> list[BlockGap]:
+    return [BlockGap(block["name"], block["width"], GapEstimate(**block["estimate"])) for block in record]
 
 
 def write_outputs(result: GapResult, measured: Sequence[BlockGap], block_ranks: Sequence[int],
