@@ -129,14 +129,18 @@ def _controls_section(result: StudyResult) -> list[str]:
              "planted-function: the planted Linear; README, \"Known-answer controls\"); "
              "the study's own rule must choose r* = k on validation. The paired r* (the smallest rank not worse "
              "than the best by a one-sided paired t-test on validation samples, level 0.05) and the ratio r* (the "
-             "smallest rank within 15% of the best validation error) are shown beside it, not fitted.", ""]
+             "smallest rank within 15% of the best validation error) are shown beside it, not fitted; so is the "
+             "log-gain r* (the smallest rank with e(r) <= e_best (e(0) / e_best)^0.10, e(0) the rank-0 run's error) "
+             "where the task has rank-0 (`linear`) runs.", ""]
     rows = [[row.task, str(row.planted_k), str(row.r_star), "yes" if row.recovered else "no", str(row.paired_r_star),
-             str(row.ratio_r_star), _bracket(row.r_star_percentiles, 3) if row.r_star_percentiles else "n/a (no fit)",
+             str(row.ratio_r_star), "n/a" if row.log_gain_r_star is None else str(row.log_gain_r_star),
+             _number(row.unadapted_error, 3) if row.unadapted_error is not None else "n/a",
+             _bracket(row.r_star_percentiles, 3) if row.r_star_percentiles else "n/a (no fit)",
              "n/a" if row.fraction_at_k is None else f"{row.fraction_at_k:.0%}",
              _number(row.block0_gap), _number(row.mean_gap),
              ", ".join(f"{rank}: {_number(error, 3)}" for rank, error in zip(row.ranks, row.mean_errors))]
             for row in controls.rows]
-    lines += _table(["task", "planted k", "r* (validation)", "r* = k", "paired r*", "ratio r*",
+    lines += _table(["task", "planted k", "r* (validation)", "r* = k", "paired r*", "ratio r*", "log-gain r*", "e(0)",
                      "r* bootstrap 2.5-97.5%",
                      "replicates at k", "D block 0", "mean D", "validation e(r)"], rows)
     fit = result.fit

@@ -6,7 +6,9 @@ embedding projection has rank k (Zeng & Lee 2024, Lemma 1); a `planted-function`
 of one Linear of the teacher, with every gap at its floor. Either way r* must be k. Per planted task: r* from
 the study's rule on validation (`rank_threshold.smallest_sufficient_rank`, the same gain fraction), its
 two-stage bootstrap percentiles when the law fit drew them, the paired r* (`smallest_unbeaten_rank`) and
-the ratio r* (`smallest_level_rank`), reported beside it, not fitted, the block-0 gap D_0 (where the plant is) and
+the ratio r* (`smallest_level_rank`) and, where the task has rank-0 runs (`linear`: on the planted tasks'
+parameter-free head, the frozen body itself), the log-gain r* (`smallest_log_gain_rank`), reported beside it,
+not fitted, the block-0 gap D_0 (where the plant is) and
 the mean gap the study fits on. Across tasks, the planted law is r* = k; against the measured gap that is
 the elasticity of k in D (least squares of log2 k on log2 D over the tasks), the beta the fit should
 find if the gaps track k.
@@ -19,9 +21,9 @@ from typing import Optional, Sequence
 import numpy as np
 
 from orca_lora.choices import PLANTED_TASKS
-from orca_lora.studies.rank_threshold import (RankLawFit, TaskCurve, smallest_level_rank, smallest_sufficient_rank,
-                                              smallest_unbeaten_rank)
-from orca_lora.studies.study_runs import Regime, StudyRun, rank_sweep
+from orca_lora.studies.rank_threshold import (RankLawFit, TaskCurve, smallest_level_rank, smallest_log_gain_rank,
+                                              smallest_sufficient_rank, smallest_unbeaten_rank)
+from orca_lora.studies.study_runs import Regime, StudyRun, rank_sweep, select
 
 
 
@@ -32,6 +34,8 @@ class ControlRow:
     r_star: int  # the study's rule on validation
     paired_r_star: int  # the smallest rank not worse than the best by a paired test (validation; plan amendment)
     ratio_r_star: int  # the smallest rank within 15% of the best error (validation; plan amendment)
+    log_gain_r_star: Optional[int]  # within 10% of the log gain from rank 0 (None without rank-0 runs)
+    unadapted_error: Optional[float]  # e(0), validation, mean over the rank-0 runs
     r_star_percentiles: Optional[tuple[float, float]]  # the law fit's bootstrap (None without a fit)
     fraction_at_k: Optional[float]  # bootstrap replicates choosing r* = k
     block0_gap: float  # floor-corrected D at block 0, mean over the runs
@@ -84,10 +88,14 @@ def control_summary(runs: Sequence[StudyRun], curves: Sequence[TaskCurve], regim
                              "task.planted_k its own task label")
         k = planted.pop()
         chosen = fitted.get(curve.task)
+        unadapted = [run.val_errors for run in select(runs, curve.task, "linear", regime)]
+        log_gain = smallest_log_gain_rank(curve.ranks, curve.errors, np.stack(unadapted), gain_fraction) \
+            if unadapted else None
         rows.append(ControlRow(
             curve.task, k, smallest_sufficient_rank(curve.ranks, curve.errors, gain_fraction),
             smallest_unbeaten_rank(curve.ranks, curve.errors),
             smallest_level_rank(curve.ranks, curve.errors),
+            log_gain, float(np.mean(unadapted)) if unadapted else None,
             None if chosen is None else chosen.r_star_percentiles,
             None if chosen is None else chosen.r_star_fractions.get(k, 0.0),
             float(np.mean([run.block_gaps[0] for run in sweep])), float(curve.gap),

@@ -145,6 +145,31 @@ def smallest_level_rank(ranks: np.ndarray, errors: np.ndarray, tolerance: float 
     return int(ranks[np.argmax(mean_errors <= (1 + tolerance) * mean_errors.min())])
 
 
+def smallest_log_gain_rank(ranks: np.ndarray, errors: np.ndarray, unadapted: np.ndarray,
+                           gain_fraction: float = 0.1) -> int:
+    """The log-gain r* (`configs/study_gap.md`, amendment of 19:45): the smallest swept rank with
+    ln e(r) <= ln e_best + f (ln e(0) - ln e_best), i.e. e(r) <= e_best (e(0) / e_best)^f, where e(0) is the
+    un-adapted model's error (`unadapted`: (S0, N) or (N,) per validation sample, the same samples as
+    `errors`' last axis), every e a mean over seeds and samples; e(0) <= e_best gives the smallest rank.
+    Measured from below every swept rank, it can choose the smallest one; on the log scale each halving of
+    the error weighs the same, so the last of several needed directions is not drowned by the first."""
+    if not 0 <= gain_fraction < 1:
+        raise ValueError(f"gain_fraction must be in [0, 1), got {gain_fraction}")
+    ranks, errors = _check_curve(ranks, errors)
+    unadapted = np.asarray(unadapted, float)
+    if unadapted.ndim not in (1, 2) or unadapted.shape[-1] != errors.shape[2]:
+        raise ValueError(f"unadapted errors must have shape (seeds, {errors.shape[2]} samples) or "
+                         f"({errors.shape[2]},), got {unadapted.shape}: the rank-0 run's errors on the same "
+                         "validation samples")
+    mean_errors, reference = errors.mean(axis=(0, 2)), float(unadapted.mean())
+    best = float(mean_errors.min())
+    if best <= 0:
+        raise ValueError(f"the log-gain rule needs positive errors; the best mean error is {best}")
+    if reference <= best:
+        return int(ranks[0])
+    return int(ranks[np.argmax(mean_errors <= best * (reference / best) ** gain_fraction)])
+
+
 def rank_interval(ranks: np.ndarray, errors: np.ndarray, gain_fraction: float = 0.1) -> tuple[float, float]:
     """The interval (low, high] of log2 (true threshold rank) that r* censors: (log2 r_{k-1}, log2 r_k],
     -inf below r_min, +inf above r_max."""

@@ -17,16 +17,18 @@ def knee_curve(k: int, floor: float = 0.002, start: float = 0.03) -> np.ndarray:
     return np.array([floor + (start - floor) * max(k - r, 0) / k for r in RANKS])
 
 
-def write_controls(root, plants, seeds=(0, 1), noise=1e-4):
-    """Runs of planted-shift at each (k, angle, block-0 gap, curve), LoRA over RANKS on every seed."""
+def write_controls(root, plants, seeds=(0, 1), noise=1e-4, unadapted=None):
+    """Runs of planted-shift at each (k, angle, block-0 gap, curve), LoRA over RANKS on every seed, and a rank-0
+    (`linear`) run at error `unadapted` on every seed when given."""
     rng = np.random.default_rng(0)
     for k, angle, gap, curve in plants:
         block_gaps = np.r_[gap, np.full(len(BLOCKS) - 1, gap / 4)]
         for seed in seeds:
-            for rank, error in zip(RANKS, curve):
+            methods = [("lora", rank, error) for rank, error in zip(RANKS, curve)]
+            for method, rank, error in methods + ([("linear", 0, unadapted)] if unadapted else []):
                 val = error + noise * rng.standard_normal(30)
-                write_study_run(root, f"k{k}_a{angle}_r{rank}_s{seed}", task="planted-shift", rank=rank, seed=seed,
-                                val_errors=val, test_errors=val, block_gaps=block_gaps,
+                write_study_run(root, f"k{k}_a{angle}_r{rank}_s{seed}", task="planted-shift", method=method,
+                                rank=max(rank, 1), seed=seed, val_errors=val, test_errors=val, block_gaps=block_gaps,
                                 extra_overrides=[f"task.planted_k={k}", f"task.planted_angle={angle}"])
 
 
@@ -36,7 +38,7 @@ def controls(tmp_path_factory):
     blurred = knee_curve(8)
     blurred[RANKS.index(6)] = blurred[-1]  # rank 6 already reaches the floor: r* = 6, not 8
     write_controls(root, [(1, 1.5, 10.0, knee_curve(1)), (2, 1.5, 20.0, knee_curve(2)), (4, 1.5, 40.0, knee_curve(4)),
-                          (8, 1.5, 80.0, blurred)])
+                          (8, 1.5, 80.0, blurred)], unadapted=0.2)
     return root, hyp.evaluate_study(read_study([root]), n_resamples=99, power_studies=0)
 
 
@@ -49,6 +51,9 @@ def test_each_planted_task_is_checked_against_its_k(controls):
     # the blurred k = 8 reaches its floor at rank 6 exactly: the paired rule agrees, 6 is not worse than 8
     assert [row.paired_r_star for row in summary.rows] == [1, 2, 4, 6]
     assert [row.ratio_r_star for row in summary.rows] == [1, 2, 4, 6]
+    # the rank-0 runs (e(0) = 0.2) give the log-gain r*: the tolerance is e_best (0.2 / e_best)^0.1 = 1.6 e_best
+    assert [row.log_gain_r_star for row in summary.rows] == [1, 2, 4, 6]
+    assert [row.unadapted_error for row in summary.rows] == pytest.approx([0.2] * 4, abs=1e-4)
     assert [row.task for row in summary.rows][0] == "planted-shift(planted_k=1)"
     # gaps planted exactly proportional to k: the known law r* = k is an elasticity of 1 against either gap
     assert summary.planted_elasticity == pytest.approx(1.0) and summary.block0_elasticity == pytest.approx(1.0)
@@ -61,7 +66,7 @@ def test_the_report_puts_planted_k_beside_the_recovered_rank(controls):
     root, result = controls
     text = write_report(result, root / "report").read_text()
     section = text.split("## Known-answer controls")[1].split("\n## ")[0]
-    assert "| planted-shift(planted_k=8) | 8 | 6 | no | 6 | 6 |" in section
+    assert "| planted-shift(planted_k=8) | 8 | 6 | no | 6 | 6 | 6 | 0.2" in section
     assert "Recovered r* = k on 3 of 4 planted tasks. The mean gap increases with k." in section
     assert "requires of this control: r* = k on every task and the verdict \"proportional\". Met: **no**." in section
     # the controls run one seed set per k: no power simulation, and the report names that reason (power off here)

@@ -1,12 +1,14 @@
 """The rank-law analysis against independent references: brute force, scipy.optimize, OLS."""
+import math
+
 import numpy as np
 import pytest
 from scipy import stats
 from scipy.optimize import minimize
 
 from orca_lora.studies.rank_threshold import (declares_growth, fit_threshold_law, rank_benefit, rank_interval,
-                                              smallest_level_rank, smallest_sufficient_rank, smallest_unbeaten_rank,
-                                              TaskCurve, verdict_label)
+                                              smallest_level_rank, smallest_log_gain_rank, smallest_sufficient_rank,
+                                              smallest_unbeaten_rank, TaskCurve, verdict_label)
 from orca_lora.studies.stats.censored_regression import fit_censored_line, truncated_normal_moments
 
 RANKS = np.array([1, 2, 4, 8, 16, 32])
@@ -81,6 +83,30 @@ def test_ratio_r_star_is_the_first_rank_within_its_tolerance_of_the_best():
     assert smallest_level_rank(RANKS, curve_errors([0.2, 0.21, 0.2, 0.19, 0.2, 0.2])) == 1  # flat: the smallest
     with pytest.raises(ValueError, match="tolerance"):
         smallest_level_rank(RANKS, curve_errors(means), tolerance=-0.1)
+
+
+def test_log_gain_r_star_matches_a_brute_force_on_the_log_scale():
+    def brute_force(means, unadapted, f):
+        best = min(means)
+        if unadapted <= best:
+            return int(RANKS[0])
+        limit = math.log(best) + f * (math.log(unadapted) - math.log(best))
+        return next(int(r) for r, e in zip(RANKS, means) if math.log(e) <= limit + 1e-12)
+
+    # an exact knee at 8: rank 4's shortfall is 1% of the gain from rank 0 (0.2 -> 1e-3) but 37% of its log gain
+    means = [0.05, 0.02, 0.003, 0.0011, 0.00105, 0.001]
+    unadapted = np.full((2, 4), 0.2)
+    assert smallest_log_gain_rank(RANKS, curve_errors(means), unadapted) == brute_force(means, 0.2, 0.1) == 8
+    assert smallest_sufficient_rank(RANKS, curve_errors(means)) == 4  # the gain from rank 1 misses it
+    # the answer is the smallest rank: the gain from rank 1 is residue, the gain from rank 0 is not
+    residue = [0.0014, 0.0012, 0.0011, 0.00105, 0.001, 0.001]
+    assert smallest_log_gain_rank(RANKS, curve_errors(residue), np.full(4, 0.2)) == brute_force(residue, 0.2, 0.1) == 1
+    assert smallest_sufficient_rank(RANKS, curve_errors(residue)) == 16
+    assert smallest_log_gain_rank(RANKS, curve_errors(means), np.full(4, 1e-4)) == 1  # rank 0 is already best
+    with pytest.raises(ValueError, match="same validation samples"):
+        smallest_log_gain_rank(RANKS, curve_errors(means), np.full(5, 0.2))
+    with pytest.raises(ValueError, match="positive errors"):
+        smallest_log_gain_rank(RANKS, curve_errors([0.1, 0.0, 0.0, 0.0, 0.0, 0.0]), np.full(4, 0.2))
 
 
 def test_truncated_moments_match_scipy_including_far_tails():
