@@ -1,8 +1,8 @@
 """Stage 3's LightningModule: the composed model, the task's loss and error, AdamW with warm-up
 and a cosine / step / constant schedule, and the method spec's hooks (its optimizer groups, hooks
 on the optimizer, a call before each training step, a regularizer added to the training loss over
-the training set's size and logged as `train_kl`, a penalty added as it is and logged as
-`train_penalty`, and a call before the test split is scored).
+the training set's size and logged as `train_kl`, and a penalty added as it is and logged as
+`train_penalty`). Stage 3 itself finalizes and scores the best checkpoint (`stage.run`).
 
 Checkpoints hold only what training changes (trainable parameters, the tensors each adapter layer
 saves, buffers outside the frozen body), so a Swin-base checkpoint is megabytes, not 350 MB, plus the
@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from orca_lora.adapters.inject import adapter_modules
-from orca_lora.adapters.spec import MethodSpec, PosteriorRanks, StepHook, get_method
+from orca_lora.adapters.spec import MethodSpec, StepHook, get_method
 from orca_lora.config import Stage3Config
 from orca_lora.data.tasks import TaskData
 from orca_lora.errors import TrainingDiverged
@@ -51,13 +51,12 @@ class FinetuneModule(L.LightningModule):
         self.stage, self.method = stage, method or get_method(stage.method)
         self.step_hook: StepHook | None = None
         self.n_train = len(task.train)  # the ELBO's KL is per training sample, as the task loss is a mean
-        self.posterior: PosteriorRanks | None = None  # what the method's finalize reported before testing
         self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
         self.rank_generator = torch.Generator().manual_seed(seed)
         self.strict_loading = False  # checkpoints leave out the frozen body
-        # per-sample means whose (sum, count) states are summed across processes: exact with uneven
+        # a per-sample mean whose (sum, count) states are summed across processes: exact with uneven
         # shards, where self.log's synced mean truncates the integer sample count
-        self.errors = nn.ModuleDict({"val_error": MeanMetric(), "test_error": MeanMetric()})
+        self.val_error = MeanMetric()
 
     def forward(self, inputs: Tensor) -> Tensor:
         return self.output_transform(self.model(inputs))
@@ -84,21 +83,10 @@ class FinetuneModule(L.LightningModule):
             self.log("train_penalty", penalty, batch_size=len(inputs))
         return objective
 
-    def _evaluate(self, batch, name: str) -> None:
-        inputs, targets = batch
-        metric = self.errors[name]
-        metric.update(self.error_fn(self(inputs), targets))
-        self.log(name, metric, prog_bar=True)
-
     def validation_step(self, batch, batch_index):
-        self._evaluate(batch, "val_error")
-
-    def test_step(self, batch, batch_index):
-        self._evaluate(batch, "test_error")
-
-    def on_test_start(self) -> None:
-        # Lightning has restored the best checkpoint by now; the test split scores the finalized model
-        self.posterior = self.method.finalize(self.model)
+        inputs, targets = batch
+        self.val_error.update(self.error_fn(self(inputs), targets))
+        self.log("val_error", self.val_error, prog_bar=True)
 
     def on_train_start(self) -> None:
         if self.step_hook is not None:

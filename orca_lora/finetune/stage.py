@@ -116,21 +116,21 @@ def process_placement(trainer_config: TrainerConfig) -> ProcessPlacement:
 
 
 def check_world_size(task: TaskData, world_size: int) -> None:
-    """Each process must score at least one validation and one test sample, or DDP waits forever."""
-    for split in ("val", "test"):
-        size = len(getattr(task, split))
-        if 0 < size < world_size:
-            raise ValueError(f"the {split} split has {size} samples, fewer than the {world_size} training "
-                             "processes (trainer.devices x trainer.num_nodes); use fewer devices or more data")
+    """Each process must score at least one validation sample, or DDP waits forever (the test split is scored by
+    rank 0 alone, once training has ended)."""
+    size = len(task.val)
+    if 0 < size < world_size:
+        raise ValueError(f"the val split has {size} samples, fewer than the {world_size} training processes "
+                         "(trainer.devices x trainer.num_nodes); use fewer devices or more data")
 
 
 class TaskDataModule(L.LightningDataModule):
     """The task's splits as loaders, built in each training process once its rank is known.
 
-    Lightning shards training batches with its padded DistributedSampler. Validation and test are
-    sharded without padding (each sample scored once, shard sizes off by at most one), and the
-    module's error metrics sum (errors, count) over all ranks, so the error equals a single-process
-    evaluation, where a padded sampler would count repeated samples twice.
+    Lightning shards training batches with its padded DistributedSampler. Validation is sharded without
+    padding (each sample scored once, shard sizes off by at most one), and the module's error metric sums
+    (errors, count) over all ranks, so the error equals a single-process evaluation, where a padded sampler
+    would count repeated samples twice.
     """
 
     def __init__(self, task: TaskData, batch_size: int, workers: int, seed: int):
@@ -150,15 +150,9 @@ class TaskDataModule(L.LightningDataModule):
         self.generator.set_state(state["generator"])
 
     def val_dataloader(self) -> DataLoader:
-        return self._evaluation_loader(self.task.val)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._evaluation_loader(self.task.test)
-
-    def _evaluation_loader(self, dataset) -> DataLoader:
-        shard = UnrepeatedDistributedSampler(dataset, num_replicas=self.trainer.world_size,
+        shard = UnrepeatedDistributedSampler(self.task.val, num_replicas=self.trainer.world_size,
                                              rank=self.trainer.global_rank, shuffle=False)
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=shard, num_workers=self.workers)
+        return DataLoader(self.task.val, batch_size=self.batch_size, sampler=shard, num_workers=self.workers)
 
 
 def stage_loggers(trainer_config: TrainerConfig, directory: Path) -> list[Logger]:
@@ -217,24 +211,27 @@ def run(stage: Stage3Config, trainer_config: TrainerConfig, model: nn.Module, ra
     data = TaskDataModule(task, stage.batch_size, trainer_config.num_workers, seed)
     if trained_params:
         best = fit_best(trainer, checkpoint, module, data, run_files)
-        test_error = float(trainer.test(module, datamodule=data, ckpt_path=best, verbose=False)[0]["test_error"])
+        load_best(trainer, module, best)
     else:  # `linear` on a parameter-free head (the planted tasks' pooled features): the un-adapted model, rank 0
         log.info("stage 3: %s leaves no parameter to train here: the model is evaluated as prepared", stage.method)
-        best, test_error = "", float(trainer.test(module, datamodule=data, verbose=False)[0]["test_error"])
-    if not math.isfinite(test_error):
-        raise TrainingDiverged(f"stage 3 diverged: the test error is {test_error}; lower stage3.lr, then run again")
+        best = ""
+    posterior = module.method.finalize(model)  # ibp-lora prunes to its posterior ranks: that model is tested
     selected_val_error = float(checkpoint.best_model_score if checkpoint.best_model_score is not None else math.nan)
-    tested_val_error = selected_val_error
-    if trainer.is_global_zero:
-        val_errors = per_sample_errors(module, task.val, stage.batch_size)
-        write_sample_errors(run_files, SampleErrors(val=val_errors,
-                                                    test=per_sample_errors(module, task.test, stage.batch_size)))
-        tested_val_error = float(val_errors.mean()) if val_errors.size else math.nan
+    test_error = tested_val_error = math.nan  # another process of a multi-process run records nothing
+    if trainer.is_global_zero:  # the test split is scored here, once, sample by sample (the full split)
+        module.to(trainer.strategy.root_device)
+        errors = SampleErrors(val=per_sample_errors(module, task.val, stage.batch_size),
+                              test=per_sample_errors(module, task.test, stage.batch_size))
+        test_error = float(errors.test.mean())
+        if not math.isfinite(test_error):
+            raise TrainingDiverged(f"stage 3 diverged: the test error is {test_error}; lower stage3.lr, then run "
+                                   "again")
+        write_sample_errors(run_files, errors)
+        tested_val_error = float(errors.val.mean()) if errors.val.size else math.nan
         selected_val_error = selected_val_error if trained_params else tested_val_error
         save_trained_weights(module, model, stage, run_files)
         if allocation is not None:
             write_training_ranks(run_files, ranks_record(tested_ranks(model, shapes), shapes, allocation))
-    posterior = module.posterior
     pruned = posterior is not None and trainer.is_global_zero  # rank 0's result is the one recorded
     return FinetuneResult(
         test_error=test_error,
@@ -267,6 +264,13 @@ def fit_best(trainer: L.Trainer, checkpoint: ModelCheckpoint, module: FinetuneMo
         trainer.strategy.checkpoint_io.verified[str(last)] = resume.sha256
     trainer.fit(module, datamodule=data, ckpt_path=str(last) if resume is not None else None)
     return checkpoint.best_model_path or str(last)
+
+
+def load_best(trainer: L.Trainer, module: FinetuneModule, best: str) -> None:
+    """The weights of checkpoint `best` into `module`, as Lightning restores a checkpoint for testing."""
+    saved = trainer.strategy.load_checkpoint(best, weights_only=False)
+    module.on_load_checkpoint(saved)
+    module.load_state_dict(saved["state_dict"], strict=False)  # checkpoints leave out the frozen body
 
 
 def _steps_per_epoch(batches: int, limit: int | float) -> int:

@@ -71,22 +71,22 @@ def test_a_bad_trainer_setting_is_a_config_error(restore_rank_zero):
         process_placement(TrainerConfig(strategy="dpp"))
 
 
-def test_each_rank_needs_a_validation_and_a_test_sample():
-    task = SimpleNamespace(val=list(range(3)), test=list(range(1)))
+def test_each_rank_needs_a_validation_sample():
+    task = SimpleNamespace(val=list(range(1)), test=list(range(1)))
     check_world_size(task, 1)
-    with pytest.raises(ValueError, match="the test split has 1 samples, fewer than the 2 training processes"):
+    with pytest.raises(ValueError, match="the val split has 1 samples, fewer than the 2 training processes"):
         check_world_size(task, 2)
 
 
 @pytest.mark.parametrize("size", [7, 8])
 def test_evaluation_shards_cover_every_sample_once(size):
     dataset = TensorDataset(torch.arange(size))
-    task = SimpleNamespace(train=dataset, val=dataset, test=dataset)
+    task = SimpleNamespace(train=dataset, val=dataset)
     seen = []
     for rank in range(3):
         data = TaskDataModule(task, batch_size=2, workers=0, seed=0)
         data.trainer = SimpleNamespace(world_size=3, global_rank=rank)
-        seen += [int(i) for (batch,) in data.test_dataloader() for i in batch]
+        seen += [int(i) for (batch,) in data.val_dataloader() for i in batch]
     assert sorted(seen) == list(range(size))
     padded = [i for rank in range(3) for i in DistributedSampler(dataset, num_replicas=3, rank=rank, shuffle=False)]
     assert len(padded) == 9, "the padded sampler repeats samples, which is what the shards avoid"
