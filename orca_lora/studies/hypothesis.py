@@ -225,7 +225,7 @@ def evaluate_study(runs: Sequence[StudyRun], n_resamples: int = 999, seed: int =
     if plan is not None:
         result.planned_points, result.missing = plan.n_planned, list(plan.missing)
         result.incomplete = incomplete_against_plan(curves, plan.missing)
-    result.controls = control_summary(runs, swept, regime, fit, GAIN_FRACTION)
+    result.controls = control_summary(runs, swept, regime, fit, GAIN_FRACTION, seed)
     result.posterior = blocks.posterior_points(runs, regime)
     result.one_block = blocks.one_block_points(runs, regime)
     result.energy = blocks.energy_points(runs, regime) if select_any(runs, "full", regime) else []

@@ -5,6 +5,9 @@ across seeds and ranks (the same validation samples). Definitions, fixed by the 
 - e(r): the mean error at rank r over seeds and samples; e_best = min_r e(r); the attainable gain
   A = e(r_1) - e_best; r* = the smallest swept r with e(r) <= e_best + f A (f = gain_fraction, the
   tolerance as a fraction of the gain: this study's plan), r* = r_1 when A = 0.
+  With the un-adapted model's errors e(0) (a curve's `unadapted`: the rank-0 run), the log-gain rule of
+  the plan's amendment instead: r* = the smallest swept r with e(r) <= e_best (e(0) / e_best)^f,
+  r* = r_1 when e(0) <= e_best.
 - r* censors the true threshold on the log2 scale: r* = r_k gives (log2 r_{k-1}, log2 r_k], r* = r_1
   gives (-inf, log2 r_1], r* = r_R gives (log2 r_{R-1}, +inf) (the grid cannot tell whether more rank
   would still help).
@@ -19,7 +22,7 @@ across seeds and ranks (the same validation samples). Definitions, fixed by the 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 from scipy import stats
@@ -43,6 +46,7 @@ class TaskCurve:
     gap: float  # D_t > 0 (the primary gap)
     ranks: np.ndarray  # (R,) sorted ascending
     errors: np.ndarray  # (S, R, N) per seed, rank, validation sample
+    unadapted: Optional[np.ndarray] = None  # (S, N): the rank-0 run per seed on the same samples; r* by log gain
 
 
 @dataclass
@@ -94,12 +98,30 @@ def _check_curve(ranks: np.ndarray, errors: np.ndarray) -> tuple[np.ndarray, np.
     return ranks.astype(int), errors
 
 
-def threshold_index(mean_errors: np.ndarray, gain_fraction: float) -> np.ndarray:
+def _check_unadapted(unadapted: Optional[np.ndarray], errors: np.ndarray) -> Optional[np.ndarray]:
+    if unadapted is None:
+        return None
+    unadapted = np.asarray(unadapted, float)
+    if unadapted.shape != (errors.shape[0], errors.shape[2]):
+        raise ValueError(f"unadapted errors must have shape ({errors.shape[0]} seeds, {errors.shape[2]} samples), got "
+                         f"{unadapted.shape}: the rank-0 run of every seed, on the same validation samples")
+    if not np.all(np.isfinite(unadapted)) or errors.mean(axis=(0, 2)).min() <= 0:
+        raise ValueError("the log-gain rule needs finite unadapted errors and positive mean errors at every rank")
+    return unadapted
+
+
+def threshold_index(mean_errors: np.ndarray, gain_fraction: float,
+                    unadapted: Optional[np.ndarray] = None) -> np.ndarray:
     """Index of r* along the last axis of e(r) (any leading batch shape): the first r with
-    e(r) <= e_best + f (e(r_1) - e_best). The argmin always qualifies, so one exists."""
+    e(r) <= e_best + f (e(r_1) - e_best); with `unadapted` (e(0), the leading shape), the first r with
+    e(r) <= e_best (e(0) / e_best)^f, and r_1 where e(0) <= e_best. The argmin always qualifies."""
     best = mean_errors.min(axis=-1, keepdims=True)
-    gain = mean_errors[..., :1] - best
-    return np.argmax(mean_errors <= best + gain_fraction * gain, axis=-1)
+    if unadapted is None:
+        gain = mean_errors[..., :1] - best
+        return np.argmax(mean_errors <= best + gain_fraction * gain, axis=-1)
+    reference = np.asarray(unadapted, float)[..., None]
+    tolerance = best * (np.maximum(reference, best) / best) ** gain_fraction
+    return np.where(reference[..., 0] <= best[..., 0], 0, np.argmax(mean_errors <= tolerance, axis=-1))
 
 
 def index_interval(ranks: np.ndarray, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -111,10 +133,14 @@ def index_interval(ranks: np.ndarray, index: np.ndarray) -> tuple[np.ndarray, np
     return low, high
 
 
-def smallest_sufficient_rank(ranks: np.ndarray, errors: np.ndarray, gain_fraction: float = 0.1) -> int:
-    """r* = the smallest swept rank with e(r) <= e_best + f A, A = e(r_min) - e_best (the plan)."""
+def smallest_sufficient_rank(ranks: np.ndarray, errors: np.ndarray, gain_fraction: float = 0.1,
+                             unadapted: Optional[np.ndarray] = None) -> int:
+    """r* = the smallest swept rank with e(r) <= e_best + f A, A = e(r_min) - e_best (the plan); with
+    `unadapted` (S, N), the log-gain r*: e(r) <= e_best (e(0) / e_best)^f (the plan's amendment)."""
     ranks, errors = _check_curve(ranks, errors)
-    return int(ranks[threshold_index(errors.mean(axis=(0, 2)), gain_fraction)])
+    unadapted = _check_unadapted(unadapted, errors)
+    return int(ranks[threshold_index(errors.mean(axis=(0, 2)), gain_fraction,
+                                     None if unadapted is None else unadapted.mean())])
 
 
 def smallest_unbeaten_rank(ranks: np.ndarray, errors: np.ndarray, alpha: float = 0.05) -> int:
@@ -145,36 +171,12 @@ def smallest_level_rank(ranks: np.ndarray, errors: np.ndarray, tolerance: float 
     return int(ranks[np.argmax(mean_errors <= (1 + tolerance) * mean_errors.min())])
 
 
-def smallest_log_gain_rank(ranks: np.ndarray, errors: np.ndarray, unadapted: np.ndarray,
-                           gain_fraction: float = 0.1) -> int:
-    """The log-gain r* (`configs/study_gap.md`, amendment of 19:45): the smallest swept rank with
-    ln e(r) <= ln e_best + f (ln e(0) - ln e_best), i.e. e(r) <= e_best (e(0) / e_best)^f, where e(0) is the
-    un-adapted model's error (`unadapted`: (S0, N) or (N,) per validation sample, the same samples as
-    `errors`' last axis), every e a mean over seeds and samples; e(0) <= e_best gives the smallest rank.
-    Measured from below every swept rank, it can choose the smallest one; on the log scale each halving of
-    the error weighs the same, so the last of several needed directions is not drowned by the first."""
-    if not 0 <= gain_fraction < 1:
-        raise ValueError(f"gain_fraction must be in [0, 1), got {gain_fraction}")
-    ranks, errors = _check_curve(ranks, errors)
-    unadapted = np.asarray(unadapted, float)
-    if unadapted.ndim not in (1, 2) or unadapted.shape[-1] != errors.shape[2]:
-        raise ValueError(f"unadapted errors must have shape (seeds, {errors.shape[2]} samples) or "
-                         f"({errors.shape[2]},), got {unadapted.shape}: the rank-0 run's errors on the same "
-                         "validation samples")
-    mean_errors, reference = errors.mean(axis=(0, 2)), float(unadapted.mean())
-    best = float(mean_errors.min())
-    if best <= 0:
-        raise ValueError(f"the log-gain rule needs positive errors; the best mean error is {best}")
-    if reference <= best:
-        return int(ranks[0])
-    return int(ranks[np.argmax(mean_errors <= best * (reference / best) ** gain_fraction)])
-
-
-def rank_interval(ranks: np.ndarray, errors: np.ndarray, gain_fraction: float = 0.1) -> tuple[float, float]:
+def rank_interval(ranks: np.ndarray, errors: np.ndarray, gain_fraction: float = 0.1,
+                  unadapted: Optional[np.ndarray] = None) -> tuple[float, float]:
     """The interval (low, high] of log2 (true threshold rank) that r* censors: (log2 r_{k-1}, log2 r_k],
     -inf below r_min, +inf above r_max."""
-    ranks, errors = _check_curve(ranks, errors)
-    low, high = index_interval(ranks, threshold_index(errors.mean(axis=(0, 2)), gain_fraction))
+    index = np.searchsorted(np.asarray(ranks), smallest_sufficient_rank(ranks, errors, gain_fraction, unadapted))
+    low, high = index_interval(np.asarray(ranks), index)
     return float(low), float(high)
 
 
@@ -222,7 +224,7 @@ def check_curves(curves: Sequence[TaskCurve]) -> None:
         if not (np.isfinite(curve.gap) and curve.gap > 0):
             raise ValueError(f"task {curve.task!r}: the gap must be a positive number, got {curve.gap}")
         try:
-            _check_curve(curve.ranks, curve.errors)
+            _check_unadapted(curve.unadapted, _check_curve(curve.ranks, curve.errors)[1])
         except ValueError as error:
             raise ValueError(f"task {curve.task!r}: {error}") from None
     if len({float(curve.gap) for curve in curves}) < MIN_DISTINCT_GAPS:
@@ -268,7 +270,9 @@ def bootstrap_draws(curves: Sequence[TaskCurve], n_resamples: int, rng: np.rando
         errors = np.asarray(curve.errors, float)
         counts = resampling_counts(errors.shape[0], errors.shape[2], int(slots.sum()), rng)
         means = resampled_means(errors, counts)
-        index = threshold_index(means, gain_fraction)
+        # the rank-0 run resampled with the same seeds and samples as the curve it measures from
+        unadapted = None if curve.unadapted is None else resampled_means(np.asarray(curve.unadapted, float), counts)
+        index = threshold_index(means, gain_fraction, unadapted)
         low[slots], high[slots] = index_interval(curve.ranks, index)
         r_star[slots], benefit[slots] = np.asarray(curve.ranks)[index], benefit_from_means(means)
     return BootstrapDraws(np.log2(gaps)[task_index], low, high, task_index, r_star, benefit)
@@ -333,15 +337,16 @@ def _task_summary(curve: TaskCurve, gain_fraction: float, draws: BootstrapDraws,
     r_low, r_high = percentile_interval(r_boot, level)
     g_low, g_high = percentile_interval(g_boot, level)
     fractions = {int(r): float(np.mean(r_boot == r)) for r in ranks}
-    return TaskRank(curve.task, float(curve.gap), smallest_sufficient_rank(ranks, errors, gain_fraction),
-                    rank_interval(ranks, errors, gain_fraction), (float(r_low), float(r_high)), fractions,
+    reference = curve.unadapted
+    return TaskRank(curve.task, float(curve.gap), smallest_sufficient_rank(ranks, errors, gain_fraction, reference),
+                    rank_interval(ranks, errors, gain_fraction, reference), (float(r_low), float(r_high)), fractions,
                     rank_benefit(ranks, errors), (float(g_low), float(g_high)), means, seed_se)
 
 
 def observed_intervals(curves: Sequence[TaskCurve], gain_fraction: float):
     """(x = log2 D, low, high) of the original data, one entry per task."""
     x = np.log2([curve.gap for curve in curves])
-    bounds = np.array([rank_interval(curve.ranks, curve.errors, gain_fraction) for curve in curves])
+    bounds = np.array([rank_interval(curve.ranks, curve.errors, gain_fraction, curve.unadapted) for curve in curves])
     return x, bounds[:, 0], bounds[:, 1]
 
 
@@ -362,7 +367,7 @@ def fit_threshold_law(curves: Sequence[TaskCurve], gain_fraction: float = 0.1, n
     draws = bootstrap_draws(curves, n_resamples, rng, gain_fraction)
     slopes = fit_censored_line(draws.x, draws.low, draws.high).slope
     slope_low, slope_high = (float(v) for v in percentile_interval(slopes, level))
-    r_star = np.array([smallest_sufficient_rank(c.ranks, c.errors, gain_fraction) for c in curves])
+    r_star = np.array([smallest_sufficient_rank(c.ranks, c.errors, gain_fraction, c.unadapted) for c in curves])
     rho, rho_p = spearman_permutation(2.0 ** x, r_star, rng)
     loto_gap, loto_no_gap = leave_one_task_out(x, low, high)
     tasks = [_task_summary(curve, gain_fraction, draws, t, level) for t, curve in enumerate(curves)]

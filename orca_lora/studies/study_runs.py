@@ -265,10 +265,12 @@ def seeds_at_every_rank(sweep: Sequence[StudyRun]) -> list[int]:
 
 
 def rank_curves(runs: Sequence[StudyRun], regime: Regime, method: str = "lora",
-                seeds: Optional[Sequence[int]] = None) -> list[TaskCurve]:
+                seeds: Optional[Sequence[int]] = None, unadapted: bool = False) -> list[TaskCurve]:
     """Per task, the uniform `method` runs of `regime` as a TaskCurve: validation errors (S, R, N) over
     the seeds present at every rank (restricted to `seeds` if given); the gap is the mean over those
-    runs of the block-mean floor-corrected gap. Tasks with fewer than 2 ranks are left out."""
+    runs of the block-mean floor-corrected gap. Tasks with fewer than 2 ranks are left out. `unadapted`:
+    the task's `linear` runs (rank 0) of those seeds as the curve's reference, where it has one for every
+    seed (r* is then the log-gain rule's)."""
     curves = []
     for task in sorted({run.task for run in runs}):
         sweep = rank_sweep(runs, task, regime, method)
@@ -283,7 +285,10 @@ def rank_curves(runs: Sequence[StudyRun], regime: Regime, method: str = "lora",
         if any(run.block_gaps is None for run in chosen):
             raise ValueError(f"task {task}: a run has no gaps.csv; keep stage2.enabled=true (allocation uniform)")
         errors = np.stack([np.stack([by_key[(seed, rank)].val_errors for rank in ranks]) for seed in common])
-        curves.append(TaskCurve(task, float(np.mean([run.mean_gap for run in chosen])), np.array(ranks), errors))
+        linear = {run.seed: run.val_errors for run in select(runs, task, "linear", regime)}
+        reference = np.stack([linear[seed] for seed in common]) if unadapted and set(common) <= set(linear) else None
+        curves.append(TaskCurve(task, float(np.mean([run.mean_gap for run in chosen])), np.array(ranks), errors,
+                                reference))
     return curves
 
 

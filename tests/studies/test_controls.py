@@ -69,6 +69,10 @@ def test_the_report_puts_planted_k_beside_the_recovered_rank(controls):
     assert "| planted-shift(planted_k=8) | 8 | 6 | no | 6 | 6 | 6 | 0.2" in section
     assert "Recovered r* = k on 3 of 4 planted tasks. The mean gap increases with k." in section
     assert "requires of this control: r* = k on every task and the verdict \"proportional\". Met: **no**." in section
+    fit = result.controls.log_gain_fit  # every task has rank-0 runs: the fit again under the log-gain r*
+    assert fit is not None and [task.r_star for task in fit.tasks] == [1, 2, 4, 6]
+    assert (f"Under the log-gain r* (the plan's candidate rule, not this study's verdict unless the plan adopts it): "
+            f"r* = k on 3 of 4 planted tasks; the fit's beta {fit.slope:.2f}") in section
     # the controls run one seed set per k: no power simulation, and the report names that reason (power off here)
     assert "No power simulation: not asked for (0 power studies)." in text
 

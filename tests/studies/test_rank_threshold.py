@@ -7,7 +7,7 @@ from scipy import stats
 from scipy.optimize import minimize
 
 from orca_lora.studies.rank_threshold import (declares_growth, fit_threshold_law, rank_benefit, rank_interval,
-                                              smallest_level_rank, smallest_log_gain_rank, smallest_sufficient_rank,
+                                              smallest_level_rank, smallest_sufficient_rank,
                                               smallest_unbeaten_rank, TaskCurve, verdict_label)
 from orca_lora.studies.stats.censored_regression import fit_censored_line, truncated_normal_moments
 
@@ -93,20 +93,33 @@ def test_log_gain_r_star_matches_a_brute_force_on_the_log_scale():
         limit = math.log(best) + f * (math.log(unadapted) - math.log(best))
         return next(int(r) for r, e in zip(RANKS, means) if math.log(e) <= limit + 1e-12)
 
+    def rank_zero(error):
+        return np.full((2, 4), error)  # curve_errors' 2 seeds and 4 samples
+
     # an exact knee at 8: rank 4's shortfall is 1% of the gain from rank 0 (0.2 -> 1e-3) but 37% of its log gain
     means = [0.05, 0.02, 0.003, 0.0011, 0.00105, 0.001]
-    unadapted = np.full((2, 4), 0.2)
-    assert smallest_log_gain_rank(RANKS, curve_errors(means), unadapted) == brute_force(means, 0.2, 0.1) == 8
+    assert smallest_sufficient_rank(RANKS, curve_errors(means), 0.1, rank_zero(0.2)) == 8
+    assert brute_force(means, 0.2, 0.1) == 8
     assert smallest_sufficient_rank(RANKS, curve_errors(means)) == 4  # the gain from rank 1 misses it
     # the answer is the smallest rank: the gain from rank 1 is residue, the gain from rank 0 is not
     residue = [0.0014, 0.0012, 0.0011, 0.00105, 0.001, 0.001]
-    assert smallest_log_gain_rank(RANKS, curve_errors(residue), np.full(4, 0.2)) == brute_force(residue, 0.2, 0.1) == 1
-    assert smallest_sufficient_rank(RANKS, curve_errors(residue)) == 16
-    assert smallest_log_gain_rank(RANKS, curve_errors(means), np.full(4, 1e-4)) == 1  # rank 0 is already best
+    assert smallest_sufficient_rank(RANKS, curve_errors(residue), 0.1, rank_zero(0.2)) == 1
+    assert brute_force(residue, 0.2, 0.1) == 1 and smallest_sufficient_rank(RANKS, curve_errors(residue)) == 16
+    assert smallest_sufficient_rank(RANKS, curve_errors(means), 0.1, rank_zero(1e-4)) == 1  # rank 0 already best
+    assert rank_interval(RANKS, curve_errors(means), 0.1, rank_zero(0.2)) == (2.0, 3.0)  # r* = 8: (log2 4, log2 8]
     with pytest.raises(ValueError, match="same validation samples"):
-        smallest_log_gain_rank(RANKS, curve_errors(means), np.full(5, 0.2))
-    with pytest.raises(ValueError, match="positive errors"):
-        smallest_log_gain_rank(RANKS, curve_errors([0.1, 0.0, 0.0, 0.0, 0.0, 0.0]), np.full(4, 0.2))
+        smallest_sufficient_rank(RANKS, curve_errors(means), 0.1, np.full((2, 5), 0.2))
+    with pytest.raises(ValueError, match="positive mean errors"):
+        smallest_sufficient_rank(RANKS, curve_errors([0.1, 0.0, 0.0, 0.0, 0.0, 0.0]), 0.1, rank_zero(0.2))
+
+
+def test_the_bootstrap_resamples_the_rank_zero_run_with_its_curve():
+    """With a rank-0 reference every replicate applies the log-gain rule to the same draw of seeds and
+    samples as its curve: on noiseless data every replicate gives the observed r*."""
+    curves = [TaskCurve(f"t{k}", 2.0 ** k, RANKS, curve_errors([0.05, 0.02, 0.003, 0.0011, 0.00105, 0.001]),
+                        np.full((2, 4), 0.2)) for k in range(3)]
+    fit = fit_threshold_law(curves, n_resamples=20)
+    assert [task.r_star for task in fit.tasks] == [8, 8, 8] and all(t.r_star_fractions[8] == 1.0 for t in fit.tasks)
 
 
 def test_truncated_moments_match_scipy_including_far_tails():
