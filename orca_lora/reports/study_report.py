@@ -160,8 +160,8 @@ def _controls_section(result: StudyResult) -> list[str]:
     log_gain = controls.log_gain_fit
     if log_gain is not None:
         recovered = sum(row.log_gain_r_star == row.planted_k for row in controls.rows)
-        lines += ["", f"Under the log-gain r* (the plan's candidate rule, not this study's verdict unless the plan adopts "
-                  f"it): r* = k on {recovered} of {len(controls.rows)} planted tasks; the fit's beta "
+        lines += ["", "Under the log-gain r* (the plan's candidate rule, not this study's verdict unless the plan "
+                  f"adopts it): r* = k on {recovered} of {len(controls.rows)} planted tasks; the fit's beta "
                   f"{_fixed(log_gain.slope)} [{_fixed(log_gain.slope_interval[0])}, "
                   f"{_fixed(log_gain.slope_interval[1])}], verdict {log_gain.verdict}."]
     return lines
