@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -32,6 +33,11 @@ def load_source_body(source: SourceConfig, data_root: str | Path) -> nn.Module:
     return body.eval().requires_grad_(False)
 
 
+def proxy_images_per_class(source: SourceConfig) -> int:
+    """How many images of each pretraining class the procedural source proxy draws (after pretraining's own)."""
+    return math.ceil(source.proxy_samples / source.pretrain.n_classes)
+
+
 def source_proxy(source: SourceConfig, data_root: str | Path) -> tuple[Tensor, Tensor]:
     """Labelled source-modality images (N, 3, H, W) and labels (N,) for alignment and gaps."""
     if source.proxy == "cifar10":
@@ -42,9 +48,9 @@ def source_proxy(source: SourceConfig, data_root: str | Path) -> tuple[Tensor, T
         images, labels = zip(*(dataset[i] for i in range(count)))
         return torch.stack(images), torch.as_tensor(labels)
     pretrain = source.pretrain
-    per_class = -(-source.proxy_samples // pretrain.n_classes)
     # the same classes as pretraining (the seed picks the systems), new images of each
-    proxy = procedural.generate_procedural(pretrain.n_classes, per_class, image_size=pretrain.img_size,
-                                           seed=pretrain.seed, sample_offset=pretrain.samples_per_class)
+    proxy = procedural.generate_procedural(pretrain.n_classes, proxy_images_per_class(source),
+                                           image_size=pretrain.img_size, seed=pretrain.seed,
+                                           sample_offset=pretrain.samples_per_class)
     return (torch.as_tensor(proxy.images)[: source.proxy_samples],
             torch.as_tensor(proxy.labels)[: source.proxy_samples])
