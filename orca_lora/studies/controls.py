@@ -6,10 +6,9 @@ embedding projection has rank k (Zeng & Lee 2024, Lemma 1); a `planted-function`
 of one Linear of the teacher, with every gap at its floor. Either way r* must be k. Per planted task: r* from
 the study's rule on validation (`rank_threshold.smallest_sufficient_rank`, the same gain fraction), its
 two-stage bootstrap percentiles when the law fit drew them, the paired r* (`smallest_unbeaten_rank`) and
-the ratio r* (`smallest_level_rank`) and, where the task has rank-0 runs (`linear`: on the planted tasks'
-parameter-free head, the frozen body itself) on every seed, the log-gain r* (`smallest_sufficient_rank` measured
-from them), reported beside it,
-not fitted, the block-0 gap D_0 (where the plant is) and
+the ratio r* (`smallest_level_rank`) and, where the curve carries its rank-0 runs (`linear`: on the planted
+tasks' parameter-free head, the frozen body itself), the log-gain r* (`smallest_sufficient_rank` measured from
+them), reported beside it, not fitted, the block-0 gap D_0 (where the plant is) and
 the mean gap the study fits on. Across tasks, the planted law is r* = k; against the measured gap that is
 the elasticity of k in D (least squares of log2 k on log2 D over the tasks), the beta the fit should
 find if the gaps track k.
@@ -24,7 +23,7 @@ import numpy as np
 from orca_lora.choices import PLANTED_TASKS
 from orca_lora.studies.rank_threshold import (RankLawFit, TaskCurve, fit_threshold_law, smallest_level_rank,
                                               smallest_sufficient_rank, smallest_unbeaten_rank)
-from orca_lora.studies.study_runs import Regime, StudyRun, rank_curves, rank_sweep
+from orca_lora.studies.study_runs import Regime, StudyRun, rank_sweep
 
 
 
@@ -77,12 +76,10 @@ def _elasticity(gaps: np.ndarray, k: np.ndarray) -> Optional[float]:
 
 def control_summary(runs: Sequence[StudyRun], curves: Sequence[TaskCurve], regime: Regime,
                     fit: Optional[RankLawFit], gain_fraction: float, seed: int = 0) -> Optional[ControlSummary]:
-    """The planted tasks among `curves` (one row each, by planted k), or None when there are none. Where
-    every planted task has rank-0 runs and the primary fit was made, the fit again under the log-gain r*
-    (its bootstrap as the primary's: the same replicates and seed)."""
+    """The planted tasks among `curves` (one row each, by planted k), or None when there are none; a curve's
+    rank-0 runs (`unadapted`) give its log-gain r*. Where every fitted task has them and the primary fit was
+    made, the fit again under the log-gain r* (its bootstrap as the primary's: the same replicates and seed)."""
     fitted = {task.task: task for task in fit.tasks} if fit is not None else {}
-    with_reference = [curve for curve in rank_curves(runs, regime, unadapted=True) if curve.unadapted is not None]
-    referenced = {curve.task: curve.unadapted for curve in with_reference}
     rows = []
     for curve in curves:
         sweep = rank_sweep(runs, curve.task, regime)
@@ -94,7 +91,7 @@ def control_summary(runs: Sequence[StudyRun], curves: Sequence[TaskCurve], regim
                              "task.planted_k its own task label")
         k = planted.pop()
         chosen = fitted.get(curve.task)
-        reference = referenced.get(curve.task)
+        reference = curve.unadapted
         log_gain = None if reference is None else smallest_sufficient_rank(curve.ranks, curve.errors, gain_fraction,
                                                                            reference)
         rows.append(ControlRow(
@@ -119,10 +116,9 @@ def control_summary(runs: Sequence[StudyRun], curves: Sequence[TaskCurve], regim
                              _elasticity(np.array([row.block0_gap for row in rows]), k), increasing,
                              bool(np.all(mean_gaps == 0)))
     summary.requirement, summary.passed = judge_control(summary, fit)
-    fitted_tasks = {curve.task for curve in curves if curve.gap > 0}
-    if fit is not None and fitted_tasks <= set(referenced):
-        summary.log_gain_fit = fit_threshold_law([curve for curve in with_reference if curve.task in fitted_tasks],
-                                                 gain_fraction, fit.n_resamples, seed, fit.level)
+    fitted_curves = [curve for curve in curves if curve.gap > 0]
+    if fit is not None and all(curve.unadapted is not None for curve in fitted_curves):
+        summary.log_gain_fit = fit_threshold_law(fitted_curves, gain_fraction, fit.n_resamples, seed, fit.level)
     return summary
 
 

@@ -11,7 +11,7 @@ measured (`power`).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -208,7 +208,8 @@ def evaluate_study(runs: Sequence[StudyRun], n_resamples: int = 999, seed: int =
     """Every analysis of the plan on the runs of one study (read with `study_runs.read_study`); `plan`, the
     runs checked against the sweep's plan (`study_runs.check_plan`), names the points that did not finish."""
     regime = primary_regime(runs)
-    swept = rank_curves(runs, regime)
+    referenced = rank_curves(runs, regime, unadapted=True)  # the controls' log-gain r* measures from rank 0
+    swept = [replace(curve, unadapted=None) for curve in referenced]  # the primary rule, from the smallest rank
     curves = [curve for curve in swept if curve.gap > 0]
     rows = rank_rows(runs, curves, regime)
     fit = fit_threshold_law(curves, GAIN_FRACTION, n_resamples, seed) if len(curves) >= 3 else None
@@ -225,7 +226,7 @@ def evaluate_study(runs: Sequence[StudyRun], n_resamples: int = 999, seed: int =
     if plan is not None:
         result.planned_points, result.missing = plan.n_planned, list(plan.missing)
         result.incomplete = incomplete_against_plan(curves, plan.missing)
-    result.controls = control_summary(runs, swept, regime, fit, GAIN_FRACTION, seed)
+    result.controls = control_summary(runs, referenced, regime, fit, GAIN_FRACTION, seed)
     result.posterior = blocks.posterior_points(runs, regime)
     result.one_block = blocks.one_block_points(runs, regime)
     result.energy = blocks.energy_points(runs, regime) if select_any(runs, "full", regime) else []
