@@ -107,7 +107,8 @@ def _fit_section(result: StudyResult, figures: dict[str, str]) -> list[str]:
         return lines + [f"No fit: {sweeps_phrase(result)}; the censored fit needs at least 3 tasks with distinct "
                         f"gaps (the plan asks for 8): run {PRIMARY_SWEEP}."]
     rows = [["beta (r* ~ D^beta)", _fixed(fit.slope)],
-            [f"{fit.level:.0%} bootstrap interval ({fit.n_resamples} replicates)",
+            [f"{fit.level:.0%} interval (bootstrap, {fit.n_resamples} replicates; joined by the slopes of exact lines "
+             "where any meet every task)",
              f"[{_fixed(fit.slope_interval[0])}, {_fixed(fit.slope_interval[1])}]"],
             ["verdict", fit.verdict], ["intercept a (log2 r* at D = 1)", _fixed(fit.intercept)],
             ["p for beta = 0", _number(fit.p_slope_zero, 3)], ["p for beta = 1", _number(fit.p_slope_one, 3)],

@@ -27,9 +27,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from orca_lora.studies.rank_threshold import VERDICTS, TaskCurve, bootstrap_draws, declares_growth, verdict_label
+from orca_lora.studies.rank_threshold import (VERDICTS, TaskCurve, bootstrap_draws, declares_growth, identified_hull,
+                                              observed_intervals, verdict_label)
 from orca_lora.studies.stats.bootstrap import percentile_interval
-from orca_lora.studies.stats.censored_regression import fit_censored_line
+from orca_lora.studies.stats.censored_regression import exact_line_slopes, fit_censored_line
 
 RANKS = (1, 2, 4, 8, 16, 32)
 
@@ -93,15 +94,17 @@ def simulate_power(beta: float, n_studies: int = 100, seed: int = 0, n_resamples
     (gaps, ranks, e_inf, gain, seed_sd, sample_sd, n_samples, n_seeds, center_log2_rank).
     Deterministic in `seed`. All studies' replicates are fitted in one batched call."""
     rng = np.random.default_rng(seed)
-    xs, lows, highs = [], [], []
+    xs, lows, highs, exact = [], [], [], []
     for _ in range(n_studies):
         curves = synthetic_curves(beta, rng, gain_fraction=gain_fraction, **design)
+        exact.append(exact_line_slopes(*observed_intervals(curves, gain_fraction)))
         draws = bootstrap_draws(curves, n_resamples, rng, gain_fraction)
         xs.append(draws.x)
         lows.append(draws.low)
         highs.append(draws.high)
     slopes = fit_censored_line(np.concatenate(xs), np.concatenate(lows), np.concatenate(highs)).slope
-    bounds = percentile_interval(slopes.reshape(n_studies, n_resamples), level, axis=1)
+    percentiles = percentile_interval(slopes.reshape(n_studies, n_resamples), level, axis=1)
+    bounds = np.array([identified_hull(p, e) for p, e in zip(percentiles.T, exact)]).T
     labels = [verdict_label(low, high) for low, high in bounds.T]
     return PowerResult(
         n_studies=n_studies, beta=beta,

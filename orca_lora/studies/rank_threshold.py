@@ -17,7 +17,9 @@ across seeds and ranks (the same validation samples). Definitions, fixed by the 
   (r* ~ D^beta), so beta = 1 is proportionality.
 - beta's interval: a two-stage percentile bootstrap (Efron & Tibshirani 1993, ch. 13; Davison &
   Hinkley 1997, sec. 3.8): resample the tasks, and within each drawn task its seeds and its validation
-  samples (one draw of sample indices applied to every seed and rank, keeping the pairing).
+  samples (one draw of sample indices applied to every seed and rank, keeping the pairing); joined, when
+  zero-scatter lines meet every task's interval, by their slopes (beta is then set-identified: Manski &
+  Tamer 2002; the plan's amendment of 21:25).
 """
 from __future__ import annotations
 
@@ -33,7 +35,8 @@ from orca_lora.studies.stats.bootstrap import (
     resampling_counts,
     seed_standard_error,
 )
-from orca_lora.studies.stats.censored_regression import CensoredLine, fit_censored_line, fit_censored_mean
+from orca_lora.studies.stats.censored_regression import (CensoredLine, exact_line_slopes, fit_censored_line,
+                                                          fit_censored_mean)
 
 EQUIVALENCE = 0.5  # |beta| below which r* is declared not to follow the gap ("flat")
 VERDICTS = ("proportional", "grows", "falls", "flat", "no evidence")
@@ -192,6 +195,14 @@ def rank_benefit(ranks: np.ndarray, errors: np.ndarray) -> float:
     if mean_errors[-1] <= 0:
         raise ValueError("e(r_max) must be positive for the relative rank benefit G")
     return float(benefit_from_means(mean_errors))
+
+
+def identified_hull(percentile: Sequence[float], exact: Optional[tuple[float, float]]) -> tuple[float, float]:
+    """beta's interval (the plan's amendment of 21:25): the bootstrap percentile interval, joined by the slopes of
+    the zero-scatter lines that meet every task's log2 r* interval when there are any (then beta is
+    set-identified and the fitted line is one of them: `censored_regression.exact_line_slopes`)."""
+    low, high = (float(v) for v in percentile)
+    return (low, high) if exact is None else (min(low, exact[0]), max(high, exact[1]))
 
 
 def verdict_label(low: float, high: float) -> str:
@@ -366,7 +377,7 @@ def fit_threshold_law(curves: Sequence[TaskCurve], gain_fraction: float = 0.1, n
     point: CensoredLine = fit_censored_line(x, low, high)
     draws = bootstrap_draws(curves, n_resamples, rng, gain_fraction)
     slopes = fit_censored_line(draws.x, draws.low, draws.high).slope
-    slope_low, slope_high = (float(v) for v in percentile_interval(slopes, level))
+    slope_low, slope_high = identified_hull(percentile_interval(slopes, level), exact_line_slopes(x, low, high))
     r_star = np.array([smallest_sufficient_rank(c.ranks, c.errors, gain_fraction, c.unadapted) for c in curves])
     rho, rho_p = spearman_permutation(2.0 ** x, r_star, rng)
     loto_gap, loto_no_gap = leave_one_task_out(x, low, high)

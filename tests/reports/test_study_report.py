@@ -73,8 +73,9 @@ def test_task_table_renders_censoring_as_rank_ranges_and_the_unused_test_choice(
 
 def test_fit_rank_table_and_power(full):
     text = full[1]
-    assert "| beta (r* ~ D^beta) | 0.83 |" in text and "| 95% bootstrap interval (999 replicates) | [0.21, 1.52] |" \
-        in text
+    assert "| beta (r* ~ D^beta) | 0.83 |" in text and ("| 95% interval (bootstrap, 999 replicates; joined by the "
+                                                       "slopes of exact lines where any meet every task) | "
+                                                       "[0.21, 1.52] |") in text
     assert "| p for beta = 0 | 0.012 |" in text and "| leave-one-task-out error, without the gap | 1.60 |" in text
     assert "| mid | 4 | 3 | 0.1225 ± 0.001 | 0.1275 ± 0.002 | r* (validation) |" in text
     assert "| mid | 8 | 3 | 0.1163 ± 0.001 | 0.1213 ± 0.002 | r* on test (never used) |" in text

@@ -6,10 +6,11 @@ import pytest
 from scipy import stats
 from scipy.optimize import minimize
 
-from orca_lora.studies.rank_threshold import (declares_growth, fit_threshold_law, rank_benefit, rank_interval,
-                                              smallest_level_rank, smallest_sufficient_rank,
+from orca_lora.studies.rank_threshold import (declares_growth, fit_threshold_law, observed_intervals, rank_benefit,
+                                              rank_interval, smallest_level_rank, smallest_sufficient_rank,
                                               smallest_unbeaten_rank, TaskCurve, verdict_label)
-from orca_lora.studies.stats.censored_regression import fit_censored_line, truncated_normal_moments
+from orca_lora.studies.stats.censored_regression import (exact_line_slopes, fit_censored_line,
+                                                          truncated_normal_moments)
 
 RANKS = np.array([1, 2, 4, 8, 16, 32])
 
@@ -120,6 +121,20 @@ def test_the_bootstrap_resamples_the_rank_zero_run_with_its_curve():
                         np.full((2, 4), 0.2)) for k in range(3)]
     fit = fit_threshold_law(curves, n_resamples=20)
     assert [task.r_star for task in fit.tasks] == [8, 8, 8] and all(t.r_star_fractions[8] == 1.0 for t in fit.tasks)
+
+
+def test_a_law_met_by_exact_lines_gets_their_slopes_in_its_interval():
+    """r* = k exactly on the held-out law's grids, gaps proportional to k: every zero-scatter line with a slope in
+    the identified set meets the intervals, so beta's interval holds that whole set (1 included)."""
+    grids = {1: [1, 2], 2: [1, 2, 4], 4: [1, 3, 4, 6], 8: [1, 4, 7, 8, 10]}
+    curves = [TaskCurve(f"k{k}", 1.036 * k, np.array(ranks),
+                        curve_errors([0.001 + 0.01 * max(k - r, 0) for r in ranks]))
+              for k, ranks in grids.items()]
+    fit = fit_threshold_law(curves, n_resamples=50)
+    assert [task.r_star for task in fit.tasks] == [1, 2, 4, 8]
+    exact = exact_line_slopes(*observed_intervals(curves, 0.1))
+    assert exact[0] < 1 < exact[1]
+    assert fit.slope_interval[0] <= exact[0] and exact[1] <= fit.slope_interval[1] and fit.verdict == "proportional"
 
 
 def test_truncated_moments_match_scipy_including_far_tails():

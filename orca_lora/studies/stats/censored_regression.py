@@ -206,3 +206,24 @@ def fit_censored_mean(low: np.ndarray, high: np.ndarray, sigma_floor: float = SI
     coef, sigma, converged, n_iter = fit_censored_design(design, low, high, sigma_floor, max_iter, tol)
     loglik = censored_log_likelihood(design, coef, sigma, low, high)
     return _result(single, coef, sigma, loglik, converged, n_iter, slope=False)
+
+
+def exact_line_slopes(x: np.ndarray, low: np.ndarray, high: np.ndarray) -> tuple[float, float] | None:
+    """The slopes b of every zero-scatter line meeting each interval, low_i < a + b x_i <= high_i for some a,
+    as the closure [b_min, b_max] (ends may be infinite); None when no such line exists. With interval data such
+    lines make the likelihood unbounded, and b is set-identified (Manski & Tamer 2002, Econometrica 70: 519-546).
+    An a exists iff max_i (low_i - b x_i) < min_j (high_j - b x_j), i.e. b (x_j - x_i) < high_j - low_i for every
+    pair: an upper bound on b where x_j > x_i, a lower bound where x_j < x_i, and a condition on the intervals
+    alone where x_j = x_i."""
+    x, low, high = (np.asarray(a, float) for a in (x, low, high))
+    spread = x[None, :] - x[:, None]  # [i, j]: x_j - x_i
+    room = high[None, :] - low[:, None]  # [i, j]: high_j - low_i
+    with np.errstate(invalid="ignore", divide="ignore"):
+        bound = room / spread
+    if np.any((spread == 0) & ~(room > 0)):
+        return None
+    upper = bound[(spread > 0) & np.isfinite(room)]
+    lower = bound[(spread < 0) & np.isfinite(room)]
+    b_min = float(lower.max()) if lower.size else -np.inf
+    b_max = float(upper.min()) if upper.size else np.inf
+    return (b_min, b_max) if b_min < b_max else None
