@@ -294,7 +294,7 @@ def _fit_sentence(fit: RankLawFit, n_tasks: int) -> str:
                "flat": "the rank needed does not follow the gap (the interval lies inside [-0.5, 0.5])",
                "no evidence": "these runs cannot tell whether the rank needed follows the gap"}[fit.verdict]
     return (f"Verdict: **{fit.verdict}**: {meaning}. Over {n_tasks} tasks, r* chosen on validation ({listing}) "
-            f"against the gap gives beta = {fit.slope:.2f}, 95% bootstrap interval [{low:.2f}, {high:.2f}] "
+            f"against the gap gives beta = {fit.slope:.2f}, 95% interval [{low:.2f}, {high:.2f}] "
             f"(p = {fit.p_slope_zero:.3g} for beta = 0, p = {fit.p_slope_one:.3g} for beta = 1); Spearman's rho "
             f"{_rho(fit.spearman_rho)} (one-sided permutation p = {fit.spearman_p:.3g}); leaving one task out, the "
             f"gap predicts log2 r* to within {fit.loto_error_gap:.2f} against {fit.loto_error_no_gap:.2f} without it.")

@@ -364,7 +364,8 @@ def observed_intervals(curves: Sequence[TaskCurve], gain_fraction: float):
 def fit_threshold_law(curves: Sequence[TaskCurve], gain_fraction: float = 0.1, n_resamples: int = 999,
                  seed: int = 0, level: float = 0.95) -> RankLawFit:
     """Fit log2 r* = a + beta log2 D + N(0, sigma^2) to the tasks' censored r*, with beta's two-stage
-    percentile bootstrap interval and p-values (beta = 0, beta = 1), the verdict, Spearman's rho with
+    percentile bootstrap interval (joined by the exact lines' slopes: `identified_hull`) and bootstrap
+    p-values (beta = 0, beta = 1), the verdict, Spearman's rho with
     its permutation p, leave-one-task-out errors with and without the gap, and per-task summaries.
     Deterministic in `seed`."""
     check_curves(curves)
