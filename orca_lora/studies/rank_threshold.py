@@ -298,6 +298,15 @@ def bootstrap_p_value(replicates: np.ndarray, null: float) -> float:
     return float(min(1.0, 2 * min(below, above)))
 
 
+def identified_p_value(replicates: np.ndarray, null: float, exact: Optional[tuple[float, float]]) -> float:
+    """p for slope = null (the plan's amendment of 21:42): 1 where beta is set-identified and the identified
+    set [b_min, b_max] holds null (an exact line with that slope meets every task: these data cannot reject it),
+    else the bootstrap's (`bootstrap_p_value`)."""
+    if exact is not None and exact[0] <= null <= exact[1]:
+        return 1.0
+    return bootstrap_p_value(replicates, null)
+
+
 def interval_distance(prediction: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
     """Distance from a predicted log2 r* to the censoring interval, 0 inside."""
     return np.maximum(np.maximum(low - prediction, prediction - high), 0.0)
@@ -378,12 +387,13 @@ def fit_threshold_law(curves: Sequence[TaskCurve], gain_fraction: float = 0.1, n
     point: CensoredLine = fit_censored_line(x, low, high)
     draws = bootstrap_draws(curves, n_resamples, rng, gain_fraction)
     slopes = fit_censored_line(draws.x, draws.low, draws.high).slope
-    slope_low, slope_high = identified_hull(percentile_interval(slopes, level), exact_line_slopes(x, low, high))
+    exact = exact_line_slopes(x, low, high)
+    slope_low, slope_high = identified_hull(percentile_interval(slopes, level), exact)
     r_star = np.array([smallest_sufficient_rank(c.ranks, c.errors, gain_fraction, c.unadapted) for c in curves])
     rho, rho_p = spearman_permutation(2.0 ** x, r_star, rng)
     loto_gap, loto_no_gap = leave_one_task_out(x, low, high)
     tasks = [_task_summary(curve, gain_fraction, draws, t, level) for t, curve in enumerate(curves)]
     return RankLawFit(point.slope, (slope_low, slope_high), point.intercept, point.sigma,
-                      bootstrap_p_value(slopes, 0.0), bootstrap_p_value(slopes, 1.0),
+                      identified_p_value(slopes, 0.0, exact), identified_p_value(slopes, 1.0, exact),
                       verdict_label(slope_low, slope_high), rho, rho_p, loto_gap, loto_no_gap,
                       n_resamples, level, tasks)
