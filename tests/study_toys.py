@@ -72,15 +72,16 @@ def write_study_run(root: Path, name: str, *, task: str = "darcy", method: str =
     return run
 
 
-def planted_curve(ranks: Sequence[int], r_star: int, e_inf: float = 0.1, gain: float = 0.05) -> np.ndarray:
-    """Noiseless e(r) whose plan r* (the smallest rank within 10% of the gain above the best) is r_star:
-    e_inf from r* on, and below it falling linearly in log2 r from e_inf + gain to e_inf + 0.2 gain;
-    r* = the smallest rank: rising by 0.01 per doubling (the smallest rank is the best, gain 0)."""
+def planted_curve(ranks: Sequence[int], r_star: int, e_inf: float = 0.1, unadapted: float = 0.3) -> np.ndarray:
+    """Noiseless e(r) whose plan r* (the log-gain rule: the smallest rank with e(r) <= e_best (e(0) / e_best)^0.1,
+    e(0) = `unadapted`, the toy study's linear runs) is r_star: e_inf from r* on, and below it the share of the
+    log gain left, ln(e(r) / e_inf) / ln(e(0) / e_inf), falling linearly in log2 r from 0.5 to 0.2;
+    r* = the smallest rank: rising by 0.01 per doubling (the smallest rank is the best)."""
     log_ranks = np.log2(np.asarray(ranks, float) / ranks[0])
     if r_star == ranks[0]:
         return e_inf + 0.01 * log_ranks
     fraction = log_ranks / math.log2(r_star / ranks[0])
-    return np.where(fraction >= 1, e_inf, e_inf + gain * (1 - 0.8 * fraction))
+    return np.where(fraction >= 1, e_inf, e_inf * (unadapted / e_inf) ** (0.5 - 0.3 * fraction))
 
 
 @dataclass

@@ -33,12 +33,17 @@ def imported_modules(path: Path, root: Path, known: set[str]) -> set[str]:
             # `from pkg import module` needs the module; `from pkg import name` needs pkg itself
             found.update(f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base
                          for alias in node.names)
+    own = {".".join(name.split(".")[:i]) for i in range(1, len(name.split(".")) + 1)}
     targets = set()
     for candidate in found:
         while candidate and candidate not in known:
             candidate = candidate.rpartition(".")[0]
         if candidate and candidate != name:
             targets.add(candidate)
+            # importing a.b.c first runs a and a.b (their __init__), except the packages that hold this module,
+            # which started before it did
+            parts = candidate.split(".")
+            targets.update(".".join(parts[:i]) for i in range(1, len(parts)) if ".".join(parts[:i]) not in own)
     return targets
 
 
@@ -85,6 +90,21 @@ def write(root: Path, files: dict[str, str]) -> Path:
         (root / relative).parent.mkdir(parents=True, exist_ok=True)
         (root / relative).write_text(text)
     return root / "pkg"
+
+
+def test_a_circle_through_a_package_init_is_found(tmp_path):
+    """`from pkg.data import shapes` runs pkg/data/__init__.py first; when that imports back the module that
+    started it (the circle of models.source and data.planted_tasks), the import fails at run time."""
+    package = write(tmp_path, {
+        "pkg/__init__.py": "",
+        "pkg/models/__init__.py": "",
+        "pkg/models/source.py": "from pkg.data import shapes\n\ndef count():\n    return 1\n",
+        "pkg/data/__init__.py": "from pkg.data import tasks\n",
+        "pkg/data/shapes.py": "import os\n",
+        "pkg/data/tasks.py": "from pkg.models.source import count\n",
+    })
+    circle = find_circle(import_graph(package))
+    assert circle == ["pkg.data", "pkg.data.tasks", "pkg.models.source", "pkg.data"]
 
 
 def test_a_planted_circle_is_found_and_named(tmp_path):

@@ -26,7 +26,6 @@ from orca_lora.config import TaskConfig
 from orca_lora.data import darcy, planted, procedural
 from orca_lora.data.tasks import SourceSide, TaskData, register_source_task, split_train_val
 from orca_lora.models.embedder import mean_pool
-from orca_lora.models.source import proxy_images_per_class
 
 _FEATURE_BATCH = 256
 
@@ -36,7 +35,7 @@ def source_class_images(source: SourceSide, count: int, seed: int) -> Tensor:
     `seed`, drawn after the images pretraining and the source proxy used (so fresh to both)."""
     pretrain = source.config.pretrain
     per_class = math.ceil(count / pretrain.n_classes)
-    used = pretrain.samples_per_class + proxy_images_per_class(source.config)
+    used = pretrain.samples_per_class + procedural.proxy_images_per_class(source.config)
     images = procedural.generate_procedural(pretrain.n_classes, per_class, image_size=pretrain.img_size,
                                             seed=pretrain.seed, sample_offset=used).images
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:count]

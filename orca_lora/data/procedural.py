@@ -10,9 +10,14 @@ rescaled so that the sigma-factor sum_i (s1_i + 2 s2_i) lies in [(5 + N) / 2, (6
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from orca_lora.config import SourceConfig
 
 MAX_MAPS = 4
 MAX_SINGULAR_VALUE = 0.99  # every map a strict contraction, also after the per-image perturbation
@@ -252,3 +257,8 @@ def fourier_channels(images: np.ndarray) -> np.ndarray:
     """
     spectrum = np.fft.fftshift(np.fft.fft2(images, axes=(-2, -1)), axes=(-2, -1))
     return np.concatenate([np.log1p(np.abs(spectrum)), np.angle(spectrum) / np.pi], axis=1).astype(np.float32)
+
+
+def proxy_images_per_class(source: SourceConfig) -> int:
+    """How many images of each pretraining class the procedural source proxy draws (after pretraining's own)."""
+    return math.ceil(source.proxy_samples / source.pretrain.n_classes)

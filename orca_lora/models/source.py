@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 import torch
@@ -33,11 +32,6 @@ def load_source_body(source: SourceConfig, data_root: str | Path) -> nn.Module:
     return body.eval().requires_grad_(False)
 
 
-def proxy_images_per_class(source: SourceConfig) -> int:
-    """How many images of each pretraining class the procedural source proxy draws (after pretraining's own)."""
-    return math.ceil(source.proxy_samples / source.pretrain.n_classes)
-
-
 def source_proxy(source: SourceConfig, data_root: str | Path) -> tuple[Tensor, Tensor]:
     """Labelled source-modality images (N, 3, H, W) and labels (N,) for alignment and gaps."""
     if source.proxy == "cifar10":
@@ -49,7 +43,7 @@ def source_proxy(source: SourceConfig, data_root: str | Path) -> tuple[Tensor, T
         return torch.stack(images), torch.as_tensor(labels)
     pretrain = source.pretrain
     # the same classes as pretraining (the seed picks the systems), new images of each
-    proxy = procedural.generate_procedural(pretrain.n_classes, proxy_images_per_class(source),
+    proxy = procedural.generate_procedural(pretrain.n_classes, procedural.proxy_images_per_class(source),
                                            image_size=pretrain.img_size, seed=pretrain.seed,
                                            sample_offset=pretrain.samples_per_class)
     return (torch.as_tensor(proxy.images)[: source.proxy_samples],

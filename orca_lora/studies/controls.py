@@ -4,12 +4,12 @@ a planted task needs?
 A `planted-shift` task plants a map of dimension k at the body's entry whose exact LoRA correction on the
 embedding projection has rank k (Zeng & Lee 2024, Lemma 1); a `planted-function` task plants a rank-k change
 of one Linear of the teacher, with every gap at its floor. Either way r* must be k. Per planted task: r* from
-the study's rule on validation (`rank_threshold.smallest_sufficient_rank`, the same gain fraction), its
-two-stage bootstrap percentiles when the law fit drew them, the paired r* (`smallest_unbeaten_rank`) and
-the ratio r* (`smallest_level_rank`) and, where the curve carries its rank-0 runs (`linear`: on the planted
-tasks' parameter-free head, the frozen body itself), the log-gain r* (`smallest_sufficient_rank` measured from
-them), reported beside it, not fitted, the block-0 gap D_0 (where the plant is) and
-the mean gap the study fits on. Across tasks, the planted law is r* = k; against the measured gap that is
+the study's rule on validation (`rank_threshold.smallest_sufficient_rank`: the log-gain rule, measured from the
+task's rank-0 runs, `linear`: on the planted tasks' parameter-free head, the frozen body itself), its two-stage
+bootstrap percentiles when the law fit drew them; beside it, not fitted, the gain r* (the plan's rule before its
+amendment of 21:42: 10% of the gain from the smallest rank), the paired r* (`smallest_unbeaten_rank`) and the
+ratio r* (`smallest_level_rank`); the block-0 gap D_0 (where the plant is) and the mean gap the study fits on.
+Across tasks, the planted law is r* = k; against the measured gap that is
 the elasticity of k in D (least squares of log2 k on log2 D over the tasks), the beta the fit should
 find if the gaps track k.
 """
@@ -21,8 +21,8 @@ from typing import Optional, Sequence
 import numpy as np
 
 from orca_lora.choices import PLANTED_TASKS
-from orca_lora.studies.rank_threshold import (RankLawFit, TaskCurve, fit_threshold_law, smallest_level_rank,
-                                              smallest_sufficient_rank, smallest_unbeaten_rank)
+from orca_lora.studies.rank_threshold import (RankLawFit, TaskCurve, smallest_level_rank, smallest_sufficient_rank,
+                                              smallest_unbeaten_rank)
 from orca_lora.studies.study_runs import Regime, StudyRun, rank_sweep
 
 
@@ -31,10 +31,10 @@ from orca_lora.studies.study_runs import Regime, StudyRun, rank_sweep
 class ControlRow:
     task: str
     planted_k: int
-    r_star: int  # the study's rule on validation
+    r_star: Optional[int]  # the study's rule on validation: 10% of the log gain from rank 0 (None without rank 0)
+    gain_r_star: int  # 10% of the gain from the smallest rank (validation; the plan's rule before 21:42)
     paired_r_star: int  # the smallest rank not worse than the best by a paired test (validation; plan amendment)
     ratio_r_star: int  # the smallest rank within 15% of the best error (validation; plan amendment)
-    log_gain_r_star: Optional[int]  # within 10% of the log gain from rank 0 (None without rank-0 runs)
     unadapted_error: Optional[float]  # e(0), validation, mean over the rank-0 runs
     r_star_percentiles: Optional[tuple[float, float]]  # the law fit's bootstrap (None without a fit)
     fraction_at_k: Optional[float]  # bootstrap replicates choosing r* = k
@@ -58,7 +58,6 @@ class ControlSummary:
     gaps_at_floor: bool  # every task's mean D is 0 (a function control): no fit can attribute r* to the gap
     requirement: str = ""  # what the plan requires of this kind of control (`judge_control`)
     passed: Optional[bool] = None  # None: it cannot be judged (a null without a fit)
-    log_gain_fit: Optional[RankLawFit] = None  # the same fit under the log-gain r* (every task with rank-0 runs)
 
 
 def planted_rank(run: StudyRun) -> Optional[int]:
@@ -75,10 +74,9 @@ def _elasticity(gaps: np.ndarray, k: np.ndarray) -> Optional[float]:
 
 
 def control_summary(runs: Sequence[StudyRun], curves: Sequence[TaskCurve], regime: Regime,
-                    fit: Optional[RankLawFit], gain_fraction: float, seed: int = 0) -> Optional[ControlSummary]:
+                    fit: Optional[RankLawFit], gain_fraction: float) -> Optional[ControlSummary]:
     """The planted tasks among `curves` (one row each, by planted k), or None when there are none; a curve's
-    rank-0 runs (`unadapted`) give its log-gain r*. Where every fitted task has them and the primary fit was
-    made, the fit again under the log-gain r* (its bootstrap as the primary's: the same replicates and seed)."""
+    rank-0 runs (`unadapted`) give its r* (none without them)."""
     fitted = {task.task: task for task in fit.tasks} if fit is not None else {}
     rows = []
     for curve in curves:
@@ -92,13 +90,12 @@ def control_summary(runs: Sequence[StudyRun], curves: Sequence[TaskCurve], regim
         k = planted.pop()
         chosen = fitted.get(curve.task)
         reference = curve.unadapted
-        log_gain = None if reference is None else smallest_sufficient_rank(curve.ranks, curve.errors, gain_fraction,
-                                                                           reference)
+        r_star = None if reference is None else smallest_sufficient_rank(curve.ranks, curve.errors, gain_fraction,
+                                                                         reference)
         rows.append(ControlRow(
-            curve.task, k, smallest_sufficient_rank(curve.ranks, curve.errors, gain_fraction),
-            smallest_unbeaten_rank(curve.ranks, curve.errors),
-            smallest_level_rank(curve.ranks, curve.errors),
-            log_gain, None if reference is None else float(reference.mean()),
+            curve.task, k, r_star, smallest_sufficient_rank(curve.ranks, curve.errors, gain_fraction),
+            smallest_unbeaten_rank(curve.ranks, curve.errors), smallest_level_rank(curve.ranks, curve.errors),
+            None if reference is None else float(reference.mean()),
             None if chosen is None else chosen.r_star_percentiles,
             None if chosen is None else chosen.r_star_fractions.get(k, 0.0),
             float(np.mean([run.block_gaps[0] for run in sweep])), float(curve.gap),
@@ -116,9 +113,6 @@ def control_summary(runs: Sequence[StudyRun], curves: Sequence[TaskCurve], regim
                              _elasticity(np.array([row.block0_gap for row in rows]), k), increasing,
                              bool(np.all(mean_gaps == 0)))
     summary.requirement, summary.passed = judge_control(summary, fit)
-    fitted_curves = [curve for curve in curves if curve.gap > 0]
-    if fit is not None and all(curve.unadapted is not None for curve in fitted_curves):
-        summary.log_gain_fit = fit_threshold_law(fitted_curves, gain_fraction, fit.n_resamples, seed, fit.level)
     return summary
 
 

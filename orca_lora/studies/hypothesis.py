@@ -11,7 +11,7 @@ measured (`power`).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -42,6 +42,7 @@ from orca_lora.studies.study_runs import (
     rank_curves,
     rank_sweep,
     seeds_at_every_rank,
+    select,
     stacked_test_errors,
 )
 
@@ -73,11 +74,15 @@ class ChosenRank:
 
 @dataclass
 class NoiseEstimate:
-    """Per task, from the primary sweep: attainable validation gain A, seed sd of the validation means
-    (median over ranks), per-sample sd (median over ranks), in units of A."""
+    """Per task, from the primary sweep (validation): the best error e_best, the un-adapted error's ratio
+    e(0) / e_best, the share of the log gain left at the smallest rank, ln(e(r_min) / e_best) / ln(e(0) / e_best),
+    and the seed sd of the run means and the per-sample sd, in units of e_best (the log-gain rule is invariant to
+    the errors' scale)."""
 
     task: str
-    gain: float
+    best: float
+    unadapted_ratio: float
+    first_share: float
     seed_sd: float
     sample_sd: float
 
@@ -136,22 +141,28 @@ def rank_rows(runs: Sequence[StudyRun], curves: Sequence[TaskCurve], regime: Reg
     return rows
 
 
-def chosen_ranks(curves: Sequence[TaskCurve], rows: Sequence[RankRow]) -> list[ChosenRank]:
-    """r* on validation (the plan's rule) with its test error; beside it the rank the same rule picks
-    from the test errors, to show what choosing on test would have changed (it is never used)."""
+def chosen_ranks(runs: Sequence[StudyRun], curves: Sequence[TaskCurve], rows: Sequence[RankRow],
+                 regime: Regime) -> list[ChosenRank]:
+    """r* on validation (the plan's log-gain rule, from the curve's rank-0 runs) with its test error; beside it
+    the rank the same rule picks from the test errors (rank 0's included), to show what choosing on test would
+    have changed (it is never used)."""
     chosen = []
     for curve in curves:
         by_rank = {row.rank: row for row in rows if row.task == curve.task}
-        r_star = smallest_sufficient_rank(curve.ranks, curve.errors, GAIN_FRACTION)
+        r_star = smallest_sufficient_rank(curve.ranks, curve.errors, GAIN_FRACTION, curve.unadapted)
         test_means = np.array([by_rank[int(rank)].test_error for rank in curve.ranks])
-        on_test = smallest_sufficient_rank(curve.ranks, test_means[None, :, None], GAIN_FRACTION)
+        seeds = seeds_at_every_rank(rank_sweep(runs, curve.task, regime))
+        unadapted_test = np.mean([run.test_errors.mean() for run in select(runs, curve.task, "linear", regime)
+                                  if run.seed in seeds])
+        on_test = smallest_sufficient_rank(curve.ranks, test_means[None, :, None], GAIN_FRACTION,
+                                           np.full((1, 1), unadapted_test))
         chosen.append(ChosenRank(curve.task, curve.gap, r_star, by_rank[r_star].test_error, by_rank[r_star].test_se,
                                  on_test))
     return chosen
 
 
 def noise_estimates(curves: Sequence[TaskCurve]) -> list[NoiseEstimate]:
-    """The two noise terms of `power.synthetic_curves`, in units of the task's attainable gain A:
+    """The design terms of `power.synthetic_curves` measured on each curve (`NoiseEstimate`); the noise:
     per-sample sd = the sd of errors[s, r, n] after removing each sample's own difficulty (its mean over
     seeds and ranks, shared by every run and so cancelled by the paired r* rule) and each run's mean;
     seed sd = the seed-to-seed sd of the run means less what that residual contributes (/ sqrt N)."""
@@ -159,7 +170,8 @@ def noise_estimates(curves: Sequence[TaskCurve]) -> list[NoiseEstimate]:
     for curve in curves:
         errors = curve.errors
         means = errors.mean(axis=(0, 2))
-        gain = float(means[0] - means.min())
+        best, unadapted = float(means.min()), float(curve.unadapted.mean())
+        log_gain = math.log(unadapted / best) if unadapted > best else math.nan
         residual = errors - errors.mean(axis=(0, 1), keepdims=True) - errors.mean(axis=2, keepdims=True) \
             + errors.mean()
         sample_sd = float(residual.std(ddof=1))
@@ -168,14 +180,16 @@ def noise_estimates(curves: Sequence[TaskCurve]) -> list[NoiseEstimate]:
             seed_sd = math.sqrt(max(run_variance - sample_sd ** 2 / errors.shape[2], 0.0))
         else:
             seed_sd = math.nan
-        scale = gain if gain > 0 else math.nan
-        estimates.append(NoiseEstimate(curve.task, gain, seed_sd / scale, sample_sd / scale))
+        estimates.append(NoiseEstimate(curve.task, best, unadapted / best, math.log(means[0] / best) / log_gain,
+                                       seed_sd / best, sample_sd / best))
     return estimates
 
 
 def _finite(noise: Sequence[NoiseEstimate]) -> list[NoiseEstimate]:
-    """The tasks whose seed and sample noise were both measured (two or more seeds at every rank)."""
-    return [n for n in noise if math.isfinite(n.seed_sd) and math.isfinite(n.sample_sd)]
+    """The tasks whose seed and sample noise were both measured (two or more seeds at every rank) and whose
+    rank-0 error lies above the best (a log gain to share)."""
+    return [n for n in noise if math.isfinite(n.seed_sd) and math.isfinite(n.sample_sd)
+            and math.isfinite(n.first_share)]
 
 
 def power_unavailable(curves: Sequence[TaskCurve], noise: Sequence[NoiseEstimate]) -> Optional[str]:
@@ -185,19 +199,24 @@ def power_unavailable(curves: Sequence[TaskCurve], noise: Sequence[NoiseEstimate
     if len({(tuple(curve.ranks), curve.errors.shape) for curve in curves}) > 1:
         return "it simulates one design, and these tasks differ in rank grid, seeds or validation samples"
     if not _finite(noise):
-        return "it needs a finite measured noise, that is two or more seeds at every rank"
+        return ("it needs a finite measured noise, that is two or more seeds at every rank, on a task whose rank-0 "
+                "error lies above its best")
     return None
 
 
 def measured_power(curves: Sequence[TaskCurve], noise: Sequence[NoiseEstimate], n_studies: int = 100,
                    seed: int = 0) -> list[PowerResult]:
-    """The power simulation at this study's gaps, grid, seeds and validation size, with the median
-    measured noise relative to the gain (the r* rule is invariant to the errors' scale)."""
+    """The power simulation at this study's gaps, grid, seeds and validation size, with the medians over tasks of
+    the measured e(0) / e_best, log-gain share at r_min and noise (in units of e_best: the plan's amendment of
+    21:42; the log-gain rule is invariant to the errors' scale). The share is kept inside the simulation's range
+    (f, 1]: a measured share at or below f is a curve whose gain was all had by r_min."""
     if power_unavailable(curves, noise) is not None:
         return []
     usable = _finite(noise)
+    first_share = float(np.clip(np.median([n.first_share for n in usable]), GAIN_FRACTION + 1e-3, 1.0))
     design = dict(gaps=np.array([curve.gap for curve in curves]), ranks=tuple(int(r) for r in curves[0].ranks),
-                  e_inf=1.0, gain=1.0, seed_sd=float(np.median([n.seed_sd for n in usable])),
+                  e_inf=1.0, unadapted_ratio=float(np.median([n.unadapted_ratio for n in usable])),
+                  first_share=first_share, seed_sd=float(np.median([n.seed_sd for n in usable])),
                   sample_sd=float(np.median([n.sample_sd for n in usable])),
                   n_samples=int(curves[0].errors.shape[2]), n_seeds=int(curves[0].errors.shape[0]))
     return [simulate_power(beta, n_studies, seed + index, **design) for index, beta in enumerate((1.0, 0.0))]
@@ -208,25 +227,28 @@ def evaluate_study(runs: Sequence[StudyRun], n_resamples: int = 999, seed: int =
     """Every analysis of the plan on the runs of one study (read with `study_runs.read_study`); `plan`, the
     runs checked against the sweep's plan (`study_runs.check_plan`), names the points that did not finish."""
     regime = primary_regime(runs)
-    referenced = rank_curves(runs, regime, unadapted=True)  # the controls' log-gain r* measures from rank 0
-    swept = [replace(curve, unadapted=None) for curve in referenced]  # the primary rule, from the smallest rank
-    curves = [curve for curve in swept if curve.gap > 0]
+    swept = rank_curves(runs, regime, unadapted=True)  # r* by log gain, measured from the rank-0 runs
+    positive = [curve for curve in swept if curve.gap > 0]
+    curves = [curve for curve in positive if curve.unadapted is not None]
     rows = rank_rows(runs, curves, regime)
     fit = fit_threshold_law(curves, GAIN_FRACTION, n_resamples, seed) if len(curves) >= 3 else None
     noise = noise_estimates(curves)
     result = StudyResult(f"{regime}, {epochs_phrase(runs, regime)}", len(runs), len(curves), GAIN_FRACTION, fit, rows,
-                         chosen_ranks(curves, rows), noise,
+                         chosen_ranks(runs, curves, rows, regime), noise,
                          measured_power(curves, noise, power_studies, seed) if power_studies else [])
-    result.n_at_floor = len(swept) - len(curves)
+    result.n_at_floor = len(swept) - len(positive)
     result.power_note = power_unavailable(curves, noise) if power_studies else "not asked for (0 power studies)"
     result.deviations = [f"{curve.task}: its floor-corrected gap is 0 at every block (at its null), so log2 D is "
                          "undefined and the task is left out of the fit" for curve in swept if curve.gap <= 0]
+    result.deviations += [f"{curve.task}: no rank-0 (`linear`) run for every seed of its rank sweep, so its r* (the "
+                          "log-gain rule, measured from rank 0) is undefined and the task is left out of the fit: run "
+                          "the sweep's `linear` grid" for curve in positive if curve.unadapted is None]
     result.deviations += incomplete_curves(runs, swept, regime)
     result.validation_samples = min((curve.errors.shape[2] for curve in curves), default=0)
     if plan is not None:
         result.planned_points, result.missing = plan.n_planned, list(plan.missing)
         result.incomplete = incomplete_against_plan(curves, plan.missing)
-    result.controls = control_summary(runs, referenced, regime, fit, GAIN_FRACTION, seed)
+    result.controls = control_summary(runs, swept, regime, fit, GAIN_FRACTION)
     result.posterior = blocks.posterior_points(runs, regime)
     result.one_block = blocks.one_block_points(runs, regime)
     result.energy = blocks.energy_points(runs, regime) if select_any(runs, "full", regime) else []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-GAIN_FRACTION = 0.1  # r*: the smallest rank within 10% of the attainable gain above the best rank's error
+GAIN_FRACTION = 0.1  # r*: the smallest rank within 10% of the log gain from rank 0 to the best (amendment of 21:42)
 TRAINING_RATIO = 1.15  # minimum of training: the study's test error within 15% of a 5x longer run's
 
 

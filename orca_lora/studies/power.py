@@ -2,28 +2,33 @@
 
 A synthetic task t has a gap D_t and a true continuous threshold rank rho_t = c D_t^beta, c chosen per
 beta so that the geometric mean of the rho_t is 2^center_log2_rank (default 2^2.5 ~ 5.7, the middle
-of the grid 1..32; with beta = 0 every task gets that rho). Its noiseless error curve is
-e_t(r) = e_inf + A q(u), u = log2(r / r_min), U = log2(r_max / r_min), u_rho = log2(rho_t / r_min):
-- r_min < rho < r_max: q is piecewise linear in u through (0, 1), (u_rho, f), (U, 0): q(r_min) = 1,
-  decreasing, 0 at r_max, and q(u) > f exactly for r < rho, so the plan's r* (e_best = e(r_max) =
-  e_inf, gain A) is the smallest grid rank >= rho: the noiseless crossing is at rho exactly.
-- rho >= r_max: q = 1 - (1 - f) u / u_rho (the line through (0, 1) and (u_rho, f)): still falling at
-  r_max, r* = r_max (right-censored) provided the grid's last log2 step exceeds f U (checked).
-- rho <= r_min: q = 0 (flat): all the gain was had below the grid, r* = r_min (left-censored). With
-  noise a flat curve's r* is wherever the noise puts the minimum, which is what the plan's r* does.
-Noise: errors[s, r, n] = e_t(r) + run[s, r] + sample[s, r, n], run ~ N(0, seed_sd^2) per (seed, rank),
-sample ~ N(0, sample_sd^2) independent per (seed, rank, validation sample).
+of the grid 1..32; with beta = 0 every task gets that rho). Its error falls with the shape q(u),
+u = log2(r / r_min), U = log2(r_max / r_min), u_rho = log2(rho_t / r_min), f the rule's fraction:
+- r_min < rho < r_max: q is piecewise linear in u through (0, q_1), (u_rho, f), (U, 0), so q(r) > f
+  exactly for r < rho;
+- rho >= r_max: q = q_1 - (q_1 - f) u / u_rho below r_max and 0 at r_max (still falling there: r* = r_max,
+  right-censored);
+- rho <= r_min: q = 0 (flat): all the gain was had below the grid, r* = r_min (left-censored).
+Two curves, one per r* rule (`rank_threshold.threshold_index`):
+- the log-gain rule (the plan's primary since its amendment of 21:42), with the un-adapted error e(0):
+  ln e(r) = ln e_inf + ln(e(0) / e_inf) q(r), q_1 the share of the log gain still to be had at r_min; the
+  rule's tolerance is e_best (e(0) / e_best)^f, so the noiseless r* is the first grid rank >= rho;
+- the gain rule (tolerance f of the gain from r_min, no rank 0): e(r) = e_inf + A q(r) with q_1 = 1.
+Noise: errors[s, r, n] = e(r) + run[s, r] + sample[s, r, n], run ~ N(0, seed_sd^2) per (seed, rank),
+sample ~ N(0, sample_sd^2) independent per (seed, rank, validation sample); the rank-0 errors alike.
 
 Defaults: e_inf = 0.10 and seed_sd = 0.0007 are measured: Darcy flow, LoRA rank 4, 3 seeds, test
 error 0.1052 +- 0.0004 (SE over seeds, so sd 0.0004 sqrt(3) = 0.0007) in the allocation comparison
-(README, `configs/sweep_compare_allocations.yaml`). A = 0.03, sample_sd = 0.03, N = 128, S = 3 are
-the design's working values (not measured here); pass what the study measures.
+(README, `configs/sweep_compare_allocations.yaml`). e(0) / e_inf = 2, q_1 = 0.5 (the log-gain rule's
+working values, fixed in the plan before the study), A = 0.03 (the gain rule's), sample_sd = 0.03, N = 128,
+S = 3 are the design's working values (not measured here); pass what the study measures.
 The bootstrap inside the simulation uses n_resamples = 199 replicates (the analysis itself 999): part
 of the design, since it sets the Monte Carlo error of each study's interval ends.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
@@ -52,37 +57,55 @@ def threshold_ranks(gaps: np.ndarray, beta: float, center_log2_rank: float = 2.5
     return 2.0 ** (center_log2_rank + beta * (log_gaps - log_gaps.mean()))
 
 
-def gain_shape(ranks: np.ndarray, rho: float, gain_fraction: float = 0.1) -> np.ndarray:
-    """q(r) on the grid (module docstring): q(r_min) = 1, noiseless plan's r* = the first rank >= rho."""
+def gain_shape(ranks: np.ndarray, rho: float, gain_fraction: float = 0.1, first_share: float = 1.0) -> np.ndarray:
+    """q(r) on the grid (module docstring): q(r_min) = first_share, q > gain_fraction exactly below rho's grid
+    rank, q(r_max) = 0."""
     ranks = np.asarray(ranks, float)
+    if not gain_fraction < first_share <= 1:
+        raise ValueError(f"first_share must lie in (gain_fraction, 1] = ({gain_fraction}, 1], got {first_share}")
     u, total = np.log2(ranks / ranks[0]), np.log2(ranks[-1] / ranks[0])
     if rho <= ranks[0]:
         return np.zeros_like(u)
     u_rho = np.log2(rho / ranks[0])
-    first = 1 - (1 - gain_fraction) * u / u_rho
-    if rho >= ranks[-1]:
-        if total - u[-2] <= gain_fraction * total:
-            raise ValueError("the grid's last log2 step must exceed gain_fraction * log2(r_max / r_min) "
-                             "for a synthetic curve to be right-censored")
-        return first
+    first = first_share - (first_share - gain_fraction) * u / u_rho
+    if rho >= ranks[-1]:  # still falling at r_max: the grid's best, so its share of the gain left is 0
+        return np.where(u < total, first, 0.0)
     second = gain_fraction * (total - u) / (total - u_rho)
     return np.where(u <= u_rho, first, second)
 
 
+def noiseless_curve(ranks: np.ndarray, rho: float, gain_fraction: float, e_inf: float, gain: float,
+                    unadapted_ratio: Optional[float], first_share: float) -> tuple[np.ndarray, Optional[float]]:
+    """(e(r) on the grid, e(0) or None) for one synthetic task (module docstring): the log-gain rule's curve
+    from e(0) = e_inf unadapted_ratio, or (unadapted_ratio None) the gain rule's e_inf + gain q (q_1 = 1)."""
+    if unadapted_ratio is None:
+        return e_inf + gain * gain_shape(ranks, rho, gain_fraction), None
+    if unadapted_ratio <= 1:
+        raise ValueError(f"unadapted_ratio e(0) / e_inf must exceed 1, got {unadapted_ratio}")
+    return e_inf * unadapted_ratio ** gain_shape(ranks, rho, gain_fraction, first_share), e_inf * unadapted_ratio
+
+
 def synthetic_curves(beta: float, rng: np.random.Generator, gaps: np.ndarray | None = None,
                      ranks: tuple[int, ...] = RANKS, gain_fraction: float = 0.1, e_inf: float = 0.10,
-                     gain: float = 0.03, seed_sd: float = 0.0007, sample_sd: float = 0.03,
-                     n_samples: int = 128, n_seeds: int = 3,
+                     gain: float = 0.03, unadapted_ratio: Optional[float] = 2.0, first_share: float = 0.5,
+                     seed_sd: float = 0.0007, sample_sd: float = 0.03, n_samples: int = 128, n_seeds: int = 3,
                      center_log2_rank: float = 2.5) -> list[TaskCurve]:
-    """One simulated study: per task errors (S, R, N) around e_inf + A q(r; rho_t)."""
+    """One simulated study: per task errors (S, R, N) around e(r; rho_t), and the rank-0 errors (S, N) around
+    e(0) (the log-gain rule; `unadapted_ratio=None`: the gain rule's curves, e_inf + gain q, no rank 0)."""
     gaps = np.geomspace(20, 900, 8) if gaps is None else np.asarray(gaps, float)
     ranks_array = np.asarray(ranks)
     curves = []
     for t, (gap, rho) in enumerate(zip(gaps, threshold_ranks(gaps, beta, center_log2_rank))):
-        curve = e_inf + gain * gain_shape(ranks_array, rho, gain_fraction)
+        curve, reference = noiseless_curve(ranks_array, rho, gain_fraction, e_inf, gain, unadapted_ratio,
+                                           first_share)
         run = rng.normal(0, seed_sd, (n_seeds, len(ranks), 1))
         sample = rng.normal(0, sample_sd, (n_seeds, len(ranks), n_samples))
-        curves.append(TaskCurve(f"synthetic-{t}", float(gap), ranks_array, curve[None, :, None] + run + sample))
+        unadapted = None
+        if reference is not None:
+            unadapted = reference + rng.normal(0, seed_sd, (n_seeds, 1)) \
+                + rng.normal(0, sample_sd, (n_seeds, n_samples))
+        curves.append(TaskCurve(f"synthetic-{t}", float(gap), ranks_array, curve[None, :, None] + run + sample,
+                                unadapted))
     return curves
 
 
@@ -91,8 +114,8 @@ def simulate_power(beta: float, n_studies: int = 100, seed: int = 0, n_resamples
     """Simulate n_studies studies with the planted beta, analyse each as `fit_threshold_law` does (its
     two-stage percentile bootstrap of beta, n_resamples replicates) and report the interval's coverage
     of beta, the verdict rates and the median interval width. `design` goes to `synthetic_curves`
-    (gaps, ranks, e_inf, gain, seed_sd, sample_sd, n_samples, n_seeds, center_log2_rank).
-    Deterministic in `seed`. All studies' replicates are fitted in one batched call."""
+    (gaps, ranks, e_inf, gain, unadapted_ratio, first_share, seed_sd, sample_sd, n_samples, n_seeds,
+    center_log2_rank). Deterministic in `seed`. All studies' replicates are fitted in one batched call."""
     rng = np.random.default_rng(seed)
     xs, lows, highs, exact = [], [], [], []
     for _ in range(n_studies):

@@ -79,7 +79,7 @@ def secondary(result: StudyResult) -> StudyResult:
 
 def study_result() -> StudyResult:
     """Four tasks, one censored at each end, with every secondary part."""
-    noise = [NoiseEstimate(task, 0.05, 0.1, 0.8) for task in TASKS]
+    noise = [NoiseEstimate(task, 0.05, 2.0, 0.5, 0.1, 0.8) for task in TASKS]
     result = StudyResult("frozen embedder, 6 epochs", 131, 4, 0.1, fit(), rank_rows(TASKS), chosen(TASKS), noise,
                          [power(1.0, 0.87), power(0.0, 0.04)])
     result = secondary(result)
@@ -90,7 +90,7 @@ def study_result() -> StudyResult:
 def bare_result() -> StudyResult:
     """Two tasks of one seed: no fit, no power, no secondary part."""
     tasks = ("near", "far")
-    noise = [NoiseEstimate(task, 0.05, math.nan, 0.8) for task in tasks]
+    noise = [NoiseEstimate(task, 0.05, 2.0, 0.5, math.nan, 0.8) for task in tasks]
     result = StudyResult("frozen embedder, 6 epochs", 12, 2, 0.1, None, rank_rows(tasks, 1), chosen(tasks, 1), noise,
                          [])
     result.verdict = verdict(result)

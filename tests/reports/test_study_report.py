@@ -81,7 +81,7 @@ def test_fit_rank_table_and_power(full):
     assert "| mid | 8 | 3 | 0.1163 ± 0.001 | 0.1213 ± 0.002 | r* on test (never used) |" in text
     assert "| 1.00 | 100 | 94% | 87% | proportional 87%, grows 0%, falls 0%, flat 0%, no evidence 13% | 1.80 | 199 |" \
         in text
-    assert "| far | 0.05 | 0.1 | 0.8 |" in text
+    assert "| far | 0.05 | 2 | 0.5 | 0.1 | 0.8 |" in text
 
 
 def test_secondary_tables(full):
@@ -155,9 +155,9 @@ def test_a_failed_point_of_the_sweeps_plan_is_named_and_its_curve_not_called_com
     result = evaluate_study(runs, n_resamples=19, power_studies=0, plan=check_plan([tmp_path], runs))
     text = written(result, tmp_path)
     assert "complete rank sweep" not in text
-    assert "3 task(s) with a rank sweep, 1 of them incomplete (darcy); 8 runs read." in text
+    assert "3 task(s) with a rank sweep, 1 of them incomplete (darcy); 11 runs read." in text
     section = text[text.index("## Planned points that did not finish"):text.index("## Analysis plan")]
-    assert "1 of the sweep's 9 planned points have no finished run" in section
+    assert "1 of the sweep's 12 planned points have no finished run" in section
     assert "| darcy_rank4 | stopped in stage1: failed, interrupted or still running | darcy | lora | 4 | 0 | yes |" \
         in section
     assert "- darcy: incomplete curve, none at rank 4; r* chosen from ranks 1, 8." in section

@@ -146,8 +146,8 @@ def test_a_slope_in_the_identified_set_is_not_rejected():
     assert identified_p_value(replicates, 0.0, (0.93, 1.40)) == bootstrap_p_value(replicates, 0.0)
     assert identified_p_value(replicates, 1.0, None) == bootstrap_p_value(replicates, 1.0)
     grids = {1: [1, 2], 2: [1, 2, 4], 4: [1, 3, 4, 6], 8: [1, 4, 7, 8, 10]}
-    curves = [TaskCurve(f"k{k}", 1.036 * k, np.array(ranks), curve_errors([0.001 + 0.01 * max(k - r, 0) for r in ranks]))
-              for k, ranks in grids.items()]
+    curves = [TaskCurve(f"k{k}", 1.036 * k, np.array(ranks),
+                        curve_errors([0.001 + 0.01 * max(k - r, 0) for r in ranks])) for k, ranks in grids.items()]
     assert fit_threshold_law(curves, n_resamples=50).p_slope_one == 1.0
 
 
