@@ -95,6 +95,21 @@ def calibrate_command(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("pilot", "the regime pilot (configs/study_gap.md): per task and setting, on validation, the rank benefit G "
+         "with its bootstrap interval, the minimum-of-training check and the cost; writes DIR/pilot.md",
+         directories_arguments)
+def pilot_command(args: argparse.Namespace) -> int:
+    from orca_lora.files import write_text_atomic
+    from orca_lora.studies.pilot import pilot_table
+
+    table = pilot_table(args.directories)
+    print(table)
+    path = args.directories[0] / "pilot.md"
+    write_text_atomic(path, table)
+    print(f"written: {path}")
+    return 0
+
+
 def calibrate_plants_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("sweep", help="a planted-shift sweep file (see configs/controls.yaml)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -14,7 +14,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 WITHOUT_FILES = ["task.file=null", "task.test_file=null", "task.resolution=85"]
 
 
-SWEEP_PREFIXES = ("sweep_", "study_", "controls")  # sweep files: a base config and grids
+SWEEP_PREFIXES = ("sweep_", "study_", "controls", "pilot_")  # sweep files: a base config and grids
 RUN_CONFIGS = sorted(path for path in CONFIGS.glob("*.yaml") if not path.name.startswith(SWEEP_PREFIXES))
 SWEEPS = sorted(path for path in CONFIGS.glob("*.yaml") if path.name.startswith(SWEEP_PREFIXES))
 
