@@ -193,13 +193,14 @@ def _power_section(result: StudyResult) -> list[str]:
     else:
         lines.append(f"No power simulation: {result.power_note}. The study's own design is {PRIMARY_SWEEP}.")
     lines += ["", "Measured per task (validation): the best error, e(0) / e_best, the share of the log gain left at "
-              "the smallest rank, and the seed and sample sd in units of e_best (the simulation takes their medians):", ""]
+              "the smallest rank, and the seed and sample sd as fractions of each rank's error (the simulation takes "
+              "their medians):", ""]
     if not result.noise:
         return lines + ["No noise estimates: no rank curves."]
     rows = [[n.task, _number(n.best), _number(n.unadapted_ratio, 3), _number(n.first_share, 3), _number(n.seed_sd, 3),
              _number(n.sample_sd, 3)] for n in result.noise]
-    return lines + _table(["task", "e_best", "e(0) / e_best", "log-gain share at r_min", "seed sd / e_best",
-                           "sample sd / e_best"], rows)
+    return lines + _table(["task", "e_best", "e(0) / e_best", "log-gain share at r_min", "seed sd / e(r)",
+                           "sample sd / e(r)"], rows)
 
 
 def _trend_row(trend: BlockTrend) -> list[str]:

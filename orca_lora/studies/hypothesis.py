@@ -76,8 +76,8 @@ class ChosenRank:
 class NoiseEstimate:
     """Per task, from the primary sweep (validation): the best error e_best, the un-adapted error's ratio
     e(0) / e_best, the share of the log gain left at the smallest rank, ln(e(r_min) / e_best) / ln(e(0) / e_best),
-    and the seed sd of the run means and the per-sample sd, in units of e_best (the log-gain rule is invariant to
-    the errors' scale)."""
+    and the seed sd of the run means and the per-sample sd, as fractions of each rank's mean error (the power
+    simulation's relative noise)."""
 
     task: str
     best: float
@@ -110,6 +110,7 @@ class StudyResult:
     power: list[PowerResult]  # beta = 1 and beta = 0 at the study's gaps and measured noise
     power_note: Optional[str] = None  # why there is no power simulation (`power_unavailable`)
     n_at_floor: int = 0  # tasks with a rank sweep whose gap is 0 at every block: left out of the fit
+    n_without_reference: int = 0  # tasks with a rank sweep but no rank-0 (`linear`) runs: no r*, left out
     posterior: list[blocks.BlockPoint] = field(default_factory=list)
     one_block: list[blocks.BlockPoint] = field(default_factory=list)
     energy: list[blocks.BlockPoint] = field(default_factory=list)
@@ -162,14 +163,15 @@ def chosen_ranks(runs: Sequence[StudyRun], curves: Sequence[TaskCurve], rows: Se
 
 
 def noise_estimates(curves: Sequence[TaskCurve]) -> list[NoiseEstimate]:
-    """The design terms of `power.synthetic_curves` measured on each curve (`NoiseEstimate`); the noise:
-    per-sample sd = the sd of errors[s, r, n] after removing each sample's own difficulty (its mean over
-    seeds and ranks, shared by every run and so cancelled by the paired r* rule) and each run's mean;
-    seed sd = the seed-to-seed sd of the run means less what that residual contributes (/ sqrt N)."""
+    """The design terms of `power.synthetic_curves` measured on each curve (`NoiseEstimate`); the noise, on the
+    errors divided by their rank's mean e(r) (relative, as the simulation draws it): per-sample sd = the sd of
+    the relative errors after removing each sample's own difficulty (its mean over seeds and ranks, shared by
+    every run and so cancelled by the paired r* rule) and each run's mean; seed sd = the seed-to-seed sd of the
+    run means less what that residual contributes (/ sqrt N)."""
     estimates = []
     for curve in curves:
-        errors = curve.errors
-        means = errors.mean(axis=(0, 2))
+        means = curve.errors.mean(axis=(0, 2))
+        errors = curve.errors / means[None, :, None]
         best, unadapted = float(means.min()), float(curve.unadapted.mean())
         log_gain = math.log(unadapted / best) if unadapted > best else math.nan
         residual = errors - errors.mean(axis=(0, 1), keepdims=True) - errors.mean(axis=2, keepdims=True) \
@@ -181,7 +183,7 @@ def noise_estimates(curves: Sequence[TaskCurve]) -> list[NoiseEstimate]:
         else:
             seed_sd = math.nan
         estimates.append(NoiseEstimate(curve.task, best, unadapted / best, math.log(means[0] / best) / log_gain,
-                                       seed_sd / best, sample_sd / best))
+                                       seed_sd, sample_sd))
     return estimates
 
 
@@ -207,8 +209,8 @@ def power_unavailable(curves: Sequence[TaskCurve], noise: Sequence[NoiseEstimate
 def measured_power(curves: Sequence[TaskCurve], noise: Sequence[NoiseEstimate], n_studies: int = 100,
                    seed: int = 0) -> list[PowerResult]:
     """The power simulation at this study's gaps, grid, seeds and validation size, with the medians over tasks of
-    the measured e(0) / e_best, log-gain share at r_min and noise (in units of e_best: the plan's amendment of
-    21:42; the log-gain rule is invariant to the errors' scale). The share is kept inside the simulation's range
+    the measured e(0) / e_best, log-gain share at r_min and relative noise (the plan's amendments of 21:42 and
+    22:35; the log-gain rule is invariant to the errors' scale). The share is kept inside the simulation's range
     (f, 1]: a measured share at or below f is a curve whose gain was all had by r_min."""
     if power_unavailable(curves, noise) is not None:
         return []
@@ -237,6 +239,7 @@ def evaluate_study(runs: Sequence[StudyRun], n_resamples: int = 999, seed: int =
                          chosen_ranks(runs, curves, rows, regime), noise,
                          measured_power(curves, noise, power_studies, seed) if power_studies else [])
     result.n_at_floor = len(swept) - len(positive)
+    result.n_without_reference = len(positive) - len(curves)
     result.power_note = power_unavailable(curves, noise) if power_studies else "not asked for (0 power studies)"
     result.deviations = [f"{curve.task}: its floor-corrected gap is 0 at every block (at its null), so log2 D is "
                          "undefined and the task is left out of the fit" for curve in swept if curve.gap <= 0]
@@ -292,6 +295,8 @@ def incomplete_against_plan(curves: Sequence[TaskCurve], missing: Sequence[Missi
 def sweeps_phrase(result: StudyResult) -> str:
     """"4 task(s) with a complete rank sweep", or how many of them lack planned points."""
     floor = f" and a positive gap ({result.n_at_floor} more at the gap floor)" if result.n_at_floor else ""
+    if result.n_without_reference:
+        floor += f" and rank-0 runs ({result.n_without_reference} more without: run their `linear` points)"
     if not result.incomplete:
         return f"{result.n_tasks} task(s) with a complete rank sweep{floor}"
     names = ", ".join(curve.task for curve in result.incomplete)

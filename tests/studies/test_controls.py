@@ -98,6 +98,8 @@ def test_a_planted_task_without_rank_zero_runs_has_no_r_star_and_no_fit(tmp_path
     assert [row.r_star for row in result.controls.rows] == [None] * 3 and result.controls.recovered == 0
     assert [row.gain_r_star for row in result.controls.rows][1:] == [2, 4]  # k = 1: a flat curve, noise picks
     assert result.fit is None and sum("no rank-0 (`linear`) run" in line for line in result.deviations) == 3
+    assert hyp.sweeps_phrase(result) == ("0 task(s) with a complete rank sweep and rank-0 runs (3 more without: run "
+                                         "their `linear` points)")
     section = write_report(result, tmp_path / "report").read_text().split("## Known-answer controls")[1]
     assert "| planted-shift(planted_k=2) | 2 | n/a | no | 2 |" in section
 
