@@ -45,7 +45,7 @@ def test_hypothesis_notebook_walks_through_a_sweep(tiny_sweep, tiny_settings):
     text = "".join(output.get("text", "") for cell in notebook.cells for output in cell.get("outputs", []))
     assert "run now: 0, finished earlier: 5" in text
     assert "No verdict: 0 task(s) with a complete rank sweep and rank-0 runs (2 more without" in text
-    assert "r* (validation)" in text and (tiny_sweep / "report.md").is_file()
+    assert "study_rank_curves.png" in text and (tiny_sweep / "report.md").is_file()  # the curves, without r*
     images = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.get("outputs", [])
               if "image/png" in output.get("data", {})]
     assert images

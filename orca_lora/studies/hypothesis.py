@@ -232,7 +232,7 @@ def evaluate_study(runs: Sequence[StudyRun], n_resamples: int = 999, seed: int =
     swept = rank_curves(runs, regime, unadapted=True)  # r* by log gain, measured from the rank-0 runs
     positive = [curve for curve in swept if curve.gap > 0]
     curves = [curve for curve in positive if curve.unadapted is not None]
-    rows = rank_rows(runs, curves, regime)
+    rows = rank_rows(runs, positive, regime)  # every swept curve is shown; r* and the fit need rank 0
     fit = fit_threshold_law(curves, GAIN_FRACTION, n_resamples, seed) if len(curves) >= 3 else None
     noise = noise_estimates(curves)
     result = StudyResult(f"{regime}, {epochs_phrase(runs, regime)}", len(runs), len(curves), GAIN_FRACTION, fit, rows,

@@ -97,6 +97,7 @@ def test_a_planted_task_without_rank_zero_runs_has_no_r_star_and_no_fit(tmp_path
     result = hyp.evaluate_study(read_study([tmp_path]), n_resamples=19, power_studies=0)
     assert [row.r_star for row in result.controls.rows] == [None] * 3 and result.controls.recovered == 0
     assert [row.gain_r_star for row in result.controls.rows][1:] == [2, 4]  # k = 1: a flat curve, noise picks
+    assert len({row.task for row in result.rank_rows}) == 3 and result.chosen == []  # curves shown, no r*
     assert result.fit is None and sum("no rank-0 (`linear`) run" in line for line in result.deviations) == 3
     assert hyp.sweeps_phrase(result) == ("0 task(s) with a complete rank sweep and rank-0 runs (3 more without: run "
                                          "their `linear` points)")
