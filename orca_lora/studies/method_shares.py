@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from orca_lora.studies.rank_threshold import relative_benefit
 from orca_lora.studies.stats.bootstrap import bootstrap_interval, seed_se
 from orca_lora.studies.study_runs import Regime, StudyRun, select, stacked_test_errors
 
@@ -110,10 +111,6 @@ def method_shares(runs: Sequence[StudyRun], regime: Regime, n_resamples: int = 9
     return shares
 
 
-def _benefit(low: np.ndarray, high: np.ndarray) -> np.ndarray:
-    return (low - high) / high
-
-
 def rank_benefits(runs: Sequence[StudyRun], regimes: Sequence[Regime], n_resamples: int = 999,
                   seed: int = 0) -> list[RankBenefit]:
     """G on the test split per task and regime, at the lowest and highest rank every regime swept for
@@ -135,7 +132,7 @@ def rank_benefits(runs: Sequence[StudyRun], regimes: Sequence[Regime], n_resampl
             low = [run for run in curve if run.rank == low_rank and run.seed in seeds]
             high = [run for run in curve if run.rank == high_rank and run.seed in seeds]
             _, (low_errors, high_errors) = _paired(low, high)
-            value, lo, hi = bootstrap_interval(_benefit, [low_errors, high_errors], n_resamples, seed)
+            value, lo, hi = bootstrap_interval(relative_benefit, [low_errors, high_errors], n_resamples, seed)
             benefits.append(RankBenefit(task, str(regime), seeds, low_rank, high_rank, float(low_errors.mean()),
                                         float(high_errors.mean()), value, (lo, hi)))
     return benefits

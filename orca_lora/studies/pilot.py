@@ -20,6 +20,7 @@ import numpy as np
 
 from orca_lora.run_files import FinishedRun, read_finished_runs, read_sample_errors
 from orca_lora.studies.plan import rank_benefit_shown, training_met
+from orca_lora.studies.rank_threshold import relative_benefit
 from orca_lora.studies.stats.bootstrap import bootstrap_interval
 
 SETTING_KEYS = ("trainer.max_epochs", "stage3.lr", "stage3.batch_size")
@@ -75,10 +76,6 @@ def _errors(runs: Sequence[FinishedRun]) -> np.ndarray:
     return np.stack([np.asarray(read_sample_errors(run.files).val, float) for run in runs])
 
 
-def _benefit(low: np.ndarray, high: np.ndarray) -> np.ndarray:
-    return (low - high) / high
-
-
 def pilot_rows(runs: Sequence[FinishedRun], n_resamples: int = 999, seed: int = 0) -> list[PilotRow]:
     """One row per (task, setting) whose LoRA runs swept at least two ranks on a common seed."""
     groups: dict[tuple, list[FinishedRun]] = defaultdict(list)
@@ -93,7 +90,7 @@ def pilot_rows(runs: Sequence[FinishedRun], n_resamples: int = 999, seed: int = 
         if len(ranks) < 2 or not seeds:
             continue
         low, high = (_errors([by_key[(rank, s)] for s in seeds]) for rank in (ranks[0], ranks[-1]))
-        benefit, lower, upper = bootstrap_interval(_benefit, [low, high], n_resamples, seed)
+        benefit, lower, upper = bootstrap_interval(relative_benefit, [low, high], n_resamples, seed)
         checks = [check_ratio(run, runs) for run in group if run.metrics.rank == CHECK_RANK]
         ratio = next((value for value in checks if value is not None), None)
         rows.append(PilotRow(task, dict(zip(SETTING_KEYS, setting)), seeds, ranks[0], ranks[-1],

@@ -183,9 +183,14 @@ def rank_interval(ranks: np.ndarray, errors: np.ndarray, gain_fraction: float = 
     return float(low), float(high)
 
 
+def relative_benefit(low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """G = (e(r_min) - e(r_max)) / e(r_max) from the two ranks' mean errors (elementwise)."""
+    return (low - high) / high
+
+
 def benefit_from_means(mean_errors: np.ndarray) -> np.ndarray:
-    """G = (e(r_min) - e(r_max)) / e(r_max) along the last axis."""
-    return (mean_errors[..., 0] - mean_errors[..., -1]) / mean_errors[..., -1]
+    """G along the last axis of e(r) (`relative_benefit` of its first and last rank)."""
+    return relative_benefit(mean_errors[..., 0], mean_errors[..., -1])
 
 
 def rank_benefit(ranks: np.ndarray, errors: np.ndarray) -> float:
