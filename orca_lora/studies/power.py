@@ -34,10 +34,10 @@ from typing import Optional
 
 import numpy as np
 
-from orca_lora.studies.rank_threshold import (VERDICTS, TaskCurve, bootstrap_draws, declares_growth, identified_hull,
-                                              observed_intervals, verdict_label)
+from orca_lora.studies.rank_threshold import (VERDICTS, TaskCurve, bootstrap_draws, declares_growth, observed_intervals,
+                                              verdict_label)
 from orca_lora.studies.stats.bootstrap import percentile_interval
-from orca_lora.studies.stats.censored_regression import exact_line_slopes, fit_censored_line
+from orca_lora.studies.stats.censored_regression import exact_line_slopes, fit_censored_line, identified_hull
 
 RANKS = (1, 2, 4, 8, 16, 32)
 

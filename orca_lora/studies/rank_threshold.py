@@ -36,7 +36,7 @@ from orca_lora.studies.stats.bootstrap import (
     seed_standard_error,
 )
 from orca_lora.studies.stats.censored_regression import (CensoredLine, exact_line_slopes, fit_censored_line,
-                                                          fit_censored_mean)
+                                                          fit_censored_mean, identified_hull, identified_p_value)
 
 EQUIVALENCE = 0.5  # |beta| below which r* is declared not to follow the gap ("flat")
 VERDICTS = ("proportional", "grows", "falls", "flat", "no evidence")
@@ -202,14 +202,6 @@ def rank_benefit(ranks: np.ndarray, errors: np.ndarray) -> float:
     return float(benefit_from_means(mean_errors))
 
 
-def identified_hull(percentile: Sequence[float], exact: Optional[tuple[float, float]]) -> tuple[float, float]:
-    """beta's interval (the plan's amendment of 21:25): the bootstrap percentile interval, joined by the slopes of
-    the zero-scatter lines that meet every task's log2 r* interval when there are any (then beta is
-    set-identified and the fitted line is one of them: `censored_regression.exact_line_slopes`)."""
-    low, high = (float(v) for v in percentile)
-    return (low, high) if exact is None else (min(low, exact[0]), max(high, exact[1]))
-
-
 def verdict_label(low: float, high: float) -> str:
     """The plan's verdict from beta's interval (low, high): 'proportional' (low > 0, 1 inside),
     'grows' (low > 0, 1 outside), 'falls' (high < 0), 'flat' (0 inside and the interval within
@@ -292,24 +284,6 @@ def bootstrap_draws(curves: Sequence[TaskCurve], n_resamples: int, rng: np.rando
         low[slots], high[slots] = index_interval(curve.ranks, index)
         r_star[slots], benefit[slots] = np.asarray(curve.ranks)[index], benefit_from_means(means)
     return BootstrapDraws(np.log2(gaps)[task_index], low, high, task_index, r_star, benefit)
-
-
-def bootstrap_p_value(replicates: np.ndarray, null: float) -> float:
-    """Two-sided bootstrap p for slope = null: min(1, 2 min(P*(b* <= null), P*(b* >= null))), each
-    tail (1 + count) / (B + 1)."""
-    n = len(replicates)
-    below = (1 + np.sum(replicates <= null)) / (n + 1)
-    above = (1 + np.sum(replicates >= null)) / (n + 1)
-    return float(min(1.0, 2 * min(below, above)))
-
-
-def identified_p_value(replicates: np.ndarray, null: float, exact: Optional[tuple[float, float]]) -> float:
-    """p for slope = null (the plan's amendment of 21:42): 1 where beta is set-identified and the identified
-    set [b_min, b_max] holds null (an exact line with that slope meets every task: these data cannot reject it),
-    else the bootstrap's (`bootstrap_p_value`)."""
-    if exact is not None and exact[0] <= null <= exact[1]:
-        return 1.0
-    return bootstrap_p_value(replicates, null)
 
 
 def interval_distance(prediction: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:

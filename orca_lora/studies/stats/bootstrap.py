@@ -69,3 +69,12 @@ def seed_standard_error(per_seed: np.ndarray, axis: int = 0) -> np.ndarray:
 def seed_se(errors: np.ndarray) -> float:
     """Standard error over seeds of the per-seed mean errors of errors (S, N) (NaN with one seed)."""
     return float(seed_standard_error(np.asarray(errors, float).mean(axis=1)))
+
+
+def bootstrap_p_value(replicates: np.ndarray, null: float) -> float:
+    """Two-sided bootstrap p for slope = null: min(1, 2 min(P*(b* <= null), P*(b* >= null))), each
+    tail (1 + count) / (B + 1)."""
+    n = len(replicates)
+    below = (1 + np.sum(replicates <= null)) / (n + 1)
+    above = (1 + np.sum(replicates >= null)) / (n + 1)
+    return float(min(1.0, 2 * min(below, above)))

@@ -23,9 +23,12 @@ sublinearly; both stop at `max_iter` with `converged` False and the parameters w
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import numpy as np
 from scipy.special import log_ndtr
+
+from orca_lora.studies.stats.bootstrap import bootstrap_p_value
 
 SIGMA_FLOOR = 0.05
 _LOG_SQRT_2PI = 0.5 * np.log(2 * np.pi)
@@ -227,3 +230,20 @@ def exact_line_slopes(x: np.ndarray, low: np.ndarray, high: np.ndarray) -> tuple
     b_min = float(lower.max()) if lower.size else -np.inf
     b_max = float(upper.min()) if upper.size else np.inf
     return (b_min, b_max) if b_min < b_max else None
+
+
+def identified_hull(percentile: Sequence[float], exact: Optional[tuple[float, float]]) -> tuple[float, float]:
+    """beta's interval (the plan's amendment of 21:25): the bootstrap percentile interval, joined by the slopes of
+    the zero-scatter lines that meet every task's log2 r* interval when there are any (then beta is
+    set-identified and the fitted line is one of them: `exact_line_slopes`)."""
+    low, high = (float(v) for v in percentile)
+    return (low, high) if exact is None else (min(low, exact[0]), max(high, exact[1]))
+
+
+def identified_p_value(replicates: np.ndarray, null: float, exact: Optional[tuple[float, float]]) -> float:
+    """p for slope = null (the plan's amendment of 21:42): 1 where beta is set-identified and the identified
+    set [b_min, b_max] holds null (an exact line with that slope meets every task: these data cannot reject it),
+    else the bootstrap's (`bootstrap_p_value`)."""
+    if exact is not None and exact[0] <= null <= exact[1]:
+        return 1.0
+    return bootstrap_p_value(replicates, null)

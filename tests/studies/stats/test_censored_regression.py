@@ -1,8 +1,10 @@
-"""exact_line_slopes against a brute force: for each b on a fine grid, does an intercept meet every interval?"""
+"""exact_line_slopes against a brute force (for each b on a fine grid, does an intercept meet every interval?), and
+the inference on a set-identified slope (its interval, its p-values)."""
 import numpy as np
 import pytest
 
-from orca_lora.studies.stats.censored_regression import exact_line_slopes
+from orca_lora.studies.stats.bootstrap import bootstrap_p_value
+from orca_lora.studies.stats.censored_regression import exact_line_slopes, identified_hull, identified_p_value
 
 
 def feasible(b, x, low, high):
@@ -33,3 +35,14 @@ def test_the_held_out_laws_intervals_allow_slope_one_and_no_line_meets_crossed_i
     assert exact_line_slopes(np.array([0.0, 0.0]), np.array([0.0, 2.0]), np.array([1.0, 3.0])) is None
     assert exact_line_slopes(np.array([0.0, 1.0]), np.array([-np.inf, -np.inf]), np.array([0.0, 1.0])) == \
         (-np.inf, np.inf)
+
+
+def test_a_slope_in_the_identified_set_is_not_rejected():
+    """p = 1 for a slope that an exact line allows (the plan's amendment of 21:42); the bootstrap's p elsewhere."""
+    replicates = np.full(99, 1.2)  # every replicate at one point of the set: its own p for beta = 1 is 0.02
+    assert bootstrap_p_value(replicates, 1.0) == pytest.approx(0.02)
+    assert identified_p_value(replicates, 1.0, (0.93, 1.40)) == 1.0
+    assert identified_p_value(replicates, 0.0, (0.93, 1.40)) == bootstrap_p_value(replicates, 0.0)
+    assert identified_p_value(replicates, 1.0, None) == bootstrap_p_value(replicates, 1.0)
+    assert identified_hull((1.1, 1.38), (0.93, 1.40)) == (0.93, 1.40)
+    assert identified_hull((1.1, 1.38), None) == (1.1, 1.38)
