@@ -368,10 +368,9 @@ def fit_threshold_law(curves: Sequence[TaskCurve], gain_fraction: float = 0.1, n
     slopes = fit_censored_line(draws.x, draws.low, draws.high).slope
     exact = exact_line_slopes(x, low, high)
     slope_low, slope_high = identified_hull(percentile_interval(slopes, level), exact)
-    r_star = np.array([smallest_sufficient_rank(c.ranks, c.errors, gain_fraction, c.unadapted) for c in curves])
-    rho, rho_p = spearman_permutation(2.0 ** x, r_star, rng)
-    loto_gap, loto_no_gap = leave_one_task_out(x, low, high)
     tasks = [_task_summary(curve, gain_fraction, draws, t, level) for t, curve in enumerate(curves)]
+    rho, rho_p = spearman_permutation(2.0 ** x, np.array([task.r_star for task in tasks]), rng)
+    loto_gap, loto_no_gap = leave_one_task_out(x, low, high)
     return RankLawFit(point.slope, (slope_low, slope_high), point.intercept, point.sigma,
                       identified_p_value(slopes, 0.0, exact), identified_p_value(slopes, 1.0, exact),
                       verdict_label(slope_low, slope_high), rho, rho_p, loto_gap, loto_no_gap,
