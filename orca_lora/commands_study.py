@@ -62,15 +62,21 @@ def hypothesis_command(args: argparse.Namespace) -> int:
 def report_arguments(parser: argparse.ArgumentParser) -> None:
     hypothesis_arguments(parser)
     parser.add_argument("--wall-time", default=None, help="the study's wall time, printed in the report")
+    parser.add_argument("--controls", type=Path, nargs="+", default=[], metavar="CONTROL_DIR",
+                        help="known-answer control sweep directories, each analysed on its own and shown beside "
+                             "the verdict (configs/controls*.yaml)")
 
 
 @command("report", "the study's Markdown report (DIR/report.md) with its figures, tables and verdict, and "
          "DIR/hypothesis.json", report_arguments)
 def report_command(args: argparse.Namespace) -> int:
     from orca_lora.reports.study_report import write_report
+    from orca_lora.studies.control_studies import evaluate_control_studies
     from orca_lora.studies.hypothesis import write_study
 
+    controls = evaluate_control_studies(args.controls, args.resamples, args.seed)  # before the study's slower read
     result = _evaluate(args)
+    result.control_studies = controls
     directory = args.directories[0]
     written = [write_report(result, directory, " ".join(sys.argv), args.wall_time), write_study(result, directory)]
     _print_study(result)

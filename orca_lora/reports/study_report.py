@@ -65,6 +65,11 @@ def _title(result: StudyResult, command: str, wall_time: Optional[str]) -> list[
         lines += ["", f"Command: `{command}`"]
     if wall_time:
         lines += ["", f"Wall time of the study: {wall_time}"]
+    if result.control_studies:
+        met = sum(study.result.controls.passed is True for study in result.control_studies)
+        lines += ["", f"Known-answer controls: {met} of {len(result.control_studies)} met ("
+                  + ", ".join(f"`{Path(study.directory).name}`: {_control_met(study.result)}"
+                              for study in result.control_studies) + "; \"Known-answer controls beside the verdict\")."]
     return lines
 
 
@@ -122,12 +127,12 @@ def _fit_section(result: StudyResult, figures: dict[str, str]) -> list[str]:
     return lines + _table(["statistic", "value"], rows)
 
 
-def _controls_section(result: StudyResult) -> list[str]:
+def _controls_section(result: StudyResult, heading: str = "## Known-answer controls") -> list[str]:
     """Planted k against the recovered r*, the gaps against k, and what the fit must find on them."""
     controls = result.controls
     if controls is None:
         return []
-    lines = ["## Known-answer controls", "",
+    lines = [heading, "",
              "Each planted task needs exactly rank k where its plant sits (planted-shift: the embedding projection; "
              "planted-function: the planted Linear; README, \"Known-answer controls\"); "
              "the study's own rule must choose r* = k on validation (n/a: the task has no rank-0 runs). Shown "
@@ -160,6 +165,28 @@ def _controls_section(result: StudyResult) -> list[str]:
                  f"{fit.verdict}." if fit is not None else "no fit."),
               "", f"The plan requires of this control: {controls.requirement}. Met: "
               + {True: "**yes**.", False: "**no**.", None: "cannot be judged (no fit)."}[controls.passed]]
+    return lines
+
+
+def _control_met(result: StudyResult) -> str:
+    return {True: "yes", False: "**no**", None: "cannot be judged"}[result.controls.passed]
+
+
+def _control_studies_section(result: StudyResult) -> list[str]:
+    """The control sweeps read beside the study (`--controls`): one line each, then each control's own section."""
+    if not result.control_studies:
+        return []
+    lines = ["## Known-answer controls beside the verdict", "",
+             "Each control sweep analysed on its own (its regime, its fit; never pooled with the study's tasks), by "
+             "the same r* rule, censored fit and verdict rule. A control the instrument fails limits what the "
+             "study's verdict can mean.", ""]
+    rows = [[f"`{study.directory}`", study.result.regime, study.result.controls.requirement, _control_met(study.result),
+             f"{_fixed(study.result.fit.slope)} {_bracket(study.result.fit.slope_interval, 3)}, "
+             f"{study.result.fit.verdict}" if study.result.fit else "no fit"]
+            for study in result.control_studies]
+    lines += _table(["control sweep", "regime", "the plan requires", "met", "beta [95% interval], verdict"], rows)
+    for study in result.control_studies:
+        lines += [""] + _controls_section(study.result, f"### Control `{study.directory}`")
     return lines
 
 
@@ -339,7 +366,8 @@ def write_report(result: StudyResult, directory: Path, command: str = "", wall_t
     figures = {path.stem: path.relative_to(directory).as_posix() for path in plot_study(result, directory)
                if path.suffix == ".png"}
     sections = [_title(result, command, wall_time), _unfinished_section(result), _plan(result), _tasks_section(result),
-                _fit_section(result, figures), _controls_section(result), _curves_section(result, figures), _power_section(result),
+                _fit_section(result, figures), _controls_section(result), _control_studies_section(result),
+                _curves_section(result, figures), _power_section(result),
                 _blocks_section(result, figures), _methods_section(result, figures),
                 _benefits_section(result, figures), _training_section(result), _deviations_section(result),
                 _limits_section(result)]

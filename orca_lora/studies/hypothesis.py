@@ -13,13 +13,13 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 
 from orca_lora.files import write_json_atomic
 from orca_lora.studies import block_evidence as blocks
-from orca_lora.studies.controls import ControlSummary, control_summary
+from orca_lora.studies.controls import ControlSummary, control_summary, planted_rank
 from orca_lora.studies.method_shares import (
     MethodShare,
     RankBenefit,
@@ -45,6 +45,9 @@ from orca_lora.studies.study_runs import (
     select,
     stacked_test_errors,
 )
+
+if TYPE_CHECKING:
+    from orca_lora.studies.control_studies import ControlStudy
 
 
 @dataclass
@@ -124,6 +127,7 @@ class StudyResult:
     missing: list[MissingPoint] = field(default_factory=list)  # planned points with no finished run
     incomplete: list[IncompleteCurve] = field(default_factory=list)  # fitted curves lacking planned points
     controls: Optional[ControlSummary] = None  # the known-answer (planted) tasks among them
+    control_studies: list[ControlStudy] = field(default_factory=list)  # read from their own directories
     verdict: str = ""
 
 
@@ -230,6 +234,7 @@ def evaluate_study(runs: Sequence[StudyRun], n_resamples: int = 999, seed: int =
     runs checked against the sweep's plan (`study_runs.check_plan`), names the points that did not finish."""
     regime = primary_regime(runs)
     swept = rank_curves(runs, regime, unadapted=True)  # r* by log gain, measured from the rank-0 runs
+    check_not_mixed(runs, swept, regime)
     positive = [curve for curve in swept if curve.gap > 0]
     curves = [curve for curve in positive if curve.unadapted is not None]
     rows = rank_rows(runs, positive, regime)  # every swept curve is shown; r* and the fit need rank 0
@@ -265,6 +270,17 @@ def evaluate_study(runs: Sequence[StudyRun], n_resamples: int = 999, seed: int =
     result.training = training_checks(runs, regime)
     result.verdict = verdict(result)
     return result
+
+
+def check_not_mixed(runs: Sequence[StudyRun], curves: Sequence[TaskCurve], regime: Regime) -> None:
+    """Planted and natural tasks are never fitted together: a control's law would pass for the study's."""
+    planted = {curve.task for curve in curves if any(planted_rank(run) is not None
+                                                     for run in rank_sweep(runs, curve.task, regime))}
+    natural = sorted({curve.task for curve in curves} - planted)
+    if planted and natural:
+        raise ValueError(f"the directories hold planted tasks ({', '.join(sorted(planted))}) and natural ones "
+                         f"({', '.join(natural)}): give the controls' directories with --controls, so each is "
+                         "analysed apart from the study")
 
 
 def incomplete_curves(runs: Sequence[StudyRun], curves: Sequence[TaskCurve], regime: Regime) -> list[str]:

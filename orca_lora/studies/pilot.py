@@ -1,7 +1,8 @@
 """The regime pilot of the rank-vs-gap study (README, "The rank-vs-gap study"; plan: `configs/study_gap.md`): does
 rank bind in a training setting? Read on validation only, from a pilot sweep's saved runs.
 
-Per task and setting (the values of `SETTING_KEYS`), over the seeds that ran both ranks:
+Per task and setting (the values of `SETTING_KEYS`, and any other setting in which the pilot's runs differ, such
+as the source body), over the seeds that ran both ranks:
 - the rank benefit G = (e(r_min) - e(r_max)) / e(r_max), e the mean validation error, with its percentile
   bootstrap interval over seeds and validation samples (paired: one draw applied to both ranks);
 - the minimum-of-training check: a run of the setting at rank `CHECK_RANK` against one trained `CHECK_MULTIPLE`
@@ -11,6 +12,7 @@ Rank binds in a setting when G's interval lies above 0 (`plan.rank_benefit_shown
 """
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,7 @@ from orca_lora.studies.rank_threshold import relative_benefit
 from orca_lora.studies.stats.bootstrap import bootstrap_interval
 
 SETTING_KEYS = ("trainer.max_epochs", "stage3.lr", "stage3.batch_size")
+WITHIN_SETTING = ("seed", "stage3.rank")  # what varies among one setting's runs
 CHECK_RANK = 8
 CHECK_MULTIPLE = 3
 
@@ -32,6 +35,7 @@ CHECK_MULTIPLE = 3
 class PilotRow:
     task: str  # the task label (task.n_train and other task.* settings that differ are part of it)
     setting: dict[str, Any]  # SETTING_KEYS -> value
+    other: dict[str, Any]  # the further settings in which this row's runs differ from another row's of the task
     seeds: list[int]
     low_rank: int
     high_rank: int
@@ -48,12 +52,22 @@ class PilotRow:
             and training_met(self.check_ratio)
 
 
-def _setting(run: FinishedRun) -> tuple:
+def _setting(run: FinishedRun) -> str:
+    """Every setting of the run but its seed and rank (JSON: some values are lists)."""
     settings = run.settings
     missing = [key for key in SETTING_KEYS if key not in settings]
     if missing:
         raise ValueError(f"{run.files.root}: config.yaml lacks {', '.join(missing)}")
-    return tuple(settings[key] for key in SETTING_KEYS)
+    return json.dumps({key: value for key, value in settings.items() if key not in WITHIN_SETTING},
+                      sort_keys=True, default=str)
+
+
+def _other_settings(settings: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per setting, the keys outside SETTING_KEYS and the task's own (in its label) whose values differ."""
+    differing = {key for key in set().union(*settings) if len({json.dumps(s.get(key), default=str)
+                                                               for s in settings}) > 1}
+    shown = sorted(key for key in differing if key not in SETTING_KEYS and not key.startswith("task."))
+    return [{key: setting.get(key) for key in shown} for setting in settings]
 
 
 def _unchanged(run: FinishedRun, other: FinishedRun, epochs: int) -> bool:
@@ -82,6 +96,8 @@ def pilot_rows(runs: Sequence[FinishedRun], n_resamples: int = 999, seed: int = 
     for run in runs:
         if run.metrics.method == "lora":
             groups[(run.task, _setting(run))].append(run)
+    settings = {key: json.loads(key[1]) for key in groups}
+    others = dict(zip(settings, _other_settings(list(settings.values())))) if settings else {}
     rows = []
     for (task, setting), group in sorted(groups.items(), key=lambda item: str(item[0])):
         ranks = sorted({run.metrics.rank for run in group})
@@ -93,7 +109,8 @@ def pilot_rows(runs: Sequence[FinishedRun], n_resamples: int = 999, seed: int = 
         benefit, lower, upper = bootstrap_interval(relative_benefit, [low, high], n_resamples, seed)
         checks = [check_ratio(run, runs) for run in group if run.metrics.rank == CHECK_RANK]
         ratio = next((value for value in checks if value is not None), None)
-        rows.append(PilotRow(task, dict(zip(SETTING_KEYS, setting)), seeds, ranks[0], ranks[-1],
+        rows.append(PilotRow(task, {key: settings[(task, setting)][key] for key in SETTING_KEYS},
+                             others[(task, setting)], seeds, ranks[0], ranks[-1],
                              float(low.mean()), float(high.mean()), benefit, (lower, upper), ratio,
                              float(np.mean([run.metrics.stage_seconds.get("stage3", np.nan) for run in group]))))
     return rows
@@ -105,13 +122,15 @@ def pilot_table(directories: Sequence[Path], n_resamples: int = 999, seed: int =
     if not rows:
         raise ValueError(f"no task under {', '.join(map(str, directories))} has LoRA runs at two ranks on one seed: "
                          "run the pilot sweep (configs/pilot_regime.yaml)")
-    lines = ["| task | " + " | ".join(SETTING_KEYS) + " | seeds | validation e(r_min), e(r_max) | G [95% interval] | "
+    lines = ["| task | " + " | ".join(SETTING_KEYS) + " | other settings | seeds | validation e(r_min), e(r_max) | "
+             "G [95% interval] | "
              f"check: e(E) / e({CHECK_MULTIPLE}E), r = {CHECK_RANK} | stage 3 s/run | rank binds |",
-             "|" + " --- |" * (len(SETTING_KEYS) + 7)]
+             "|" + " --- |" * (len(SETTING_KEYS) + 8)]
     for row in rows:
         check = "n/a (no longer run)" if row.check_ratio is None else f"{row.check_ratio:.3f}"
+        other = ", ".join(f"{key}={value}" for key, value in row.other.items()) or "-"
         lines.append(f"| {row.task} | " + " | ".join(str(value) for value in row.setting.values())
-                     + f" | {', '.join(map(str, row.seeds))} | {row.low_error:.4g} (r={row.low_rank}), "
+                     + f" | {other} | {', '.join(map(str, row.seeds))} | {row.low_error:.4g} (r={row.low_rank}), "
                      f"{row.high_error:.4g} (r={row.high_rank}) | {row.benefit:.3f} [{row.benefit_interval[0]:.3f}, "
                      f"{row.benefit_interval[1]:.3f}] | {check} | {row.stage3_seconds:.0f} | "
                      f"{'yes' if row.rank_binds else 'no'} |")

@@ -61,3 +61,16 @@ def test_a_directory_without_two_ranks_names_the_pilot_sweep(tmp_path, capsys):
     assert "LoRA runs at two ranks on one seed: run the pilot sweep (configs/pilot_regime.yaml)" in \
         capsys.readouterr().err
     assert not (tmp_path / "pilot.md").exists()
+
+
+def test_settings_outside_the_setting_keys_make_rows_of_their_own(tmp_path):
+    """Two source bodies at one training setting: two rows, each naming its body, never pooled."""
+    for classes, level in ((16, 0.10), (64, 0.05)):
+        for rank in (1, 32):
+            errors = np.full(20, level * (1.2 if rank == 1 else 1.0))
+            write_study_run(tmp_path, f"c{classes}_r{rank}", rank=rank, val_errors=errors, test_errors=errors,
+                            block_gaps=np.ones(len(BLOCKS)), extra_overrides=[f"source.pretrain.n_classes={classes}"])
+    rows = pilot_rows(read_finished_runs([tmp_path]), n_resamples=99)
+    assert [row.other for row in rows] == [{"source.pretrain.n_classes": 16}, {"source.pretrain.n_classes": 64}]
+    assert [row.high_error for row in rows] == pytest.approx([0.10, 0.05])
+    assert all(row.setting == rows[0].setting for row in rows)
