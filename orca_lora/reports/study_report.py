@@ -296,7 +296,7 @@ def _training_section(result: StudyResult) -> list[str]:
              f"{_number(c.study_val)} / {_number(c.long_val)}", f"{_number(c.study_test)} / {_number(c.long_test)}",
              _fixed(c.ratio, 3), "met" if training_met(c.ratio) else "not met"] for c in result.training]
     header = ["task", "rank", "seeds", "epochs (study / long)", "validation (study / long)", "test (study / long)",
-              "test ratio", f"ratio <= {TRAINING_RATIO}"]
+              "validation ratio", f"ratio <= {TRAINING_RATIO}"]
     return lines + _table(header, rows)
 
 

@@ -367,8 +367,8 @@ def verdict(result: StudyResult) -> str:
     slow = [check for check in result.training if not training_met(check.ratio)]
     if slow:
         sentences.append("The minimum of training is not met ("
-                         + ", ".join(f"{c.task} r={c.rank}: {c.study_epochs} epochs {c.study_test:.4f} against "
-                                     f"{c.long_epochs} epochs {c.long_test:.4f}" for c in slow)
+                         + ", ".join(f"{c.task} r={c.rank}: {c.study_epochs} epochs {c.study_val:.4f} against "
+                                     f"{c.long_epochs} epochs {c.long_val:.4f} on validation" for c in slow)
                          + "): rank here partly measures how fast a rank trains, not what it can hold.")
     return " ".join(sentences)
 

@@ -61,8 +61,9 @@ class TrainingCheck:
 
     @property
     def ratio(self) -> float:
-        """The study's test error over the long run's (the plan's check: `plan.training_met`)."""
-        return self.study_test / self.long_test if self.long_test > 0 else math.inf
+        """The study's validation error over the long run's (the plan's check: `plan.training_met`; on validation,
+        as the pilot reads it, since where training stands decides how r* may be read)."""
+        return self.study_val / self.long_val if self.long_val > 0 else math.inf
 
 
 def _by_seed(runs: Sequence[StudyRun]) -> dict[int, StudyRun]:

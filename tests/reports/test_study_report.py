@@ -91,7 +91,7 @@ def test_secondary_tables(full):
     assert "| mid | dora r=8 | 8 | 0, 1 | 0.12 ± 0.001 | 0.75 [0.6, 0.9] | 0.2 | 0.1 |" in text
     assert "| far | ibp-lora | 8 | 0, 1 | 0.12 ± 0.001 | 0.60 [n/a, n/a] |" in text
     assert "| far | trained embedder, 6 epochs | 0, 1 | 1 -> 32 | 0.15 | 0.12 | 0.05 [-0.05, 0.15] |" in text
-    assert "| mid | 8 | 0 | 6 / 30 | 0.14 / 0.11 | 0.13 / 0.1 | 1.300 | not met |" in text
+    assert "| mid | 8 | 0 | 6 / 30 | 0.14 / 0.11 | 0.13 / 0.1 | 1.273 | not met |" in text  # validation: 0.14 / 0.11
     assert "ratio <= 1.15" in text
 
 

@@ -88,8 +88,11 @@ def test_the_verdict_sentence_names_the_verdict_label(study):
         sentence = hyp.verdict(changed)
         assert sentence.startswith(f"Verdict: **{label}**")
         assert all(f"**{other}**" not in sentence for other in VERDICTS if other != label)
-    slow = dataclasses.replace(result, training=[TrainingCheck("darcy", 8, [0], 6, 30, 0.2, 0.1, 0.2, 0.1)])
-    assert "minimum of training is not met (darcy r=8" in hyp.verdict(slow)
+    slow = dataclasses.replace(result, training=[TrainingCheck("darcy", 8, [0], 6, 30, 0.2, 0.1, 0.1, 0.1)])
+    assert "minimum of training is not met (darcy r=8: 6 epochs 0.2000 against 30 epochs 0.1000 on validation)" \
+        in hyp.verdict(slow)
+    on_test_only = dataclasses.replace(result, training=[TrainingCheck("darcy", 8, [0], 6, 30, 0.1, 0.1, 0.2, 0.1)])
+    assert "minimum of training is not met" not in hyp.verdict(on_test_only)  # the test split never decides
     assert hyp.verdict(dataclasses.replace(result, fit=None, n_tasks=2)).startswith("No verdict: 2 task(s)")
 
 
