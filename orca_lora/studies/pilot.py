@@ -35,7 +35,7 @@ CHECK_MULTIPLE = 3
 class PilotRow:
     task: str  # the task label (task.n_train and other task.* settings that differ are part of it)
     setting: dict[str, Any]  # SETTING_KEYS -> value
-    other: dict[str, Any]  # the further settings in which this row's runs differ from another row's of the task
+    other: dict[str, Any]  # the further settings (not task.*) in which rows differ, such as the source body
     seeds: list[int]
     low_rank: int
     high_rank: int
