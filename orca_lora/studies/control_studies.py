@@ -2,19 +2,11 @@
 control directory is analysed on its own, with its own regime and fit, never pooled with the study's tasks."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from orca_lora.studies.hypothesis import StudyResult, evaluate_study
+from orca_lora.studies.hypothesis import ControlStudy, evaluate_study
 from orca_lora.studies.study_runs import check_plan, read_study
-
-
-@dataclass
-class ControlStudy:
-    """A known-answer control sweep analysed on its own, shown beside a study's verdict."""
-    directory: str
-    result: StudyResult
 
 
 def evaluate_control_studies(directories: Sequence[Path], n_resamples: int = 999,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -45,10 +45,6 @@ from orca_lora.studies.study_runs import (
     select,
     stacked_test_errors,
 )
-
-if TYPE_CHECKING:
-    from orca_lora.studies.control_studies import ControlStudy
-
 
 @dataclass
 class RankRow:
@@ -129,6 +125,13 @@ class StudyResult:
     controls: Optional[ControlSummary] = None  # the known-answer (planted) tasks among them
     control_studies: list[ControlStudy] = field(default_factory=list)  # read from their own directories
     verdict: str = ""
+
+
+@dataclass
+class ControlStudy:
+    """A known-answer control sweep analysed on its own (`control_studies`), shown beside a study's verdict."""
+    directory: str
+    result: StudyResult
 
 
 def rank_rows(runs: Sequence[StudyRun], curves: Sequence[TaskCurve], regime: Regime) -> list[RankRow]:
