@@ -67,6 +67,17 @@ def planted_rank(run: StudyRun) -> Optional[int]:
     return int(run.settings["task.planted_k"])
 
 
+def check_not_mixed(runs: Sequence[StudyRun], curves: Sequence[TaskCurve], regime: Regime) -> None:
+    """Planted and natural tasks are never fitted together: a control's law would pass for the study's."""
+    planted = {curve.task for curve in curves if any(planted_rank(run) is not None
+                                                     for run in rank_sweep(runs, curve.task, regime))}
+    natural = sorted({curve.task for curve in curves} - planted)
+    if planted and natural:
+        raise ValueError(f"the directories hold planted tasks ({', '.join(sorted(planted))}) and natural ones "
+                         f"({', '.join(natural)}): give the controls' directories with --controls, so each is "
+                         "analysed apart from the study")
+
+
 def _elasticity(gaps: np.ndarray, k: np.ndarray) -> Optional[float]:
     if len(np.unique(gaps)) < 2 or np.any(gaps <= 0):
         return None

@@ -19,7 +19,7 @@ import numpy as np
 
 from orca_lora.files import write_json_atomic
 from orca_lora.studies import block_evidence as blocks
-from orca_lora.studies.controls import ControlSummary, control_summary, planted_rank
+from orca_lora.studies.controls import ControlSummary, check_not_mixed, control_summary
 from orca_lora.studies.method_shares import (
     MethodShare,
     RankBenefit,
@@ -273,17 +273,6 @@ def evaluate_study(runs: Sequence[StudyRun], n_resamples: int = 999, seed: int =
     result.training = training_checks(runs, regime)
     result.verdict = verdict(result)
     return result
-
-
-def check_not_mixed(runs: Sequence[StudyRun], curves: Sequence[TaskCurve], regime: Regime) -> None:
-    """Planted and natural tasks are never fitted together: a control's law would pass for the study's."""
-    planted = {curve.task for curve in curves if any(planted_rank(run) is not None
-                                                     for run in rank_sweep(runs, curve.task, regime))}
-    natural = sorted({curve.task for curve in curves} - planted)
-    if planted and natural:
-        raise ValueError(f"the directories hold planted tasks ({', '.join(sorted(planted))}) and natural ones "
-                         f"({', '.join(natural)}): give the controls' directories with --controls, so each is "
-                         "analysed apart from the study")
 
 
 def incomplete_curves(runs: Sequence[StudyRun], curves: Sequence[TaskCurve], regime: Regime) -> list[str]:
